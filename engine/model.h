@@ -1,0 +1,146 @@
+// A decoder-only transformer loaded from GGUF (architectures `llama` and `qwen2`) and the
+// Runner that executes it on the CPU. The Model is immutable after Load and shared by every
+// Runner (one per worker thread); a Runner owns its scratch buffers.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "common/thread_pool.h"
+#include "engine/cpu/matmul.h"
+#include "engine/gguf.h"
+#include "engine/kv_cache.h"
+#include "engine/tokenizer.h"
+
+namespace ctxcache {
+
+enum class RopeStyle {
+  kNormal,  // rotate adjacent pairs (x[2i], x[2i+1]): GGUF llama (Q/K permuted at conversion)
+  kNeox,    // rotate halves (x[i], x[i + d/2]): qwen2
+};
+
+struct ModelConfig {
+  std::string arch;          // "llama" | "qwen2"
+  std::string name;          // general.name
+  int n_layers = 0;
+  int d_model = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int d_ff = 0;
+  int n_vocab = 0;
+  int n_ctx_train = 0;
+  float rms_eps = 1e-5f;
+  float rope_freq_base = 10000.f;
+  float rope_freq_scale = 1.f;  // positions are multiplied by this (linear scaling = 1/factor)
+  int rope_dim = 0;             // rotated dimensions per head (== head_dim usually)
+  RopeStyle rope_style = RopeStyle::kNormal;
+  bool qkv_bias = false;
+  bool tied_output = false;     // output head shares token_embd
+};
+
+struct LayerWeights {
+  const float* attn_norm = nullptr;  // [d_model]
+  WeightMatrix wq;                   // [n_heads*head_dim, d_model]
+  WeightMatrix wk;                   // [n_kv_heads*head_dim, d_model]
+  WeightMatrix wv;                   // [n_kv_heads*head_dim, d_model]
+  WeightMatrix wo;                   // [d_model, n_heads*head_dim]
+  std::vector<float> bq, bk, bv;     // qwen2 biases (empty for llama)
+  const float* ffn_norm = nullptr;   // [d_model]
+  WeightMatrix w_gate;               // [d_ff, d_model]
+  WeightMatrix w_up;                 // [d_ff, d_model]
+  WeightMatrix w_down;               // [d_model, d_ff]
+};
+
+class Model {
+ public:
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& path);
+
+  const ModelConfig& config() const { return config_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  const GgufFile& gguf() const { return *gguf_; }
+  // Hex SHA-256 over the tensor data and the tokenizer metadata: every cached context
+  // carries it, and a mismatch is a miss.
+  const std::string& fingerprint() const { return fingerprint_; }
+
+  const WeightMatrix& token_embd() const { return token_embd_; }  // [n_vocab, d_model]
+  const WeightMatrix& output() const { return output_; }          // [n_vocab, d_model]
+  const float* output_norm() const { return output_norm_.data(); }
+  const LayerWeights& layer(int i) const { return layers_[i]; }
+
+  KvCache NewKvCache() const {
+    return KvCache(config_.n_layers, config_.n_kv_heads, config_.head_dim);
+  }
+  // Bytes of K+V per token over all layers and KV heads at `bytes_per_value`.
+  int64_t KvBytesPerToken(int bytes_per_value = 2) const {
+    return int64_t{2} * config_.n_layers * config_.n_kv_heads * config_.head_dim *
+           bytes_per_value;
+  }
+
+ private:
+  Model() = default;
+  std::unique_ptr<GgufFile> gguf_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  ModelConfig config_;
+  std::string fingerprint_;
+  WeightMatrix token_embd_, output_;
+  std::vector<float> output_norm_;
+  std::vector<std::vector<float>> norms_;  // fp32 copies of every layer's norm weights
+  std::vector<LayerWeights> layers_;
+};
+
+// Called once per layer during a forward pass that asked for attention observations:
+// probs is [n_heads, n_rows, n_keys] — the softmax attention of each observed query row
+// (rows of this batch, in the order requested) over every key the head attends to, in the
+// order of that KV head's cache entries (query head h reads KV head h / (n_heads/n_kv_heads)).
+// Keys a row may not see (causal mask) have probability 0.
+using AttentionObserver =
+    std::function<void(int layer, const float* probs, int n_rows, int64_t n_keys)>;
+
+struct ForwardOptions {
+  bool all_logits = false;             // logits for every token, else only the last
+  std::vector<int> observe_rows;       // batch rows whose attention to report
+  AttentionObserver observer;          // required when observe_rows is non-empty
+};
+
+class Runner {
+ public:
+  // pool may be shared with nothing else running concurrently; n_threads from it.
+  Runner(const Model& model, ThreadPool* pool);
+  ~Runner();
+
+  // Appends tokens to the cache at cache.next_position onwards and fills logits:
+  // [n_vocab] for the last token, or [n_tokens, n_vocab] with all_logits.
+  absl::Status Forward(absl::Span<const int32_t> tokens, KvCache& cache,
+                       const ForwardOptions& options, std::vector<float>* logits);
+  // Same with input embeddings [n_tokens, d_model] instead of token ids (digest tokens).
+  absl::Status ForwardEmbeddings(const float* embeddings, int64_t n_tokens, KvCache& cache,
+                                 const ForwardOptions& options, std::vector<float>* logits);
+  // One token (decode step): logits [n_vocab].
+  absl::Status Decode(int32_t token, KvCache& cache, std::vector<float>* logits) {
+    return Forward(absl::MakeConstSpan(&token, 1), cache, ForwardOptions{}, logits);
+  }
+
+  const Model& model() const { return model_; }
+
+ private:
+  struct Scratch;
+  // Causal attention of the batch's queries (scratch q) over layer's cache entries, into
+  // scratch attn; reports observed rows' probabilities.
+  void Attention(int layer, int64_t n_tokens, const KvCache& cache, const ForwardOptions& options);
+
+  const Model& model_;
+  ThreadPool* pool_;
+  std::unique_ptr<Scratch> scratch_;
+};
+
+// Finds the default model: $CTXCACHE_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf
+// under the source tree or the current directory. NotFound says how to fetch it.
+absl::StatusOr<std::string> FindDefaultModel();
+
+}  // namespace ctxcache

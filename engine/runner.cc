@@ -1,0 +1,234 @@
+// The forward pass: embeddings -> n_layers x (RMSNorm, QKV, RoPE, causal GQA attention over
+// the KV cache, output projection, RMSNorm, SwiGLU FFN) -> final norm -> logits.
+//
+// Prefill and decode share one path: a batch of T tokens (T == 1 for decode). Weight products
+// go through MatMul/MatVec (quantized weights, matmul.h); attention runs per (query head,
+// block of query rows) on OpenBLAS with one BLAS thread per pool thread, so the two pools
+// never fight over the cores.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "engine/cpu/ops.h"
+#include "engine/cpu/quant.h"
+#include "engine/model.h"
+
+namespace ctxcache {
+namespace {
+
+// Query rows per attention task. Small enough that a task's scores ([rows, n_keys] floats)
+// stay in L2 at 8K keys, large enough that the score GEMM runs near peak.
+constexpr int64_t kQueryBlock = 64;
+
+void Linear(const WeightMatrix& w, const float* x, int64_t n_tok, float* y, ThreadPool* pool) {
+  if (n_tok == 1) {
+    MatVec(w, x, y, pool);
+  } else {
+    MatMul(w, x, n_tok, y, pool);
+  }
+}
+
+void AddBias(float* y, const std::vector<float>& b, int64_t n_rows) {
+  if (b.empty()) return;
+  const int64_t d = static_cast<int64_t>(b.size());
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t i = 0; i < d; ++i) y[r * d + i] += b[i];
+  }
+}
+
+}  // namespace
+
+struct Runner::Scratch {
+  std::vector<float> x;       // [T, d_model] residual stream
+  std::vector<float> xn;      // [T, d_model] normed
+  std::vector<float> q;       // [T, n_heads*head_dim]
+  std::vector<float> k, v;    // [T, n_kv_heads*head_dim]
+  std::vector<float> attn;    // [T, n_heads*head_dim]
+  std::vector<float> tmp;     // [T, d_model]
+  std::vector<float> gate;    // [T, d_ff]
+  std::vector<float> up;      // [T, d_ff]
+  std::vector<int32_t> pos;   // [T]
+  std::vector<std::vector<float>> scores;  // per thread: [kQueryBlock, n_keys]
+  std::vector<float> obs;     // [n_heads, n_obs_rows, max_keys]
+  std::vector<int> obs_index; // [T]: row -> index in observe_rows, or -1
+};
+
+Runner::Runner(const Model& model, ThreadPool* pool)
+    : model_(model), pool_(pool), scratch_(std::make_unique<Scratch>()) {
+  // Our pool provides the parallelism; BLAS calls run inside its tasks.
+  openblas_set_num_threads(1);
+  scratch_->scores.resize(pool_->n_threads());
+}
+
+Runner::~Runner() = default;
+
+absl::Status Runner::Forward(absl::Span<const int32_t> tokens, KvCache& cache,
+                             const ForwardOptions& options, std::vector<float>* logits) {
+  const ModelConfig& c = model_.config();
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  for (int64_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= c.n_vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("token id ", tokens[i], " at index ", i,
+                                                     " is outside the vocabulary [0, ",
+                                                     c.n_vocab, ")"));
+    }
+  }
+  std::vector<float>& emb = scratch_->tmp;
+  emb.resize(std::max<size_t>(emb.size(), n * c.d_model));
+  const WeightMatrix& te = model_.token_embd();
+  for (int64_t i = 0; i < n; ++i) {
+    RETURN_IF_ERROR(DequantizeRow(te.type, te.data + tokens[i] * te.row_bytes,
+                                  emb.data() + i * c.d_model, c.d_model));
+  }
+  // ForwardEmbeddings copies the embeddings into x before tmp is reused.
+  return ForwardEmbeddings(emb.data(), n, cache, options, logits);
+}
+
+absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCache& cache,
+                                       const ForwardOptions& options,
+                                       std::vector<float>* logits) {
+  const ModelConfig& c = model_.config();
+  if (n <= 0) return absl::InvalidArgumentError("forward pass needs at least one token");
+  if (cache.n_layers() != c.n_layers || cache.n_kv_heads() != c.n_kv_heads ||
+      cache.head_dim() != c.head_dim) {
+    return absl::InvalidArgumentError("KV cache shape does not match the model");
+  }
+  if (cache.next_position < 0 || cache.next_position + n > c.n_ctx_train) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "positions ", cache.next_position, "..", cache.next_position + n - 1,
+        " exceed the model's context window of ", c.n_ctx_train, " tokens"));
+  }
+  if (!options.observe_rows.empty() && !options.observer) {
+    return absl::InvalidArgumentError("observe_rows given without an observer");
+  }
+  Scratch& s = *scratch_;
+  s.obs_index.assign(n, -1);
+  for (size_t i = 0; i < options.observe_rows.size(); ++i) {
+    const int r = options.observe_rows[i];
+    if (r < 0 || r >= n) {
+      return absl::InvalidArgumentError(absl::StrCat("observed row ", r, " is outside the batch"));
+    }
+    s.obs_index[r] = static_cast<int>(i);
+  }
+
+  const int64_t d = c.d_model, hd = c.head_dim;
+  const int64_t dq = c.n_heads * hd, dkv = c.n_kv_heads * hd;
+  s.x.assign(embeddings, embeddings + n * d);
+  s.xn.resize(n * d);
+  s.q.resize(n * dq);
+  s.k.resize(n * dkv);
+  s.v.resize(n * dkv);
+  s.attn.resize(n * dq);
+  s.tmp.resize(n * d);
+  s.gate.resize(n * c.d_ff);
+  s.up.resize(n * c.d_ff);
+  s.pos.resize(n);
+  for (int64_t i = 0; i < n; ++i) s.pos[i] = cache.next_position + static_cast<int32_t>(i);
+
+  RopeParams rope;
+  rope.head_dim = c.head_dim;
+  rope.rope_dim = c.rope_dim;
+  rope.freq_base = c.rope_freq_base;
+  rope.freq_scale = c.rope_freq_scale;
+  rope.neox = c.rope_style == RopeStyle::kNeox;
+
+  for (int l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& L = model_.layer(l);
+    RmsNorm(s.x.data(), L.attn_norm, n, c.d_model, c.rms_eps, s.xn.data());
+    Linear(L.wq, s.xn.data(), n, s.q.data(), pool_);
+    Linear(L.wk, s.xn.data(), n, s.k.data(), pool_);
+    Linear(L.wv, s.xn.data(), n, s.v.data(), pool_);
+    AddBias(s.q.data(), L.bq, n);
+    AddBias(s.k.data(), L.bk, n);
+    AddBias(s.v.data(), L.bv, n);
+    ApplyRope(s.q.data(), s.pos.data(), n, c.n_heads, rope);
+    ApplyRope(s.k.data(), s.pos.data(), n, c.n_kv_heads, rope);
+    RoundToFp16(s.k.data(), n * dkv);
+    RoundToFp16(s.v.data(), n * dkv);
+    cache.Append(l, s.k.data(), s.v.data(), s.pos.data(), n);
+    Attention(l, n, cache, options);
+    Linear(L.wo, s.attn.data(), n, s.tmp.data(), pool_);
+    for (int64_t i = 0; i < n * d; ++i) s.x[i] += s.tmp[i];
+
+    RmsNorm(s.x.data(), L.ffn_norm, n, c.d_model, c.rms_eps, s.xn.data());
+    Linear(L.w_gate, s.xn.data(), n, s.gate.data(), pool_);
+    Linear(L.w_up, s.xn.data(), n, s.up.data(), pool_);
+    SwiGlu(s.gate.data(), s.up.data(), n * c.d_ff);
+    Linear(L.w_down, s.gate.data(), n, s.tmp.data(), pool_);
+    for (int64_t i = 0; i < n * d; ++i) s.x[i] += s.tmp[i];
+  }
+  cache.next_position += static_cast<int32_t>(n);
+
+  if (logits != nullptr) {
+    const int64_t first = options.all_logits ? 0 : n - 1;
+    const int64_t rows = n - first;
+    RmsNorm(s.x.data() + first * d, model_.output_norm(), rows, c.d_model, c.rms_eps,
+            s.xn.data());
+    logits->resize(rows * c.n_vocab);
+    Linear(model_.output(), s.xn.data(), rows, logits->data(), pool_);
+  }
+  return absl::OkStatus();
+}
+
+void Runner::Attention(int layer, int64_t n, const KvCache& cache, const ForwardOptions& options) {
+  const ModelConfig& c = model_.config();
+  Scratch& s = *scratch_;
+  const int64_t hd = c.head_dim, dq = int64_t{c.n_heads} * hd;
+  const int group = c.n_heads / c.n_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int64_t n_blocks = (n + kQueryBlock - 1) / kQueryBlock;
+  const int n_obs = static_cast<int>(options.observe_rows.size());
+  int64_t max_keys = 0;
+  for (int g = 0; g < c.n_kv_heads; ++g) max_keys = std::max(max_keys, cache.head(layer, g).n());
+  if (n_obs > 0) s.obs.assign(static_cast<size_t>(c.n_heads) * n_obs * max_keys, 0.f);
+
+  pool_->ParallelFor(int64_t{c.n_heads} * n_blocks, [&](int64_t begin, int64_t end, int tid) {
+    std::vector<float>& sc = s.scores[tid];
+    sc.resize(std::max<size_t>(sc.size(), kQueryBlock * max_keys));
+    for (int64_t task = begin; task < end; ++task) {
+      const int h = static_cast<int>(task / n_blocks);
+      const int64_t t0 = (task % n_blocks) * kQueryBlock;
+      const int64_t t1 = std::min(n, t0 + kQueryBlock);
+      const int64_t rows = t1 - t0;
+      const KvHead& kv = cache.head(layer, h / group);
+      // Entries are sorted by position, so the keys any row of this block may see form a
+      // prefix; rows see a shorter prefix each (causal by position).
+      const int64_t n_vis =
+          std::upper_bound(kv.pos.begin(), kv.pos.end(), s.pos[t1 - 1]) - kv.pos.begin();
+      const float* q = s.q.data() + t0 * dq + h * hd;
+      float* out = s.attn.data() + t0 * dq + h * hd;
+      if (rows == 1) {
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, n_vis, hd, scale, kv.k.data(), hd, q, 1, 0.f,
+                    sc.data(), 1);
+      } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_vis, hd, scale, q, dq,
+                    kv.k.data(), hd, 0.f, sc.data(), n_vis);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = sc.data() + r * n_vis;
+        const int64_t vis =
+            std::upper_bound(kv.pos.begin(), kv.pos.begin() + n_vis, s.pos[t0 + r]) -
+            kv.pos.begin();
+        Softmax(row, vis);
+        std::fill(row + vis, row + n_vis, 0.f);
+        if (const int oi = s.obs_index[t0 + r]; oi >= 0) {
+          std::copy_n(row, n_vis, s.obs.data() + (int64_t{h} * n_obs + oi) * max_keys);
+        }
+      }
+      if (rows == 1) {
+        cblas_sgemv(CblasRowMajor, CblasTrans, n_vis, hd, 1.f, kv.v.data(), hd, sc.data(), 1,
+                    0.f, out, 1);
+      } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, n_vis, 1.f, sc.data(),
+                    n_vis, kv.v.data(), hd, 0.f, out, dq);
+      }
+    }
+  });
+  if (n_obs > 0) options.observer(layer, s.obs.data(), n_obs, max_keys);
+}
+
+}  // namespace ctxcache

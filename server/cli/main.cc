@@ -1,0 +1,364 @@
+// `ctxcache`: the command-line face of the engine.
+//   ctxcache generate --prompt TEXT [--chat] [--max-tokens N] [--temperature T] ...
+//   ctxcache info [--model PATH]
+//   ctxcache tokenize [--model PATH] [--ids-only] [--no-bos] [--parse-special] TEXT|-
+//   ctxcache bench --n-prompt N --n-gen M [--threads T] [--json]
+// The model defaults to the fetched SmolLM2 (FindDefaultModel); --model / CTXCACHE_MODEL
+// override. Errors go to stderr with exit code 1 (2 for usage errors).
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <set>
+#include <cstdio>
+#include <iostream>
+#include <iterator>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/cpu_features.h"
+#include "common/status.h"
+#include "engine/chat_template.h"
+#include "engine/generate.h"
+#include "engine/model.h"
+
+namespace ctxcache {
+namespace {
+
+constexpr const char* kUsage = R"(usage: ctxcache <command> [flags]
+
+commands:
+  generate   stream a completion for --prompt (or --prompt-file)
+  info       print the model's metadata, configuration and fingerprint
+  tokenize   print the token ids (and pieces) of TEXT, or of stdin with '-'
+  bench      time prefill and decode (for bench/bench_engine.py)
+
+common flags:
+  --model PATH        GGUF model (default: $CTXCACHE_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf)
+  --threads N         worker threads (default: all usable cores)
+
+generate flags:
+  --prompt TEXT | --prompt-file FILE
+  --chat              format the prompt as a user turn with the model's chat template
+  --system TEXT       system message (with --chat)
+  --raw-template      allow models whose chat template is unknown (plain concatenation)
+  --max-tokens N      (default 256)     --temperature T   (default 0.8; 0 = greedy)
+  --top-k K (40)  --top-p P (0.95)  --min-p P (0.05)  --repeat-penalty R (1.0)
+  --seed S (0)    --stop STRING (repeatable)   --ignore-eos   --no-bos   --quiet
+
+tokenize flags:
+  --ids-only   --no-bos   --parse-special
+)";
+
+// A tiny flag parser: --name value, --name=value, boolean --name, and positionals.
+class Flags {
+ public:
+  absl::Status Parse(int argc, char** argv, int first, const std::vector<std::string>& booleans) {
+    for (int i = first; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a == "-" || a.rfind("--", 0) != 0) {
+        positional_.push_back(a);
+        continue;
+      }
+      a = a.substr(2);
+      std::string value;
+      if (size_t eq = a.find('='); eq != std::string::npos) {
+        value = a.substr(eq + 1);
+        a = a.substr(0, eq);
+      } else if (std::find(booleans.begin(), booleans.end(), a) != booleans.end()) {
+        value = "true";
+      } else if (i + 1 < argc) {
+        value = argv[++i];
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat("flag --", a, " needs a value"));
+      }
+      values_[a].push_back(value);
+    }
+    return absl::OkStatus();
+  }
+  bool Has(const std::string& name) const { return values_.contains(name); }
+  std::optional<std::string> Get(const std::string& name) const {
+    auto it = values_.find(name);
+    if (it == values_.end()) return std::nullopt;
+    used_.insert(name);
+    return it->second.back();
+  }
+  std::vector<std::string> GetAll(const std::string& name) const {
+    auto it = values_.find(name);
+    if (it == values_.end()) return {};
+    used_.insert(name);
+    return it->second;
+  }
+  bool Bool(const std::string& name) const {
+    auto v = Get(name);
+    return v.has_value() && *v != "false" && *v != "0";
+  }
+  template <typename T>
+  absl::Status Number(const std::string& name, T* out) const {
+    auto v = Get(name);
+    if (!v) return absl::OkStatus();
+    bool ok;
+    if constexpr (std::is_floating_point_v<T>) {
+      double d;
+      ok = absl::SimpleAtod(*v, &d);
+      *out = static_cast<T>(d);
+    } else {
+      int64_t i;
+      ok = absl::SimpleAtoi(*v, &i);
+      *out = static_cast<T>(i);
+    }
+    if (!ok) return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", *v, "' is not a number"));
+    return absl::OkStatus();
+  }
+  // Flags given but never read: a typo should not be silently ignored.
+  absl::Status CheckAllUsed() const {
+    for (const auto& [name, _] : values_) {
+      if (!used_.contains(name)) return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+    }
+    return absl::OkStatus();
+  }
+  const std::vector<std::string>& positional() const { return positional_; }
+
+ private:
+  std::map<std::string, std::vector<std::string>> values_;
+  mutable std::set<std::string> used_;
+  std::vector<std::string> positional_;
+};
+
+absl::StatusOr<std::string> ModelPath(const Flags& flags) {
+  if (auto m = flags.Get("model")) return *m;
+  return FindDefaultModel();
+}
+
+int Threads(const Flags& flags) {
+  int n = ThreadPool::HardwareThreads();
+  (void)flags.Number("threads", &n);
+  return n < 1 ? 1 : n;
+}
+
+absl::StatusOr<std::string> ReadFileOrStdin(const std::string& path) {
+  std::ostringstream ss;
+  if (path == "-") {
+    ss << std::cin.rdbuf();
+  } else {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read '", path, "'"));
+    ss << in.rdbuf();
+  }
+  return ss.str();
+}
+
+absl::Status CmdGenerate(const Flags& flags) {
+  ASSIGN_OR_RETURN(std::string path, ModelPath(flags));
+  std::string prompt;
+  if (auto p = flags.Get("prompt")) {
+    prompt = *p;
+  } else if (auto f = flags.Get("prompt-file")) {
+    ASSIGN_OR_RETURN(prompt, ReadFileOrStdin(*f));
+  } else {
+    return absl::InvalidArgumentError("generate needs --prompt TEXT or --prompt-file FILE");
+  }
+  GenerateParams params;
+  RETURN_IF_ERROR(flags.Number("max-tokens", &params.max_tokens));
+  RETURN_IF_ERROR(flags.Number("temperature", &params.sampling.temperature));
+  RETURN_IF_ERROR(flags.Number("top-k", &params.sampling.top_k));
+  RETURN_IF_ERROR(flags.Number("top-p", &params.sampling.top_p));
+  RETURN_IF_ERROR(flags.Number("min-p", &params.sampling.min_p));
+  RETURN_IF_ERROR(flags.Number("repeat-penalty", &params.sampling.repetition_penalty));
+  RETURN_IF_ERROR(flags.Number("seed", &params.sampling.seed));
+  params.stop = flags.GetAll("stop");
+  params.ignore_eos = flags.Bool("ignore-eos");
+  const bool chat = flags.Bool("chat"), quiet = flags.Bool("quiet");
+  const bool no_bos = flags.Bool("no-bos"), raw_template = flags.Bool("raw-template");
+  const auto system = flags.Get("system");
+  const int threads = Threads(flags);
+  RETURN_IF_ERROR(flags.CheckAllUsed());
+  RETURN_IF_ERROR(ValidateGenerateParams(params));
+
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(path));
+  const Tokenizer& tok = model->tokenizer();
+  std::vector<int32_t> ids;
+  if (chat) {
+    const std::string tmpl_text = model->gguf().GetString("tokenizer.chat_template").value_or("");
+    ASSIGN_OR_RETURN(ChatTemplate tmpl, DetectChatTemplate(tmpl_text, raw_template));
+    std::vector<ChatMessage> messages;
+    if (system) messages.push_back({"system", *system});
+    messages.push_back({"user", prompt});
+    ASSIGN_OR_RETURN(std::string text, ApplyChatTemplate(tmpl, messages, true));
+    ids = tok.Encode(text, tok.add_bos_default() && !no_bos, /*parse_special=*/true);
+  } else {
+    ids = tok.Encode(prompt, tok.add_bos_default() && !no_bos, /*parse_special=*/false);
+  }
+  ThreadPool pool(threads);
+  Runner runner(*model, &pool);
+  KvCache cache = model->NewKvCache();
+  ASSIGN_OR_RETURN(GenerateResult r, Generate(runner, cache, ids, params, [](std::string_view d) {
+                     std::fwrite(d.data(), 1, d.size(), stdout);
+                     std::fflush(stdout);
+                     return true;
+                   }));
+  std::fputc('\n', stdout);
+  if (!quiet) {
+    const double n_dec = r.tokens.size() > 1 ? r.tokens.size() - 1 : 0;
+    std::fprintf(stderr,
+                 "\n[%lld prompt tokens in %.3f s (%.1f tok/s), %zu generated, %.1f tok/s decode, "
+                 "finish: %s, threads %d]\n",
+                 static_cast<long long>(r.prompt_tokens), r.prefill_seconds,
+                 r.prompt_tokens / std::max(r.prefill_seconds, 1e-9), r.tokens.size(),
+                 n_dec / std::max(r.decode_seconds, 1e-9),
+                 std::string(FinishReasonName(r.finish)).c_str(), threads);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CmdInfo(const Flags& flags) {
+  ASSIGN_OR_RETURN(std::string path, ModelPath(flags));
+  RETURN_IF_ERROR(flags.CheckAllUsed());
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(path));
+  const ModelConfig& c = model->config();
+  const GgufFile& g = model->gguf();
+  std::printf("file:          %s\n", path.c_str());
+  std::printf("gguf version:  %u, %zu tensors, %zu metadata keys\n", g.version(),
+              g.tensors().size(), g.keys().size());
+  std::printf("fingerprint:   %s\n", model->fingerprint().c_str());
+  std::printf("architecture:  %s (%s)\n", c.arch.c_str(), c.name.c_str());
+  std::printf("layers %d, d_model %d, heads %d, kv heads %d, head_dim %d, ffn %d\n", c.n_layers,
+              c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff);
+  std::printf("vocab %d, context %d, rope base %g scale %g dims %d (%s), rms eps %g\n", c.n_vocab,
+              c.n_ctx_train, c.rope_freq_base, c.rope_freq_scale, c.rope_dim,
+              c.rope_style == RopeStyle::kNeox ? "neox" : "normal", c.rms_eps);
+  std::printf("tied output:   %s, KV bytes/token (fp16): %lld\n", c.tied_output ? "yes" : "no",
+              static_cast<long long>(model->KvBytesPerToken(2)));
+  std::printf("tokenizer:     %s (pre: %s), bos %d, eos %d, add_bos %s\n",
+              model->tokenizer().model_name().c_str(), model->tokenizer().pre_name().c_str(),
+              model->tokenizer().bos_id(), model->tokenizer().eos_id(),
+              model->tokenizer().add_bos_default() ? "yes" : "no");
+  std::printf("cpu:           %s\n\nmetadata:\n", GetCpuFeatures().ToString().c_str());
+  for (const std::string& key : g.keys()) {
+    std::printf("  %-40s %s\n", key.c_str(), GgufFile::Describe(*g.Find(key)).c_str());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CmdTokenize(const Flags& flags) {
+  ASSIGN_OR_RETURN(std::string path, ModelPath(flags));
+  const bool ids_only = flags.Bool("ids-only"), no_bos = flags.Bool("no-bos");
+  const bool parse_special = flags.Bool("parse-special");
+  RETURN_IF_ERROR(flags.CheckAllUsed());
+  if (flags.positional().size() != 1) {
+    return absl::InvalidArgumentError("tokenize takes exactly one TEXT argument (or - for stdin)");
+  }
+  std::string text = flags.positional()[0];
+  if (text == "-") {
+    ASSIGN_OR_RETURN(text, ReadFileOrStdin("-"));
+  }
+  // Only the tokenizer metadata is needed, so vocabulary-only GGUF files work too.
+  ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> gguf, GgufFile::Open(path));
+  ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tok, Tokenizer::FromGguf(*gguf));
+  const std::vector<int32_t> ids = tok->Encode(text, tok->add_bos_default() && !no_bos, parse_special);
+  if (ids_only) {
+    std::string line;
+    for (size_t i = 0; i < ids.size(); ++i) absl::StrAppend(&line, i ? " " : "", ids[i]);
+    std::printf("%s\n", line.c_str());
+  } else {
+    for (int32_t id : ids) {
+      std::string piece = tok->TokenBytes(id);
+      std::string shown;
+      for (unsigned char ch : piece) {
+        if (ch == '\n') shown += "\\n";
+        else if (ch == '\t') shown += "\\t";
+        else if (ch < 0x20) shown += absl::StrCat("\\x", absl::Hex(ch, absl::kZeroPad2));
+        else shown += static_cast<char>(ch);
+      }
+      std::printf("%6d -> '%s'\n", id, shown.c_str());
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CmdBench(const Flags& flags) {
+  ASSIGN_OR_RETURN(std::string path, ModelPath(flags));
+  int n_prompt = 512, n_gen = 64;
+  RETURN_IF_ERROR(flags.Number("n-prompt", &n_prompt));
+  RETURN_IF_ERROR(flags.Number("n-gen", &n_gen));
+  const bool json = flags.Bool("json");
+  const int threads = Threads(flags);
+  RETURN_IF_ERROR(flags.CheckAllUsed());
+  if (n_prompt < 1 || n_gen < 0) return absl::InvalidArgumentError("need --n-prompt >= 1, --n-gen >= 0");
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(path));
+  if (n_prompt + n_gen > model->config().n_ctx_train) {
+    return absl::InvalidArgumentError("n-prompt + n-gen exceeds the model's context window");
+  }
+  ThreadPool pool(threads);
+  Runner runner(*model, &pool);
+  KvCache cache = model->NewKvCache();
+  // Token content does not change the work done; a fixed spread of ordinary ids.
+  std::vector<int32_t> ids(n_prompt);
+  for (int i = 0; i < n_prompt; ++i) ids[i] = 1000 + (i * 37) % (model->config().n_vocab - 1000);
+  std::vector<float> logits;
+  // Warm-up: touch the weights and scratch once, as llama-bench does.
+  {
+    KvCache warm = model->NewKvCache();
+    RETURN_IF_ERROR(runner.Forward(absl::MakeConstSpan(ids.data(), std::min(n_prompt, 16)), warm,
+                                   ForwardOptions{}, &logits));
+  }
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  RETURN_IF_ERROR(runner.Forward(ids, cache, ForwardOptions{}, &logits));
+  const auto t1 = Clock::now();
+  int32_t next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  for (int i = 0; i < n_gen; ++i) {
+    RETURN_IF_ERROR(runner.Decode(next, cache, &logits));
+    next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  }
+  const auto t2 = Clock::now();
+  const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
+  const double decode_s = std::chrono::duration<double>(t2 - t1).count();
+  const double pp = n_prompt / prefill_s, tg = n_gen > 0 ? n_gen / decode_s : 0;
+  if (json) {
+    std::printf(
+        "{\"n_prompt\":%d,\"n_gen\":%d,\"threads\":%d,\"prefill_s\":%.6f,\"prefill_tok_s\":%.3f,"
+        "\"decode_s\":%.6f,\"decode_tok_s\":%.3f,\"cpu\":\"%s\"}\n",
+        n_prompt, n_gen, threads, prefill_s, pp, decode_s, tg, GetCpuFeatures().ToString().c_str());
+  } else {
+    std::printf("prefill %d tokens: %.3f s (%.1f tok/s); decode %d tokens: %.3f s (%.1f tok/s); "
+                "threads %d, cpu %s\n",
+                n_prompt, prefill_s, pp, n_gen, decode_s, tg, threads,
+                GetCpuFeatures().ToString().c_str());
+  }
+  return absl::OkStatus();
+}
+
+int Main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h" ||
+      std::string(argv[1]) == "help") {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  Flags flags;
+  absl::Status s = flags.Parse(argc, argv, 2,
+                               {"chat", "raw-template", "ignore-eos", "no-bos", "quiet",
+                                "ids-only", "parse-special", "json"});
+  if (s.ok()) {
+    if (cmd == "generate") s = CmdGenerate(flags);
+    else if (cmd == "info") s = CmdInfo(flags);
+    else if (cmd == "tokenize") s = CmdTokenize(flags);
+    else if (cmd == "bench") s = CmdBench(flags);
+    else s = absl::InvalidArgumentError(absl::StrCat("unknown command '", cmd, "' (see ctxcache --help)"));
+  }
+  if (!s.ok()) {
+    std::fprintf(stderr, "ctxcache %s: %s\n", cmd.c_str(), std::string(s.message()).c_str());
+    return s.code() == absl::StatusCode::kInvalidArgument && s.message().find("flag") != absl::string_view::npos ? 2 : 1;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace ctxcache
+
+int main(int argc, char** argv) { return ctxcache::Main(argc, argv); }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs everything ctxcache needs on a fresh Debian 12 machine, idempotently, and fetches
+# the default model. Fast (a few seconds) when everything is already there.
+#   tools/setup.sh          build + test dependencies (what CI and the README commands need)
+#   tools/setup.sh --dev    also the dev-side Python tools: llama-cpp-python (peer and oracle),
+#                           gguf, numpy, matplotlib (fixtures, benchmarks, plots)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dev=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1 ;;
+    *) echo "usage: tools/setup.sh [--dev]" >&2; exit 2 ;;
+  esac
+done
+
+apt_packages=(
+  cmake ninja-build pkg-config g++ git ca-certificates python3
+  libabsl-dev libspdlog-dev libfmt-dev libssl-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
+  libhiredis-dev redis-server redis-tools
+  libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
+  libopenblas-dev
+)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}" >&2
+  sudo_cmd=()
+  [[ $(id -u) -ne 0 ]] && sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+if ((dev)); then
+  python3 - <<'PY' 2>/dev/null || python3 -m pip install --quiet numpy gguf matplotlib llama-cpp-python==0.3.36
+import numpy, gguf, matplotlib, llama_cpp
+PY
+fi
+
+"$root/tools/fetch_model.sh" >/dev/null
+echo "setup: ok" >&2

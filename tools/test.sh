@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds ctxcache and runs every test: the parsers of untrusted input (GGUF, tokenizer data)
+# under AddressSanitizer + UndefinedBehaviorSanitizer first, then the whole suite with ctest.
+# Tests that need hardware this machine lacks (a GPU) report as skipped with the reason.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+jobs="$(nproc)"
+
+tools/setup.sh
+
+echo "== sanitizer build (ASan + UBSan): untrusted-input parsers" >&2
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCTXCACHE_SANITIZE=ON \
+  -DCTXCACHE_CUDA=OFF -DCTXCACHE_BUILD_BENCH=OFF >/dev/null
+asan_tests=(gguf_test tokenizer_conformance_test quant_test)
+cmake --build build-asan -j"$jobs" --target "${asan_tests[@]}"
+for t in "${asan_tests[@]}"; do
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    "build-asan/tests/$t" --gtest_brief=1
+done
+
+echo "== release build and full test suite" >&2
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j"$jobs"
+ctest --test-dir build --output-on-failure -j"$jobs" "$@"
