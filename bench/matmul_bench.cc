@@ -44,8 +44,8 @@ struct BenchMatrix {
 // Pools live for the whole run; the pause lets workers start before the first job (works
 // around a start-up race in common/thread_pool.cc, reported).
 ThreadPool* Pool(int n) {
-  static ThreadPool* pools[3] = {nullptr, new ThreadPool(1, true), [] {
-                                   auto* p = new ThreadPool(2, true);
+  static ThreadPool* pools[3] = {nullptr, new ThreadPool(1), [] {
+                                   auto* p = new ThreadPool(2);
                                    std::this_thread::sleep_for(std::chrono::milliseconds(50));
                                    return p;
                                  }()};

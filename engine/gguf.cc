@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -226,12 +227,17 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
 absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::FromBytes(std::string bytes) {
   std::unique_ptr<GgufFile> file(new GgufFile());
   file->path_ = "<memory>";
-  file->owned_ = std::move(bytes);
-  file->base_ = reinterpret_cast<const uint8_t*>(file->owned_.data());
-  file->size_ = file->owned_.size();
+  file->size_ = bytes.size();
+  const size_t capacity = (bytes.size() + 63) / 64 * 64 + 64;
+  file->owned_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, capacity)));
+  if (file->owned_ == nullptr) return absl::ResourceExhaustedError("out of memory for GGUF bytes");
+  std::memcpy(file->owned_.get(), bytes.data(), bytes.size());
+  file->base_ = file->owned_.get();
   RETURN_IF_ERROR(file->Parse());
   return file;
 }
+
+void GgufFile::FreeDeleter::operator()(void* p) const { std::free(p); }
 
 GgufFile::~GgufFile() {
   if (mapping_ != nullptr) munmap(mapping_, size_);

@@ -86,7 +86,11 @@ class GgufFile {
   absl::Status Parse();
 
   std::string path_;
-  std::string owned_;             // FromBytes storage
+  // FromBytes storage, 64-byte aligned like a mapping so tensor data keeps its alignment.
+  struct FreeDeleter {
+    void operator()(void* p) const;
+  };
+  std::unique_ptr<uint8_t, FreeDeleter> owned_;
   void* mapping_ = nullptr;       // mmap base when opened from a file
   const uint8_t* base_ = nullptr;
   uint64_t size_ = 0;

@@ -43,4 +43,5 @@ PY
 fi
 
 "$root/tools/fetch_model.sh" >/dev/null
+"$root/tools/fetch_vocabs.sh"
 echo "setup: ok" >&2

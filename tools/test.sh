@@ -13,11 +13,15 @@ echo "== sanitizer build (ASan + UBSan): untrusted-input parsers" >&2
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCTXCACHE_SANITIZE=ON \
   -DCTXCACHE_CUDA=OFF -DCTXCACHE_BUILD_BENCH=OFF >/dev/null
 asan_tests=(gguf_test tokenizer_conformance_test quant_test)
-cmake --build build-asan -j"$jobs" --target "${asan_tests[@]}"
+cmake --build build-asan -j"$jobs" --target "${asan_tests[@]}" gguf_fuzz_replay
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
 for t in "${asan_tests[@]}"; do
-  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-    "build-asan/tests/$t" --gtest_brief=1
+  "build-asan/tests/$t" --gtest_brief=1
 done
+suite=tests/data/tokenizer/suite
+build-asan/tests/gguf_fuzz_replay --iterations 300 "$suite/ggml-vocab-gpt-2.gguf" \
+  "$suite/ggml-vocab-llama-spm.gguf" "$suite/ggml-vocab-phi-3.gguf"
+unset ASAN_OPTIONS UBSAN_OPTIONS
 
 echo "== release build and full test suite" >&2
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null

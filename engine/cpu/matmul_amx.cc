@@ -123,7 +123,7 @@ CTX_AMX void AmxGemmRows(const WeightMatrix& w, const uint16_t* xb, int64_t n_to
   alignas(64) float cbuf[32][32];  // [tokens][rows] of one 32x32 output block
 
   // Static on purpose: GCC's _tile_loadconfig tells the compiler it reads only the first
-  // byte, so the stores filling a stack copy may be dropped (seen: SIGILL on TILEZERO).
+  // 8 bytes, so the stores filling a stack copy may be dropped (seen: SIGILL on TILEZERO).
   static const TileConfig config = MakeConfig();
   _tile_loadconfig(&config);
   for (int64_t n0 = r0; n0 < r1; n0 += 32) {
@@ -143,6 +143,9 @@ CTX_AMX void AmxGemmRows(const WeightMatrix& w, const uint16_t* xb, int64_t n_to
         PackBTile(wf.data() + half * 16 * k + kc * 32, k, bp.data() + (kc * 2 + half) * 256);
       }
     }
+    // GCC's _tile_loadd is an asm with no memory operand or clobber, so nothing stops the
+    // compiler from sinking the packing stores past the tile loads that read them.
+    __asm__ volatile("" ::: "memory");
     for (int64_t m0 = 0; m0 < m_pad; m0 += 32) {
       _tile_zero(0);
       _tile_zero(1);

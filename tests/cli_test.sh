@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# End-to-end checks of the ctxcache CLI: exit codes and messages on bad input (corrupt or
+# missing model files, bad flags, bad sampling values), tokenize on a vocabulary-only GGUF,
+# and a short greedy generation with the real model.
+# Usage: cli_test.sh BUILD_BIN SOURCE_DIR
+set -uo pipefail
+bin="$1"
+src="$2"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+fail=0
+pass=0
+
+expect() {  # expect NAME WANT_RC WANT_SUBSTRING -- command...
+  local name="$1" want_rc="$2" want="$3"
+  shift 4
+  local out rc
+  out="$("$@" 2>&1)"
+  rc=$?
+  if [[ "$rc" != "$want_rc" ]] || [[ "$out" != *"$want"* ]]; then
+    echo "FAIL $name: rc=$rc (want $want_rc), output: ${out:0:400}"
+    fail=$((fail + 1))
+  else
+    echo "ok   $name"
+    pass=$((pass + 1))
+  fi
+}
+
+printf 'GGML\x03\x00\x00\x00' > "$tmp/bad_magic.gguf"
+printf 'GGUF\x03\x00\x00\x00\x00\x00' > "$tmp/truncated.gguf"
+# v3 header claiming 2^62 tensors and 0 metadata keys
+printf 'GGUF\x03\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x40\x00\x00\x00\x00\x00\x00\x00\x00' > "$tmp/huge.gguf"
+: > "$tmp/empty.gguf"
+
+expect bad_magic 1 "bad magic" -- "$bin" info --model "$tmp/bad_magic.gguf"
+expect truncated 1 "truncated" -- "$bin" info --model "$tmp/truncated.gguf"
+expect huge_tensor_count 1 "tensors" -- "$bin" info --model "$tmp/huge.gguf"
+expect empty_file 1 "truncated" -- "$bin" generate --model "$tmp/empty.gguf" --prompt hi
+expect missing_file 1 "cannot open" -- "$bin" info --model "$tmp/nope.gguf"
+expect directory 1 "not a regular file" -- "$bin" info --model "$tmp"
+expect unknown_flag 2 "unknown flag --bogus" -- "$bin" info --bogus 1
+expect unknown_command 1 "unknown command" -- "$bin" frobnicate
+expect no_args 2 "usage" -- "$bin"
+expect vocab_only_tokenize 0 "15496" -- "$bin" tokenize --model "$src/tests/data/tokenizer/suite/ggml-vocab-gpt-2.gguf" --ids-only "Hello world"
+expect vocab_only_generate 1 "is not supported" -- "$bin" generate --model "$src/tests/data/tokenizer/suite/ggml-vocab-gpt-2.gguf" --prompt hi
+
+model="$("$src/tools/fetch_model.sh" 2>/dev/null || true)"
+if [[ -s "$model" ]]; then
+  expect bad_temperature 1 "temperature" -- "$bin" generate --model "$model" --prompt hi --temperature -1
+  expect bad_top_p 1 "top_p" -- "$bin" generate --model "$model" --prompt hi --top-p 0
+  expect not_a_number 1 "not a number" -- "$bin" generate --model "$model" --prompt hi --max-tokens lots
+  expect greedy_generate 0 "Paris" -- "$bin" generate --model "$model" --prompt "The capital of France is" --temperature 0 --max-tokens 8 --quiet
+  expect chat_generate 0 "" -- "$bin" generate --model "$model" --chat --prompt "Say hi" --max-tokens 4 --quiet
+  expect info_real 0 "fingerprint" -- "$bin" info --model "$model"
+else
+  echo "skip model checks: default model not fetched (tools/fetch_model.sh)"
+fi
+echo "$pass passed, $fail failed"
+[[ $fail -eq 0 ]]
