@@ -8,6 +8,8 @@ cd "$root"
 jobs="$(nproc)"
 
 tools/setup.sh
+# The model was just fetched: a test that cannot find it must fail, not skip.
+export CTXCACHE_REQUIRE_MODEL=1
 
 echo "== sanitizer build (ASan + UBSan): untrusted-input parsers" >&2
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCTXCACHE_SANITIZE=ON \

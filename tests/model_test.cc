@@ -1,0 +1,195 @@
+// Engine behaviour beyond llama.cpp parity: attention observations (what compression scores
+// read), chunked prefill == one batch, embeddings input == token input, KV accounting, and
+// clear errors for bad token ids, context overflow and mismatched caches.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+
+#include "engine/cpu/quant.h"
+#include "engine/model.h"
+#include "tests/test_util.h"
+
+namespace ctxcache {
+namespace {
+
+using ::ctxcache::testing::DefaultModelTest;
+
+class ModelTest : public DefaultModelTest {
+ protected:
+  std::vector<int32_t> Prompt(int n) const {
+    std::vector<int32_t> ids = model().tokenizer().Encode(
+        "The quick brown fox jumps over the lazy dog. A KV cache stores keys and values so that "
+        "each new token attends to the whole context without recomputing it. ",
+        false, false);
+    while (static_cast<int>(ids.size()) < n) ids.insert(ids.end(), ids.begin(), ids.end());
+    ids.resize(n);
+    return ids;
+  }
+};
+
+TEST_F(ModelTest, ObservedAttentionIsACausalDistributionPerHead) {
+  ThreadPool pool(2);
+  Runner runner(model(), &pool);
+  KvCache cache = model().NewKvCache();
+  const auto ids = Prompt(40);
+  const ModelConfig& c = model().config();
+  ForwardOptions opt;
+  opt.observe_rows = {0, 17, 39};
+  int layers_seen = 0;
+  opt.observer = [&](int layer, const float* probs, int n_rows, int64_t n_keys) {
+    EXPECT_EQ(layer, layers_seen++);
+    ASSERT_EQ(n_rows, 3);
+    ASSERT_EQ(n_keys, 40);
+    for (int h = 0; h < c.n_heads; ++h) {
+      for (int r = 0; r < n_rows; ++r) {
+        const float* p = probs + (static_cast<int64_t>(h) * n_rows + r) * n_keys;
+        const int row = opt.observe_rows[r];
+        double sum = 0;
+        for (int64_t k = 0; k < n_keys; ++k) {
+          ASSERT_GE(p[k], 0.f);
+          if (k > row) {
+            ASSERT_EQ(p[k], 0.f) << "row " << row << " sees future key " << k;
+          }
+          sum += p[k];
+        }
+        EXPECT_NEAR(sum, 1.0, 1e-4) << "layer " << layer << " head " << h << " row " << row;
+      }
+    }
+  };
+  std::vector<float> logits;
+  ASSERT_TRUE(runner.Forward(ids, cache, opt, &logits).ok());
+  EXPECT_EQ(layers_seen, c.n_layers);
+  EXPECT_EQ(cache.next_position, 40);
+}
+
+TEST_F(ModelTest, ObservationsAgreeBetweenOneBatchAndDecode) {
+  // The last row's attention seen in a 24-token batch equals what a decode step of that token
+  // sees after a 23-token prefill (same keys; fp32 sums in a different order).
+  ThreadPool pool(2);
+  Runner runner(model(), &pool);
+  const auto ids = Prompt(24);
+  const int n_heads = model().config().n_heads;
+  auto collect = [&](std::vector<std::vector<float>>* out) {
+    return [out, n_heads](int, const float* probs, int n_rows, int64_t n_keys) {
+      out->emplace_back(probs + (n_rows - 1) * n_keys, probs + n_heads * n_rows * n_keys);
+    };
+  };
+  std::vector<std::vector<float>> batch, step;
+  std::vector<float> logits;
+  KvCache a = model().NewKvCache();
+  ForwardOptions oa;
+  oa.observe_rows = {23};
+  oa.observer = collect(&batch);
+  ASSERT_TRUE(runner.Forward(ids, a, oa, &logits).ok());
+  KvCache b = model().NewKvCache();
+  ASSERT_TRUE(runner.Forward(absl::MakeConstSpan(ids).first(23), b, {}, &logits).ok());
+  ForwardOptions ob;
+  ob.observe_rows = {0};
+  ob.observer = collect(&step);
+  ASSERT_TRUE(runner.Forward(absl::MakeConstSpan(ids).last(1), b, ob, &logits).ok());
+  ASSERT_EQ(batch.size(), step.size());
+  double max_diff = 0;
+  for (size_t l = 0; l < batch.size(); ++l) {
+    ASSERT_EQ(batch[l].size(), step[l].size());
+    for (size_t i = 0; i < batch[l].size(); ++i) {
+      max_diff = std::max(max_diff, std::fabs(double{batch[l][i]} - step[l][i]));
+    }
+  }
+  // Prefill runs the projections through the bf16 AMX GEMM and decode through int8 dot
+  // products, so the two paths' activations differ by ~0.3% and probabilities by up to a few
+  // 1e-2 after 30 layers; a wrong mask or key order would differ by O(1).
+  EXPECT_LT(max_diff, 0.08) << "max |dp| " << max_diff;
+}
+
+TEST_F(ModelTest, ChunkedPrefillMatchesOneBatch) {
+  ThreadPool pool(2);
+  Runner runner(model(), &pool);
+  const auto ids = Prompt(100);
+  std::vector<float> one, chunked;
+  KvCache a = model().NewKvCache();
+  ASSERT_TRUE(runner.Forward(ids, a, {}, &one).ok());
+  KvCache b = model().NewKvCache();
+  std::vector<float> scratch;
+  ASSERT_TRUE(runner.Forward(absl::MakeConstSpan(ids).first(37), b, {}, &scratch).ok());
+  ASSERT_TRUE(runner.Forward(absl::MakeConstSpan(ids).subspan(37, 40), b, {}, &scratch).ok());
+  ASSERT_TRUE(runner.Forward(absl::MakeConstSpan(ids).subspan(77), b, {}, &chunked).ok());
+  ASSERT_EQ(one.size(), chunked.size());
+  EXPECT_EQ(testing::Argmax(one), testing::Argmax(chunked));
+  double mean = 0;
+  for (size_t i = 0; i < one.size(); ++i) mean += std::fabs(one[i] - chunked[i]);
+  mean /= one.size();
+  // Same math, different GEMM tiling of the batch (bf16 rounding is per element, the sums'
+  // order differs): mean |d| is a few 1e-2 at most, a position bug gives whole units.
+  EXPECT_LT(mean, 0.1) << "mean |dlogit| " << mean;
+  EXPECT_EQ(a.TotalEntries(), b.TotalEntries());
+  EXPECT_EQ(a.next_position, b.next_position);
+}
+
+TEST_F(ModelTest, EmbeddingsInputEqualsTokenInput) {
+  ThreadPool pool(2);
+  Runner runner(model(), &pool);
+  const auto ids = Prompt(20);
+  const ModelConfig& c = model().config();
+  std::vector<float> emb(ids.size() * c.d_model);
+  const WeightMatrix& te = model().token_embd();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    ASSERT_TRUE(
+        DequantizeRow(te.type, te.data + ids[i] * te.row_bytes, emb.data() + i * c.d_model, c.d_model)
+            .ok());
+  }
+  std::vector<float> a, b;
+  KvCache ca = model().NewKvCache(), cb = model().NewKvCache();
+  ASSERT_TRUE(runner.Forward(ids, ca, {}, &a).ok());
+  ASSERT_TRUE(runner.ForwardEmbeddings(emb.data(), ids.size(), cb, {}, &b).ok());
+  EXPECT_EQ(a, b);
+}
+
+TEST_F(ModelTest, KvAccountingAndErrors) {
+  ThreadPool pool(1);
+  Runner runner(model(), &pool);
+  const ModelConfig& c = model().config();
+  KvCache cache = model().NewKvCache();
+  std::vector<float> logits;
+  const auto ids = Prompt(10);
+  ASSERT_TRUE(runner.Forward(ids, cache, {}, &logits).ok());
+  EXPECT_EQ(logits.size(), static_cast<size_t>(c.n_vocab));
+  EXPECT_EQ(cache.TotalEntries(), int64_t{10} * c.n_layers * c.n_kv_heads);
+  EXPECT_EQ(cache.Bytes(2), 10 * model().KvBytesPerToken(2));
+  EXPECT_EQ(cache.MaxEntries(), 10);
+
+  const std::vector<int32_t> bad = {1, c.n_vocab, 2};
+  absl::Status s = runner.Forward(bad, cache, {}, &logits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("outside the vocabulary"));
+  EXPECT_EQ(cache.next_position, 10) << "a rejected batch must not touch the cache";
+
+  EXPECT_EQ(runner.Forward({}, cache, {}, &logits).code(), absl::StatusCode::kInvalidArgument);
+
+  KvCache full = model().NewKvCache();
+  full.next_position = c.n_ctx_train - 1;
+  s = runner.Forward(absl::MakeConstSpan(ids).first(2), full, {}, &logits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("context window"));
+
+  KvCache wrong(c.n_layers - 1, c.n_kv_heads, c.head_dim);
+  EXPECT_EQ(runner.Forward(ids, wrong, {}, &logits).code(), absl::StatusCode::kInvalidArgument);
+
+  ForwardOptions opt;
+  opt.observe_rows = {99};
+  opt.observer = [](int, const float*, int, int64_t) {};
+  EXPECT_EQ(runner.Forward(ids, cache, opt, &logits).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(ModelTest, FingerprintIsStableAndHex) {
+  const std::string& f = model().fingerprint();
+  EXPECT_EQ(f.size(), 64u);
+  EXPECT_EQ(f.find_first_not_of("0123456789abcdef"), std::string::npos);
+  auto again = Model::Load(model().gguf().path());
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ((*again)->fingerprint(), f);
+}
+
+}  // namespace
+}  // namespace ctxcache
