@@ -1,6 +1,7 @@
 #include "engine/generate.h"
 
 #include <chrono>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -20,6 +21,7 @@ std::string_view FinishReasonName(FinishReason r) {
 
 absl::Status ValidateGenerateParams(const GenerateParams& p) {
   RETURN_IF_ERROR(ValidateSamplingParams(p.sampling));
+  RETURN_IF_ERROR(p.decode.Validate());
   if (p.max_tokens < 0 || p.max_tokens > (1 << 20)) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_tokens = ", p.max_tokens, " is invalid; allowed: 0 to 1048576"));
@@ -86,6 +88,12 @@ absl::StatusOr<GenerateResult> Generate(Runner& runner, KvCache& cache,
   Sampler sampler(params.sampling);
   IncrementalDecoder decoder(tok);
   StopMatcher stop(params.stop);
+  std::unique_ptr<RecycledAttentionState> recycled;
+  if (params.decode.kind == DecodePolicy::Kind::kRecycled) {
+    const ModelConfig& c = model.config();
+    recycled = std::make_unique<RecycledAttentionState>(params.decode, c.n_layers, c.n_kv_heads,
+                                                        c.n_heads, c.head_dim);
+  }
 
   const auto t0 = Clock::now();
   RETURN_IF_ERROR(runner.Forward(prompt, cache, ForwardOptions{}, &logits));
@@ -121,7 +129,7 @@ absl::StatusOr<GenerateResult> Generate(Runner& runner, KvCache& cache,
       result.finish = FinishReason::kContextFull;
       break;
     }
-    RETURN_IF_ERROR(runner.Decode(id, cache, &logits));
+    RETURN_IF_ERROR(runner.Decode(id, cache, &logits, recycled.get()));
   }
   if (result.finish != FinishReason::kStop && result.finish != FinishReason::kCancelled) {
     bool stopped = false;
@@ -130,6 +138,10 @@ absl::StatusOr<GenerateResult> Generate(Runner& runner, KvCache& cache,
     emit(tail + (stopped ? "" : stop.Flush()));
   }
   const auto t_end = Clock::now();
+  if (recycled) {
+    result.full_attention_steps = recycled->full_steps();
+    result.recycled_attention_steps = recycled->recycled_steps();
+  }
   result.prefill_seconds = std::chrono::duration<double>(t_first - t0).count();
   result.decode_seconds = std::chrono::duration<double>(t_end - t_first).count();
   return result;

@@ -21,6 +21,7 @@ struct GenerateParams {
   int max_tokens = 256;
   std::vector<std::string> stop;  // generation ends before the first occurrence of any
   bool ignore_eos = false;
+  DecodePolicy decode;            // full attention, or Recycled Attention
 };
 
 enum class FinishReason { kLength, kStop, kEndOfGeneration, kCancelled, kContextFull };
@@ -33,6 +34,8 @@ struct GenerateResult {
   int64_t prompt_tokens = 0;
   double prefill_seconds = 0;     // prompt prefill, up to the first sampled token
   double decode_seconds = 0;      // the rest
+  int64_t full_attention_steps = 0;      // per layer, with a recycled decode policy
+  int64_t recycled_attention_steps = 0;
 };
 
 // Called with each text delta; return false to cancel.

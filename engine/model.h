@@ -15,6 +15,7 @@
 #include "engine/cpu/matmul.h"
 #include "engine/gguf.h"
 #include "engine/kv_cache.h"
+#include "engine/recycled_attention.h"
 #include "engine/tokenizer.h"
 
 namespace ctxcache {
@@ -106,6 +107,8 @@ struct ForwardOptions {
   bool all_logits = false;             // logits for every token, else only the last
   std::vector<int> observe_rows;       // batch rows whose attention to report
   AttentionObserver observer;          // required when observe_rows is non-empty
+  // Decode steps (one token) attend per this policy's state when set (Recycled Attention).
+  RecycledAttentionState* recycled = nullptr;
 };
 
 class Runner {
@@ -122,8 +125,11 @@ class Runner {
   absl::Status ForwardEmbeddings(const float* embeddings, int64_t n_tokens, KvCache& cache,
                                  const ForwardOptions& options, std::vector<float>* logits);
   // One token (decode step): logits [n_vocab].
-  absl::Status Decode(int32_t token, KvCache& cache, std::vector<float>* logits) {
-    return Forward(absl::MakeConstSpan(&token, 1), cache, ForwardOptions{}, logits);
+  absl::Status Decode(int32_t token, KvCache& cache, std::vector<float>* logits,
+                      RecycledAttentionState* recycled = nullptr) {
+    ForwardOptions options;
+    options.recycled = recycled;
+    return Forward(absl::MakeConstSpan(&token, 1), cache, options, logits);
   }
 
   const Model& model() const { return model_; }
@@ -133,6 +139,8 @@ class Runner {
   // Causal attention of the batch's queries (scratch q) over layer's cache entries, into
   // scratch attn; reports observed rows' probabilities.
   void Attention(int layer, int64_t n_tokens, const KvCache& cache, const ForwardOptions& options);
+  // A decode step's attention over a recycled subset of the keys.
+  void RecycledAttention(int layer, const KvCache& cache, const RecycledAttentionState& rec);
 
   const Model& model_;
   ThreadPool* pool_;

@@ -55,6 +55,7 @@ struct Runner::Scratch {
   std::vector<std::vector<float>> scores;  // per thread: [kQueryBlock, n_keys]
   std::vector<float> obs;     // [n_heads, n_obs_rows, max_keys]
   std::vector<int> obs_index; // [T]: row -> index in observe_rows, or -1
+  std::vector<float> full_probs;  // [n_heads, max_keys]: a recycled policy's full step
 };
 
 Runner::Runner(const Model& model, ThreadPool* pool)
@@ -185,6 +186,14 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
   int64_t max_keys = 0;
   for (int g = 0; g < c.n_kv_heads; ++g) max_keys = std::max(max_keys, cache.head(layer, g).n());
   if (n_obs > 0) s.obs.assign(static_cast<size_t>(c.n_heads) * n_obs * max_keys, 0.f);
+  RecycledAttentionState* rec = n == 1 ? options.recycled : nullptr;
+  const bool recycled_step = rec != nullptr && !rec->WantsFullStep(layer, s.q.data());
+  if (recycled_step) {
+    RecycledAttention(layer, cache, *rec);
+    rec->RecordRecycledStep(layer);
+    return;
+  }
+  if (rec != nullptr) s.full_probs.assign(static_cast<size_t>(c.n_heads) * max_keys, 0.f);
 
   pool_->ParallelFor(int64_t{c.n_heads} * n_blocks, [&](int64_t begin, int64_t end, int tid) {
     std::vector<float>& sc = s.scores[tid];
@@ -218,6 +227,7 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
         if (const int oi = s.obs_index[t0 + r]; oi >= 0) {
           std::copy_n(row, n_vis, s.obs.data() + (int64_t{h} * n_obs + oi) * max_keys);
         }
+        if (rec != nullptr) std::copy_n(row, n_vis, s.full_probs.data() + int64_t{h} * max_keys);
       }
       if (rows == 1) {
         cblas_sgemv(CblasRowMajor, CblasTrans, n_vis, hd, 1.f, kv.v.data(), hd, sc.data(), 1,
@@ -229,6 +239,49 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
     }
   });
   if (n_obs > 0) options.observer(layer, s.obs.data(), n_obs, max_keys);
+  if (rec != nullptr) {
+    std::vector<int64_t> n_keys(c.n_kv_heads);
+    for (int g = 0; g < c.n_kv_heads; ++g) n_keys[g] = cache.head(layer, g).n();
+    rec->RecordFullStep(layer, s.q.data(), s.full_probs.data(), max_keys, n_keys);
+  }
+}
+
+void Runner::RecycledAttention(int layer, const KvCache& cache,
+                               const RecycledAttentionState& rec) {
+  // One query row against the recycled keys plus everything appended since the full step:
+  // a gather of K rows, so cost scales with top_k, not with the context.
+  const ModelConfig& c = model_.config();
+  Scratch& s = *scratch_;
+  const int64_t hd = c.head_dim;
+  const int group = c.n_heads / c.n_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  pool_->ParallelFor(c.n_heads, [&](int64_t begin, int64_t end, int tid) {
+    std::vector<float>& sc = s.scores[tid];
+    for (int64_t h = begin; h < end; ++h) {
+      const int g = static_cast<int>(h) / group;
+      const KvHead& kv = cache.head(layer, g);
+      const std::vector<int64_t>& idx = rec.recycled(layer, g);
+      const int64_t first_new = rec.first_new(layer, g);
+      const int64_t n_sel = static_cast<int64_t>(idx.size()) + (kv.n() - first_new);
+      sc.resize(std::max<size_t>(sc.size(), n_sel));
+      const float* q = s.q.data() + h * hd;
+      auto key_at = [&](int64_t j) { return j < static_cast<int64_t>(idx.size()) ? idx[j] : first_new + (j - static_cast<int64_t>(idx.size())); };
+      for (int64_t j = 0; j < n_sel; ++j) {
+        const float* k = kv.k.data() + key_at(j) * hd;
+        float dot = 0.f;
+        for (int64_t i = 0; i < hd; ++i) dot += q[i] * k[i];
+        sc[j] = dot * scale;
+      }
+      Softmax(sc.data(), n_sel);
+      float* out = s.attn.data() + h * hd;
+      std::fill(out, out + hd, 0.f);
+      for (int64_t j = 0; j < n_sel; ++j) {
+        const float* v = kv.v.data() + key_at(j) * hd;
+        const float p = sc[j];
+        for (int64_t i = 0; i < hd; ++i) out[i] += p * v[i];
+      }
+    }
+  });
 }
 
 }  // namespace ctxcache

@@ -182,6 +182,62 @@ TEST_F(ModelTest, KvAccountingAndErrors) {
   EXPECT_EQ(runner.Forward(ids, cache, opt, &logits).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Greedy tokens of a decode loop after a prefill, with an optional recycled policy.
+std::vector<int32_t> GreedyDecode(const Model& model, absl::Span<const int32_t> prompt, int n,
+                                  const DecodePolicy* policy, RecycledAttentionState** state_out,
+                                  std::unique_ptr<RecycledAttentionState>* holder) {
+  ThreadPool pool(2);
+  Runner runner(model, &pool);
+  KvCache cache = model.NewKvCache();
+  std::vector<float> logits;
+  EXPECT_TRUE(runner.Forward(prompt, cache, {}, &logits).ok());
+  const ModelConfig& c = model.config();
+  if (policy != nullptr) {
+    *holder = std::make_unique<RecycledAttentionState>(*policy, c.n_layers, c.n_kv_heads,
+                                                       c.n_heads, c.head_dim);
+    *state_out = holder->get();
+  }
+  std::vector<int32_t> out;
+  for (int i = 0; i < n; ++i) {
+    out.push_back(testing::Argmax(logits));
+    EXPECT_TRUE(runner.Decode(out.back(), cache, &logits, policy ? holder->get() : nullptr).ok());
+  }
+  return out;
+}
+
+TEST_F(ModelTest, RecycledAttentionOverAllKeysEqualsFullAttention) {
+  // With top_k at least the context length a recycled step attends to every key, so greedy
+  // output must equal full attention's (the gather path sums in another order: fp32 noise).
+  const auto ids = Prompt(60);
+  std::unique_ptr<RecycledAttentionState> holder;
+  RecycledAttentionState* state = nullptr;
+  const auto full = GreedyDecode(model(), ids, 20, nullptr, &state, &holder);
+  DecodePolicy policy;
+  policy.kind = DecodePolicy::Kind::kRecycled;
+  policy.stride = 8;
+  policy.top_k = 100000;
+  const auto recycled = GreedyDecode(model(), ids, 20, &policy, &state, &holder);
+  EXPECT_EQ(full, recycled);
+  const int64_t layers = model().config().n_layers;
+  // 20 decode steps: full at steps 0, 8, 16 per layer; the rest recycled.
+  EXPECT_EQ(state->full_steps(), 3 * layers);
+  EXPECT_EQ(state->recycled_steps(), 17 * layers);
+}
+
+TEST_F(ModelTest, RecycledAttentionWithSmallTopKStillDecodesSensibly) {
+  const auto ids = model().tokenizer().Encode("The capital of France is", false, false);
+  std::unique_ptr<RecycledAttentionState> holder;
+  RecycledAttentionState* state = nullptr;
+  DecodePolicy policy;
+  policy.kind = DecodePolicy::Kind::kRecycled;
+  policy.stride = 4;
+  policy.top_k = 3;
+  const auto out = GreedyDecode(model(), ids, 3, &policy, &state, &holder);
+  EXPECT_THAT(model().tokenizer().Decode(out), ::testing::HasSubstr("Paris"));
+  policy.stride = 0;
+  EXPECT_EQ(policy.Validate().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(ModelTest, FingerprintIsStableAndHex) {
   const std::string& f = model().fingerprint();
   EXPECT_EQ(f.size(), 64u);

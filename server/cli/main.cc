@@ -49,6 +49,8 @@ generate flags:
   --max-tokens N      (default 256)     --temperature T   (default 0.8; 0 = greedy)
   --top-k K (40)  --top-p P (0.95)  --min-p P (0.05)  --repeat-penalty R (1.0)
   --seed S (0)    --stop STRING (repeatable)   --ignore-eos   --no-bos   --quiet
+  --decode full|recycled   Recycled Attention: --stride S (10) --topk K (0 = 1/8 of keys)
+                           [--dynamic --similarity T (0.85)]   (also for bench)
 
 tokenize flags:
   --ids-only   --no-bos   --parse-special
@@ -152,6 +154,21 @@ absl::StatusOr<std::string> ReadFileOrStdin(const std::string& path) {
   return ss.str();
 }
 
+// --decode full|recycled [--stride S] [--topk K] [--dynamic] [--similarity T]
+absl::Status ParseDecodePolicy(const Flags& flags, DecodePolicy* policy) {
+  const std::string kind = flags.Get("decode").value_or("full");
+  if (kind == "recycled") {
+    policy->kind = DecodePolicy::Kind::kRecycled;
+  } else if (kind != "full") {
+    return absl::InvalidArgumentError(absl::StrCat("--decode '", kind, "': use full or recycled"));
+  }
+  RETURN_IF_ERROR(flags.Number("stride", &policy->stride));
+  RETURN_IF_ERROR(flags.Number("topk", &policy->top_k));
+  RETURN_IF_ERROR(flags.Number("similarity", &policy->similarity_threshold));
+  policy->dynamic = flags.Bool("dynamic");
+  return policy->Validate();
+}
+
 absl::Status CmdGenerate(const Flags& flags) {
   ASSIGN_OR_RETURN(std::string path, ModelPath(flags));
   std::string prompt;
@@ -172,6 +189,7 @@ absl::Status CmdGenerate(const Flags& flags) {
   RETURN_IF_ERROR(flags.Number("seed", &params.sampling.seed));
   params.stop = flags.GetAll("stop");
   params.ignore_eos = flags.Bool("ignore-eos");
+  RETURN_IF_ERROR(ParseDecodePolicy(flags, &params.decode));
   const bool chat = flags.Bool("chat"), quiet = flags.Bool("quiet");
   const bool no_bos = flags.Bool("no-bos"), raw_template = flags.Bool("raw-template");
   const auto system = flags.Get("system");
@@ -211,6 +229,11 @@ absl::Status CmdGenerate(const Flags& flags) {
                  r.prompt_tokens / std::max(r.prefill_seconds, 1e-9), r.tokens.size(),
                  n_dec / std::max(r.decode_seconds, 1e-9),
                  std::string(FinishReasonName(r.finish)).c_str(), threads);
+    if (params.decode.kind == DecodePolicy::Kind::kRecycled) {
+      std::fprintf(stderr, "[recycled attention: %lld full and %lld recycled layer-steps]\n",
+                   static_cast<long long>(r.full_attention_steps),
+                   static_cast<long long>(r.recycled_attention_steps));
+    }
   }
   return absl::OkStatus();
 }
@@ -285,6 +308,8 @@ absl::Status CmdBench(const Flags& flags) {
   int n_prompt = 512, n_gen = 64;
   RETURN_IF_ERROR(flags.Number("n-prompt", &n_prompt));
   RETURN_IF_ERROR(flags.Number("n-gen", &n_gen));
+  DecodePolicy policy;
+  RETURN_IF_ERROR(ParseDecodePolicy(flags, &policy));
   const bool json = flags.Bool("json");
   const int threads = Threads(flags);
   RETURN_IF_ERROR(flags.CheckAllUsed());
@@ -311,8 +336,14 @@ absl::Status CmdBench(const Flags& flags) {
   RETURN_IF_ERROR(runner.Forward(ids, cache, ForwardOptions{}, &logits));
   const auto t1 = Clock::now();
   int32_t next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  std::unique_ptr<RecycledAttentionState> recycled;
+  if (policy.kind == DecodePolicy::Kind::kRecycled) {
+    const ModelConfig& c = model->config();
+    recycled = std::make_unique<RecycledAttentionState>(policy, c.n_layers, c.n_kv_heads,
+                                                        c.n_heads, c.head_dim);
+  }
   for (int i = 0; i < n_gen; ++i) {
-    RETURN_IF_ERROR(runner.Decode(next, cache, &logits));
+    RETURN_IF_ERROR(runner.Decode(next, cache, &logits, recycled.get()));
     next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   }
   const auto t2 = Clock::now();
@@ -343,7 +374,7 @@ int Main(int argc, char** argv) {
   Flags flags;
   absl::Status s = flags.Parse(argc, argv, 2,
                                {"chat", "raw-template", "ignore-eos", "no-bos", "quiet",
-                                "ids-only", "parse-special", "json"});
+                                "ids-only", "parse-special", "json", "dynamic"});
   if (s.ok()) {
     if (cmd == "generate") s = CmdGenerate(flags);
     else if (cmd == "info") s = CmdInfo(flags);
