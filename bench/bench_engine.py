@@ -170,7 +170,9 @@ def main():
     ap.add_argument("--reps", type=int, default=5, help="repetitions, >= 5 (%(default)s)")
     ap.add_argument("--n-gen", type=int, default=64, help="decode steps (%(default)s)")
     ap.add_argument("--long", action="store_true", help="add prefill_8192 and decode_8192")
-    ap.add_argument("--only", default="", help="comma-separated case names to run")
+    ap.add_argument("--only", default="",
+                    help="comma-separated case names to run; their results replace the same "
+                         "cases in --out, the others are kept")
     ap.add_argument("--peer-only", action="store_true",
                     help="measure llama.cpp alone (no ctxcache binary needed)")
     ap.add_argument("--peer-ubatch", type=int, default=512,
@@ -210,6 +212,14 @@ def main():
         print(f"== {name}: peer {p:.1f} tok/s" +
               (f", ours {o:.1f} tok/s, ratio {o / p:.2f}" if o is not None else ""), flush=True)
 
+    if args.only and os.path.exists(args.out):
+        # A partial rerun replaces its cases in the previous results and keeps the others.
+        with open(args.out) as f:
+            previous = {c["name"]: c for c in json.load(f).get("cases", [])}
+        previous.update({c["name"]: c for c in out_cases})
+        order = [c[0] for c in cases(True, args.n_gen)]
+        out_cases = sorted(previous.values(),
+                           key=lambda c: order.index(c["name"]) if c["name"] in order else 99)
     result = {"machine": machine(), "threads": args.threads,
               "peer": f"llama.cpp {peer.version}", "cases": out_cases}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

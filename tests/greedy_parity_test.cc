@@ -143,15 +143,15 @@ TEST_F(GreedyParityTest, GreedyTokensMatchLlamaCpp) {
       } else {
         if (first_divergence < 0) first_divergence = static_cast<int>(step);
         if (c.gaps[step] < kNearTieGap) {
-          std::printf("%-6s step %2zu: near-tie flip (llama.cpp gap %.4f < %.2f): ours %d, "
-                      "llama.cpp %d\n",
-                      c.name.c_str(), step, c.gaps[step], kNearTieGap, token, expected);
+          std::printf(
+              "%-6s step %2zu: near-tie flip (llama.cpp gap %.4f < %.2f): ours %d, "
+              "llama.cpp %d\n",
+              c.name.c_str(), step, c.gaps[step], kNearTieGap, token, expected);
         } else {
-          ADD_FAILURE() << "step " << step << ": ours " << token << " (logit "
-                        << logits[token] << "), llama.cpp " << expected << " (our logit "
-                        << logits[expected] << "); llama.cpp top-2 gap " << c.gaps[step]
-                        << " >= near-tie " << kNearTieGap
-                        << "; llama.cpp's continuation: " << c.output_text;
+          ADD_FAILURE() << "step " << step << ": ours " << token << " (logit " << logits[token]
+                        << "), llama.cpp " << expected << " (our logit " << logits[expected]
+                        << "); llama.cpp top-2 gap " << c.gaps[step] << " >= near-tie "
+                        << kNearTieGap << "; llama.cpp's continuation: " << c.output_text;
         }
       }
       if (step + 1 == c.output_ids.size()) break;
@@ -159,10 +159,11 @@ TEST_F(GreedyParityTest, GreedyTokensMatchLlamaCpp) {
       ASSERT_TRUE(status.ok()) << "step " << step << ": " << status;
     }
     if (first_divergence < 0) ++exact;
-    std::printf("%-6s %3zu prompt tokens: %d/%zu greedy tokens identical to llama.cpp; first "
-                "divergence: %s\n",
-                c.name.c_str(), c.prompt_ids.size(), matched, c.output_ids.size(),
-                first_divergence < 0 ? "none" : absl::StrCat("step ", first_divergence).c_str());
+    std::printf(
+        "%-6s %3zu prompt tokens: %d/%zu greedy tokens identical to llama.cpp; first "
+        "divergence: %s\n",
+        c.name.c_str(), c.prompt_ids.size(), matched, c.output_ids.size(),
+        first_divergence < 0 ? "none" : absl::StrCat("step ", first_divergence).c_str());
   }
   RecordProperty("exact_cases", exact);
 }

@@ -43,9 +43,9 @@ constexpr int kThreads = 2;
 // llama.cpp's logits at one position, summarized (see tools/make_logit_fixture.py).
 struct PositionRecord {
   int32_t argmax = 0;
-  float gap = 0;      // llama.cpp's top-1 minus top-2 logit
-  float lse = 0;      // llama.cpp's log-sum-exp over the whole vocabulary
-  float lse_f32 = 0;  // the same from the fp32 reference
+  float gap = 0;                  // llama.cpp's top-1 minus top-2 logit
+  float lse = 0;                  // llama.cpp's log-sum-exp over the whole vocabulary
+  float lse_f32 = 0;              // the same from the fp32 reference
   std::vector<int32_t> ids;       // [n_top + n_rand]: llama.cpp's top ids, descending; random
   std::vector<float> logits;      // [n_top + n_rand] llama.cpp's
   std::vector<float> logits_f32;  // [n_top + n_rand] the fp32 reference's
@@ -53,7 +53,7 @@ struct PositionRecord {
 
 struct PromptRecord {
   std::string name;
-  std::vector<int32_t> tokens;           // [n_tokens]
+  std::vector<int32_t> tokens;            // [n_tokens]
   std::vector<PositionRecord> positions;  // [n_tokens]
 };
 
@@ -84,9 +84,9 @@ absl::StatusOr<LogitFixture> ParseLogitFixture(std::string_view data) {
   const int32_t total_positions = header[6];
   const int32_t name_bytes = header[7];
   const int32_t text_bytes = header[8];
-  if (n_prompts <= 0 || n_prompts > 1000 || f.n_vocab <= 1 || f.n_top < 2 ||
-      f.n_top > f.n_vocab || f.n_rand < 0 || f.n_rand > f.n_vocab || total_positions <= 0 ||
-      name_bytes <= 0 || name_bytes > 4096 || text_bytes <= 0 || text_bytes > 4096) {
+  if (n_prompts <= 0 || n_prompts > 1000 || f.n_vocab <= 1 || f.n_top < 2 || f.n_top > f.n_vocab ||
+      f.n_rand < 0 || f.n_rand > f.n_vocab || total_positions <= 0 || name_bytes <= 0 ||
+      name_bytes > 4096 || text_bytes <= 0 || text_bytes > 4096) {
     return absl::DataLossError("implausible fixture header");
   }
   f.source = r.FixedString(text_bytes);
@@ -172,8 +172,7 @@ TEST(LogitFixtureTest, RejectsCorruptFiles) {
 
   std::string bad_version = *data;
   bad_version[4] = 99;
-  EXPECT_EQ(ParseLogitFixture(bad_version).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ParseLogitFixture(bad_version).status().code(), absl::StatusCode::kFailedPrecondition);
 
   for (size_t cut : {size_t{10}, size_t{300}, data->size() / 2, data->size() - 1}) {
     EXPECT_EQ(ParseLogitFixture(std::string_view(*data).substr(0, cut)).status().code(),
@@ -211,8 +210,8 @@ struct Tally {
       worst_where = absl::StrFormat("%s (%s %.4f, ours %.4f)", where, reference, ref, ours);
     }
     if (!(d <= max_tol)) {
-      Violation(absl::StrFormat("%s: %s %.4f, ours %.4f, |d| %.4f > %.3g", where, reference,
-                                ref, ours, d, max_tol));
+      Violation(absl::StrFormat("%s: %s %.4f, ours %.4f, |d| %.4f > %.3g", where, reference, ref,
+                                ours, d, max_tol));
     }
   }
   void Violation(const std::string& message) {
@@ -239,8 +238,8 @@ struct Comparison {
   void Finish(const std::string& what) {
     llama.Finish(what);
     f32.Finish(what);
-    std::printf("%-34s argmax differs from llama.cpp at %d near-ties (gap < %.2f)\n",
-                what.c_str(), near_tie_flips, kNearTieGap);
+    std::printf("%-34s argmax differs from llama.cpp at %d near-ties (gap < %.2f)\n", what.c_str(),
+                near_tie_flips, kNearTieGap);
   }
 };
 
@@ -263,8 +262,8 @@ void ComparePosition(const PositionRecord& ref, absl::Span<const float> ours,
       c->llama.Violation(absl::StrFormat(
           "%s: argmax %d (logit %.4f), llama.cpp %d (logit %.4f, ours %.4f), llama.cpp top-2 "
           "gap %.4f >= near-tie %.2f",
-          where, our_argmax, ours[our_argmax], ref.argmax, ref.logits[0], ours[ref.argmax],
-          ref.gap, kNearTieGap));
+          where, our_argmax, ours[our_argmax], ref.argmax, ref.logits[0], ours[ref.argmax], ref.gap,
+          kNearTieGap));
     }
   }
   for (size_t i = 0; i < ref.ids.size(); ++i) {
@@ -351,8 +350,7 @@ TEST_F(LogitParityTest, PrefillThenDecodeMatchesLlamaCpp) {
   ASSERT_EQ(logits.size(), half * n_vocab);
   Comparison c;
   for (size_t i = 0; i < half; ++i) {
-    ComparePosition(prompt.positions[i],
-                    absl::MakeConstSpan(logits).subspan(i * n_vocab, n_vocab),
+    ComparePosition(prompt.positions[i], absl::MakeConstSpan(logits).subspan(i * n_vocab, n_vocab),
                     absl::StrCat("long prefill pos ", i), &c);
   }
   for (size_t i = half; i < n; ++i) {

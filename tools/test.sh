@@ -14,8 +14,9 @@ export CTXCACHE_REQUIRE_MODEL=1
 echo "== sanitizer build (ASan + UBSan): untrusted-input parsers" >&2
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCTXCACHE_SANITIZE=ON \
   -DCTXCACHE_CUDA=OFF -DCTXCACHE_BUILD_BENCH=OFF >/dev/null
-asan_tests=(gguf_test tokenizer_conformance_test quant_test)
-cmake --build build-asan -j"$jobs" --target "${asan_tests[@]}" gguf_fuzz_replay
+asan_tests=(gguf_test tokenizer_conformance_test quant_test codec_test)
+cmake --build build-asan -j"$jobs" --target "${asan_tests[@]}" gguf_fuzz_replay \
+  codec_fuzz_replay codec_seeds
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
 for t in "${asan_tests[@]}"; do
   "build-asan/tests/$t" --gtest_brief=1
@@ -23,6 +24,8 @@ done
 suite=tests/data/tokenizer/suite
 build-asan/tests/gguf_fuzz_replay --iterations 300 "$suite/ggml-vocab-gpt-2.gguf" \
   "$suite/ggml-vocab-llama-spm.gguf" "$suite/ggml-vocab-phi-3.gguf"
+build-asan/tests/codec_seeds build-asan/tests/codec_seed_corpus
+build-asan/tests/codec_fuzz_replay --iterations 3000 build-asan/tests/codec_seed_corpus/*.ctxc
 unset ASAN_OPTIONS UBSAN_OPTIONS
 
 echo "== release build and full test suite" >&2

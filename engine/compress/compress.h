@@ -1,0 +1,87 @@
+// The public entry points of KV-form context compression: what to run (CompressionSpec), one
+// call that turns a document into a CompressedContext (Compress), composition of several
+// contexts into one KV cache (ComposeContexts), and "prefill once, select per query"
+// (SelectForQuery). Scoring lives in scorer.h and the method files; selection in select.h.
+//
+// Methods (sources cited in each method's file):
+//   none                full context, nothing pruned (composition reference, "no compression")
+//   streaming           sinks + most recent tokens (StreamingLLM)
+//   snapkv              question (or generic instruction) window's attention (SnapKV / kvpress)
+//   finch               prompt-guided chunked prefill; documents longer than the window (Finch)
+//   expected_attention  query-agnostic expected attention of future queries (kvpress)
+//   kvzip               query-agnostic context-reconstruction attention (KVzip)
+//   anchor              separator/anchor tokens + sinks + recent window (AnLLM / SepLLM)
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/compress/compressed_context.h"
+#include "engine/kv_cache.h"
+#include "engine/model.h"
+
+namespace ctxcache {
+
+struct CompressionSpec {
+  std::string method;
+  // Exactly one of: a compression factor > 1 (keep ceil(n / ratio) entries per head), or a
+  // token budget > 0 (entries per head). Method "none" takes neither.
+  double ratio = 0;
+  int64_t budget = 0;
+  // Select one token set per layer (shared by its KV heads) instead of one per KV head.
+  bool per_layer = false;
+  int n_sink = 4;   // first tokens always kept (attention sinks)
+  int window = 64;  // recent tokens always kept (anchor; streaming keeps budget - n_sink)
+  // The question for prompt-guided methods (snapkv, finch); empty means a generic
+  // instruction. Not part of CanonicalParams: the cache key hashes the question separately.
+  std::string question;
+  // Method-specific knobs.
+  int chunk = 512;              // finch: document chunk; kvzip: reconstruction chunk
+  int kernel = 5;               // snapkv / SelectForQuery: 1-D pooling kernel (odd, 1 = off)
+  std::string pooling = "avg";  // snapkv: "avg" | "max"
+  int n_future = 512;           // expected_attention: future positions averaged over
+  // finch: positions it may use while compressing (0 = the model's window). Documents longer
+  // than this (plus the question) are compressed with compact re-rotated positions; a smaller
+  // value bounds the working cache's memory.
+  int64_t max_positions = 0;
+  // anchor: bytes that make a token a separator when the token is made of them (plus spaces).
+  std::string separators = ".,?!;:\n";
+
+  // InvalidArgument, with a message a person can act on, for unknown methods, a missing or
+  // doubled budget, and knobs out of range.
+  absl::Status Validate() const;
+  // "key=value;..." with sorted keys, only the knobs the method reads: part of cache keys.
+  std::string CanonicalParams() const;
+};
+
+// The methods Compress knows, in a stable order.
+absl::Span<const char* const> CompressionMethods();
+
+// Generic observation window for prompt-guided methods when no question is given.
+inline constexpr char kGenericInstruction[] = "\nSummarize the document above.";
+
+// Prefills `doc_tokens` as the method needs, scores and prunes the KV entries, and returns
+// the kept entries per (layer, KV head) with their positions. next_position is the document
+// length, except for finch on documents that do not fit the window, whose kept keys are
+// re-rotated to compact positions 0..k-1 (next_position k).
+absl::StatusOr<CompressedContext> Compress(Runner& runner, absl::Span<const int32_t> doc_tokens,
+                                           const CompressionSpec& spec);
+
+// One cache with the contexts placed one after another: context i's keys are re-rotated by
+// the exact RoPE shift of the sum of the previous next_positions. FailedPrecondition for a
+// context made by another model, InvalidArgument for a wrong kind or shape, OutOfRange when
+// the total does not fit the model's window.
+absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* const> contexts,
+                                        const Model& model);
+
+// "Prefill once, select per query": runs `question` on top of a copy of `full`, scores the
+// cached entries by the question's attention (SnapKV-style), and returns a cache of at most
+// `budget` entries per head (always the 4 sinks and the 64 most recent positions). The
+// question's own entries are not kept: the caller prefills the question on the result.
+absl::StatusOr<KvCache> SelectForQuery(Runner& runner, const KvCache& full,
+                                       absl::Span<const int32_t> question, int64_t budget);
+
+}  // namespace ctxcache

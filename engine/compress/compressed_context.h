@@ -1,0 +1,45 @@
+// The value that compression produces, the cache stores and generation consumes.
+// engine/ produces and consumes it; cache/ serialises it (cache/codec) without knowing how
+// it was made. KV form holds the kept entries per (layer, KV head) with their original
+// positions (heads may keep different tokens); digest form holds soft-token embeddings.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/kv_cache.h"
+
+namespace ctxcache {
+
+enum class ContextKind : uint8_t { kKv = 1, kDigest = 2 };
+
+struct CompressedContext {
+  ContextKind kind = ContextKind::kKv;
+  std::string model_fingerprint;   // Model::fingerprint() of the model that made it
+  std::string method;              // "finch", "snapkv", ..., "none" for a full context
+  std::string params;              // canonical "key=value;..." (sorted keys), part of the key
+  uint32_t method_version = 1;     // bumped when a method's output changes for the same input
+  int64_t source_tokens = 0;       // tokens of the original document
+  // KV form: kept entries; kv.next_position is where tokens after this context go (the
+  // original length unless re-rotated to compact positions).
+  KvCache kv;
+  // Digest form: [digest_tokens, d_model] input embeddings.
+  int64_t digest_tokens = 0;
+  std::vector<float> digest;
+
+  // Entries kept over all (layer, head) pairs, and what the full context would hold.
+  int64_t KeptEntries() const { return kv.TotalEntries(); }
+  int64_t FullEntries() const {
+    return source_tokens * kv.n_layers() * kv.n_kv_heads();
+  }
+  // KV bytes at fp16: what is used, and what the uncompressed context would need.
+  int64_t KvBytes() const { return kv.Bytes(2); }
+  int64_t FullKvBytes() const {
+    return FullEntries() * 2 * kv.head_dim() * 2;
+  }
+};
+
+}  // namespace ctxcache

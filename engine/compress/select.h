@@ -1,0 +1,67 @@
+// The one selector every KV-form method shares, and the small cache surgery around it:
+// per-(layer, head) scores -> top-budget entries (always keeping sinks and an optional recent
+// window), per head or per layer; pooling and GQA reduction of observed attention; per-head
+// truncation; exact RoPE re-rotation of kept keys.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/cpu/ops.h"
+#include "engine/kv_cache.h"
+#include "engine/model.h"
+
+namespace ctxcache {
+
+// One score per cache entry, indexed like the cache's heads: [n_layers * n_kv_heads][n(l,h)].
+// Higher is more important; -infinity means "never keep unless forced" (anchor uses it to
+// keep fewer than the budget). NaN counts as -infinity.
+using HeadScores = std::vector<std::vector<float>>;
+
+HeadScores ZeroScores(const KvCache& cache);
+
+struct SelectOptions {
+  int64_t budget = 0;      // entries kept per head (all when a head has fewer)
+  bool per_layer = false;  // one set per layer: heads' scores averaged, heads must agree
+  int32_t n_sink = 0;      // entries at positions < n_sink are always kept ...
+  // ... and so are entries at positions >= recent_from. Forced entries count against the
+  // budget; when they alone exceed it, sinks win, then the most recent.
+  int32_t recent_from = std::numeric_limits<int32_t>::max();
+};
+
+// The kept entries of `cache`, in their original (position) order; next_position unchanged.
+// InvalidArgument when scores do not match the cache, or per_layer heads hold different
+// positions.
+absl::StatusOr<KvCache> Select(const KvCache& cache, const HeadScores& scores,
+                               const SelectOptions& options);
+
+// Drops each head's entries past lengths[layer * n_kv_heads + head].
+void TruncateHeads(KvCache& cache, absl::Span<const int64_t> lengths);
+std::vector<int64_t> HeadLengths(const KvCache& cache);
+
+RopeParams RopeParamsFor(const ModelConfig& config);
+
+// Both re-rotations round the keys back to fp16 like the Runner's cache writes, so a context
+// stays fp16-representable (the codec stores it losslessly).
+// Re-rotates every head's entry i from its position to position i (Finch's compact layout,
+// kvpress KeyRerotationPress) and sets next_position to the longest head's length.
+void CompactPositions(KvCache& cache, const RopeParams& rope);
+
+// Shifts all keys by `delta` positions (exact rotation) and their positions with them.
+void ShiftPositions(KvCache& cache, int32_t delta, const RopeParams& rope);
+
+// 1-D pooling over one head's scores, zero-padded by kernel/2 on both sides; "avg" divides by
+// the kernel as PyTorch's avg_pool1d(count_include_pad=True) that SnapKV and kvpress use.
+void Pool1d(std::vector<float>& scores, int kernel, bool max_pool);
+
+// Adds observed attention to per-KV-head scores: for each query head h (KV head h / group),
+// row r and key j < n_keys(head): out[h / group][j] += row_weight[r] * probs[h, r, j] / group
+// (a GQA mean when row weights sum to 1). probs is the observer's [n_heads, n_rows, max_keys].
+void AccumulateGroupMean(const float* probs, int n_heads, int n_rows, int64_t max_keys,
+                         absl::Span<const float> row_weight, absl::Span<const int64_t> n_keys,
+                         std::vector<float>* out);
+
+}  // namespace ctxcache

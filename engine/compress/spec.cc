@@ -1,0 +1,105 @@
+// CompressionSpec validation and its canonical parameter string (part of every cache key, so
+// it must change whenever a knob that changes the output changes, and never otherwise).
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/compress/compress.h"
+
+namespace ctxcache {
+namespace {
+
+constexpr const char* kMethods[] = {"none",  "streaming", "snapkv", "finch", "expected_attention",
+                                    "kvzip", "anchor"};
+
+bool UsesWindow(const std::string& m) { return m == "anchor"; }
+
+// Escapes the separator list so that the params string stays one printable line.
+std::string Escaped(const std::string& s) {
+  std::string out;
+  out.reserve(2 * s.size());
+  for (char c : s) {
+    const bool special = c == '\n' || c == '\t' || c == ';' || c == '=' || c == '\\';
+    if (special) out.push_back('\\');
+    out.push_back(c == '\n' ? 'n' : (c == '\t' ? 't' : c));
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::Span<const char* const> CompressionMethods() { return kMethods; }
+
+absl::Status CompressionSpec::Validate() const {
+  if (std::find_if(std::begin(kMethods), std::end(kMethods),
+                   [&](const char* m) { return method == m; }) == std::end(kMethods)) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown compression method \"", method,
+                                                   "\"; expected one of ",
+                                                   absl::StrJoin(kMethods, ", ")));
+  }
+  if (!std::isfinite(ratio) || ratio < 0) {
+    return absl::InvalidArgumentError("ratio must be a finite number > 1 (e.g. 4 keeps 1/4)");
+  }
+  if (budget < 0) return absl::InvalidArgumentError("budget must be > 0 tokens when given");
+  if (method == "none") {
+    if (ratio != 0 || budget != 0) {
+      return absl::InvalidArgumentError("method \"none\" keeps everything: give no ratio/budget");
+    }
+  } else {
+    if (ratio != 0 && budget != 0) {
+      return absl::InvalidArgumentError("give either ratio or budget, not both");
+    }
+    if (ratio == 0 && budget == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "method \"", method, "\" needs a ratio > 1 (keep 1/ratio) or a token budget > 0"));
+    }
+    if (ratio != 0 && ratio <= 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ratio must be > 1 (it is the compression factor), got ", ratio));
+    }
+  }
+  if (n_sink < 0) return absl::InvalidArgumentError("n_sink must be >= 0");
+  if (window < 0) return absl::InvalidArgumentError("window must be >= 0");
+  if (budget > 0 && n_sink > budget) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n_sink (", n_sink, ") exceeds the budget (", budget, ")"));
+  }
+  if (chunk < 16) return absl::InvalidArgumentError("chunk must be >= 16 tokens");
+  if (kernel < 1 || kernel % 2 == 0) {
+    return absl::InvalidArgumentError("kernel must be an odd number >= 1 (1 disables pooling)");
+  }
+  if (pooling != "avg" && pooling != "max") {
+    return absl::InvalidArgumentError("pooling must be \"avg\" or \"max\"");
+  }
+  if (max_positions < 0) return absl::InvalidArgumentError("max_positions must be >= 0");
+  if (n_future < 1) return absl::InvalidArgumentError("n_future must be >= 1");
+  if (method == "anchor" && separators.empty()) {
+    return absl::InvalidArgumentError("anchor needs at least one separator character");
+  }
+  return absl::OkStatus();
+}
+
+std::string CompressionSpec::CanonicalParams() const {
+  std::map<std::string, std::string> kv;  // sorted keys
+  if (method != "none") {
+    if (ratio != 0) kv["ratio"] = absl::StrCat(ratio);
+    if (budget != 0) kv["budget"] = absl::StrCat(budget);
+    kv["per_layer"] = absl::StrCat(per_layer ? 1 : 0);
+    kv["n_sink"] = absl::StrCat(n_sink);
+  }
+  if (UsesWindow(method)) kv["window"] = absl::StrCat(window);
+  if (method == "finch" || method == "kvzip") kv["chunk"] = absl::StrCat(chunk);
+  if (method == "finch" && max_positions > 0) kv["max_positions"] = absl::StrCat(max_positions);
+  if (method == "snapkv") {
+    kv["kernel"] = absl::StrCat(kernel);
+    kv["pooling"] = pooling;
+  }
+  if (method == "expected_attention") kv["n_future"] = absl::StrCat(n_future);
+  if (method == "anchor") kv["separators"] = Escaped(separators);
+  return absl::StrJoin(kv, ";", absl::PairFormatter("="));
+}
+
+}  // namespace ctxcache
