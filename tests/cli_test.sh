@@ -52,6 +52,27 @@ if [[ -s "$model" ]]; then
   expect greedy_generate 0 "Paris" -- "$bin" generate --model "$model" --prompt "The capital of France is" --temperature 0 --max-tokens 8 --quiet
   expect chat_generate 0 "" -- "$bin" generate --model "$model" --chat --prompt "Say hi" --max-tokens 4 --quiet
   expect info_real 0 "fingerprint" -- "$bin" info --model "$model"
+  # Compress once, answer from the compressed context (a needle in 1K tokens of filler).
+  for i in $(seq 1 120); do
+    case $((i % 4)) in 0) s="The grass is green." ;; 1) s="The sky is blue." ;;
+      2) s="Here we go." ;; *) s="There and back again." ;; esac
+    [[ $i == 70 ]] && s="The secret code is 4729."
+    printf '%s ' "$s"
+  done > "$tmp/doc.txt"
+  expect compress_snapkv 0 "kept per head" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" \
+    --method snapkv --ratio 8 --question "What is the secret code?" --out "$tmp/doc.ctx" --quiet
+  expect generate_from_context 0 "4729" -- "$bin" generate --model "$model" --context "$tmp/doc.ctx" \
+    --prompt " Question: What is the secret code? Answer: The secret code is" --temperature 0 \
+    --max-tokens 6 --quiet
+  head -c 100 "$tmp/doc.ctx" > "$tmp/trunc.ctx"
+  expect truncated_context 1 "truncated" -- "$bin" generate --model "$model" --context "$tmp/trunc.ctx" --prompt hi
+  expect missing_context 1 "cannot open" -- "$bin" generate --model "$model" --context "$tmp/none.ctx" --prompt hi
+  expect unknown_method 1 "unknown compression method" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" --method bogus --ratio 8 --out "$tmp/x.ctx"
+  expect bad_ratio 1 "ratio must be > 1" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" --method finch --ratio 1 --out "$tmp/x.ctx"
+  expect bad_budget 1 "" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" --method snapkv --budget 0 --out "$tmp/x.ctx"
+  : > "$tmp/empty.txt"
+  expect empty_doc 1 "empty" -- "$bin" compress --model "$model" --doc "$tmp/empty.txt" --method streaming --ratio 4 --out "$tmp/x.ctx"
+  [[ ! -e "$tmp/x.ctx" ]] || { echo "FAIL a failed compress left $tmp/x.ctx behind"; fail=$((fail + 1)); }
 else
   echo "skip model checks: default model not fetched (tools/fetch_model.sh)"
 fi

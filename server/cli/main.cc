@@ -22,7 +22,9 @@
 #include "absl/strings/str_cat.h"
 #include "common/cpu_features.h"
 #include "common/status.h"
+#include "cache/codec.h"
 #include "engine/chat_template.h"
+#include "engine/compress/compress.h"
 #include "engine/generate.h"
 #include "engine/model.h"
 
@@ -35,6 +37,7 @@ commands:
   generate   stream a completion for --prompt (or --prompt-file)
   info       print the model's metadata, configuration and fingerprint
   tokenize   print the token ids (and pieces) of TEXT, or of stdin with '-'
+  compress   compress a document's KV cache into a context file
   bench      time prefill and decode (for bench/bench_engine.py)
 
 common flags:
@@ -51,6 +54,15 @@ generate flags:
   --seed S (0)    --stop STRING (repeatable)   --ignore-eos   --no-bos   --quiet
   --decode full|recycled   Recycled Attention: --stride S (10) --topk K (0 = 1/8 of keys)
                            [--dynamic --similarity T (0.85)]   (also for bench)
+
+  --context FILE      a compressed context (repeatable; composed in order before the prompt)
+
+compress flags:
+  --doc FILE (- for stdin)   --method M   (--ratio R | --budget N)   --out FILE
+  --question TEXT     for prompt-guided methods (finch, snapkv)
+  --per-layer         one kept set per layer instead of per KV head
+  --dtype fp16|bf16|fp32|int8 (default fp16)   --chunk N (finch/kvzip, default 512)
+  methods: none streaming snapkv finch expected_attention kvzip anchor
 
 tokenize flags:
   --ids-only   --no-bos   --parse-special
@@ -193,6 +205,7 @@ absl::Status CmdGenerate(const Flags& flags) {
   const bool chat = flags.Bool("chat"), quiet = flags.Bool("quiet");
   const bool no_bos = flags.Bool("no-bos"), raw_template = flags.Bool("raw-template");
   const auto system = flags.Get("system");
+  const std::vector<std::string> context_files = flags.GetAll("context");
   const int threads = Threads(flags);
   RETURN_IF_ERROR(flags.CheckAllUsed());
   RETURN_IF_ERROR(ValidateGenerateParams(params));
@@ -214,6 +227,30 @@ absl::Status CmdGenerate(const Flags& flags) {
   ThreadPool pool(threads);
   Runner runner(*model, &pool);
   KvCache cache = model->NewKvCache();
+  if (!context_files.empty()) {
+    std::vector<CompressedContext> contexts;
+    for (const std::string& file : context_files) {
+      ASSIGN_OR_RETURN(std::string bytes, ReadContextFile(file));
+      auto ctx = DecodeContext(bytes, model->fingerprint());
+      if (!ctx.ok()) {
+        return absl::Status(ctx.status().code(), absl::StrCat(file, ": ", ctx.status().message()));
+      }
+      contexts.push_back(*std::move(ctx));
+    }
+    std::vector<const CompressedContext*> ptrs;
+    int64_t kv_bytes = 0, full_bytes = 0;
+    for (const CompressedContext& c : contexts) {
+      ptrs.push_back(&c);
+      kv_bytes += c.KvBytes();
+      full_bytes += c.FullKvBytes();
+    }
+    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, *model));
+    if (!quiet) {
+      std::fprintf(stderr, "[%zu context(s): KV %.2f MB used vs %.2f MB full (saved %.2f MB)]\n",
+                   contexts.size(), kv_bytes / 1e6, full_bytes / 1e6,
+                   (full_bytes - kv_bytes) / 1e6);
+    }
+  }
   ASSIGN_OR_RETURN(GenerateResult r, Generate(runner, cache, ids, params, [](std::string_view d) {
                      std::fwrite(d.data(), 1, d.size(), stdout);
                      std::fflush(stdout);
@@ -303,6 +340,69 @@ absl::Status CmdTokenize(const Flags& flags) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<KvDtype> ParseDtype(const std::string& name) {
+  if (name == "fp16") return KvDtype::kF16;
+  if (name == "bf16") return KvDtype::kBf16;
+  if (name == "fp32") return KvDtype::kF32;
+  if (name == "int8") return KvDtype::kInt8;
+  return absl::InvalidArgumentError(absl::StrCat("--dtype '", name, "': use fp16, bf16, fp32 or int8"));
+}
+
+absl::Status CmdCompress(const Flags& flags) {
+  ASSIGN_OR_RETURN(std::string path, ModelPath(flags));
+  CompressionSpec spec;
+  spec.method = flags.Get("method").value_or("");
+  RETURN_IF_ERROR(flags.Number("ratio", &spec.ratio));
+  RETURN_IF_ERROR(flags.Number("budget", &spec.budget));
+  RETURN_IF_ERROR(flags.Number("chunk", &spec.chunk));
+  spec.per_layer = flags.Bool("per-layer");
+  spec.question = flags.Get("question").value_or("");
+  const auto doc_file = flags.Get("doc");
+  const auto out = flags.Get("out");
+  ASSIGN_OR_RETURN(KvDtype dtype, ParseDtype(flags.Get("dtype").value_or("fp16")));
+  const bool quiet = flags.Bool("quiet");
+  const int threads = Threads(flags);
+  RETURN_IF_ERROR(flags.CheckAllUsed());
+  if (!doc_file) return absl::InvalidArgumentError("compress needs --doc FILE (or - for stdin)");
+  if (!out) return absl::InvalidArgumentError("compress needs --out FILE");
+  if (spec.method.empty()) {
+    return absl::InvalidArgumentError(
+        "compress needs --method (none, streaming, snapkv, finch, expected_attention, kvzip, anchor)");
+  }
+  RETURN_IF_ERROR(spec.Validate());
+  ASSIGN_OR_RETURN(std::string doc, ReadFileOrStdin(*doc_file));
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(path));
+  const Tokenizer& tok = model->tokenizer();
+  const std::vector<int32_t> ids = tok.Encode(doc, tok.add_bos_default(), /*parse_special=*/false);
+  if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat("document '", *doc_file, "' is empty"));
+  if (!quiet) {
+    std::fprintf(stderr, "compressing %zu tokens with %s (%s)...\n", ids.size(),
+                 spec.method.c_str(), spec.CanonicalParams().c_str());
+  }
+  ThreadPool pool(threads);
+  Runner runner(*model, &pool);
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(CompressedContext ctx, Compress(runner, ids, spec));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSIGN_OR_RETURN(std::string bytes, EncodeContext(ctx, dtype));
+  RETURN_IF_ERROR(WriteContextFile(*out, bytes));
+  const int64_t heads = int64_t{ctx.kv.n_layers()} * ctx.kv.n_kv_heads();
+  std::printf(
+      "document tokens:   %lld\n"
+      "kept per head:     %.1f (%.2f%%, %.1fx compression)\n"
+      "KV bytes (fp16):   %lld full -> %lld kept (saved %lld)\n"
+      "file:              %s (%zu bytes, %s)\n"
+      "time:              %.2f s\n",
+      static_cast<long long>(ctx.source_tokens), double(ctx.KeptEntries()) / heads,
+      100.0 * ctx.KeptEntries() / std::max<int64_t>(1, ctx.FullEntries()),
+      double(ctx.FullEntries()) / std::max<int64_t>(1, ctx.KeptEntries()),
+      static_cast<long long>(ctx.FullKvBytes()), static_cast<long long>(ctx.KvBytes()),
+      static_cast<long long>(ctx.FullKvBytes() - ctx.KvBytes()), out->c_str(), bytes.size(),
+      KvDtypeName(dtype), seconds);
+  return absl::OkStatus();
+}
+
 absl::Status CmdBench(const Flags& flags) {
   ASSIGN_OR_RETURN(std::string path, ModelPath(flags));
   int n_prompt = 512, n_gen = 64;
@@ -374,12 +474,13 @@ int Main(int argc, char** argv) {
   Flags flags;
   absl::Status s = flags.Parse(argc, argv, 2,
                                {"chat", "raw-template", "ignore-eos", "no-bos", "quiet",
-                                "ids-only", "parse-special", "json", "dynamic"});
+                                "ids-only", "parse-special", "json", "dynamic", "per-layer"});
   if (s.ok()) {
     if (cmd == "generate") s = CmdGenerate(flags);
     else if (cmd == "info") s = CmdInfo(flags);
     else if (cmd == "tokenize") s = CmdTokenize(flags);
     else if (cmd == "bench") s = CmdBench(flags);
+    else if (cmd == "compress") s = CmdCompress(flags);
     else s = absl::InvalidArgumentError(absl::StrCat("unknown command '", cmd, "' (see ctxcache --help)"));
   }
   if (!s.ok()) {
