@@ -360,7 +360,7 @@ absl::Status CmdCompress(const Flags& flags) {
   const auto doc_file = flags.Get("doc");
   const auto out = flags.Get("out");
   ASSIGN_OR_RETURN(KvDtype dtype, ParseDtype(flags.Get("dtype").value_or("fp16")));
-  const bool quiet = flags.Bool("quiet");
+  const bool quiet = flags.Bool("quiet"), json = flags.Bool("json");
   const int threads = Threads(flags);
   RETURN_IF_ERROR(flags.CheckAllUsed());
   if (!doc_file) return absl::InvalidArgumentError("compress needs --doc FILE (or - for stdin)");
@@ -388,6 +388,16 @@ absl::Status CmdCompress(const Flags& flags) {
   ASSIGN_OR_RETURN(std::string bytes, EncodeContext(ctx, dtype));
   RETURN_IF_ERROR(WriteContextFile(*out, bytes));
   const int64_t heads = int64_t{ctx.kv.n_layers()} * ctx.kv.n_kv_heads();
+  if (json) {
+    std::printf("{\"method\":\"%s\",\"source_tokens\":%lld,\"kept_entries\":%lld,"
+                "\"full_entries\":%lld,\"kv_bytes\":%lld,\"full_kv_bytes\":%lld,"
+                "\"file_bytes\":%zu,\"seconds\":%.6f}\n",
+                spec.method.c_str(), static_cast<long long>(ctx.source_tokens),
+                static_cast<long long>(ctx.KeptEntries()), static_cast<long long>(ctx.FullEntries()),
+                static_cast<long long>(ctx.KvBytes()), static_cast<long long>(ctx.FullKvBytes()),
+                bytes.size(), seconds);
+    return absl::OkStatus();
+  }
   std::printf(
       "document tokens:   %lld\n"
       "kept per head:     %.1f (%.2f%%, %.1fx compression)\n"
