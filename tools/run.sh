@@ -8,7 +8,8 @@ cd "$root"
 tools/setup.sh
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" --target ctxcache
-if (($# == 0)); then
-  set -- --chat --prompt "In two sentences: why do language-model servers cache the KV state of documents?"
-fi
+case " $* " in
+  *" --prompt "* | *" --prompt="* | *" --prompt-file"*) ;;
+  *) set -- --chat --prompt "In two sentences: why do language-model servers cache the KV state of documents?" "$@" ;;
+esac
 exec build/server/ctxcache generate "$@"
