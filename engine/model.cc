@@ -207,6 +207,16 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
   return m;
 }
 
+RopeParams RopeParamsFor(const ModelConfig& c) {
+  RopeParams p;
+  p.head_dim = c.head_dim;
+  p.rope_dim = c.rope_dim;
+  p.freq_base = c.rope_freq_base;
+  p.freq_scale = c.rope_freq_scale;
+  p.neox = c.rope_style == RopeStyle::kNeox;
+  return p;
+}
+
 absl::StatusOr<std::string> FindDefaultModel() {
   constexpr const char* kFile = "SmolLM2-135M-Instruct.Q4_1.gguf";
   if (const char* env = std::getenv("CTXCACHE_MODEL"); env != nullptr && *env != '\0') {

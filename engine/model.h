@@ -13,6 +13,7 @@
 #include "absl/types/span.h"
 #include "common/thread_pool.h"
 #include "engine/cpu/matmul.h"
+#include "engine/cpu/ops.h"
 #include "engine/gguf.h"
 #include "engine/kv_cache.h"
 #include "engine/recycled_attention.h"
@@ -44,6 +45,9 @@ struct ModelConfig {
   bool qkv_bias = false;
   bool tied_output = false;     // output head shares token_embd
 };
+
+// The RoPE parameters of a model (used by the forward pass and by key re-rotation).
+RopeParams RopeParamsFor(const ModelConfig& config);
 
 struct LayerWeights {
   const float* attn_norm = nullptr;  // [d_model]

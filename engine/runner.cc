@@ -130,12 +130,7 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
   s.pos.resize(n);
   for (int64_t i = 0; i < n; ++i) s.pos[i] = cache.next_position + static_cast<int32_t>(i);
 
-  RopeParams rope;
-  rope.head_dim = c.head_dim;
-  rope.rope_dim = c.rope_dim;
-  rope.freq_base = c.rope_freq_base;
-  rope.freq_scale = c.rope_freq_scale;
-  rope.neox = c.rope_style == RopeStyle::kNeox;
+  const RopeParams rope = RopeParamsFor(c);
 
   for (int l = 0; l < c.n_layers; ++l) {
     const LayerWeights& L = model_.layer(l);

@@ -134,16 +134,6 @@ void TruncateHeads(KvCache& cache, absl::Span<const int64_t> lengths) {
   }
 }
 
-RopeParams RopeParamsFor(const ModelConfig& c) {
-  RopeParams p;
-  p.head_dim = c.head_dim;
-  p.rope_dim = c.rope_dim;
-  p.freq_base = c.rope_freq_base;
-  p.freq_scale = c.rope_freq_scale;
-  p.neox = c.rope_style == RopeStyle::kNeox;
-  return p;
-}
-
 void CompactPositions(KvCache& cache, const RopeParams& rope) {
   const int hd = cache.head_dim();
   for (int l = 0; l < cache.n_layers(); ++l) {

@@ -42,8 +42,6 @@ absl::StatusOr<KvCache> Select(const KvCache& cache, const HeadScores& scores,
 void TruncateHeads(KvCache& cache, absl::Span<const int64_t> lengths);
 std::vector<int64_t> HeadLengths(const KvCache& cache);
 
-RopeParams RopeParamsFor(const ModelConfig& config);
-
 // Both re-rotations round the keys back to fp16 like the Runner's cache writes, so a context
 // stays fp16-representable (the codec stores it losslessly).
 // Re-rotates every head's entry i from its position to position i (Finch's compact layout,
