@@ -380,6 +380,55 @@ TEST_F(CompressModelTest, EveryMethodKeepsTheBudgetAndSinksDeterministically) {
   }
 }
 
+// The quality harness prefills a document once and scores it once per method, then selects
+// at every ratio: that must give exactly what Compress gives for each (method, ratio), and
+// leave the shared prefill as it was for the next method.
+TEST_F(CompressModelTest, SharedPrefillScoresSelectLikeCompress) {
+  const std::vector<int32_t> doc = Tokens(Filler(30), true);
+  absl::StatusOr<KvCache> prefill = PrefillDocument(runner(), doc);
+  ASSERT_TRUE(prefill.ok()) << prefill.status();
+  const KvCache pristine = *prefill;
+  for (const char* method : {"streaming", "snapkv", "expected_attention", "kvzip", "anchor"}) {
+    CompressionSpec spec;
+    spec.method = method;
+    spec.ratio = 2;
+    spec.chunk = 96;
+    spec.window = 16;
+    spec.question = "What does the farmer sell?";
+    absl::StatusOr<DocumentScores> scores = ScoreDocument(runner(), doc, *prefill, spec);
+    ASSERT_TRUE(scores.ok()) << method << ": " << scores.status();
+    for (int l = 0; l < model().config().n_layers; ++l) {
+      for (int h = 0; h < model().config().n_kv_heads; ++h) {
+        ASSERT_EQ(prefill->head(l, h).pos, pristine.head(l, h).pos) << method;
+        ASSERT_EQ(prefill->head(l, h).k, pristine.head(l, h).k) << method << " changed keys";
+        ASSERT_EQ(prefill->head(l, h).v, pristine.head(l, h).v) << method << " changed values";
+      }
+    }
+    ASSERT_EQ(prefill->next_position, pristine.next_position) << method;
+    for (double ratio : {2.0, 8.0}) {
+      spec.ratio = ratio;
+      absl::StatusOr<CompressedContext> shared = SelectScored(model(), *prefill, *scores, spec);
+      absl::StatusOr<CompressedContext> direct = Compress(runner(), doc, spec);
+      ASSERT_TRUE(shared.ok() && direct.ok()) << method;
+      EXPECT_EQ(shared->params, direct->params);
+      EXPECT_EQ(shared->kv.next_position, direct->kv.next_position);
+      for (int l = 0; l < model().config().n_layers; ++l) {
+        for (int h = 0; h < model().config().n_kv_heads; ++h) {
+          ASSERT_EQ(shared->kv.head(l, h).pos, direct->kv.head(l, h).pos)
+              << method << " ratio " << ratio << " layer " << l << " head " << h;
+          ASSERT_EQ(shared->kv.head(l, h).k, direct->kv.head(l, h).k) << method;
+        }
+      }
+    }
+  }
+  CompressionSpec finch;
+  finch.method = "finch";
+  finch.ratio = 2;
+  absl::StatusOr<DocumentScores> no = ScoreDocument(runner(), doc, *prefill, finch);
+  EXPECT_EQ(no.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(no.status().message()), HasSubstr("selects while it prefills"));
+}
+
 TEST_F(CompressModelTest, ErrorsAreClear) {
   CompressionSpec spec;
   spec.method = "snapkv";

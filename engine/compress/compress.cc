@@ -29,11 +29,22 @@ absl::StatusOr<std::unique_ptr<Scorer>> ScorerFor(const std::string& method) {
   if (method == "snapkv") return MakeSnapKvScorer();
   if (method == "kvzip") return MakeKvzipScorer();
   if (method == "expected_attention") return MakeExpectedAttentionScorer();
-  return absl::InvalidArgumentError(absl::StrCat("no scorer for method ", method));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "method ", method, " has no single-pass scorer (finch selects while it prefills; none keeps all)"));
 }
 
-absl::Status Prefill(Runner& runner, absl::Span<const int32_t> doc, KvCache& cache) {
-  return runner.Forward(doc, cache, ForwardOptions{}, nullptr);
+// Chunked so that scratch memory stays bounded and progress can be reported; the chunking is
+// fixed (never depends on `progress`), so a document always prefills to the same bytes.
+absl::Status Prefill(Runner& runner, absl::Span<const int32_t> doc, KvCache& cache,
+                     const CompressProgress& progress) {
+  const int64_t n = static_cast<int64_t>(doc.size());
+  if (progress) progress("prefill", 0, n);
+  for (int64_t b = 0; b < n; b += kPrefillChunk) {
+    const int64_t e = std::min(n, b + kPrefillChunk);
+    RETURN_IF_ERROR(runner.Forward(doc.subspan(b, e - b), cache, ForwardOptions{}, nullptr));
+    if (progress) progress("prefill", e, n);
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -61,27 +72,10 @@ void WindowScores(const float* probs, int n_heads, int n_rows, int64_t max_keys,
   for (size_t g = 0; g < n_keys.size(); ++g) Pool1d(out[g], kernel, max_pool);
 }
 
-absl::StatusOr<CompressedContext> Compress(Runner& runner, absl::Span<const int32_t> doc_tokens,
-                                           const CompressionSpec& spec) {
-  RETURN_IF_ERROR(spec.Validate());
-  const Model& model = runner.model();
-  const ModelConfig& c = model.config();
-  const int64_t n = static_cast<int64_t>(doc_tokens.size());
-  if (n == 0) return absl::InvalidArgumentError("cannot compress an empty document");
-  if (!spec.question.empty()) {
-    const int64_t nq = static_cast<int64_t>(WindowTokens(model, spec).size());
-    if (nq > c.n_ctx_train / 4) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("question of ", nq, " tokens is too long: at most a quarter of the model's ",
-                       c.n_ctx_train, "-token window (", c.n_ctx_train / 4, ")"));
-    }
-  }
-  int64_t budget = spec.budget > 0
-                       ? spec.budget
-                       : static_cast<int64_t>(std::ceil(static_cast<double>(n) / spec.ratio));
-  if (spec.method == "none") budget = n;
-  budget = std::min(budget, n);
+namespace {
 
+// What every method's output carries besides the entries.
+CompressedContext ContextHeader(const Model& model, const CompressionSpec& spec, int64_t n) {
   CompressedContext out;
   out.kind = ContextKind::kKv;
   out.model_fingerprint = model.fingerprint();
@@ -89,41 +83,118 @@ absl::StatusOr<CompressedContext> Compress(Runner& runner, absl::Span<const int3
   out.params = spec.CanonicalParams();
   out.method_version = kMethodVersion;
   out.source_tokens = n;
+  return out;
+}
 
-  if (spec.method == "finch") {
-    ASSIGN_OR_RETURN(out.kv, RunFinch(runner, doc_tokens, spec, budget));
-    return out;
-  }
+int64_t BudgetFor(const CompressionSpec& spec, int64_t n) {
+  if (spec.method == "none") return n;
+  const int64_t budget =
+      spec.budget > 0 ? spec.budget
+                      : static_cast<int64_t>(std::ceil(static_cast<double>(n) / spec.ratio));
+  return std::min(budget, n);
+}
 
-  std::unique_ptr<Scorer> scorer;
-  int64_t extra = 0;
-  if (spec.method != "none" && budget < n) {
-    ASSIGN_OR_RETURN(scorer, ScorerFor(spec.method));
-    extra = scorer->ExtraTokens(model, spec);
-  }
-  if (n + extra > c.n_ctx_train) {
-    return absl::OutOfRangeError(
-        absl::StrCat("document of ", n, " tokens",
-                     extra > 0 ? absl::StrCat(" plus ", extra, " tokens the method appends") : "",
-                     " exceeds the model's ", c.n_ctx_train,
-                     "-token window; method \"finch\" compresses "
-                     "longer documents chunk by chunk"));
-  }
+absl::Status CheckFits(const ModelConfig& c, int64_t n, int64_t extra) {
+  if (n + extra <= c.n_ctx_train) return absl::OkStatus();
+  return absl::OutOfRangeError(
+      absl::StrCat("document of ", n, " tokens",
+                   extra > 0 ? absl::StrCat(" plus ", extra, " tokens the method appends") : "",
+                   " exceeds the model's ", c.n_ctx_train,
+                   "-token window; method \"finch\" compresses "
+                   "longer documents chunk by chunk"));
+}
+
+absl::Status CheckQuestion(const Model& model, const CompressionSpec& spec) {
+  if (spec.question.empty()) return absl::OkStatus();
+  const int64_t n_ctx = model.config().n_ctx_train;
+  const int64_t nq = static_cast<int64_t>(WindowTokens(model, spec).size());
+  if (nq <= n_ctx / 4) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("question of ", nq, " tokens is too long: at most a quarter of the model's ",
+                   n_ctx, "-token window (", n_ctx / 4, ")"));
+}
+
+}  // namespace
+
+absl::StatusOr<KvCache> PrefillDocument(Runner& runner, absl::Span<const int32_t> doc_tokens,
+                                        const CompressProgress& progress) {
+  const Model& model = runner.model();
+  if (doc_tokens.empty()) return absl::InvalidArgumentError("cannot compress an empty document");
+  RETURN_IF_ERROR(CheckFits(model.config(), static_cast<int64_t>(doc_tokens.size()), 0));
   KvCache cache = model.NewKvCache();
-  if (scorer == nullptr) {  // nothing to prune
-    RETURN_IF_ERROR(Prefill(runner, doc_tokens, cache));
-    out.kv = std::move(cache);
-    return out;
+  RETURN_IF_ERROR(Prefill(runner, doc_tokens, cache, progress));
+  return cache;
+}
+
+absl::StatusOr<DocumentScores> ScoreDocument(Runner& runner, absl::Span<const int32_t> doc_tokens,
+                                             KvCache& prefill, const CompressionSpec& spec) {
+  RETURN_IF_ERROR(spec.Validate());
+  const Model& model = runner.model();
+  RETURN_IF_ERROR(CheckQuestion(model, spec));
+  const int64_t n = static_cast<int64_t>(doc_tokens.size());
+  if (n == 0) return absl::InvalidArgumentError("cannot compress an empty document");
+  if (prefill.next_position != n || prefill.MaxEntries() != n ||
+      prefill.TotalEntries() != n * prefill.n_layers() * prefill.n_kv_heads()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ScoreDocument needs the plain prefill of the ", n, "-token document"));
   }
-  ASSIGN_OR_RETURN(HeadScores scores, scorer->Score(runner, doc_tokens, spec, cache));
+  ASSIGN_OR_RETURN(std::unique_ptr<Scorer> scorer, ScorerFor(spec.method));
+  RETURN_IF_ERROR(CheckFits(model.config(), n, scorer->ExtraTokens(model, spec)));
+  DocumentScores out;
+  out.method = spec.method;
+  ASSIGN_OR_RETURN(out.scores, scorer->Score(runner, doc_tokens, spec, prefill));
+  out.recent_from = scorer->RecentFrom(n, spec);
+  prefill.next_position = static_cast<int32_t>(n);
+  return out;
+}
+
+absl::StatusOr<CompressedContext> SelectScored(const Model& model, const KvCache& prefill,
+                                               const DocumentScores& scores,
+                                               const CompressionSpec& spec) {
+  RETURN_IF_ERROR(spec.Validate());
+  if (scores.method != spec.method) {
+    return absl::InvalidArgumentError(absl::StrCat("scores of method ", scores.method,
+                                                   " cannot select for method ", spec.method));
+  }
+  const int64_t n = prefill.next_position;
+  CompressedContext out = ContextHeader(model, spec, n);
   SelectOptions select;
-  select.budget = budget;
+  select.budget = BudgetFor(spec, n);
   select.per_layer = spec.per_layer;
   select.n_sink = spec.n_sink;
-  select.recent_from = scorer->RecentFrom(n, spec);
-  ASSIGN_OR_RETURN(out.kv, Select(cache, scores, select));
+  select.recent_from = scores.recent_from;
+  ASSIGN_OR_RETURN(out.kv, Select(prefill, scores.scores, select));
   out.kv.next_position = static_cast<int32_t>(n);
   return out;
+}
+
+absl::StatusOr<CompressedContext> Compress(Runner& runner, absl::Span<const int32_t> doc_tokens,
+                                           const CompressionSpec& spec,
+                                           const CompressProgress& progress) {
+  RETURN_IF_ERROR(spec.Validate());
+  const Model& model = runner.model();
+  const int64_t n = static_cast<int64_t>(doc_tokens.size());
+  if (n == 0) return absl::InvalidArgumentError("cannot compress an empty document");
+  RETURN_IF_ERROR(CheckQuestion(model, spec));
+  const int64_t budget = BudgetFor(spec, n);
+  if (spec.method == "finch") {
+    CompressedContext out = ContextHeader(model, spec, n);
+    ASSIGN_OR_RETURN(out.kv, RunFinch(runner, doc_tokens, spec, budget, progress));
+    return out;
+  }
+  if (spec.method == "none" || budget >= n) {  // nothing to prune
+    CompressedContext out = ContextHeader(model, spec, n);
+    ASSIGN_OR_RETURN(out.kv, PrefillDocument(runner, doc_tokens, progress));
+    return out;
+  }
+  // Fail on the window before spending a prefill.
+  ASSIGN_OR_RETURN(std::unique_ptr<Scorer> scorer, ScorerFor(spec.method));
+  RETURN_IF_ERROR(CheckFits(model.config(), n, scorer->ExtraTokens(model, spec)));
+  ASSIGN_OR_RETURN(KvCache prefill, PrefillDocument(runner, doc_tokens, progress));
+  if (progress) progress("score", 0, 1);
+  ASSIGN_OR_RETURN(DocumentScores scores, ScoreDocument(runner, doc_tokens, prefill, spec));
+  if (progress) progress("score", 1, 1);
+  return SelectScored(model, prefill, scores, spec);
 }
 
 absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* const> contexts,

@@ -14,12 +14,15 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engine/compress/compressed_context.h"
+#include "engine/compress/select.h"
 #include "engine/kv_cache.h"
 #include "engine/model.h"
 
@@ -60,6 +63,13 @@ struct CompressionSpec {
 // The methods Compress knows, in a stable order.
 absl::Span<const char* const> CompressionMethods();
 
+// Progress of a long compression, for progress bars and streamed progress: the stage
+// ("prefill", "score", or "finch" for its chunked pass) and how much of it is done, in
+// document tokens (score: 0 of 1 when it starts, 1 of 1 when it ends). Called on the
+// compressing thread; must be cheap. Results never depend on whether it is given.
+using CompressProgress =
+    std::function<void(std::string_view stage, int64_t done, int64_t total)>;
+
 // Generic observation window for prompt-guided methods when no question is given.
 inline constexpr char kGenericInstruction[] = "\nSummarize the document above.";
 
@@ -68,7 +78,36 @@ inline constexpr char kGenericInstruction[] = "\nSummarize the document above.";
 // length, except for finch on documents that do not fit the window, whose kept keys are
 // re-rotated to compact positions 0..k-1 (next_position k).
 absl::StatusOr<CompressedContext> Compress(Runner& runner, absl::Span<const int32_t> doc_tokens,
-                                           const CompressionSpec& spec);
+                                           const CompressionSpec& spec,
+                                           const CompressProgress& progress = nullptr);
+
+// The same work split in three, so that callers that compress one document several ways
+// (the quality harness: every method at every ratio) prefill it once and score it once per
+// method. Compress(doc, spec) == SelectScored(prefill, ScoreDocument(prefill, spec), spec)
+// for every method except finch (which selects while it prefills) and none.
+//
+// The document's plain prefill, positions 0..n-1, in chunks of kPrefillChunk tokens (bounded
+// scratch memory, progress). OutOfRange when it does not fit the window.
+inline constexpr int64_t kPrefillChunk = 2048;
+absl::StatusOr<KvCache> PrefillDocument(Runner& runner, absl::Span<const int32_t> doc_tokens,
+                                        const CompressProgress& progress = nullptr);
+
+// One method's scores of every entry of a prefilled document (spec's budget is not used).
+struct DocumentScores {
+  std::string method;
+  HeadScores scores;
+  int32_t recent_from = 0;  // entries at positions >= this are always kept
+};
+// `prefill` must hold exactly PrefillDocument(doc_tokens); the method may append its own
+// tokens (question window, reconstruction) and removes them again, so on return it holds the
+// document's entries only (recomputed ones are bit-identical to a plain prefill's).
+absl::StatusOr<DocumentScores> ScoreDocument(Runner& runner, absl::Span<const int32_t> doc_tokens,
+                                             KvCache& prefill, const CompressionSpec& spec);
+
+// Keeps spec's budget (ratio or token count) of `prefill`'s entries by `scores`.
+absl::StatusOr<CompressedContext> SelectScored(const Model& model, const KvCache& prefill,
+                                               const DocumentScores& scores,
+                                               const CompressionSpec& spec);
 
 // One cache with the contexts placed one after another: context i's keys are re-rotated by
 // the exact RoPE shift of the sum of the previous next_positions. FailedPrecondition for a

@@ -97,8 +97,7 @@ class ExpectedAttentionScorer : public Scorer {
     HeadScores scores;
     ForwardOptions options;
     options.observe_rows.resize(rows);
-    std::iota(options.observe_rows.begin(), options.observe_rows.end(),
-              static_cast<int>(first_row));
+    std::iota(options.observe_rows.begin(), options.observe_rows.end(), 0);
     options.observer = [&](int layer, const float* probs, int n_rows, int64_t max_keys) {
       std::vector<float> q(static_cast<size_t>(group) * n_rows * d);
       std::vector<float> mu(d), sigma(static_cast<size_t>(d) * d), tmp(static_cast<size_t>(d) * d);
@@ -175,7 +174,11 @@ class ExpectedAttentionScorer : public Scorer {
       }
     };
     scores.resize(static_cast<size_t>(c.n_layers) * c.n_kv_heads);
-    RETURN_IF_ERROR(runner.Forward(doc, cache, options, nullptr));
+    // The statistics come from the last rows' attention: drop their entries from the prefill
+    // and run them again, observed (the same computation, so the same entries come back).
+    cache.Truncate(first_row);
+    cache.next_position = static_cast<int32_t>(first_row);
+    RETURN_IF_ERROR(runner.Forward(doc.subspan(first_row), cache, options, nullptr));
     return scores;
   }
 };

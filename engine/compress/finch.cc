@@ -29,7 +29,8 @@
 namespace ctxcache {
 
 absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
-                                 const CompressionSpec& spec, int64_t budget) {
+                                 const CompressionSpec& spec, int64_t budget,
+                                 const CompressProgress& progress) {
   const Model& model = runner.model();
   const ModelConfig& c = model.config();
   const int64_t n = static_cast<int64_t>(doc.size());
@@ -46,11 +47,9 @@ absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
                      "-position window; raise the ratio or lower the chunk"));
   }
   KvCache cache = model.NewKvCache();
-  if (budget >= n) {  // nothing to prune (and it fits: compact is false here)
-    RETURN_IF_ERROR(runner.Forward(doc, cache, ForwardOptions{}, nullptr));
-    return cache;
-  }
+  if (budget >= n) return PrefillDocument(runner, doc, progress);  // nothing to prune (fits)
   const RopeParams rope = RopeParamsFor(c);
+  if (progress) progress("finch", 0, n);
   for (int64_t b = 0; b < n; b += chunk) {
     const int64_t e = std::min(n, b + chunk);
     const int64_t clen = e - b;
@@ -88,6 +87,7 @@ absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
       ASSIGN_OR_RETURN(cache, Select(cache, scores, select));
     }
     if (compact) CompactPositions(cache, rope);
+    if (progress) progress("finch", e, n);
   }
   if (!compact) cache.next_position = static_cast<int32_t>(n);
   return cache;

@@ -1,5 +1,5 @@
-// The interface every single-pass KV-form method implements: prefill the document (plus
-// whatever the method appends and removes again) and score each cache entry; the shared
+// The interface every single-pass KV-form method implements: given the document's prefill,
+// score each cache entry (running whatever the method appends and removes again); the shared
 // selector (select.h) then keeps the top budget. Finch selects while it prefills (chunk by
 // chunk), so it has its own entry point here instead of a Scorer.
 #pragma once
@@ -22,8 +22,9 @@ namespace ctxcache {
 class Scorer {
  public:
   virtual ~Scorer() = default;
-  // Prefills `doc` into the empty `cache` (positions 0..n-1); on return the cache holds exactly
-  // the document's entries and the result one score per entry (select.h HeadScores).
+  // `cache` holds the document's plain prefill (positions 0..n-1). The scorer may append
+  // (and must remove again) its own tokens; on return the cache holds exactly the document's
+  // entries and the result has one score per entry (select.h HeadScores).
   virtual absl::StatusOr<HeadScores> Score(Runner& runner, absl::Span<const int32_t> doc,
                                            const CompressionSpec& spec, KvCache& cache) = 0;
   // Entries at positions >= this are always kept (the method's recent window); none by default.
@@ -49,7 +50,8 @@ std::unique_ptr<Scorer> MakeExpectedAttentionScorer();  // expected_attention.cc
 
 // Finch (finch.cc): chunked prompt-guided prefill + selection, `budget` entries per head.
 absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
-                                 const CompressionSpec& spec, int64_t budget);
+                                 const CompressionSpec& spec, int64_t budget,
+                                 const CompressProgress& progress);
 
 // ---- Shared by the methods ------------------------------------------------------------------
 

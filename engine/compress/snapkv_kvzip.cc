@@ -41,7 +41,6 @@ class SnapKvScorer : public Scorer {
   absl::StatusOr<HeadScores> Score(Runner& runner, absl::Span<const int32_t> doc,
                                    const CompressionSpec& spec, KvCache& cache) override {
     const ModelConfig& c = runner.model().config();
-    RETURN_IF_ERROR(runner.Forward(doc, cache, ForwardOptions{}, nullptr));
     const std::vector<int64_t> lengths = HeadLengths(cache);
     const std::vector<int32_t> window = WindowTokens(runner.model(), spec);
     HeadScores scores(lengths.size());
@@ -69,7 +68,6 @@ class KvzipScorer : public Scorer {
     const ModelConfig& c = model.config();
     const Tokenizer& tok = model.tokenizer();
     const int64_t n = static_cast<int64_t>(doc.size());
-    RETURN_IF_ERROR(runner.Forward(doc, cache, ForwardOptions{}, nullptr));
     const std::vector<int64_t> lengths = HeadLengths(cache);
     const std::vector<int32_t> first = tok.Encode(kRepeatFirst, false, false);
     const std::vector<int32_t> next = tok.Encode(kRepeatNext, false, false);

@@ -26,16 +26,13 @@
 namespace ctxcache {
 namespace {
 
-absl::Status PlainPrefill(Runner& runner, absl::Span<const int32_t> doc, KvCache& cache) {
-  return runner.Forward(doc, cache, ForwardOptions{}, nullptr);
-}
-
 class StreamingScorer : public Scorer {
  public:
   absl::StatusOr<HeadScores> Score(Runner& runner, absl::Span<const int32_t> doc,
                                    const CompressionSpec& spec, KvCache& cache) override {
+    (void)runner;
+    (void)doc;
     (void)spec;
-    RETURN_IF_ERROR(PlainPrefill(runner, doc, cache));
     HeadScores scores = ZeroScores(cache);
     for (int l = 0; l < cache.n_layers(); ++l) {
       for (int h = 0; h < cache.n_kv_heads(); ++h) {
@@ -62,7 +59,6 @@ class AnchorScorer : public Scorer {
  public:
   absl::StatusOr<HeadScores> Score(Runner& runner, absl::Span<const int32_t> doc,
                                    const CompressionSpec& spec, KvCache& cache) override {
-    RETURN_IF_ERROR(PlainPrefill(runner, doc, cache));
     const Tokenizer& tok = runner.model().tokenizer();
     const std::optional<int32_t> anchor_token = tok.FindToken("<AC>");
     const int64_t n = static_cast<int64_t>(doc.size());
