@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything ctxcache needs on a fresh Debian 12 machine, idempotently, and fetches
 # the default model. Fast (a few seconds) when everything is already there.
-#   tools/setup.sh          build + test dependencies (what CI and the README commands need)
+#   tools/setup.sh          build + test dependencies (what CI and the README commands need),
+#                           the default model, the tokenizer test vocabularies and the
+#                           quality harness's prose haystack
 #   tools/setup.sh --dev    also the dev-side Python tools: llama-cpp-python (peer and oracle),
 #                           gguf, numpy, matplotlib (fixtures, benchmarks, plots)
 set -euo pipefail
@@ -20,7 +22,7 @@ apt_packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libhiredis-dev redis-server redis-tools
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
-  libopenblas-dev
+  libopenblas-dev libyaml-cpp-dev
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -44,4 +46,6 @@ fi
 
 "$root/tools/fetch_model.sh" >/dev/null
 "$root/tools/fetch_vocabs.sh"
+# The quality harness's prose haystack (Jane Austen, from Debian's r-cran-janeaustenr).
+"$root/tools/fetch_prose.py" >/dev/null
 echo "setup: ok" >&2

@@ -10,6 +10,8 @@ jobs="$(nproc)"
 tools/setup.sh
 # The model was just fetched: a test that cannot find it must fail, not skip.
 export CTXCACHE_REQUIRE_MODEL=1
+# redis-server was just installed: the Redis integration tests must run, not skip.
+export CTXCACHE_REQUIRE_REDIS=1
 
 echo "== sanitizer build (ASan + UBSan): untrusted-input parsers" >&2
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCTXCACHE_SANITIZE=ON \

@@ -21,15 +21,19 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/cpu_features.h"
+#include "common/progress.h"
 #include "common/status.h"
 #include "cache/codec.h"
 #include "engine/chat_template.h"
 #include "engine/compress/compress.h"
 #include "engine/generate.h"
 #include "engine/model.h"
+#include "server/cli/remote.h"
 
 namespace ctxcache {
 namespace {
+
+using cli::ReadFileOrStdin;
 
 constexpr const char* kUsage = R"(usage: ctxcache <command> [flags]
 
@@ -63,6 +67,11 @@ compress flags:
   --per-layer         one kept set per layer instead of per KV head
   --dtype fp16|bf16|fp32|int8 (default fp16)   --chunk N (finch/kvzip, default 512)
   methods: none streaming snapkv finch expected_attention kvzip anchor
+
+remote (against a running ctxcache-server; compress, generate, info):
+  --server HOST:PORT  run the command on the server: compress prints a context id, which
+                      generate takes as --context ID (repeatable); --model/--threads/--out unused
+  --token TOKEN       bearer token (default $CTXCACHE_TOKEN)   --timeout SECONDS (deadline)
 
 tokenize flags:
   --ids-only   --no-bos   --parse-special
@@ -152,18 +161,6 @@ int Threads(const Flags& flags) {
   int n = ThreadPool::HardwareThreads();
   (void)flags.Number("threads", &n);
   return n < 1 ? 1 : n;
-}
-
-absl::StatusOr<std::string> ReadFileOrStdin(const std::string& path) {
-  std::ostringstream ss;
-  if (path == "-") {
-    ss << std::cin.rdbuf();
-  } else {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) return absl::NotFoundError(absl::StrCat("cannot read '", path, "'"));
-    ss << in.rdbuf();
-  }
-  return ss.str();
 }
 
 // --decode full|recycled [--stride S] [--topk K] [--dynamic] [--similarity T]
@@ -382,7 +379,16 @@ absl::Status CmdCompress(const Flags& flags) {
   ThreadPool pool(threads);
   Runner runner(*model, &pool);
   const auto t0 = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(CompressedContext ctx, Compress(runner, ids, spec));
+  ProgressBar bar;
+  CompressProgress progress;
+  if (!quiet && !json) {
+    progress = [&bar](std::string_view stage, int64_t done, int64_t total) {
+      bar.Update(stage, done, total);
+    };
+  }
+  absl::StatusOr<CompressedContext> compressed = Compress(runner, ids, spec, progress);
+  bar.Finish();
+  ASSIGN_OR_RETURN(CompressedContext ctx, std::move(compressed));
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ASSIGN_OR_RETURN(std::string bytes, EncodeContext(ctx, dtype));
@@ -486,7 +492,13 @@ int Main(int argc, char** argv) {
                                {"chat", "raw-template", "ignore-eos", "no-bos", "quiet",
                                 "ids-only", "parse-special", "json", "dynamic", "per-layer"});
   if (s.ok()) {
-    if (cmd == "generate") s = CmdGenerate(flags);
+    if (flags.Has("server")) {
+      s = cli::RunRemote(cmd, cli::FlagSource{
+                                  [&](const std::string& n) { return flags.Get(n); },
+                                  [&](const std::string& n) { return flags.GetAll(n); },
+                                  [&](const std::string& n) { return flags.Has(n); },
+                                  [&] { return flags.CheckAllUsed(); }});
+    } else if (cmd == "generate") s = CmdGenerate(flags);
     else if (cmd == "info") s = CmdInfo(flags);
     else if (cmd == "tokenize") s = CmdTokenize(flags);
     else if (cmd == "bench") s = CmdBench(flags);

@@ -1,0 +1,98 @@
+// The two-tier compressed-context cache the service uses: an in-process memory tier (LRU,
+// bounded by bytes, holds decoded contexts) in front of an optional Redis tier (shared by
+// every replica, holds codec blobs), with single flight per key so concurrent requests for
+// the same missing context compute it once. The server sees only this class.
+//
+// Keys are computed by the caller (server: hex SHA-256 of tenant, model fingerprint,
+// method+params+version, tokens, question) and are opaque here; tenants partition them (a
+// tenant never sees another's entries, in either tier).
+//
+// Failure policy: the Redis tier is an optimisation. When it is unreachable, slow or returns
+// damaged bytes, the store logs, counts and carries on from the memory tier or the compute
+// function; only the compute function's own error fails a GetOrCompute.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/compress/compressed_context.h"
+
+namespace ctxcache {
+
+// Where a context came from.
+enum class CacheTier : uint8_t { kComputed = 0, kMemory = 1, kRedis = 2 };
+const char* CacheTierName(CacheTier tier);  // "computed", "memory", "redis"
+
+struct RedisOptions {
+  std::string url;                   // redis://[user:pass@]host:port[/db]; empty = no Redis tier
+  int pool_size = 4;                 // connections
+  int connect_timeout_ms = 500;
+  int command_timeout_ms = 1000;
+  int64_t ttl_seconds = 24 * 3600;   // per entry; 0 = no expiry
+  int64_t tenant_quota_bytes = 0;    // per tenant in Redis; 0 = unlimited
+  std::string key_prefix = "ctxcache:";
+  int64_t max_part_bytes = 4 << 20;  // values are split into parts of at most this
+  // Reconnection: after a failed connect or a timed-out command, calls fail fast for a
+  // backoff that doubles from the initial value up to the max (with +-20% jitter).
+  int backoff_initial_ms = 100;
+  int backoff_max_ms = 5000;
+};
+
+struct ContextStoreOptions {
+  int64_t memory_bytes = 1LL << 30;  // memory tier budget (sum of CompressedContext::KvBytes + digest)
+  RedisOptions redis;
+  std::string model_fingerprint;     // blobs made by another model are misses (and replaced)
+};
+
+struct StoreResult {
+  std::shared_ptr<const CompressedContext> context;
+  CacheTier tier = CacheTier::kComputed;
+  double compute_seconds = 0;  // time spent in the compute function (0 on a hit)
+};
+
+struct ContextStoreStats {
+  int64_t memory_bytes = 0, memory_entries = 0, memory_evictions = 0;
+  int64_t memory_hits = 0, memory_misses = 0;
+  // redis_misses counts every lookup that found nothing usable, including the corrupt and
+  // wrong-model entries that redis_corrupt and redis_wrong_model count again by cause.
+  // redis_errors: transport failures (unreachable, timeout, lost connection) and error
+  // replies, on reads and writes alike.
+  int64_t redis_hits = 0, redis_misses = 0, redis_errors = 0, redis_corrupt = 0;
+  int64_t redis_wrong_model = 0;   // entries made by another model (misses, then replaced)
+  int64_t redis_writes = 0;        // entries stored
+  int64_t redis_quota_skips = 0;   // writes skipped because the tenant's quota was full
+  bool redis_connected = false;    // the last Redis command or connect succeeded
+};
+
+class ContextStore {
+ public:
+  using ComputeFn = std::function<absl::StatusOr<CompressedContext>()>;
+
+  // Validates options (bad URL, negative sizes: InvalidArgument). An unreachable Redis is
+  // not an error here: the store starts and keeps retrying with backoff.
+  static absl::StatusOr<std::unique_ptr<ContextStore>> Create(const ContextStoreOptions& options);
+  virtual ~ContextStore() = default;
+
+  // Memory tier, then Redis tier (a hit is promoted to memory), else `compute` (the result is
+  // written to both tiers). Concurrent calls for the same (tenant, key) share one lookup and
+  // one compute.
+  virtual absl::StatusOr<StoreResult> GetOrCompute(const std::string& tenant,
+                                                   const std::string& key,
+                                                   const ComputeFn& compute) = 0;
+  // Lookup only: NotFound when neither tier has it (a damaged or other-model entry in Redis
+  // counts as absent). Unavailable when the memory tier misses and Redis cannot be asked: the
+  // entry may exist, and asking again later may find it.
+  virtual absl::StatusOr<StoreResult> Get(const std::string& tenant, const std::string& key) = 0;
+  // Removes from both tiers; NotFound when neither had it. Unavailable when Redis cannot be
+  // reached (the memory copy is gone, but Redis may still hold the entry).
+  virtual absl::Status Delete(const std::string& tenant, const std::string& key) = 0;
+  // Drops the memory tier (tests and operators: "serve from Redis now").
+  virtual void ClearMemory() = 0;
+  virtual ContextStoreStats Stats() const = 0;
+};
+
+}  // namespace ctxcache

@@ -1,0 +1,89 @@
+// The in-process LRU tier (see memory_tier.h).
+#include "cache/memory_tier.h"
+
+#include <vector>
+
+namespace ctxcache {
+
+MemoryTier::MemoryTier(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes) {}
+
+int64_t MemoryTier::EntryBytes(const std::string& tenant, const std::string& key,
+                               const CompressedContext& context) {
+  return context.KvBytes() + static_cast<int64_t>(context.digest.size()) * 2 +
+         static_cast<int64_t>(tenant.size() + key.size());
+}
+
+std::shared_ptr<const CompressedContext> MemoryTier::Get(const std::string& tenant,
+                                                         const std::string& key, bool record) {
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(Key(tenant, key));
+  if (it == index_.end()) {
+    if (record) ++stats_.misses;
+    return nullptr;
+  }
+  lru_.splice(lru_.begin(), lru_, it->second);  // iterators stay valid through splice
+  if (record) ++stats_.hits;
+  return it->second->context;
+}
+
+bool MemoryTier::Put(const std::string& tenant, const std::string& key,
+                     std::shared_ptr<const CompressedContext> context) {
+  if (context == nullptr) return false;
+  const int64_t bytes = EntryBytes(tenant, key, *context);
+  // Dropped contexts are freed after the lock is released (declared before it).
+  std::vector<std::shared_ptr<const CompressedContext>> dropped;
+  absl::MutexLock lock(&mu_);
+  Key k(tenant, key);
+  if (auto it = index_.find(k); it != index_.end()) dropped.push_back(RemoveLocked(it->second));
+  if (bytes > capacity_bytes_) {
+    ++stats_.oversize;
+    return false;
+  }
+  while (stats_.bytes + bytes > capacity_bytes_ && !lru_.empty()) {
+    dropped.push_back(RemoveLocked(std::prev(lru_.end())));
+    ++stats_.evictions;
+  }
+  lru_.push_front(Entry{k, std::move(context), bytes});
+  index_.emplace(std::move(k), lru_.begin());
+  stats_.bytes += bytes;
+  ++stats_.entries;
+  return true;
+}
+
+bool MemoryTier::Erase(const std::string& tenant, const std::string& key) {
+  std::shared_ptr<const CompressedContext> dropped;
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(Key(tenant, key));
+  if (it == index_.end()) return false;
+  dropped = RemoveLocked(it->second);
+  return true;
+}
+
+void MemoryTier::Clear() {
+  // Release the contexts outside the lock: freeing a few hundred MB of vectors takes a while
+  // and would stall every concurrent lookup.
+  List dropped;
+  {
+    absl::MutexLock lock(&mu_);
+    dropped.swap(lru_);
+    index_.clear();
+    stats_.bytes = 0;
+    stats_.entries = 0;
+  }
+}
+
+MemoryTier::Stats MemoryTier::GetStats() const {
+  absl::MutexLock lock(&mu_);
+  return stats_;
+}
+
+std::shared_ptr<const CompressedContext> MemoryTier::RemoveLocked(List::iterator it) {
+  std::shared_ptr<const CompressedContext> context = std::move(it->context);
+  stats_.bytes -= it->bytes;
+  --stats_.entries;
+  index_.erase(it->key);
+  lru_.erase(it);
+  return context;
+}
+
+}  // namespace ctxcache

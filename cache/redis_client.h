@@ -1,0 +1,121 @@
+// A small synchronous Redis client over hiredis (0.14, the Debian 12 package): URL parsing,
+// a bounded connection pool with AUTH and SELECT done once per connection, connect and
+// command timeouts, and reconnection with exponential backoff.
+//
+// The client serves a cache, so it is built to fail fast rather than to try hard: a request
+// must never wait long on a Redis that is down. After a failed connect, or a command that
+// timed out, the client is "in backoff" for a while (doubling from backoff_initial_ms up to
+// backoff_max_ms, with jitter so that replicas do not reconnect in lockstep) and every call
+// returns Unavailable at once; the first call after the backoff probes the server with one
+// connection. A lost connection (EOF, reset: e.g. Redis restarted) also drops the idle
+// connections opened before it, since they died with it, so that one request, not one per
+// pooled connection, pays for the discovery.
+//
+// SIGPIPE: hiredis 0.14 writes with write(2), which raises SIGPIPE on a socket the server has
+// closed and would kill the process. Every call blocks SIGPIPE in the calling thread for its
+// duration and consumes one it raised, leaving the process's signal disposition alone.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+
+struct redisContext;
+struct redisReply;
+
+namespace ctxcache {
+
+// redis://[user:password@]host[:port][/db]. user and password are percent-decoded (write
+// "%40" for "@", "%3A" for ":", "%2F" for "/"); ":password@" alone authenticates the default
+// user (AUTH password), "user:password@" an ACL user (AUTH user password). host may be an
+// IPv6 literal in brackets. port defaults to 6379, db to 0.
+struct RedisUrl {
+  std::string host;
+  int port = 6379;
+  std::string user;      // empty: AUTH with the password alone (if any)
+  std::string password;  // empty: no AUTH
+  int db = 0;
+};
+// InvalidArgument naming what is wrong; the password never appears in a message.
+absl::StatusOr<RedisUrl> ParseRedisUrl(std::string_view url);
+// The URL with the password replaced by "***", for logs.
+std::string RedactRedisUrl(std::string_view url);
+
+struct RedisReplyDeleter {
+  void operator()(redisReply* reply) const;
+};
+// A hiredis reply; its fields are hiredis's (type REDIS_REPLY_*, str/len, integer, element).
+using RedisReply = std::unique_ptr<redisReply, RedisReplyDeleter>;
+
+// One command's arguments; they are sent as binary-safe bulk strings.
+using RedisArgs = std::vector<std::string_view>;
+
+struct RedisClientOptions {
+  RedisUrl url;
+  int pool_size = 4;
+  int connect_timeout_ms = 500;
+  int command_timeout_ms = 1000;  // per socket read or write, as hiredis applies it
+  int backoff_initial_ms = 100;
+  int backoff_max_ms = 5000;
+};
+
+class RedisClient {
+ public:
+  // Validates the options; does not connect (the first call does).
+  static absl::StatusOr<std::unique_ptr<RedisClient>> Create(const RedisClientOptions& options);
+  ~RedisClient();
+  RedisClient(const RedisClient&) = delete;
+  RedisClient& operator=(const RedisClient&) = delete;
+
+  // Sends `commands` on one pooled connection, pipelined (one round trip), and returns their
+  // replies in order. A reply may be an error reply (REDIS_REPLY_ERROR, e.g. OOM): judging it
+  // is the caller's business. The status is about transport only:
+  //  * Unavailable: cannot connect, in backoff, AUTH/SELECT refused, connection lost;
+  //  * DeadlineExceeded: the server did not answer within command_timeout_ms, or every pooled
+  //    connection stayed busy for that long.
+  absl::StatusOr<std::vector<RedisReply>> Pipeline(absl::Span<const RedisArgs> commands);
+  absl::StatusOr<RedisReply> Command(const RedisArgs& args);
+
+  // Opens one connection now if none is open (not in backoff). For a start-up log line.
+  absl::Status Ping();
+
+  // False from a failed connect or a timed-out command until a connect succeeds again.
+  bool connected() const;
+  // "host:port/db", for messages.
+  const std::string& endpoint() const { return endpoint_; }
+
+ private:
+  struct Conn {
+    redisContext* ctx = nullptr;
+    uint64_t generation = 0;  // connections older than the last lost one are not reused
+  };
+  explicit RedisClient(const RedisClientOptions& options);
+
+  absl::StatusOr<Conn> Acquire();
+  // healthy=false closes the connection. lost=true also retires the idle ones (see top).
+  void Release(Conn conn, bool healthy, bool lost);
+  absl::StatusOr<redisContext*> Connect();
+  void NoteConnectFailure(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const RedisClientOptions options_;
+  const std::string endpoint_;
+
+  mutable absl::Mutex mu_;
+  std::vector<Conn> idle_ ABSL_GUARDED_BY(mu_);
+  int open_ ABSL_GUARDED_BY(mu_) = 0;  // idle + checked out + being connected
+  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  bool healthy_ ABSL_GUARDED_BY(mu_) = false;
+  bool probing_ ABSL_GUARDED_BY(mu_) = false;  // an unhealthy client lets one connect at a time
+  int64_t backoff_ms_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t retry_at_ms_ ABSL_GUARDED_BY(mu_) = 0;  // steady clock; calls before it fail fast
+  std::string last_error_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace ctxcache

@@ -1,0 +1,314 @@
+// Remote CLI commands over gRPC (see remote.h).
+#include "server/cli/remote.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <sstream>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "ctxcache/v1/ctxcache.grpc.pb.h"
+
+namespace ctxcache::cli {
+namespace {
+
+namespace pb = ::ctxcache::v1;
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  // gRPC and absl share the canonical code numbers.
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+const char* TierName(pb::CacheTier t) {
+  switch (t) {
+    case pb::CACHE_TIER_COMPUTED:
+      return "computed";
+    case pb::CACHE_TIER_MEMORY:
+      return "memory";
+    case pb::CACHE_TIER_REDIS:
+      return "redis";
+    default:
+      return "unknown";
+  }
+}
+
+const char* FinishName(pb::FinishReason r) {
+  switch (r) {
+    case pb::FINISH_REASON_LENGTH:
+      return "length";
+    case pb::FINISH_REASON_STOP:
+      return "stop";
+    case pb::FINISH_REASON_END_OF_GENERATION:
+      return "end_of_generation";
+    case pb::FINISH_REASON_CONTEXT_FULL:
+      return "context_full";
+    default:
+      return "unknown";
+  }
+}
+
+class Remote {
+ public:
+  explicit Remote(const FlagSource& flags) : flags_(flags) {}
+
+  absl::Status Run(const std::string& command) {
+    const std::string address = flags_.get("server").value_or("");
+    if (address.empty()) return absl::InvalidArgumentError("--server needs HOST:PORT");
+    for (const char* local : {"model", "threads", "out", "dtype", "no-bos", "raw-template"}) {
+      if (flags_.has(local)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "flag --", local, " is not used with --server: the server chooses its model and "
+            "threads, and keeps compressed contexts in its cache (use the context id)"));
+      }
+    }
+    token_ = flags_.get("token").value_or("");
+    if (token_.empty()) {
+      if (const char* env = std::getenv("CTXCACHE_TOKEN")) token_ = env;
+    }
+    RETURN_IF_ERROR(Number("timeout", &timeout_seconds_));
+    quiet_ = Bool("quiet");
+    channel_ = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+    stub_ = pb::ContextCache::NewStub(channel_);
+    if (command == "compress") return Compress();
+    if (command == "generate") return Generate();
+    if (command == "info") return Info();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "command '", command, "' does not run against a server (compress, generate, info do)"));
+  }
+
+ private:
+  bool Bool(const std::string& name) const {
+    auto v = flags_.get(name);
+    return v.has_value() && *v != "false" && *v != "0";
+  }
+  template <typename T>
+  absl::Status Number(const std::string& name, T* out) const {
+    auto v = flags_.get(name);
+    if (!v) return absl::OkStatus();
+    bool ok;
+    if constexpr (std::is_floating_point_v<T>) {
+      double d = 0;
+      ok = absl::SimpleAtod(*v, &d);
+      *out = static_cast<T>(d);
+    } else {
+      int64_t i = 0;
+      ok = absl::SimpleAtoi(*v, &i);
+      *out = static_cast<T>(i);
+    }
+    if (!ok) return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", *v, "' is not a number"));
+    return absl::OkStatus();
+  }
+  // An optional proto field set only when the flag is given.
+  template <typename T, typename Setter>
+  absl::Status Optional(const std::string& name, Setter set) const {
+    if (!flags_.has(name)) return absl::OkStatus();
+    T value{};
+    RETURN_IF_ERROR(Number(name, &value));
+    set(value);
+    return absl::OkStatus();
+  }
+
+  void Prepare(grpc::ClientContext& ctx) const {
+    if (!token_.empty()) ctx.AddMetadata("authorization", "Bearer " + token_);
+    if (timeout_seconds_ > 0) {
+      ctx.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds_ * 1e3)));
+    }
+  }
+
+  absl::Status Compress() {
+    pb::CompressRequest req;
+    const auto doc_file = flags_.get("doc");
+    pb::CompressionParams* p = req.mutable_compression();
+    p->set_method(flags_.get("method").value_or(""));
+    double ratio = 0;
+    int64_t budget = 0;
+    RETURN_IF_ERROR(Number("ratio", &ratio));
+    RETURN_IF_ERROR(Number("budget", &budget));
+    p->set_ratio(ratio);
+    p->set_budget(budget);
+    p->set_per_layer(Bool("per-layer"));
+    RETURN_IF_ERROR(Optional<int>("chunk", [&](int v) { p->set_chunk(v); }));
+    req.set_question(flags_.get("question").value_or(""));
+    const bool json = Bool("json");
+    RETURN_IF_ERROR(flags_.check_all_used());
+    if (!doc_file) return absl::InvalidArgumentError("compress needs --doc FILE (or - for stdin)");
+    ASSIGN_OR_RETURN(std::string doc, ReadFileOrStdin(*doc_file));
+    req.mutable_document()->set_text(doc);
+
+    grpc::ClientContext ctx;
+    Prepare(ctx);
+    pb::CompressResponse resp;
+    RETURN_IF_ERROR(FromGrpc(stub_->Compress(&ctx, req, &resp)));
+    const pb::ContextInfo& c = resp.context();
+    if (json) {
+      std::printf("{\"context_id\":\"%s\",\"tier\":\"%s\",\"method\":\"%s\",\"source_tokens\":%lld,"
+                  "\"kept_entries\":%lld,\"full_entries\":%lld,\"kv_bytes\":%lld,"
+                  "\"full_kv_bytes\":%lld,\"compute_ms\":%.3f,\"total_ms\":%.3f}\n",
+                  c.context_id().c_str(), TierName(c.tier()), c.method().c_str(),
+                  static_cast<long long>(c.original_tokens()),
+                  static_cast<long long>(c.kept_entries()), static_cast<long long>(c.full_entries()),
+                  static_cast<long long>(c.kv_bytes()), static_cast<long long>(c.full_kv_bytes()),
+                  resp.compute_ms(), resp.total_ms());
+      return absl::OkStatus();
+    }
+    std::printf(
+        "context id:        %s\n"
+        "document tokens:   %lld\n"
+        "kept per head:     %.1f (%.2f%%, %.1fx compression)\n"
+        "KV bytes (fp16):   %lld full -> %lld kept (saved %lld)\n"
+        "tier:              %s\n"
+        "time:              %.1f ms compute, %.1f ms total, %.1f ms queued\n",
+        c.context_id().c_str(), static_cast<long long>(c.original_tokens()), c.kept_tokens(),
+        100.0 * c.kept_entries() / std::max<int64_t>(1, c.full_entries()),
+        double(c.full_entries()) / std::max<int64_t>(1, c.kept_entries()),
+        static_cast<long long>(c.full_kv_bytes()), static_cast<long long>(c.kv_bytes()),
+        static_cast<long long>(c.full_kv_bytes() - c.kv_bytes()), TierName(c.tier()),
+        resp.compute_ms(), resp.total_ms(), resp.queue_ms());
+    return absl::OkStatus();
+  }
+
+  absl::Status Generate() {
+    pb::GenerateRequest req;
+    std::string prompt;
+    if (auto p = flags_.get("prompt")) {
+      prompt = *p;
+    } else if (auto f = flags_.get("prompt-file")) {
+      ASSIGN_OR_RETURN(prompt, ReadFileOrStdin(*f));
+    } else {
+      return absl::InvalidArgumentError("generate needs --prompt TEXT or --prompt-file FILE");
+    }
+    if (Bool("chat")) {
+      pb::ChatMessage* m = req.mutable_chat()->add_messages();
+      m->set_role("user");
+      m->set_content(prompt);
+      req.mutable_chat()->set_system(flags_.get("system").value_or(""));
+    } else {
+      req.set_text(prompt);
+    }
+    for (const std::string& id : flags_.get_all("context")) req.add_contexts()->set_context_id(id);
+    pb::SamplingParams* s = req.mutable_sampling();
+    RETURN_IF_ERROR(Optional<float>("temperature", [&](float v) { s->set_temperature(v); }));
+    RETURN_IF_ERROR(Optional<int>("top-k", [&](int v) { s->set_top_k(v); }));
+    RETURN_IF_ERROR(Optional<float>("top-p", [&](float v) { s->set_top_p(v); }));
+    RETURN_IF_ERROR(Optional<float>("min-p", [&](float v) { s->set_min_p(v); }));
+    RETURN_IF_ERROR(Optional<float>("repeat-penalty", [&](float v) { s->set_repetition_penalty(v); }));
+    RETURN_IF_ERROR(Optional<uint64_t>("seed", [&](uint64_t v) { s->set_seed(v); }));
+    RETURN_IF_ERROR(Optional<int>("max-tokens", [&](int v) { req.set_max_tokens(v); }));
+    for (const std::string& stop : flags_.get_all("stop")) req.add_stop(stop);
+    req.set_ignore_eos(Bool("ignore-eos"));
+    pb::DecodePolicy* d = req.mutable_decode();
+    const std::string kind = flags_.get("decode").value_or("full");
+    if (kind == "recycled") {
+      d->set_kind(pb::DecodePolicy::KIND_RECYCLED);
+    } else if (kind != "full") {
+      return absl::InvalidArgumentError(absl::StrCat("--decode '", kind, "': use full or recycled"));
+    }
+    RETURN_IF_ERROR(Optional<int>("stride", [&](int v) { d->set_stride(v); }));
+    RETURN_IF_ERROR(Optional<int64_t>("topk", [&](int64_t v) { d->set_top_k(v); }));
+    RETURN_IF_ERROR(Optional<float>("similarity", [&](float v) { d->set_similarity_threshold(v); }));
+    d->set_dynamic(Bool("dynamic"));
+    RETURN_IF_ERROR(flags_.check_all_used());
+
+    grpc::ClientContext ctx;
+    Prepare(ctx);
+    std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader = stub_->Generate(&ctx, req);
+    pb::GenerateResponse msg;
+    pb::Usage usage;
+    bool has_usage = false;
+    while (reader->Read(&msg)) {
+      std::fwrite(msg.text().data(), 1, msg.text().size(), stdout);
+      std::fflush(stdout);
+      if (msg.has_usage()) {
+        usage = msg.usage();
+        has_usage = true;
+      }
+    }
+    const grpc::Status status = reader->Finish();
+    std::fputc('\n', stdout);
+    RETURN_IF_ERROR(FromGrpc(status));
+    if (!quiet_ && has_usage) {
+      std::string tiers;
+      for (const pb::ContextUsage& c : usage.contexts()) {
+        absl::StrAppend(&tiers, tiers.empty() ? "" : ", ", c.context_id().substr(0, 12), "… ",
+                        TierName(c.tier()));
+      }
+      std::fprintf(stderr,
+                   "\n[%d context(s)%s%s%s: %lld tokens -> %.1f kept per head]\n"
+                   "[KV %.2f MB used vs %.2f MB full: saved %.2f MB]\n"
+                   "[%lld prompt tokens, %lld generated, TTFT %.1f ms, %.1f tok/s decode, "
+                   "finish: %s]\n",
+                   usage.contexts_size(), tiers.empty() ? "" : " (", tiers.c_str(),
+                   tiers.empty() ? "" : ")", static_cast<long long>(usage.context_tokens_original()),
+                   usage.context_tokens_kept(), usage.kv_bytes_used() / 1e6,
+                   usage.kv_bytes_full() / 1e6, usage.kv_bytes_saved() / 1e6,
+                   static_cast<long long>(usage.prompt_tokens()),
+                   static_cast<long long>(usage.completion_tokens()), usage.ttft_ms(),
+                   usage.decode_tokens_per_second(), FinishName(usage.finish_reason()));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Info() {
+    RETURN_IF_ERROR(flags_.check_all_used());
+    grpc::ClientContext ctx;
+    Prepare(ctx);
+    pb::GetModelInfoResponse r;
+    RETURN_IF_ERROR(FromGrpc(stub_->GetModelInfo(&ctx, pb::GetModelInfoRequest(), &r)));
+    std::string methods;
+    for (const std::string& m : r.methods()) absl::StrAppend(&methods, methods.empty() ? "" : " ", m);
+    std::printf("model:         %s (%s)\n", r.name().c_str(), r.architecture().c_str());
+    std::printf("fingerprint:   %s\n", r.fingerprint().c_str());
+    std::printf("layers %d, d_model %d, heads %d, kv heads %d, head_dim %d, vocab %d, context %d\n",
+                r.n_layers(), r.d_model(), r.n_heads(), r.n_kv_heads(), r.head_dim(), r.n_vocab(),
+                r.context_length());
+    std::printf("KV bytes/token (fp16): %lld\n", static_cast<long long>(r.kv_bytes_per_token()));
+    std::printf("methods:       %s\n", methods.c_str());
+    std::printf("server:        %d worker(s), redis %s, documents up to %lld tokens / %lld bytes\n",
+                r.workers(), r.redis_enabled() ? "on" : "off",
+                static_cast<long long>(r.max_document_tokens()),
+                static_cast<long long>(r.max_document_bytes()));
+    std::printf("tenant:        %s\n", r.tenant().c_str());
+    return absl::OkStatus();
+  }
+
+  const FlagSource& flags_;
+  std::string token_;
+  double timeout_seconds_ = 0;
+  bool quiet_ = false;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<pb::ContextCache::Stub> stub_;
+};
+
+}  // namespace
+
+absl::Status RunRemote(const std::string& command, const FlagSource& flags) {
+  absl::Status s = Remote(flags).Run(command);
+  if (s.ok()) return s;
+  // Name the code: "NOT_FOUND: no context ..." tells a script and a person what to do.
+  return absl::Status(s.code(), absl::StrCat(absl::StatusCodeToString(s.code()), ": ", s.message()));
+}
+
+absl::StatusOr<std::string> ReadFileOrStdin(const std::string& path) {
+  std::ostringstream ss;
+  if (path == "-") {
+    ss << std::cin.rdbuf();
+  } else {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read '", path, "'"));
+    ss << in.rdbuf();
+  }
+  return ss.str();
+}
+
+}  // namespace ctxcache::cli

@@ -1,0 +1,352 @@
+// The RPCs' work in native types (see handlers.h).
+#include "server/handlers.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status.h"
+#include "server/context_key.h"
+
+namespace ctxcache::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+absl::Status NotFoundContext(const std::string& id) {
+  return absl::NotFoundError(absl::StrCat(
+      "no context ", id, " for this tenant: it was never compressed, was evicted or expired, "
+      "or was made by another tenant or model; send the document again (Compress, or an inline "
+      "context in Generate)"));
+}
+
+}  // namespace
+
+absl::Status CheckUtf8(std::string_view text, const std::string& field) {
+  const auto* p = reinterpret_cast<const unsigned char*>(text.data());
+  const size_t n = text.size();
+  size_t i = 0;
+  while (i < n) {
+    const unsigned c = p[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len = 0;
+    uint32_t cp = 0, min = 0;
+    if ((c & 0xE0) == 0xC0) {
+      len = 2, cp = c & 0x1F, min = 0x80;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3, cp = c & 0x0F, min = 0x800;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4, cp = c & 0x07, min = 0x10000;
+    }
+    bool ok = len != 0 && i + len <= n;
+    for (size_t k = 1; ok && k < len; ++k) {
+      ok = (p[i + k] & 0xC0) == 0x80;
+      cp = (cp << 6) | (p[i + k] & 0x3F);
+    }
+    // Overlong forms, UTF-16 surrogates and code points past U+10FFFF are not UTF-8 either.
+    ok = ok && cp >= min && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF);
+    if (!ok) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, " is not valid UTF-8 (first bad byte at offset ", i,
+          "); send text as UTF-8, or the document as token ids"));
+    }
+    i += len;
+  }
+  return absl::OkStatus();
+}
+
+Handlers::Handlers(const Model& model, ContextStore& store, const RequestLimits& limits)
+    : model_(model), store_(store), limits_(limits) {
+  const std::string tmpl = model_.gguf().GetString("tokenizer.chat_template").value_or("");
+  absl::StatusOr<ChatTemplate> t = DetectChatTemplate(tmpl, /*allow_raw=*/false);
+  if (t.ok()) {
+    chat_template_ = *t;
+  } else {
+    chat_template_status_ = absl::FailedPreconditionError(absl::StrCat(
+        "this model's chat template is not supported (", t.status().message(),
+        "); send the prompt as text instead of chat messages"));
+  }
+}
+
+absl::Status Handlers::ValidateDocument(const DocumentInput& doc, const std::string& field) const {
+  if (doc.is_text) {
+    if (doc.text.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, " is empty: set document.text (UTF-8) or document.tokens"));
+    }
+    if (static_cast<int64_t>(doc.text.size()) > limits_.max_document_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".text is ", doc.text.size(), " bytes; this server accepts at most ",
+          limits_.max_document_bytes, " (max_document_bytes): split the document"));
+    }
+    return CheckUtf8(doc.text, absl::StrCat(field, ".text"));
+  }
+  if (doc.tokens.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " is empty: set document.text (UTF-8) or document.tokens"));
+  }
+  if (static_cast<int64_t>(doc.tokens.size()) > limits_.max_document_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".tokens has ", doc.tokens.size(), " ids; this server accepts at most ",
+        limits_.max_document_tokens, " (max_document_tokens): split the document"));
+  }
+  const int32_t n_vocab = model_.config().n_vocab;
+  for (size_t i = 0; i < doc.tokens.size(); ++i) {
+    if (doc.tokens[i] < 0 || doc.tokens[i] >= n_vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".tokens[", i, "] = ", doc.tokens[i], " is not a token of this model (0 to ",
+          n_vocab - 1, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Handlers::ValidateCompress(const CompressInput& in, const std::string& field) const {
+  RETURN_IF_ERROR(ValidateDocument(in.document, absl::StrCat(field, "document")));
+  if (in.spec.method.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, "compression.method is empty; expected one of ",
+        absl::StrJoin(CompressionMethods(), ", ")));
+  }
+  absl::Status s = in.spec.Validate();
+  if (!s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, "compression: ", s.message()));
+  }
+  return CheckUtf8(in.spec.question, absl::StrCat(field, "question"));
+}
+
+absl::Status Handlers::ValidateGenerate(const GenerateInput& in) const {
+  if (static_cast<int>(in.contexts.size()) > limits_.max_contexts_per_request) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "request has ", in.contexts.size(), " contexts; this server accepts at most ",
+        limits_.max_contexts_per_request, " (max_contexts_per_request)"));
+  }
+  for (size_t i = 0; i < in.contexts.size(); ++i) {
+    const ContextInput& c = in.contexts[i];
+    if (c.inline_doc) {
+      RETURN_IF_ERROR(ValidateCompress(*c.inline_doc, absl::StrCat("contexts[", i, "].inline.")));
+    } else {
+      if (c.context_id.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "contexts[", i, "] is empty: set context_id or inline"));
+      }
+      RETURN_IF_ERROR(ValidateContextId(c.context_id));
+    }
+  }
+  if (in.chat) {
+    if (in.messages.empty()) {
+      return absl::InvalidArgumentError("prompt.chat has no messages");
+    }
+    for (size_t i = 0; i < in.messages.size(); ++i) {
+      RETURN_IF_ERROR(CheckUtf8(in.messages[i].content, absl::StrCat("chat.messages[", i, "]")));
+    }
+    RETURN_IF_ERROR(CheckUtf8(in.system, "chat.system"));
+  } else {
+    if (in.text.empty()) {
+      return absl::InvalidArgumentError(
+          "the prompt is empty: set prompt text or chat messages");
+    }
+    RETURN_IF_ERROR(CheckUtf8(in.text, "text"));
+  }
+  for (size_t i = 0; i < in.params.stop.size(); ++i) {
+    RETURN_IF_ERROR(CheckUtf8(in.params.stop[i], absl::StrCat("stop[", i, "]")));
+  }
+  return ValidateGenerateParams(in.params);
+}
+
+int64_t Handlers::EstimateKvBytes(const CompressInput& in) const {
+  // English BPE averages about 4 bytes per token; the job corrects this after tokenizing.
+  const int64_t tokens = in.document.is_text
+                             ? static_cast<int64_t>(in.document.text.size()) / 4 + 1
+                             : static_cast<int64_t>(in.document.tokens.size());
+  return tokens * WorkingBytesPerToken();
+}
+
+int64_t Handlers::EstimateKvBytes(const GenerateInput& in) const {
+  int64_t bytes = 0;
+  for (const ContextInput& c : in.contexts) {
+    if (c.inline_doc) bytes += EstimateKvBytes(*c.inline_doc);
+  }
+  int64_t prompt = static_cast<int64_t>(in.text.size()) / 4 + 1;
+  for (const ChatMessage& m : in.messages) prompt += static_cast<int64_t>(m.content.size()) / 4 + 8;
+  const int64_t gen = std::min<int64_t>(in.params.max_tokens, model_.config().n_ctx_train);
+  return bytes + (prompt + gen) * WorkingBytesPerToken();
+}
+
+absl::StatusOr<std::vector<int32_t>> Handlers::Tokenize(const DocumentInput& doc,
+                                                        const std::string& field) const {
+  if (!doc.is_text) return doc.tokens;
+  const Tokenizer& tok = model_.tokenizer();
+  std::vector<int32_t> ids = tok.Encode(doc.text, tok.add_bos_default(), /*parse_special=*/false);
+  if (ids.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".text has no tokens"));
+  }
+  if (static_cast<int64_t>(ids.size()) > limits_.max_document_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".text is ", ids.size(), " tokens; this server accepts at most ",
+        limits_.max_document_tokens, " (max_document_tokens): split the document"));
+  }
+  return ids;
+}
+
+absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const std::string& tenant,
+                                                        const CompressInput& in,
+                                                        const std::string& field,
+                                                        Reservation& reservation,
+                                                        int64_t reserved_base,
+                                                        const StopCheck& stop) const {
+  RETURN_IF_ERROR(stop());
+  ASSIGN_OR_RETURN(const std::vector<int32_t> ids, Tokenize(in.document, field));
+  CompressionSpec spec = in.spec;
+  // A question the method ignores must not split the cache into per-question entries.
+  if (!MethodUsesQuestion(spec.method)) spec.question.clear();
+  // A compression prefills the whole document before pruning: reserve that working cache.
+  RETURN_IF_ERROR(reservation.Resize(
+      reserved_base + static_cast<int64_t>(ids.size()) * WorkingBytesPerToken()));
+  const uint32_t version = ExpectedMethodVersion(spec.method);
+  ContextOutcome out;
+  out.context_id = ContextId(tenant, model_.fingerprint(), spec, version, ids);
+  ASSIGN_OR_RETURN(
+      StoreResult r,
+      store_.GetOrCompute(tenant, out.context_id, [&]() -> absl::StatusOr<CompressedContext> {
+        // The compute may start long after the request did (single flight, queueing).
+        RETURN_IF_ERROR(stop());
+        ASSIGN_OR_RETURN(CompressedContext c, ctxcache::Compress(runner, ids, spec));
+        if (c.method_version != version) {
+          return absl::InternalError(absl::StrCat(
+              "method ", spec.method, " produced version ", c.method_version,
+              " but the server keys contexts with version ", version,
+              ": update ExpectedMethodVersion in server/context_key.cc"));
+        }
+        return c;
+      }));
+  out.context = std::move(r.context);
+  out.tier = r.tier;
+  out.compute_seconds = r.compute_seconds;
+  return out;
+}
+
+absl::StatusOr<CompressOutcome> Handlers::Compress(Runner& runner, Reservation& reservation,
+                                                   const std::string& tenant,
+                                                   const CompressInput& in,
+                                                   const StopCheck& stop) const {
+  const auto t0 = Clock::now();
+  CompressOutcome out;
+  ASSIGN_OR_RETURN(out.context, LoadOrCompress(runner, tenant, in, "document", reservation, 0, stop));
+  out.total_seconds = Since(t0);
+  return out;
+}
+
+absl::StatusOr<std::vector<int32_t>> Handlers::PromptTokens(const GenerateInput& in) const {
+  const Tokenizer& tok = model_.tokenizer();
+  if (!in.chat) return tok.Encode(in.text, tok.add_bos_default(), /*parse_special=*/false);
+  RETURN_IF_ERROR(chat_template_status_);
+  std::vector<ChatMessage> messages;
+  const bool has_system = std::any_of(in.messages.begin(), in.messages.end(),
+                                      [](const ChatMessage& m) { return m.role == "system"; });
+  if (!in.system.empty() && !has_system) messages.push_back({"system", in.system});
+  messages.insert(messages.end(), in.messages.begin(), in.messages.end());
+  absl::StatusOr<std::string> text = ApplyChatTemplate(chat_template_, messages, true);
+  if (!text.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("chat: ", text.status().message()));
+  }
+  return tok.Encode(*text, tok.add_bos_default(), /*parse_special=*/true);
+}
+
+absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& reservation,
+                                                   const std::string& tenant,
+                                                   const GenerateInput& in, const StopCheck& stop,
+                                                   const TextCallback& on_text) const {
+  const auto t0 = Clock::now();
+  GenerateOutcome out;
+  const ModelConfig& mc = model_.config();
+  // fp32 bytes of one kept entry (K and V rows) in the working cache.
+  const int64_t entry_bytes = int64_t{2} * mc.head_dim * static_cast<int64_t>(sizeof(float));
+  int64_t contexts_bytes = 0;
+  for (size_t i = 0; i < in.contexts.size(); ++i) {
+    const ContextInput& c = in.contexts[i];
+    if (c.inline_doc) {
+      ASSIGN_OR_RETURN(ContextOutcome o,
+                       LoadOrCompress(runner, tenant, *c.inline_doc,
+                                      absl::StrCat("contexts[", i, "].inline.document"),
+                                      reservation, contexts_bytes, stop));
+      out.contexts.push_back(std::move(o));
+    } else {
+      RETURN_IF_ERROR(stop());
+      ASSIGN_OR_RETURN(ContextOutcome o, GetContext(tenant, c.context_id));
+      out.contexts.push_back(std::move(o));
+    }
+    contexts_bytes += out.contexts.back().context->KeptEntries() * entry_bytes;
+  }
+  ASSIGN_OR_RETURN(const std::vector<int32_t> prompt, PromptTokens(in));
+  const int64_t gen = std::min<int64_t>(in.params.max_tokens, mc.n_ctx_train);
+  RETURN_IF_ERROR(reservation.Resize(
+      contexts_bytes + (static_cast<int64_t>(prompt.size()) + gen) * WorkingBytesPerToken()));
+
+  KvCache cache = model_.NewKvCache();
+  if (!out.contexts.empty()) {
+    std::vector<const CompressedContext*> ptrs;
+    for (const ContextOutcome& o : out.contexts) ptrs.push_back(o.context.get());
+    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, model_));
+  }
+  out.context_seconds = Since(t0);
+  RETURN_IF_ERROR(stop());
+
+  absl::Status stopped;
+  auto guarded = [&](std::string_view delta) {
+    if (absl::Status s = stop(); !s.ok()) {
+      stopped = s;
+      return false;
+    }
+    if (!on_text(delta)) {
+      stopped = absl::CancelledError("the client went away");
+      return false;
+    }
+    return true;
+  };
+  ASSIGN_OR_RETURN(out.result, ctxcache::Generate(runner, cache, prompt, in.params, guarded));
+  if (out.result.finish == FinishReason::kCancelled) {
+    return stopped.ok() ? absl::CancelledError("generation cancelled") : stopped;
+  }
+  const int64_t per_token = model_.KvBytesPerToken(2);
+  const int64_t own_tokens =
+      out.result.prompt_tokens + static_cast<int64_t>(out.result.tokens.size());
+  for (const ContextOutcome& o : out.contexts) {
+    out.kv_bytes_full += o.context->FullKvBytes();
+    out.kv_bytes_used += o.context->KvBytes();
+  }
+  out.kv_bytes_full += own_tokens * per_token;
+  out.kv_bytes_used += own_tokens * per_token;
+  return out;
+}
+
+absl::StatusOr<ContextOutcome> Handlers::GetContext(const std::string& tenant,
+                                                    const std::string& context_id) const {
+  RETURN_IF_ERROR(ValidateContextId(context_id));
+  absl::StatusOr<StoreResult> r = store_.Get(tenant, context_id);
+  if (absl::IsNotFound(r.status())) return NotFoundContext(context_id);
+  if (!r.ok()) return r.status();
+  ContextOutcome out;
+  out.context_id = context_id;
+  out.context = std::move(r->context);
+  out.tier = r->tier;
+  return out;
+}
+
+absl::Status Handlers::DeleteContext(const std::string& tenant,
+                                     const std::string& context_id) const {
+  RETURN_IF_ERROR(ValidateContextId(context_id));
+  absl::Status s = store_.Delete(tenant, context_id);
+  if (absl::IsNotFound(s)) return NotFoundContext(context_id);
+  return s;
+}
+
+}  // namespace ctxcache::server

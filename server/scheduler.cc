@@ -1,0 +1,147 @@
+// Engine workers and admission control (see scheduler.h).
+#include "server/scheduler.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace ctxcache::server {
+namespace {
+
+std::string Mb(int64_t bytes) { return absl::StrFormat("%.1f MB", bytes / 1e6); }
+
+}  // namespace
+
+absl::Status Reservation::Resize(int64_t bytes) {
+  absl::Status s = scheduler_->ResizeReservation(bytes_, bytes);
+  if (s.ok()) bytes_ = bytes;
+  return s;
+}
+
+Scheduler::Scheduler(const Model& model, const SchedulerOptions& options)
+    : model_(model), options_(options) {
+  for (int i = 0; i < options_.workers; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
+}
+
+Scheduler::~Scheduler() {
+  Shutdown();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (std::thread& t : workers_) t.join();
+}
+
+absl::Status Scheduler::KvExhausted(int64_t need) const {
+  if (need > options_.max_kv_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this request needs about ", Mb(need), " of KV memory, more than the server's whole "
+        "budget of ", Mb(options_.max_kv_bytes),
+        " (max_kv_bytes): send fewer or shorter contexts, a smaller max_tokens, or a higher "
+        "compression ratio"));
+  }
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "server busy: this request needs about ", Mb(need), " of KV memory and ",
+      Mb(reserved_), " of the ", Mb(options_.max_kv_bytes), " budget are held by ",
+      running_ + static_cast<int>(queue_.size()), " in-flight requests; retry with backoff"));
+}
+
+absl::StatusOr<uint64_t> Scheduler::Submit(int64_t kv_bytes_estimate, Clock::time_point deadline,
+                                           Work work, Abandon abandon) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (stopping_) return absl::UnavailableError("the server is shutting down; retry on another replica");
+  if (static_cast<int>(queue_.size()) >= options_.max_queue_depth) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "server busy: ", queue_.size(), " requests are already waiting for ", options_.workers,
+        " engine worker(s) (max_queue_depth ", options_.max_queue_depth,
+        "); retry with backoff"));
+  }
+  if (reserved_ + kv_bytes_estimate > options_.max_kv_bytes) return KvExhausted(kv_bytes_estimate);
+  const uint64_t ticket = next_ticket_++;
+  reserved_ += kv_bytes_estimate;
+  queue_.push_back(Job{ticket, kv_bytes_estimate, deadline, Clock::now(), std::move(work),
+                       std::move(abandon)});
+  lock.unlock();
+  cv_.notify_one();
+  return ticket;
+}
+
+bool Scheduler::Cancel(uint64_t ticket, const absl::Status& reason) {
+  Abandon abandon;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+      if (it->ticket != ticket) continue;
+      reserved_ -= it->kv_bytes;
+      abandon = std::move(it->abandon);
+      queue_.erase(it);
+      break;
+    }
+  }
+  if (!abandon) return false;
+  abandon(reason);
+  return true;
+}
+
+void Scheduler::Shutdown() {
+  std::list<Job> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Job& j : queue_) reserved_ -= j.kv_bytes;
+    dropped.swap(queue_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (Job& j : dropped) {
+    j.abandon(absl::UnavailableError("the server is shutting down; retry on another replica"));
+  }
+}
+
+SchedulerStats Scheduler::Stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return SchedulerStats{static_cast<int>(queue_.size()), running_, reserved_,
+                        options_.max_kv_bytes, options_.max_queue_depth, options_.workers};
+}
+
+absl::Status Scheduler::ResizeReservation(int64_t from, int64_t to) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (to > from && reserved_ - from + to > options_.max_kv_bytes) return KvExhausted(to);
+  reserved_ += to - from;
+  return absl::OkStatus();
+}
+
+void Scheduler::WorkerLoop(int /*index*/) {
+  // Each worker owns its threads and scratch; the Model's weights are shared read-only.
+  ThreadPool pool(options_.threads_per_worker);
+  Runner runner(model_, &pool);
+  for (;;) {
+    Job job;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping, nothing left
+      job = std::move(queue_.front());
+      queue_.pop_front();
+      if (job.deadline <= Clock::now()) {
+        reserved_ -= job.kv_bytes;
+        lock.unlock();
+        job.abandon(absl::DeadlineExceededError(
+            "the deadline passed while the request waited for an engine worker; the server is "
+            "busy: retry with a longer deadline or later"));
+        continue;
+      }
+      ++running_;
+    }
+    const double queue_seconds =
+        std::chrono::duration<double>(Clock::now() - job.enqueued).count();
+    Reservation reservation(this, job.kv_bytes);
+    job.work(runner, reservation, queue_seconds);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --running_;
+      reserved_ -= reservation.bytes();
+    }
+  }
+}
+
+}  // namespace ctxcache::server

@@ -1,0 +1,165 @@
+// Server assembly and life cycle (see server.h).
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace ctxcache::server {
+
+void ResolveWorkers(const ServerConfig& config, int cores, int* workers, int* threads) {
+  cores = std::max(1, cores);
+  *workers = config.workers > 0 ? config.workers : std::min(4, cores);
+  *threads = config.threads_per_worker > 0 ? config.threads_per_worker
+                                           : std::max(1, cores / *workers);
+}
+
+absl::StatusOr<std::unique_ptr<ServerInstance>> ServerInstance::Start(const ServerConfig& config,
+                                                                      const Model* model) {
+  RETURN_IF_ERROR(ValidateServerConfig(config));
+  TokenAuth auth;
+  if (!config.auth_tokens_file.empty()) {
+    ASSIGN_OR_RETURN(auth, TokenAuth::FromFile(config.auth_tokens_file));
+  }
+  std::unique_ptr<ServerInstance> s(new ServerInstance());
+  s->config_ = config;
+  s->model_ = model;
+  const bool auth_on = auth.enabled();
+  const size_t n_tokens = auth.size();
+  s->service_ = std::make_unique<ContextCacheService>(std::move(auth));
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  // TLS is not offered yet: the default address is loopback, and deployments terminate TLS in
+  // front of the service.
+  builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(), &s->port_);
+  builder.RegisterService(s->service_.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
+  s->server_ = builder.BuildAndStart();
+  if (s->server_ == nullptr || s->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen on ", config.listen,
+        ": the address is in use or not local (choose another with --listen HOST:PORT)"));
+  }
+  s->SetServing(false);
+  spdlog::info("listening on {} (auth: {}), loading...", s->address(),
+               auth_on ? absl::StrCat(n_tokens, " tokens") : std::string("off"));
+  if (!config.metrics_listen.empty()) {
+    spdlog::warn("metrics_listen {} accepted but /metrics is not served yet",
+                 config.metrics_listen);
+  }
+  return s;
+}
+
+std::string ServerInstance::address() const {
+  const size_t colon = config_.listen.rfind(':');
+  return absl::StrCat(config_.listen.substr(0, colon), ":", port_);
+}
+
+void ServerInstance::SetServing(bool serving) {
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  if (health == nullptr) return;
+  health->SetServingStatus(serving);
+  health->SetServingStatus(kServiceName, serving);
+}
+
+absl::Status ServerInstance::Load() {
+  const auto t0 = std::chrono::steady_clock::now();
+  if (model_ == nullptr) {
+    std::string path = config_.model;
+    if (path.empty()) {
+      ASSIGN_OR_RETURN(path, FindDefaultModel());
+    }
+    ASSIGN_OR_RETURN(owned_model_, Model::Load(path));
+    model_ = owned_model_.get();
+    spdlog::info("model {} loaded from {}", model_->config().name, path);
+  }
+  ContextStoreOptions so;
+  so.memory_bytes = config_.memory_cache_bytes;
+  so.model_fingerprint = model_->fingerprint();
+  so.redis.url = config_.redis_url;
+  so.redis.pool_size = config_.redis_pool_size;
+  so.redis.connect_timeout_ms = config_.redis_connect_timeout_ms;
+  so.redis.command_timeout_ms = config_.redis_command_timeout_ms;
+  so.redis.ttl_seconds = config_.redis_ttl_seconds;
+  so.redis.tenant_quota_bytes = config_.redis_tenant_quota_bytes;
+  so.redis.key_prefix = config_.redis_key_prefix;
+  ASSIGN_OR_RETURN(store_, ContextStore::Create(so));
+
+  SchedulerOptions sched;
+  ResolveWorkers(config_, ThreadPool::HardwareThreads(), &sched.workers,
+                 &sched.threads_per_worker);
+  sched.max_queue_depth = config_.max_queue_depth;
+  sched.max_kv_bytes = config_.max_kv_bytes;
+  if (sched.max_kv_bytes == 0) {
+    const int64_t ram = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+    sched.max_kv_bytes = std::max<int64_t>(ram / 4, int64_t{256} << 20);
+  }
+  RequestLimits limits;
+  limits.max_document_tokens = config_.max_document_tokens;
+  limits.max_document_bytes = config_.max_document_bytes;
+  limits.max_contexts_per_request = config_.max_contexts_per_request;
+  handlers_ = std::make_unique<Handlers>(*model_, *store_, limits);
+  scheduler_ = std::make_unique<Scheduler>(*model_, sched);
+  service_->Attach(handlers_.get(), scheduler_.get(),
+                   ServiceInfo{!config_.redis_url.empty(), sched.workers});
+  SetServing(true);
+  spdlog::info(
+      "serving {} on {}: {} worker(s) x {} thread(s), memory cache {} MB, redis {}, KV budget "
+      "{} MB, ready in {:.2f} s",
+      model_->config().name, address(), sched.workers, sched.threads_per_worker,
+      config_.memory_cache_bytes >> 20, config_.redis_url.empty() ? "off" : config_.redis_url,
+      sched.max_kv_bytes >> 20,
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  return absl::OkStatus();
+}
+
+void ServerInstance::BeginDrain() {
+  SetServing(false);
+  service_->BeginDrain();
+}
+
+bool ServerInstance::WaitIdle(double timeout_seconds) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(timeout_seconds));
+  return service_->WaitIdle(deadline);
+}
+
+bool ServerInstance::Drain(double timeout_seconds) {
+  if (shut_down_) return true;
+  shut_down_ = true;
+  BeginDrain();
+  const bool idle = WaitIdle(timeout_seconds);
+  if (!idle) {
+    spdlog::warn("drain timeout ({} s): cancelling {} call(s) still in flight", timeout_seconds,
+                 service_->in_flight());
+  }
+  // Cancels whatever is left; returns once every call has finished.
+  server_->Shutdown(std::chrono::system_clock::now());
+  if (scheduler_) scheduler_->Shutdown();
+  spdlog::info("server stopped");
+  return idle;
+}
+
+ServerInstance::~ServerInstance() {
+  if (!shut_down_) Drain(0);
+  server_->Wait();
+  // Workers finish their current job (each ends its call) before the service goes away.
+  scheduler_.reset();
+  server_.reset();
+  service_.reset();
+  handlers_.reset();
+  store_.reset();
+}
+
+}  // namespace ctxcache::server

@@ -1,0 +1,75 @@
+// One running ctxcache server: the gRPC server (ContextCache service, grpc.health.v1,
+// reflection) bound to its address, and once loaded the model, the context store and the
+// engine scheduler behind it. main.cc and the end-to-end tests both drive this class.
+//
+// Life cycle: Start (binds; health NOT_SERVING, calls UNAVAILABLE) -> Load (model, cache,
+// workers; health SERVING) -> Drain (health NOT_SERVING, new calls refused, in-flight ones
+// finish up to a timeout) -> destruction (remaining calls cancelled, workers joined).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/server.h>
+
+#include "absl/status/statusor.h"
+#include "cache/context_store.h"
+#include "engine/model.h"
+#include "server/config.h"
+#include "server/handlers.h"
+#include "server/scheduler.h"
+#include "server/service.h"
+
+namespace ctxcache::server {
+
+// The service name health reports for (besides the overall "" entry).
+inline constexpr char kServiceName[] = "ctxcache.v1.ContextCache";
+
+class ServerInstance {
+ public:
+  // Validates the config, reads the token file, binds and starts serving health. `model`, when
+  // given, is used instead of loading config.model (tests share one loaded model); it must
+  // outlive the instance.
+  static absl::StatusOr<std::unique_ptr<ServerInstance>> Start(const ServerConfig& config,
+                                                               const Model* model = nullptr);
+  ~ServerInstance();
+
+  // Loads the model (unless borrowed), creates the context store and the workers, and starts
+  // answering (health SERVING).
+  absl::Status Load();
+  // Graceful stop: health NOT_SERVING, new calls UNAVAILABLE, waits up to timeout_seconds for
+  // in-flight calls, then cancels what is left. Returns true when everything finished in time.
+  bool Drain(double timeout_seconds);
+  // The first half of Drain: health NOT_SERVING and new calls refused, without waiting.
+  void BeginDrain();
+  // Waits until no call is in flight, up to timeout_seconds; true when idle.
+  bool WaitIdle(double timeout_seconds);
+
+  int port() const { return port_; }
+  // "host:port" with the bound port (for clients).
+  std::string address() const;
+  ContextStore* store() { return store_.get(); }
+  Scheduler* scheduler() { return scheduler_.get(); }
+  const ServerConfig& config() const { return config_; }
+
+ private:
+  ServerInstance() = default;
+  void SetServing(bool serving);
+
+  ServerConfig config_;
+  const Model* model_ = nullptr;
+  std::unique_ptr<Model> owned_model_;
+  std::unique_ptr<ContextStore> store_;
+  std::unique_ptr<Handlers> handlers_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<ContextCacheService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  bool shut_down_ = false;
+};
+
+// Worker layout for `cores` usable cores: workers = min(4, cores), threads = cores / workers,
+// unless the config sets them.
+void ResolveWorkers(const ServerConfig& config, int cores, int* workers, int* threads);
+
+}  // namespace ctxcache::server

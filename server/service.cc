@@ -1,0 +1,502 @@
+// The gRPC service: edge conversion, admission and reactors (see service.h).
+#include "server/service.h"
+
+#include <spdlog/spdlog.h>
+
+#include <deque>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "server/convert.h"
+#include "server/logging.h"
+#include "server/status_map.h"
+
+namespace ctxcache::server {
+
+namespace pb = ::ctxcache::v1;
+using Clock = std::chrono::steady_clock;
+
+// A few threads for cache-only calls (GetContext, DeleteContext), which may wait on Redis and
+// so must not run on gRPC's callback threads nor queue behind generations.
+class IoExecutor {
+ public:
+  explicit IoExecutor(int threads) {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
+  }
+  ~IoExecutor() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (std::thread& t : threads_) t.join();
+  }
+  // False when the queue is full.
+  bool Submit(std::function<void()> fn) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (queue_.size() >= kMaxQueue) return false;
+      queue_.push_back(std::move(fn));
+    }
+    cv_.notify_one();
+    return true;
+  }
+
+ private:
+  static constexpr size_t kMaxQueue = 1024;
+  void Loop() {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        fn = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      fn();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::thread> threads_;
+};
+
+namespace {
+
+// The call's gRPC deadline on the steady clock (time_point::max() for none).
+Clock::time_point SteadyDeadline(const grpc::CallbackServerContext* ctx) {
+  const auto deadline = ctx->deadline();
+  const auto now = std::chrono::system_clock::now();
+  if (deadline - now > std::chrono::hours(24 * 365)) return Clock::time_point::max();
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(deadline - now);
+}
+
+absl::Status DeadlineStatus() {
+  return absl::DeadlineExceededError(
+      "the call's deadline passed before the work finished; allow more time or ask for fewer "
+      "tokens");
+}
+
+std::string Metadata(const grpc::CallbackServerContext* ctx, const char* key) {
+  const auto& md = ctx->client_metadata();
+  auto it = md.find(key);
+  if (it == md.end()) return "";
+  return std::string(it->second.data(), it->second.size());
+}
+
+}  // namespace
+
+class ContextCacheService::Call {
+ public:
+  Call(ContextCacheService* service, const char* rpc, std::string rid, std::string tenant)
+      : service_(service), rpc_(rpc), rid_(std::move(rid)), tenant_(std::move(tenant)),
+        start_(Clock::now()) {}
+  ~Call() { Done(absl::InternalError("call dropped without a status"), ""); }
+
+  const std::string& tenant() const { return tenant_; }
+  const std::string& rid() const { return rid_; }
+
+  // Unary calls: log, finish, leave the in-flight count.
+  void Finish(grpc::ServerUnaryReactor* reactor, const absl::Status& status,
+              std::string_view extra = "") {
+    Log(status, extra);
+    // Out of the in-flight count first: once Finish is called the client may see the end, and
+    // a drain that follows must not count this call.
+    Leave();
+    reactor->Finish(ToGrpcStatus(status));
+  }
+  // Streams: log and leave after the reactor called Finish.
+  void Done(const absl::Status& status, std::string_view extra) {
+    if (left_.load()) return;
+    Log(status, extra);
+    Leave();
+  }
+
+ private:
+  void Log(const absl::Status& status, std::string_view extra) {
+    const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start_).count();
+    const std::string line = absl::StrFormat(
+        "rid=%s rpc=%s tenant=%s code=%s ms=%.1f%s%s%s", rid_, rpc_, tenant_,
+        absl::StatusCodeToString(status.code()), ms, extra.empty() ? "" : " ",
+        std::string(extra), status.ok() ? "" : absl::StrCat(" error=\"", status.message(), "\""));
+    if (status.ok() || absl::IsNotFound(status) || absl::IsInvalidArgument(status) ||
+        absl::IsCancelled(status)) {
+      spdlog::info("{}", line);
+    } else {
+      spdlog::warn("{}", line);
+    }
+  }
+  void Leave() {
+    if (!left_.exchange(true)) service_->EndCall();
+  }
+
+  ContextCacheService* service_;
+  const char* rpc_;
+  std::string rid_, tenant_;
+  Clock::time_point start_;
+  std::atomic<bool> left_{false};
+};
+
+ContextCacheService::ContextCacheService(TokenAuth auth)
+    : auth_(std::move(auth)), io_(std::make_unique<IoExecutor>(2)) {}
+
+ContextCacheService::~ContextCacheService() = default;
+
+void ContextCacheService::Attach(const Handlers* handlers, Scheduler* scheduler,
+                                 const ServiceInfo& info) {
+  scheduler_ = scheduler;
+  info_ = info;
+  handlers_.store(handlers, std::memory_order_release);
+}
+
+void ContextCacheService::BeginDrain() { draining_.store(true); }
+
+bool ContextCacheService::WaitIdle(Clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return idle_cv_.wait_until(lock, deadline, [&] { return in_flight_ == 0; });
+}
+
+int ContextCacheService::in_flight() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return in_flight_;
+}
+
+void ContextCacheService::EndCall() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (--in_flight_ == 0) idle_cv_.notify_all();
+}
+
+absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::BeginCall(
+    grpc::CallbackServerContext* ctx, const char* rpc) {
+  const std::string rid = RequestId(Metadata(ctx, "x-request-id"));
+  ctx->AddInitialMetadata("x-request-id", rid);
+  absl::Status refuse;
+  if (draining_.load()) {
+    refuse = absl::UnavailableError("the server is shutting down; retry on another replica");
+  } else if (handlers_.load(std::memory_order_acquire) == nullptr) {
+    refuse = absl::UnavailableError(
+        "the model is still loading (health: NOT_SERVING); retry in a few seconds");
+  }
+  absl::StatusOr<std::string> tenant =
+      refuse.ok() ? auth_.Authenticate(Metadata(ctx, "authorization")) : refuse;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++in_flight_;
+  }
+  auto call = std::make_shared<Call>(this, rpc, rid, tenant.ok() ? *tenant : "-");
+  if (!tenant.ok()) {
+    call->Done(tenant.status(), "");
+    return tenant.status();
+  }
+  return call;
+}
+
+grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerContext* ctx,
+                                                        const pb::CompressRequest* req,
+                                                        pb::CompressResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "Compress");
+  if (!call.ok()) {
+    reactor->Finish(ToGrpcStatus(call.status()));
+    return reactor;
+  }
+  const Handlers* handlers = handlers_.load(std::memory_order_acquire);
+  absl::StatusOr<CompressInput> in = FromProto(*req);
+  absl::Status valid = in.ok() ? handlers->ValidateCompress(*in, "") : in.status();
+  if (!valid.ok()) {
+    (*call)->Finish(reactor, valid);
+    return reactor;
+  }
+  const Clock::time_point deadline = SteadyDeadline(ctx);
+  auto input = std::make_shared<CompressInput>(*std::move(in));
+  std::shared_ptr<Call> c = *call;
+  auto work = [=](Runner& runner, Reservation& reservation, double queue_seconds) {
+    StopCheck stop = [ctx, deadline]() -> absl::Status {
+      if (ctx->IsCancelled()) return absl::CancelledError("the client cancelled the call");
+      if (Clock::now() >= deadline) return DeadlineStatus();
+      return absl::OkStatus();
+    };
+    absl::StatusOr<CompressOutcome> out =
+        handlers->Compress(runner, reservation, c->tenant(), *input, stop);
+    // The working cache is gone: release its reservation before the client can see the end.
+    (void)reservation.Resize(0);
+    if (!out.ok()) {
+      c->Finish(reactor, out.status());
+      return;
+    }
+    ToProto(out->context, resp->mutable_context());
+    resp->set_compute_ms(out->context.compute_seconds * 1e3);
+    resp->set_total_ms(out->total_seconds * 1e3);
+    resp->set_queue_ms(queue_seconds * 1e3);
+    c->Finish(reactor, absl::OkStatus(),
+              absl::StrFormat("tier=%s context=%s tokens=%d",
+                              CacheTierName(out->context.tier), out->context.context_id,
+                              out->context.context->source_tokens));
+  };
+  auto abandon = [=](const absl::Status& reason) { c->Finish(reactor, reason); };
+  absl::StatusOr<uint64_t> ticket =
+      scheduler_->Submit(handlers->EstimateKvBytes(*input), deadline, work, abandon);
+  if (!ticket.ok()) c->Finish(reactor, ticket.status());
+  return reactor;
+}
+
+// A server stream: the worker pushes text (Push) and ends the call (Complete); gRPC reactions
+// (OnWriteDone, OnCancel) continue from there. Decisions are taken under mu_, gRPC is called
+// outside it, and Finish is the reactor's last use of itself: OnDone (which deletes it) may
+// run as soon as Finish has been called.
+class GenerateReactor final : public grpc::ServerWriteReactor<pb::GenerateResponse> {
+ public:
+  GenerateReactor(grpc::CallbackServerContext* ctx, Scheduler* scheduler)
+      : ctx_(ctx), scheduler_(scheduler) {}
+
+  void Begin(std::shared_ptr<ContextCacheService::Call> call) { call_ = std::move(call); }
+  grpc::CallbackServerContext* context() const { return ctx_; }
+  bool cancelled() const { return cancelled_.load(); }
+
+  // Records the scheduler ticket; a cancellation that came first takes the job back out.
+  void SetTicket(uint64_t ticket) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ticket_ = ticket;
+    }
+    if (cancelled_.load()) TakeBack();
+  }
+
+  // Worker: append a text delta. False once the client is gone.
+  bool Push(std::string_view delta) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (broken_ || cancelled_.load()) return false;
+    pending_text_.append(delta.data(), delta.size());
+    Pump(lock);
+    return true;
+  }
+
+  // Worker (or abandon): the final message (when OK) and status; called exactly once.
+  void Complete(const absl::Status& status, std::optional<pb::GenerateResponse> last,
+                std::string log_extra) {
+    std::unique_lock<std::mutex> lock(mu_);
+    final_status_ = status;
+    if (status.ok() && last) last_ = std::move(last);
+    log_extra_ = std::move(log_extra);
+    Pump(lock);
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    write_in_flight_ = false;
+    if (!ok) broken_ = true;
+    Pump(lock);
+  }
+
+  void OnCancel() override {
+    cancelled_.store(true);
+    TakeBack();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  // Starts the next write, or finishes once the worker completed and nothing is left to write.
+  // Releases the lock before calling into gRPC.
+  void Pump(std::unique_lock<std::mutex>& lock) {
+    if (write_in_flight_ || finishing_) return;
+    if (!broken_ && !pending_text_.empty()) {
+      writing_.Clear();
+      writing_.set_text(std::move(pending_text_));
+      pending_text_.clear();
+      write_in_flight_ = true;
+      lock.unlock();
+      StartWrite(&writing_);
+      return;
+    }
+    if (!final_status_) return;
+    if (!broken_ && last_) {
+      writing_ = std::move(*last_);
+      last_.reset();
+      write_in_flight_ = true;
+      lock.unlock();
+      StartWrite(&writing_);
+      return;
+    }
+    finishing_ = true;
+    absl::Status status = *final_status_;
+    if (status.ok() && broken_) status = absl::CancelledError("the client went away");
+    std::shared_ptr<ContextCacheService::Call> call = std::move(call_);
+    const std::string extra = log_extra_;
+    lock.unlock();
+    if (call) call->Done(status, extra);
+    Finish(ToGrpcStatus(status));
+  }
+
+  void TakeBack() {
+    uint64_t ticket = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ticket = ticket_;
+    }
+    if (ticket != 0) {
+      scheduler_->Cancel(ticket, absl::CancelledError("the client cancelled the call"));
+    }
+  }
+
+  grpc::CallbackServerContext* ctx_;
+  Scheduler* scheduler_;
+  std::shared_ptr<ContextCacheService::Call> call_;
+  std::atomic<bool> cancelled_{false};
+  std::mutex mu_;
+  uint64_t ticket_ ABSL_GUARDED_BY(mu_) = 0;
+  pb::GenerateResponse writing_;  // owned by gRPC while write_in_flight_
+  std::string pending_text_ ABSL_GUARDED_BY(mu_);
+  std::optional<pb::GenerateResponse> last_ ABSL_GUARDED_BY(mu_);
+  std::optional<absl::Status> final_status_ ABSL_GUARDED_BY(mu_);
+  std::string log_extra_ ABSL_GUARDED_BY(mu_);
+  bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
+    grpc::CallbackServerContext* ctx, const pb::GenerateRequest* req) {
+  auto* reactor = new GenerateReactor(ctx, scheduler_);
+  absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "Generate");
+  if (!call.ok()) {
+    reactor->Complete(call.status(), std::nullopt, "");
+    return reactor;
+  }
+  reactor->Begin(*call);
+  const Handlers* handlers = handlers_.load(std::memory_order_acquire);
+  absl::StatusOr<GenerateInput> in = FromProto(*req);
+  absl::Status valid = in.ok() ? handlers->ValidateGenerate(*in) : in.status();
+  if (!valid.ok()) {
+    reactor->Complete(valid, std::nullopt, "");
+    return reactor;
+  }
+  const Clock::time_point deadline = SteadyDeadline(ctx);
+  auto input = std::make_shared<GenerateInput>(*std::move(in));
+  const std::string tenant = (*call)->tenant();
+  auto work = [=](Runner& runner, Reservation& reservation, double queue_seconds) {
+    StopCheck stop = [reactor, deadline]() -> absl::Status {
+      if (reactor->cancelled()) return absl::CancelledError("the client cancelled the call");
+      if (Clock::now() >= deadline) return DeadlineStatus();
+      return absl::OkStatus();
+    };
+    absl::StatusOr<GenerateOutcome> out = handlers->Generate(
+        runner, reservation, tenant, *input, stop,
+        [reactor](std::string_view delta) { return reactor->Push(delta); });
+    (void)reservation.Resize(0);  // the KV cache is freed; release before the client sees the end
+    if (!out.ok()) {
+      reactor->Complete(out.status(), std::nullopt, "");
+      return;
+    }
+    pb::GenerateResponse last;
+    ToProto(*out, queue_seconds, last.mutable_usage());
+    std::string tiers;
+    for (const ContextOutcome& c : out->contexts) {
+      absl::StrAppend(&tiers, tiers.empty() ? "" : ",", CacheTierName(c.tier));
+    }
+    const std::string extra = absl::StrFormat(
+        "contexts=%d tiers=%s prompt_tokens=%d completion_tokens=%d kv_saved=%d finish=%s",
+        out->contexts.size(), tiers.empty() ? "-" : tiers, out->result.prompt_tokens,
+        out->result.tokens.size(), out->kv_bytes_full - out->kv_bytes_used,
+        std::string(FinishReasonName(out->result.finish)));
+    reactor->Complete(absl::OkStatus(), std::move(last), extra);
+  };
+  auto abandon = [reactor](const absl::Status& reason) {
+    reactor->Complete(reason, std::nullopt, "");
+  };
+  absl::StatusOr<uint64_t> ticket =
+      scheduler_->Submit(handlers->EstimateKvBytes(*input), deadline, work, abandon);
+  if (!ticket.ok()) {
+    reactor->Complete(ticket.status(), std::nullopt, "");
+  } else {
+    reactor->SetTicket(*ticket);
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ContextCacheService::GetContext(grpc::CallbackServerContext* ctx,
+                                                          const pb::GetContextRequest* req,
+                                                          pb::GetContextResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "GetContext");
+  if (!call.ok()) {
+    reactor->Finish(ToGrpcStatus(call.status()));
+    return reactor;
+  }
+  const Handlers* handlers = handlers_.load(std::memory_order_acquire);
+  std::shared_ptr<Call> c = *call;
+  const std::string id = req->context_id();
+  const bool queued = io_->Submit([=] {
+    absl::StatusOr<ContextOutcome> out = handlers->GetContext(c->tenant(), id);
+    if (out.ok()) ToProto(*out, resp->mutable_context());
+    c->Finish(reactor, out.status(), out.ok() ? absl::StrCat("tier=", CacheTierName(out->tier)) : "");
+  });
+  if (!queued) {
+    c->Finish(reactor, absl::ResourceExhaustedError("server busy: too many cache lookups "
+                                                    "queued; retry with backoff"));
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ContextCacheService::DeleteContext(grpc::CallbackServerContext* ctx,
+                                                             const pb::DeleteContextRequest* req,
+                                                             pb::DeleteContextResponse* /*resp*/) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "DeleteContext");
+  if (!call.ok()) {
+    reactor->Finish(ToGrpcStatus(call.status()));
+    return reactor;
+  }
+  const Handlers* handlers = handlers_.load(std::memory_order_acquire);
+  std::shared_ptr<Call> c = *call;
+  const std::string id = req->context_id();
+  const bool queued = io_->Submit([=] {
+    c->Finish(reactor, handlers->DeleteContext(c->tenant(), id));
+  });
+  if (!queued) {
+    c->Finish(reactor, absl::ResourceExhaustedError("server busy: too many cache operations "
+                                                    "queued; retry with backoff"));
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ContextCacheService::GetModelInfo(grpc::CallbackServerContext* ctx,
+                                                            const pb::GetModelInfoRequest* /*req*/,
+                                                            pb::GetModelInfoResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "GetModelInfo");
+  if (!call.ok()) {
+    reactor->Finish(ToGrpcStatus(call.status()));
+    return reactor;
+  }
+  const Handlers* handlers = handlers_.load(std::memory_order_acquire);
+  const Model& model = handlers->model();
+  const ModelConfig& mc = model.config();
+  resp->set_name(mc.name);
+  resp->set_architecture(mc.arch);
+  resp->set_fingerprint(model.fingerprint());
+  resp->set_n_layers(mc.n_layers);
+  resp->set_n_heads(mc.n_heads);
+  resp->set_n_kv_heads(mc.n_kv_heads);
+  resp->set_head_dim(mc.head_dim);
+  resp->set_d_model(mc.d_model);
+  resp->set_n_vocab(mc.n_vocab);
+  resp->set_context_length(mc.n_ctx_train);
+  resp->set_kv_bytes_per_token(model.KvBytesPerToken(2));
+  for (const char* m : CompressionMethods()) resp->add_methods(m);
+  resp->set_workers(info_.workers);
+  resp->set_max_document_tokens(handlers->limits().max_document_tokens);
+  resp->set_max_document_bytes(handlers->limits().max_document_bytes);
+  resp->set_tenant((*call)->tenant());
+  resp->set_redis_enabled(info_.redis_enabled);
+  (*call)->Finish(reactor, absl::OkStatus());
+  return reactor;
+}
+
+}  // namespace ctxcache::server

@@ -1,0 +1,83 @@
+// The ctxcache.v1.ContextCache gRPC service (callback API). Each handler authenticates the
+// call, converts and validates the request on the network thread, and hands the work to the
+// engine scheduler (Compress, Generate) or to a small I/O pool (GetContext, DeleteContext:
+// cache lookups that may wait on Redis); reactors only enqueue and write. Streams coalesce
+// text written while a previous write is in flight, so a slow client never blocks a worker.
+//
+// Before Attach (model loading) every call is UNAVAILABLE; after BeginDrain new calls are
+// UNAVAILABLE while in-flight ones finish.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "ctxcache/v1/ctxcache.grpc.pb.h"
+#include "server/auth.h"
+#include "server/handlers.h"
+#include "server/scheduler.h"
+
+namespace ctxcache::server {
+
+class IoExecutor;
+
+struct ServiceInfo {
+  bool redis_enabled = false;
+  int workers = 0;
+};
+
+class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackService {
+ public:
+  explicit ContextCacheService(TokenAuth auth);
+  ~ContextCacheService() override;
+
+  // Makes the service ready (the objects outlive the service's calls).
+  void Attach(const Handlers* handlers, Scheduler* scheduler, const ServiceInfo& info);
+  // New calls are refused (UNAVAILABLE) from now on.
+  void BeginDrain();
+  // Waits until no call is in flight or `deadline`; true when idle.
+  bool WaitIdle(std::chrono::steady_clock::time_point deadline);
+  int in_flight() const;
+
+  grpc::ServerUnaryReactor* Compress(grpc::CallbackServerContext* ctx,
+                                     const ctxcache::v1::CompressRequest* req,
+                                     ctxcache::v1::CompressResponse* resp) override;
+  grpc::ServerWriteReactor<ctxcache::v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* ctx, const ctxcache::v1::GenerateRequest* req) override;
+  grpc::ServerUnaryReactor* GetContext(grpc::CallbackServerContext* ctx,
+                                       const ctxcache::v1::GetContextRequest* req,
+                                       ctxcache::v1::GetContextResponse* resp) override;
+  grpc::ServerUnaryReactor* DeleteContext(grpc::CallbackServerContext* ctx,
+                                          const ctxcache::v1::DeleteContextRequest* req,
+                                          ctxcache::v1::DeleteContextResponse* resp) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* ctx,
+                                         const ctxcache::v1::GetModelInfoRequest* req,
+                                         ctxcache::v1::GetModelInfoResponse* resp) override;
+
+  // One call's bookkeeping (request id, tenant, timing, in-flight count, final log line).
+  class Call;
+
+ private:
+  friend class Call;
+  friend class GenerateReactor;
+  // Request id, readiness, drain and auth checks; on success a Call (in flight until its
+  // Finish), else the status to end the call with.
+  absl::StatusOr<std::shared_ptr<Call>> BeginCall(grpc::CallbackServerContext* ctx,
+                                                  const char* rpc);
+  void EndCall();
+
+  TokenAuth auth_;
+  std::atomic<const Handlers*> handlers_{nullptr};
+  Scheduler* scheduler_ = nullptr;  // set with handlers_ (release/acquire)
+  ServiceInfo info_;
+  std::unique_ptr<IoExecutor> io_;
+  std::atomic<bool> draining_{false};
+  mutable std::mutex mu_;
+  std::condition_variable idle_cv_;
+  int in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace ctxcache::server

@@ -1,0 +1,512 @@
+// Cache tiers without a Redis server: the memory tier's byte bound, LRU order, eviction
+// counts and tenant separation; single flight (one computation, shared value or error);
+// Redis URL parsing and key layout; the store's memory-only path, option validation, and
+// its behaviour when the configured Redis is not there at all.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cache/context_store.h"
+#include "cache/memory_tier.h"
+#include "cache/redis_client.h"
+#include "cache/redis_tier.h"
+#include "cache/single_flight.h"
+#include "common/half.h"
+#include "tests/redis_server.h"
+
+namespace ctxcache {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+constexpr char kFingerprint[] = "81ee8e0f5c3d2a1b00112233445566778899aabbccddeeff0123456789abcdef";
+
+// A KV context with `n` entries per head: KvBytes() = layers * heads * n * head_dim * 2 * 2.
+CompressedContext MakeContext(int n, float seed = 1.0f, int n_layers = 2, int n_kv_heads = 2,
+                              int head_dim = 4) {
+  CompressedContext c;
+  c.model_fingerprint = kFingerprint;
+  c.method = "streaming";
+  c.params = "ratio=4";
+  c.source_tokens = 4 * n;
+  c.kv = KvCache(n_layers, n_kv_heads, head_dim);
+  c.kv.next_position = 4 * n;
+  for (int l = 0; l < n_layers; ++l) {
+    for (int h = 0; h < n_kv_heads; ++h) {
+      KvHead& kh = c.kv.head(l, h);
+      for (int i = 0; i < n; ++i) kh.pos.push_back(4 * i);
+      for (int i = 0; i < n * head_dim; ++i) {
+        kh.k.push_back(Fp16ToFp32(Fp32ToFp16(seed + 0.25f * i)));
+        kh.v.push_back(Fp16ToFp32(Fp32ToFp16(seed - 0.5f * i)));
+      }
+    }
+  }
+  return c;
+}
+
+std::shared_ptr<const CompressedContext> Shared(CompressedContext c) {
+  return std::make_shared<const CompressedContext>(std::move(c));
+}
+
+// ---- memory tier ---------------------------------------------------------------------------
+
+TEST(MemoryTierTest, ChargesKvDigestAndKeyBytes) {
+  CompressedContext c = MakeContext(3);
+  EXPECT_EQ(c.KvBytes(), 2 * 2 * 3 * 4 * 2 * 2);
+  EXPECT_EQ(MemoryTier::EntryBytes("t", "key", c), c.KvBytes() + 4);
+  c.digest.assign(10, 0.5f);
+  EXPECT_EQ(MemoryTier::EntryBytes("t", "key", c), c.KvBytes() + 20 + 4);
+}
+
+TEST(MemoryTierTest, EvictsLeastRecentlyUsedWithinByteBound) {
+  const int64_t entry = MemoryTier::EntryBytes("t", "a", MakeContext(4));
+  MemoryTier tier(3 * entry);
+  ASSERT_TRUE(tier.Put("t", "a", Shared(MakeContext(4))));
+  ASSERT_TRUE(tier.Put("t", "b", Shared(MakeContext(4))));
+  ASSERT_TRUE(tier.Put("t", "c", Shared(MakeContext(4))));
+  EXPECT_EQ(tier.GetStats().bytes, 3 * entry);
+  ASSERT_NE(tier.Get("t", "a"), nullptr);  // a is now the most recent; b the least
+
+  ASSERT_TRUE(tier.Put("t", "d", Shared(MakeContext(4))));
+  EXPECT_EQ(tier.Get("t", "b"), nullptr);
+  EXPECT_NE(tier.Get("t", "a"), nullptr);
+  EXPECT_NE(tier.Get("t", "c"), nullptr);
+  EXPECT_NE(tier.Get("t", "d"), nullptr);
+  MemoryTier::Stats s = tier.GetStats();
+  EXPECT_EQ(s.evictions, 1);
+  EXPECT_EQ(s.entries, 3);
+  EXPECT_EQ(s.bytes, 3 * entry);
+  EXPECT_LE(s.bytes, tier.capacity_bytes());
+
+  // An entry twice the size evicts the two least recently used (a, then c).
+  ASSERT_NE(tier.Get("t", "d"), nullptr);
+  ASSERT_TRUE(tier.Put("t", "e", Shared(MakeContext(8))));
+  s = tier.GetStats();
+  EXPECT_EQ(s.evictions, 3);
+  EXPECT_EQ(tier.Get("t", "a"), nullptr);
+  EXPECT_EQ(tier.Get("t", "c"), nullptr);
+  EXPECT_NE(tier.Get("t", "d"), nullptr);
+  EXPECT_NE(tier.Get("t", "e"), nullptr);
+  EXPECT_LE(tier.GetStats().bytes, tier.capacity_bytes());
+}
+
+TEST(MemoryTierTest, ReplaceEraseAndClearAreNotEvictions) {
+  const int64_t small = MemoryTier::EntryBytes("t", "a", MakeContext(2));
+  const int64_t big = MemoryTier::EntryBytes("t", "a", MakeContext(5));
+  MemoryTier tier(10 * big);
+  ASSERT_TRUE(tier.Put("t", "a", Shared(MakeContext(2))));
+  ASSERT_TRUE(tier.Put("t", "a", Shared(MakeContext(5))));  // replaces
+  EXPECT_EQ(tier.GetStats().bytes, big);
+  EXPECT_EQ(tier.GetStats().entries, 1);
+  EXPECT_EQ(tier.Get("t", "a")->kv.head(0, 0).n(), 5);
+  ASSERT_TRUE(tier.Put("t", "b", Shared(MakeContext(2))));
+  EXPECT_TRUE(tier.Erase("t", "a"));
+  EXPECT_FALSE(tier.Erase("t", "a"));
+  EXPECT_EQ(tier.GetStats().bytes, small);
+  tier.Clear();
+  const MemoryTier::Stats s = tier.GetStats();
+  EXPECT_EQ(s.bytes, 0);
+  EXPECT_EQ(s.entries, 0);
+  EXPECT_EQ(s.evictions, 0);
+  EXPECT_EQ(tier.Get("t", "b"), nullptr);
+}
+
+TEST(MemoryTierTest, RefusesAnEntryLargerThanTheBudget) {
+  const int64_t entry = MemoryTier::EntryBytes("t", "a", MakeContext(4));
+  MemoryTier tier(entry);
+  ASSERT_TRUE(tier.Put("t", "a", Shared(MakeContext(4))));
+  EXPECT_FALSE(tier.Put("t", "huge", Shared(MakeContext(40))));
+  EXPECT_NE(tier.Get("t", "a"), nullptr);  // nothing was evicted for it
+  EXPECT_EQ(tier.GetStats().oversize, 1);
+  EXPECT_EQ(tier.GetStats().evictions, 0);
+
+  MemoryTier disabled(0);
+  EXPECT_FALSE(disabled.Put("t", "a", Shared(MakeContext(1))));
+  EXPECT_EQ(disabled.Get("t", "a"), nullptr);
+}
+
+TEST(MemoryTierTest, TenantsAreSeparate) {
+  MemoryTier tier(1 << 20);
+  ASSERT_TRUE(tier.Put("alice", "k", Shared(MakeContext(2, 1.0f))));
+  EXPECT_EQ(tier.Get("bob", "k"), nullptr);
+  ASSERT_TRUE(tier.Put("bob", "k", Shared(MakeContext(2, 9.0f))));
+  EXPECT_EQ(tier.Get("alice", "k")->kv.head(0, 0).k[0], 1.0f);
+  EXPECT_EQ(tier.Get("bob", "k")->kv.head(0, 0).k[0], 9.0f);
+  // Pairs, not concatenations: ("a", "bk") and ("ab", "k") are different entries.
+  ASSERT_TRUE(tier.Put("a", "bk", Shared(MakeContext(2))));
+  EXPECT_EQ(tier.Get("ab", "k"), nullptr);
+  EXPECT_TRUE(tier.Erase("alice", "k"));
+  EXPECT_NE(tier.Get("bob", "k"), nullptr);
+  const MemoryTier::Stats s = tier.GetStats();
+  EXPECT_EQ(s.hits, 3);
+  EXPECT_EQ(s.misses, 2);
+}
+
+// ---- single flight -------------------------------------------------------------------------
+
+// Waits (polling) until `n` callers wait on `key`; false after 10 s.
+bool AwaitWaiters(const SingleFlight<int>& flight, const std::string& key, int64_t n) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (flight.Waiters(key) < n) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+TEST(SingleFlightTest, ConcurrentCallersShareOneComputation) {
+  constexpr int kThreads = 8;
+  SingleFlight<int> flight;
+  std::atomic<int> computes{0}, leaders{0};
+  std::vector<absl::StatusOr<int>> results(kThreads, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&, i] {
+      bool leader = false;
+      results[i] = flight.Do(
+          "k",
+          [&]() -> absl::StatusOr<int> {
+            ++computes;
+            // Finish only once every other thread has joined, so that sharing is certain.
+            if (!AwaitWaiters(flight, "k", kThreads - 1)) return absl::DeadlineExceededError("");
+            return 42;
+          },
+          &leader);
+      if (leader) ++leaders;
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(computes.load(), 1);
+  EXPECT_EQ(leaders.load(), 1);
+  for (const auto& r : results) {
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(*r, 42);
+  }
+  EXPECT_EQ(flight.Waiters("k"), 0);
+}
+
+TEST(SingleFlightTest, WaitersGetTheSameErrorAndErrorsAreNotKept) {
+  constexpr int kThreads = 6;
+  SingleFlight<int> flight;
+  std::atomic<int> computes{0};
+  std::vector<absl::StatusOr<int>> results(kThreads, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&, i] {
+      results[i] = flight.Do("k", [&]() -> absl::StatusOr<int> {
+        ++computes;
+        if (!AwaitWaiters(flight, "k", kThreads - 1)) return absl::DeadlineExceededError("");
+        return absl::ResourceExhaustedError("out of workers");
+      });
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(computes.load(), 1);
+  for (const auto& r : results) {
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_EQ(r.status().message(), "out of workers");
+  }
+  // The next call computes again.
+  absl::StatusOr<int> again = flight.Do("k", [&]() -> absl::StatusOr<int> {
+    ++computes;
+    return 7;
+  });
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(*again, 7);
+  EXPECT_EQ(computes.load(), 2);
+}
+
+TEST(SingleFlightTest, DifferentKeysDoNotWaitForEachOther) {
+  SingleFlight<int> flight;
+  std::atomic<bool> b_done{false};
+  // a's computation finishes only after b's has: if b waited on a, this would never end.
+  std::thread a([&] {
+    absl::StatusOr<int> r = flight.Do("a", [&]() -> absl::StatusOr<int> {
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (!b_done.load() && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::yield();
+      }
+      return b_done.load() ? 1 : -1;
+    });
+    EXPECT_EQ(*r, 1);
+  });
+  absl::StatusOr<int> b = flight.Do("b", [&]() -> absl::StatusOr<int> { return 2; });
+  b_done = true;
+  a.join();
+  EXPECT_EQ(*b, 2);
+}
+
+// ---- Redis URL and keys --------------------------------------------------------------------
+
+TEST(RedisUrlTest, ParsesGoodUrls) {
+  absl::StatusOr<RedisUrl> u = ParseRedisUrl("redis://localhost");
+  ASSERT_TRUE(u.ok()) << u.status();
+  EXPECT_EQ(u->host, "localhost");
+  EXPECT_EQ(u->port, 6379);
+  EXPECT_EQ(u->db, 0);
+  EXPECT_TRUE(u->user.empty());
+  EXPECT_TRUE(u->password.empty());
+
+  u = ParseRedisUrl("redis://10.0.0.7:6380/3");
+  ASSERT_TRUE(u.ok()) << u.status();
+  EXPECT_EQ(u->host, "10.0.0.7");
+  EXPECT_EQ(u->port, 6380);
+  EXPECT_EQ(u->db, 3);
+
+  u = ParseRedisUrl("redis://:s%40cr%3At@redis.internal:7000");
+  ASSERT_TRUE(u.ok()) << u.status();
+  EXPECT_EQ(u->user, "");
+  EXPECT_EQ(u->password, "s@cr:t");
+  EXPECT_EQ(u->host, "redis.internal");
+
+  u = ParseRedisUrl("redis://alice:pw@cache-0.cache:6379/0");
+  ASSERT_TRUE(u.ok()) << u.status();
+  EXPECT_EQ(u->user, "alice");
+  EXPECT_EQ(u->password, "pw");
+  EXPECT_EQ(u->host, "cache-0.cache");
+
+  u = ParseRedisUrl("redis://[::1]:6390/2");
+  ASSERT_TRUE(u.ok()) << u.status();
+  EXPECT_EQ(u->host, "::1");
+  EXPECT_EQ(u->port, 6390);
+  EXPECT_EQ(u->db, 2);
+
+  u = ParseRedisUrl("redis://h/");
+  ASSERT_TRUE(u.ok()) << u.status();
+  EXPECT_EQ(u->db, 0);
+}
+
+TEST(RedisUrlTest, RejectsBadUrlsWithAMessageAndNoPassword) {
+  const struct {
+    const char* url;
+    const char* says;
+  } kCases[] = {
+      {"", "must start with redis://"},
+      {"localhost:6379", "must start with redis://"},
+      {"http://hunter2@h", "must start with redis://"},
+      {"rediss://h:6379", "TLS"},
+      {"redis://", "host is missing"},
+      {"redis://:6379", "host is missing"},
+      {"redis://h:0", "port must be a number in 1..65535"},
+      {"redis://h:65536", "port must be a number in 1..65535"},
+      {"redis://h:63x9", "port must be a number"},
+      {"redis://h:", "port after ':' is empty"},
+      {"redis://h:-1", "port must be a number"},
+      {"redis://h/x", "database must be a number"},
+      {"redis://h/-1", "database must be a number"},
+      {"redis://h?db=1", "query parameters"},
+      {"redis://alice@h", "a user needs a password"},
+      {"redis://alice:@h", "password is empty"},
+      {"redis://:hunter%2@h", "bad percent-escape in the password"},
+      {"redis://::1:6379", "IPv6 host goes in brackets"},
+      {"redis://[::1:6379", "unterminated ["},
+      {"redis://h st:1", "bad host"},
+      {"redis://alice:hunter2@h:bad", "port must be a number"},
+  };
+  for (const auto& c : kCases) {
+    absl::StatusOr<RedisUrl> u = ParseRedisUrl(c.url);
+    ASSERT_FALSE(u.ok()) << c.url;
+    EXPECT_EQ(u.status().code(), absl::StatusCode::kInvalidArgument) << c.url;
+    EXPECT_THAT(std::string(u.status().message()), HasSubstr(c.says)) << c.url;
+    EXPECT_THAT(std::string(u.status().message()), HasSubstr("redis://[user:password@]host"));
+    EXPECT_THAT(std::string(u.status().message()), Not(HasSubstr("hunter"))) << c.url;
+  }
+}
+
+TEST(RedisUrlTest, RedactsThePassword) {
+  EXPECT_EQ(RedactRedisUrl("redis://alice:hunter2@h:1/2"), "redis://alice:***@h:1/2");
+  EXPECT_EQ(RedactRedisUrl("redis://:hunter2@h"), "redis://:***@h");
+  EXPECT_EQ(RedactRedisUrl("redis://h:1"), "redis://h:1");
+}
+
+TEST(RedisKeyTest, EscapesTenantsSoThatNoneCanForgeAnothersPrefix) {
+  EXPECT_EQ(RedisTier::Escape("acme-prod_1.eu"), "acme-prod_1.eu");
+  EXPECT_EQ(RedisTier::Escape("a:b"), "a%3Ab");
+  EXPECT_EQ(RedisTier::Escape("%"), "%25");
+  EXPECT_EQ(RedisTier::Escape("a b*\n"), "a%20b%2A%0A");
+  EXPECT_EQ(RedisTier::Escape(std::string("\0\xff", 2)), "%00%FF");
+  // Injective on the tricky cases: an escaped form is not another tenant's raw name.
+  EXPECT_NE(RedisTier::Escape("a:b"), RedisTier::Escape("a%3Ab"));
+
+  RedisOptions options;
+  options.url = "redis://127.0.0.1:1";  // Create does not connect
+  absl::StatusOr<std::unique_ptr<RedisTier>> tier = RedisTier::Create(options, kFingerprint);
+  ASSERT_TRUE(tier.ok()) << tier.status();
+  RedisTier& t = **tier;
+  EXPECT_EQ(t.TenantPrefix("acme"), "ctxcache:acme");
+  EXPECT_EQ(t.MetaKey("acme", "0123abcd"), "ctxcache:acme:m:0123abcd");
+  EXPECT_EQ(t.PartKey("acme", "0123abcd", "00ff", 2), "ctxcache:acme:p:0123abcd:00ff:2");
+  EXPECT_EQ(t.MetaKey("acme", "a:b"), "ctxcache:acme:m:a%3Ab");
+  // Tenant "acme:m:x" would collide with acme's metadata namespace if not escaped.
+  const std::string forged = t.MetaKey("acme:m:x", "k");
+  EXPECT_EQ(forged, "ctxcache:acme%3Am%3Ax:m:k");
+  EXPECT_FALSE(forged.starts_with(t.TenantPrefix("acme") + ":"));
+  EXPECT_NE(t.MetaKey("acme", "x:m:k"), t.MetaKey("acme:m:x", "k"));
+}
+
+// ---- the store without Redis ---------------------------------------------------------------
+
+ContextStoreOptions MemoryOnly(int64_t bytes = 1 << 20) {
+  ContextStoreOptions o;
+  o.memory_bytes = bytes;
+  o.model_fingerprint = kFingerprint;
+  return o;
+}
+
+TEST(ContextStoreTest, ComputesOnceThenServesFromMemory) {
+  absl::StatusOr<std::unique_ptr<ContextStore>> store = ContextStore::Create(MemoryOnly());
+  ASSERT_TRUE(store.ok()) << store.status();
+  int computes = 0;
+  auto compute = [&]() -> absl::StatusOr<CompressedContext> {
+    ++computes;
+    return MakeContext(3);
+  };
+  absl::StatusOr<StoreResult> r = (*store)->GetOrCompute("t", "k", compute);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->tier, CacheTier::kComputed);
+  EXPECT_GT(r->compute_seconds, 0.0);
+  r = (*store)->GetOrCompute("t", "k", compute);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->tier, CacheTier::kMemory);
+  EXPECT_EQ(r->compute_seconds, 0.0);
+  EXPECT_EQ(computes, 1);
+  EXPECT_EQ((*store)->Get("t", "k")->tier, CacheTier::kMemory);
+  EXPECT_EQ((*store)->Get("other", "k").status().code(), absl::StatusCode::kNotFound);
+
+  ContextStoreStats s = (*store)->Stats();
+  EXPECT_EQ(s.memory_entries, 1);
+  EXPECT_EQ(s.memory_bytes, MemoryTier::EntryBytes("t", "k", MakeContext(3)));
+  EXPECT_EQ(s.memory_hits, 2);
+  EXPECT_FALSE(s.redis_connected);
+
+  (*store)->ClearMemory();
+  EXPECT_EQ((*store)->Get("t", "k").status().code(), absl::StatusCode::kNotFound);
+  r = (*store)->GetOrCompute("t", "k", compute);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->tier, CacheTier::kComputed);
+  EXPECT_TRUE((*store)->Delete("t", "k").ok());
+  EXPECT_EQ((*store)->Delete("t", "k").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ((*store)->Get("t", "k").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(ContextStoreTest, ComputeErrorsPropagateAndAreNotCached) {
+  absl::StatusOr<std::unique_ptr<ContextStore>> store = ContextStore::Create(MemoryOnly());
+  ASSERT_TRUE(store.ok());
+  absl::StatusOr<StoreResult> r =
+      (*store)->GetOrCompute("t", "k", []() -> absl::StatusOr<CompressedContext> {
+        return absl::InvalidArgumentError("document is empty");
+      });
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(r.status().message(), "document is empty");
+  r = (*store)->GetOrCompute("t", "k",
+                             []() -> absl::StatusOr<CompressedContext> { return MakeContext(1); });
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->tier, CacheTier::kComputed);
+  EXPECT_EQ((*store)->GetOrCompute("t", "k2", nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ContextStoreTest, ConcurrentRequestsForOneKeyComputeOnce) {
+  absl::StatusOr<std::unique_ptr<ContextStore>> store = ContextStore::Create(MemoryOnly());
+  ASSERT_TRUE(store.ok());
+  constexpr int kThreads = 8;
+  std::atomic<int> computes{0}, started{0};
+  std::vector<std::shared_ptr<const CompressedContext>> got(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&, i] {
+      ++started;
+      absl::StatusOr<StoreResult> r =
+          (*store)->GetOrCompute("t", "k", [&]() -> absl::StatusOr<CompressedContext> {
+            ++computes;
+            // Give the others a chance to pile up; correctness does not depend on it (a late
+            // caller finds the memory tier filled instead).
+            const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+            while (started.load() < kThreads && std::chrono::steady_clock::now() < deadline) {
+              std::this_thread::yield();
+            }
+            return MakeContext(2);
+          });
+      ASSERT_TRUE(r.ok()) << r.status();
+      got[i] = r->context;
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(computes.load(), 1);
+  for (const auto& c : got) EXPECT_EQ(c.get(), got[0].get());  // one shared object
+}
+
+TEST(ContextStoreTest, RejectsBadOptions) {
+  ContextStoreOptions o = MemoryOnly();
+  o.memory_bytes = -1;
+  EXPECT_EQ(ContextStore::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = MemoryOnly();
+  o.model_fingerprint = "81EE";
+  EXPECT_EQ(ContextStore::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+
+  const auto redis_error = [](void (*edit)(RedisOptions&)) {
+    ContextStoreOptions o = MemoryOnly();
+    o.redis.url = "redis://127.0.0.1:1";
+    edit(o.redis);
+    return ContextStore::Create(o).status();
+  };
+  EXPECT_THAT(std::string(redis_error([](RedisOptions& r) { r.url = "redis://h:x"; }).message()),
+              HasSubstr("port"));
+  EXPECT_EQ(redis_error([](RedisOptions& r) { r.ttl_seconds = -1; }).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(redis_error([](RedisOptions& r) { r.tenant_quota_bytes = -5; }).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(redis_error([](RedisOptions& r) { r.max_part_bytes = 0; }).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(redis_error([](RedisOptions& r) { r.pool_size = 0; }).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(redis_error([](RedisOptions& r) { r.command_timeout_ms = 0; }).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(redis_error([](RedisOptions& r) { r.backoff_max_ms = 1; }).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ContextStoreTest, UnreachableRedisDegradesToComputeAndFailsFast) {
+  ContextStoreOptions o = MemoryOnly();
+  const int port = testing::FreeLoopbackPort();  // nothing listens there
+  ASSERT_GT(port, 0);
+  o.redis.url = "redis://127.0.0.1:" + std::to_string(port);
+  o.redis.backoff_initial_ms = 60000;  // one attempt, then fail fast for the whole test
+  o.redis.backoff_max_ms = 60000;
+  absl::StatusOr<std::unique_ptr<ContextStore>> store = ContextStore::Create(o);
+  ASSERT_TRUE(store.ok()) << store.status();  // not an error at start
+  EXPECT_FALSE((*store)->Stats().redis_connected);
+  for (int i = 0; i < 20; ++i) {
+    absl::StatusOr<StoreResult> r = (*store)->GetOrCompute(
+        "t", "k" + std::to_string(i),
+        []() -> absl::StatusOr<CompressedContext> { return MakeContext(1); });
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tier, CacheTier::kComputed);
+  }
+  const ContextStoreStats s = (*store)->Stats();
+  EXPECT_EQ(s.redis_errors, 40);  // a read and a write per request
+  EXPECT_EQ(s.redis_hits + s.redis_misses + s.redis_writes, 0);
+  EXPECT_FALSE(s.redis_connected);
+  // Lookup only: "unavailable" (the entry may exist there), not "not found".
+  (*store)->ClearMemory();
+  const absl::Status get = (*store)->Get("t", "k0").status();
+  EXPECT_EQ(get.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(get.message()), HasSubstr("next attempt in"));
+  EXPECT_EQ((*store)->Delete("t", "k0").code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(ContextStoreTest, TierNames) {
+  EXPECT_STREQ(CacheTierName(CacheTier::kComputed), "computed");
+  EXPECT_STREQ(CacheTierName(CacheTier::kMemory), "memory");
+  EXPECT_STREQ(CacheTierName(CacheTier::kRedis), "redis");
+}
+
+}  // namespace
+}  // namespace ctxcache

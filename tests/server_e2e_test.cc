@@ -1,0 +1,864 @@
+// End-to-end tests of the gRPC service over real gRPC (loopback, port 0) with the real default
+// model, in process: ServerInstance is what ctxcache-server runs. Answers are checked against
+// the engine run locally on the very context the server cached (greedy decoding is
+// deterministic for a given thread count; the servers here use one thread per worker, like
+// the local reference), so "correct" means "what the engine computes", byte for byte.
+//
+// Covers: compress once then three questions from the memory tier; the Redis tier from a
+// second server sharing a real redis-server; multi-document generation; 16 concurrent
+// streams; cancellation and deadlines (and that the work stops and its memory is released);
+// tenant isolation with bearer tokens; malformed requests and their codes; admission;
+// health while loading and draining.
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <signal.h>
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "ctxcache/v1/ctxcache.grpc.pb.h"
+#include "engine/chat_template.h"
+#include "engine/compress/compress.h"
+#include "engine/generate.h"
+#include "server/auth.h"
+#include "server/logging.h"
+#include "server/server.h"
+#include "tests/redis_server.h"
+#include "tests/test_util.h"
+
+namespace ctxcache::testing {
+namespace {
+
+namespace pb = ::ctxcache::v1;
+using server::ServerConfig;
+using server::ServerInstance;
+
+// About 330 tokens: long enough for compression to matter, short enough for 2 CPU cores.
+constexpr char kDocument[] =
+    "The Harbor Street Library was founded in 1887 by the shipbuilder Margaret Olsen, who "
+    "donated her collection of 4,200 books on navigation, astronomy and marine engineering. "
+    "The original building burned down in 1921, and the library moved to a former customs "
+    "house on Quay Road, where it still stands today. Its most valuable item is a hand-drawn "
+    "map of the northern coastline made in 1764 by the cartographer Elias Brandt. The library "
+    "is open from Tuesday to Saturday, from nine in the morning until six in the evening, and "
+    "it is closed on public holidays. Membership is free for residents of the town; visitors "
+    "pay twelve euros per year. The current head librarian is Tomas Reyes, who started a "
+    "program in 2019 that teaches children to tie sailing knots and read nautical charts. In "
+    "2022 the library received a grant of 80,000 euros to restore its reading room, whose "
+    "ceiling is painted with the constellations of the winter sky. The restoration was "
+    "finished in the spring of 2023, and the reading room now hosts a monthly lecture on the "
+    "history of the harbor. The library's cat, a grey tabby named Compass, sleeps on the map "
+    "table most afternoons and has become a favourite of the children who visit.";
+
+constexpr char kSecondDocument[] =
+    "The town of Vellmar lies at the mouth of the river Aska. Its main industries are fishing "
+    "and boat repair, and about 9,000 people live there. The town hall clock was built in "
+    "1902 and has never stopped, even during the great storm of 1953. Every August the town "
+    "holds a regatta in which forty sailing boats race around the lighthouse and back.";
+
+constexpr int kMaxTokens = 12;
+
+const std::vector<std::string>& Questions() {
+  static const auto* const q = new std::vector<std::string>{
+      "Who founded the Harbor Street Library?",
+      "What is the name of the library's cat?",
+      "When is the library open?",
+      "How much do visitors pay for membership?",
+  };
+  return *q;
+}
+
+pb::CompressRequest CompressRequest(const std::string& doc) {
+  pb::CompressRequest req;
+  req.mutable_document()->set_text(doc);
+  req.mutable_compression()->set_method("snapkv");
+  req.mutable_compression()->set_ratio(4);
+  return req;
+}
+
+pb::GenerateRequest Ask(const std::string& question, int max_tokens = kMaxTokens) {
+  pb::GenerateRequest req;
+  pb::ChatMessage* m = req.mutable_chat()->add_messages();
+  m->set_role("user");
+  m->set_content(question);
+  req.mutable_sampling()->set_temperature(0);
+  req.set_max_tokens(max_tokens);
+  return req;
+}
+
+pb::GenerateRequest AskAbout(const std::string& context_id, const std::string& question,
+                             int max_tokens = kMaxTokens) {
+  pb::GenerateRequest req = Ask(question, max_tokens);
+  req.add_contexts()->set_context_id(context_id);
+  return req;
+}
+
+struct StreamResult {
+  grpc::Status status;
+  std::string text;
+  int messages = 0;
+  bool has_usage = false;
+  pb::Usage usage;
+};
+
+// Runs a Generate to the end. `setup` adjusts the context (deadline, metadata); `on_first`
+// runs after the first message arrives (cancellation).
+StreamResult RunGenerate(pb::ContextCache::Stub& stub, const pb::GenerateRequest& req,
+                         const std::function<void(grpc::ClientContext&)>& setup = {},
+                         const std::function<void(grpc::ClientContext&)>& on_first = {}) {
+  grpc::ClientContext ctx;
+  if (setup) setup(ctx);
+  StreamResult out;
+  std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader = stub.Generate(&ctx, req);
+  pb::GenerateResponse msg;
+  while (reader->Read(&msg)) {
+    if (out.messages++ == 0 && on_first) on_first(ctx);
+    out.text += msg.text();
+    if (msg.has_usage()) {
+      out.has_usage = true;
+      out.usage = msg.usage();
+    }
+  }
+  out.status = reader->Finish();
+  return out;
+}
+
+std::function<void(grpc::ClientContext&)> Bearer(const std::string& token) {
+  return [token](grpc::ClientContext& ctx) { ctx.AddMetadata("authorization", "Bearer " + token); };
+}
+
+// grpc.health.v1.Health/Check through the generic stub, with the two messages encoded by
+// hand (HealthCheckRequest{service = 1}; HealthCheckResponse{status = 1}: 1 SERVING,
+// 2 NOT_SERVING), so the test needs no extra generated code. -1 when the call fails.
+int HealthStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string& service) {
+  grpc::GenericStub stub(channel);
+  std::string request;
+  if (!service.empty()) {
+    request.push_back(0x0a);
+    request.push_back(static_cast<char>(service.size()));
+    request += service;
+  }
+  grpc::Slice slice(request);
+  grpc::ByteBuffer req_buf(&slice, 1), resp_buf;
+  grpc::ClientContext ctx;
+  std::promise<grpc::Status> done;
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req_buf, &resp_buf,
+                 [&](grpc::Status s) { done.set_value(s); });
+  if (!done.get_future().get().ok()) return -1;
+  std::vector<grpc::Slice> slices;
+  if (!resp_buf.Dump(&slices).ok()) return -1;
+  std::string bytes;
+  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  if (bytes.empty()) return 0;  // UNKNOWN (0) is the empty message
+  if (bytes.size() != 2 || bytes[0] != 0x08) return -1;
+  return bytes[1];
+}
+
+class ServerE2ETest : public DefaultModelTest {
+ protected:
+  struct Running {
+    std::unique_ptr<ServerInstance> server;
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<pb::ContextCache::Stub> stub;
+  };
+
+  static void SetUpTestSuite() { (void)server::ConfigureLogging("plain", "warn"); }
+
+  static ServerConfig BaseConfig() {
+    ServerConfig c;
+    c.listen = "127.0.0.1:0";
+    c.workers = 2;
+    c.threads_per_worker = 1;  // the local reference runs one thread too (see the top)
+    c.memory_cache_bytes = 256 << 20;
+    c.max_kv_bytes = int64_t{2} << 30;
+    c.drain_timeout_seconds = 10;
+    return c;
+  }
+
+  // Starts a server on the shared model. load = false leaves it loading (NOT_SERVING).
+  static Running Start(const ServerConfig& config, bool load = true) {
+    Running r;
+    absl::StatusOr<std::unique_ptr<ServerInstance>> s = ServerInstance::Start(config, &model());
+    EXPECT_TRUE(s.ok()) << s.status();
+    if (!s.ok()) return r;
+    r.server = *std::move(s);
+    if (load) {
+      absl::Status st = r.server->Load();
+      EXPECT_TRUE(st.ok()) << st;
+    }
+    r.channel = grpc::CreateChannel(r.server->address(), grpc::InsecureChannelCredentials());
+    r.stub = pb::ContextCache::NewStub(r.channel);
+    return r;
+  }
+
+  static pb::CompressResponse MustCompress(pb::ContextCache::Stub& stub, const std::string& doc,
+                                           const std::function<void(grpc::ClientContext&)>& setup = {}) {
+    grpc::ClientContext ctx;
+    if (setup) setup(ctx);
+    pb::CompressResponse resp;
+    grpc::Status s = stub.Compress(&ctx, CompressRequest(doc), &resp);
+    EXPECT_TRUE(s.ok()) << s.error_code() << ": " << s.error_message();
+    return resp;
+  }
+
+  // The server's cached context, as the local reference's input.
+  static std::shared_ptr<const CompressedContext> Cached(ServerInstance& server,
+                                                         const std::string& id,
+                                                         const std::string& tenant = "default") {
+    absl::StatusOr<StoreResult> r = server.store()->Get(tenant, id);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? r->context : nullptr;
+  }
+
+  // What the engine answers locally, greedy, over `contexts` (composed in order).
+  static std::string LocalAnswer(const std::vector<const CompressedContext*>& contexts,
+                                 const std::string& question, int max_tokens = kMaxTokens) {
+    const Tokenizer& tok = model().tokenizer();
+    absl::StatusOr<ChatTemplate> tmpl = DetectChatTemplate(
+        model().gguf().GetString("tokenizer.chat_template").value_or(""), false);
+    EXPECT_TRUE(tmpl.ok()) << tmpl.status();
+    absl::StatusOr<std::string> text = ApplyChatTemplate(*tmpl, {{"user", question}}, true);
+    EXPECT_TRUE(text.ok()) << text.status();
+    const std::vector<int32_t> ids = tok.Encode(*text, tok.add_bos_default(), true);
+    ThreadPool pool(1);
+    Runner runner(model(), &pool);
+    KvCache cache = model().NewKvCache();
+    if (!contexts.empty()) {
+      absl::StatusOr<KvCache> composed = ComposeContexts(contexts, model());
+      EXPECT_TRUE(composed.ok()) << composed.status();
+      cache = *std::move(composed);
+    }
+    GenerateParams params;
+    params.sampling = SamplingParams::Greedy();
+    params.max_tokens = max_tokens;
+    absl::StatusOr<GenerateResult> r = Generate(runner, cache, ids, params, nullptr);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? r->text : "";
+  }
+
+  static void ExpectUsageConsistent(const pb::Usage& u) {
+    EXPECT_GT(u.prompt_tokens(), 0);
+    EXPECT_GT(u.completion_tokens(), 0);
+    EXPECT_EQ(u.kv_bytes_saved(), u.kv_bytes_full() - u.kv_bytes_used());
+    EXPECT_NE(u.finish_reason(), pb::FINISH_REASON_UNSPECIFIED);
+    EXPECT_GE(u.ttft_ms(), 0);
+    int64_t original = 0, full = 0, used = 0;
+    for (const pb::ContextUsage& c : u.contexts()) {
+      original += c.original_tokens();
+      full += c.full_kv_bytes();
+      used += c.kv_bytes();
+      EXPECT_LT(c.kept_entries(), c.full_entries());
+    }
+    EXPECT_EQ(u.context_tokens_original(), original);
+    // Prompt and generated tokens count the same in both; the difference is the contexts'.
+    EXPECT_EQ(u.kv_bytes_full() - u.kv_bytes_used(), full - used);
+    if (u.contexts_size() > 0) {
+      EXPECT_GT(u.kv_bytes_saved(), 0);
+    }
+  }
+};
+
+TEST_F(ServerE2ETest, CompressOnceThenThreeQuestionsFromMemory) {
+  Running r = Start(BaseConfig());
+  ASSERT_NE(r.stub, nullptr);
+  const pb::CompressResponse c = MustCompress(*r.stub, kDocument);
+  const pb::ContextInfo& info = c.context();
+  EXPECT_EQ(info.tier(), pb::CACHE_TIER_COMPUTED);
+  EXPECT_EQ(info.context_id().size(), 64u);
+  EXPECT_GT(info.original_tokens(), 200);
+  EXPECT_EQ(info.method(), "snapkv");
+  EXPECT_LT(info.kv_bytes(), info.full_kv_bytes() / 3);  // ratio 4 (plus sinks/window)
+  EXPECT_GT(c.compute_ms(), 0);
+
+  // The same document again: same id, from memory, nothing computed.
+  const pb::CompressResponse again = MustCompress(*r.stub, kDocument);
+  EXPECT_EQ(again.context().context_id(), info.context_id());
+  EXPECT_EQ(again.context().tier(), pb::CACHE_TIER_MEMORY);
+  EXPECT_EQ(again.compute_ms(), 0);
+
+  std::shared_ptr<const CompressedContext> ctx = Cached(*r.server, info.context_id());
+  ASSERT_NE(ctx, nullptr);
+  for (int i = 0; i < 3; ++i) {
+    const std::string& q = Questions()[i];
+    StreamResult s = RunGenerate(*r.stub, AskAbout(info.context_id(), q));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    ASSERT_TRUE(s.has_usage);
+    ASSERT_EQ(s.usage.contexts_size(), 1);
+    EXPECT_EQ(s.usage.contexts(0).tier(), pb::CACHE_TIER_MEMORY) << q;
+    EXPECT_EQ(s.usage.contexts(0).context_id(), info.context_id());
+    EXPECT_EQ(s.usage.context_tokens_original(), info.original_tokens());
+    ExpectUsageConsistent(s.usage);
+    EXPECT_FALSE(s.text.empty());
+    EXPECT_EQ(s.text, LocalAnswer({ctx.get()}, q)) << q;
+  }
+
+  // Without Redis, clearing the memory tier forgets the context.
+  r.server->store()->ClearMemory();
+  grpc::ClientContext gctx;
+  pb::GetContextRequest greq;
+  greq.set_context_id(info.context_id());
+  pb::GetContextResponse gresp;
+  grpc::Status gs = r.stub->GetContext(&gctx, greq, &gresp);
+  EXPECT_EQ(gs.error_code(), grpc::StatusCode::NOT_FOUND) << gs.error_message();
+  EXPECT_NE(gs.error_message().find("send the document again"), std::string::npos);
+}
+
+TEST_F(ServerE2ETest, RedisTierServesASecondServerAndAClearedMemoryTier) {
+  const std::string binary = FindRedisServer();
+  if (binary.empty()) {
+    if (RequireRedis()) FAIL() << "redis-server not found and CTXCACHE_REQUIRE_REDIS=1";
+    GTEST_SKIP() << "redis-server not found (tools/setup.sh installs it)";
+  }
+  RedisServer redis(binary);
+  ASSERT_EQ(redis.Start(), "");
+  ServerConfig config = BaseConfig();
+  config.redis_url = redis.Url();
+  Running a = Start(config);
+  Running b = Start(config);
+  ASSERT_NE(a.stub, nullptr);
+  ASSERT_NE(b.stub, nullptr);
+
+  const pb::CompressResponse c = MustCompress(*a.stub, kDocument);
+  EXPECT_EQ(c.context().tier(), pb::CACHE_TIER_COMPUTED);
+  const std::string id = c.context().context_id();
+  std::shared_ptr<const CompressedContext> ctx = Cached(*a.server, id);
+  ASSERT_NE(ctx, nullptr);
+
+  auto stats = [](ServerInstance& s) {
+    const ContextStoreStats st = s.store()->Stats();
+    return absl::StrCat("redis connected=", st.redis_connected, " writes=", st.redis_writes,
+                        " hits=", st.redis_hits, " misses=", st.redis_misses,
+                        " errors=", st.redis_errors, " corrupt=", st.redis_corrupt,
+                        " wrong_model=", st.redis_wrong_model);
+  };
+  // Server B never saw the document: the context comes from Redis, then from its memory.
+  StreamResult s1 = RunGenerate(*b.stub, AskAbout(id, Questions()[0]));
+  ASSERT_TRUE(s1.status.ok()) << s1.status.error_message() << "\nA: " << stats(*a.server)
+                              << "\nB: " << stats(*b.server);
+  ASSERT_EQ(s1.usage.contexts_size(), 1);
+  EXPECT_EQ(s1.usage.contexts(0).tier(), pb::CACHE_TIER_REDIS);
+  EXPECT_EQ(s1.text, LocalAnswer({ctx.get()}, Questions()[0]));
+  StreamResult s2 = RunGenerate(*b.stub, AskAbout(id, Questions()[1]));
+  ASSERT_TRUE(s2.status.ok()) << s2.status.error_message();
+  EXPECT_EQ(s2.usage.contexts(0).tier(), pb::CACHE_TIER_MEMORY);
+
+  // Server A after its memory tier is cleared: Redis again, the same answer.
+  a.server->store()->ClearMemory();
+  StreamResult s3 = RunGenerate(*a.stub, AskAbout(id, Questions()[2]));
+  ASSERT_TRUE(s3.status.ok()) << s3.status.error_message();
+  EXPECT_EQ(s3.usage.contexts(0).tier(), pb::CACHE_TIER_REDIS);
+  EXPECT_EQ(s3.text, LocalAnswer({ctx.get()}, Questions()[2]));
+
+  // Compress on B of the same document: found in its memory now, not recomputed.
+  const pb::CompressResponse cb = MustCompress(*b.stub, kDocument);
+  EXPECT_EQ(cb.context().context_id(), id);
+  EXPECT_NE(cb.context().tier(), pb::CACHE_TIER_COMPUTED);
+}
+
+TEST_F(ServerE2ETest, MultiDocumentGenerateComposesContextsInOrder) {
+  Running r = Start(BaseConfig());
+  ASSERT_NE(r.stub, nullptr);
+  const std::string id1 = MustCompress(*r.stub, kDocument).context().context_id();
+  // The second document inline: compressed and cached on the way.
+  pb::GenerateRequest req = AskAbout(id1, "Which town holds a regatta, and who founded the library?");
+  *req.add_contexts()->mutable_inline_() = CompressRequest(kSecondDocument);
+  StreamResult s = RunGenerate(*r.stub, req);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  ASSERT_EQ(s.usage.contexts_size(), 2);
+  EXPECT_EQ(s.usage.contexts(0).tier(), pb::CACHE_TIER_MEMORY);
+  EXPECT_EQ(s.usage.contexts(1).tier(), pb::CACHE_TIER_COMPUTED);
+  ExpectUsageConsistent(s.usage);
+  std::shared_ptr<const CompressedContext> c1 = Cached(*r.server, id1);
+  std::shared_ptr<const CompressedContext> c2 = Cached(*r.server, s.usage.contexts(1).context_id());
+  ASSERT_NE(c1, nullptr);
+  ASSERT_NE(c2, nullptr);
+  EXPECT_EQ(s.usage.context_tokens_original(), c1->source_tokens + c2->source_tokens);
+  EXPECT_EQ(s.text, LocalAnswer({c1.get(), c2.get()},
+                                "Which town holds a regatta, and who founded the library?"));
+  // The inline context is now addressable by id, and equal to a Compress of the same document.
+  EXPECT_EQ(MustCompress(*r.stub, kSecondDocument).context().context_id(),
+            s.usage.contexts(1).context_id());
+}
+
+TEST_F(ServerE2ETest, SixteenConcurrentStreamsMatchSequentialGreedy) {
+  Running r = Start(BaseConfig());
+  ASSERT_NE(r.stub, nullptr);
+  const std::string id = MustCompress(*r.stub, kDocument).context().context_id();
+  std::shared_ptr<const CompressedContext> ctx = Cached(*r.server, id);
+  ASSERT_NE(ctx, nullptr);
+  std::vector<std::string> expected;
+  for (const std::string& q : Questions()) expected.push_back(LocalAnswer({ctx.get()}, q));
+
+  constexpr int kStreams = 16;
+  std::vector<StreamResult> results(kStreams);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      results[i] = RunGenerate(*r.stub, AskAbout(id, Questions()[i % Questions().size()]));
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    SCOPED_TRACE(i);
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    EXPECT_EQ(results[i].text, expected[i % expected.size()]);
+    EXPECT_GT(results[i].messages, 1);  // streamed, then the usage message
+    EXPECT_TRUE(results[i].has_usage);
+  }
+  EXPECT_TRUE(r.server->WaitIdle(10));
+  EXPECT_EQ(r.server->scheduler()->Stats().reserved_kv_bytes, 0);
+}
+
+// A generation far longer than the test: only a prompt stop lets the server go idle in time.
+pb::GenerateRequest Endless(const std::string& id) {
+  pb::GenerateRequest req = AskAbout(id, "Tell me everything about the library, at length.", 4000);
+  req.set_ignore_eos(true);
+  return req;
+}
+
+TEST_F(ServerE2ETest, CancelMidStreamStopsTheWorkAndFreesItsMemory) {
+  ServerConfig config = BaseConfig();
+  config.workers = 1;
+  Running r = Start(config);
+  ASSERT_NE(r.stub, nullptr);
+  const std::string id = MustCompress(*r.stub, kDocument).context().context_id();
+  StreamResult s = RunGenerate(*r.stub, Endless(id), {},
+                               [](grpc::ClientContext& ctx) { ctx.TryCancel(); });
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::CANCELLED) << s.status.error_message();
+  EXPECT_GE(s.messages, 1);
+  EXPECT_FALSE(s.has_usage);
+  // 4000 tokens take minutes here; the worker must notice within a token or two.
+  EXPECT_TRUE(r.server->WaitIdle(5)) << "the cancelled generation kept running";
+  EXPECT_EQ(r.server->scheduler()->Stats().reserved_kv_bytes, 0);
+  // The single worker is free again.
+  StreamResult next = RunGenerate(*r.stub, AskAbout(id, Questions()[0]));
+  EXPECT_TRUE(next.status.ok()) << next.status.error_message();
+}
+
+TEST_F(ServerE2ETest, DeadlineExceededEndsTheCallAndTheWork) {
+  ServerConfig config = BaseConfig();
+  config.workers = 1;
+  Running r = Start(config);
+  ASSERT_NE(r.stub, nullptr);
+  const std::string id = MustCompress(*r.stub, kDocument).context().context_id();
+  StreamResult s = RunGenerate(*r.stub, Endless(id), [](grpc::ClientContext& ctx) {
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(700));
+  });
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED)
+      << s.status.error_message();
+  EXPECT_FALSE(s.has_usage);
+  EXPECT_TRUE(r.server->WaitIdle(5)) << "the generation outlived its deadline";
+  EXPECT_EQ(r.server->scheduler()->Stats().reserved_kv_bytes, 0);
+}
+
+TEST_F(ServerE2ETest, TenantsNeverSeeEachOthersContexts) {
+  char dir[] = "/tmp/ctxcache-auth-XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string tokens = std::string(dir) + "/tokens";
+  {
+    std::ofstream out(tokens);
+    out << "# test tokens\nalice-token-0001 alice\nbob-token-0002 bob\n";
+  }
+  ServerConfig config = BaseConfig();
+  config.auth_tokens_file = tokens;
+  Running r = Start(config);
+  std::remove(tokens.c_str());
+  rmdir(dir);
+  ASSERT_NE(r.stub, nullptr);
+  const auto alice = Bearer("alice-token-0001"), bob = Bearer("bob-token-0002");
+
+  auto info = [&](const std::function<void(grpc::ClientContext&)>& setup,
+                  pb::GetModelInfoResponse* resp) {
+    grpc::ClientContext ctx;
+    if (setup) setup(ctx);
+    return r.stub->GetModelInfo(&ctx, pb::GetModelInfoRequest(), resp);
+  };
+  pb::GetModelInfoResponse mi;
+  EXPECT_EQ(info({}, &mi).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(info(Bearer("wrong-token-9999"), &mi).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  ASSERT_TRUE(info(bob, &mi).ok());
+  EXPECT_EQ(mi.tenant(), "bob");
+
+  const std::string id = MustCompress(*r.stub, kDocument, alice).context().context_id();
+  auto get = [&](const std::function<void(grpc::ClientContext&)>& setup) {
+    grpc::ClientContext ctx;
+    setup(ctx);
+    pb::GetContextRequest req;
+    req.set_context_id(id);
+    pb::GetContextResponse resp;
+    return r.stub->GetContext(&ctx, req, &resp).error_code();
+  };
+  EXPECT_EQ(get(alice), grpc::StatusCode::OK);
+  EXPECT_EQ(get(bob), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(RunGenerate(*r.stub, AskAbout(id, Questions()[0]), bob).status.error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  {
+    grpc::ClientContext ctx;
+    bob(ctx);
+    pb::DeleteContextRequest req;
+    req.set_context_id(id);
+    pb::DeleteContextResponse resp;
+    EXPECT_EQ(r.stub->DeleteContext(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  EXPECT_EQ(get(alice), grpc::StatusCode::OK);  // bob's delete touched nothing
+  // The same document for bob is bob's own context, computed for him.
+  const pb::CompressResponse bc = MustCompress(*r.stub, kDocument, bob);
+  EXPECT_NE(bc.context().context_id(), id);
+  EXPECT_EQ(bc.context().tier(), pb::CACHE_TIER_COMPUTED);
+  // Alice can delete hers.
+  {
+    grpc::ClientContext ctx;
+    alice(ctx);
+    pb::DeleteContextRequest req;
+    req.set_context_id(id);
+    pb::DeleteContextResponse resp;
+    EXPECT_TRUE(r.stub->DeleteContext(&ctx, req, &resp).ok());
+  }
+  EXPECT_EQ(get(alice), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ServerE2ETest, MalformedRequestsGetTheRightCodeAndAClearMessage) {
+  ServerConfig config = BaseConfig();
+  config.max_document_bytes = 4096;
+  config.max_message_bytes = 64 << 10;
+  Running r = Start(config);
+  ASSERT_NE(r.stub, nullptr);
+
+  struct CompressCase {
+    const char* name;
+    std::function<void(pb::CompressRequest&)> edit;
+    grpc::StatusCode code;
+    const char* message;
+  };
+  const std::vector<CompressCase> compress_cases = {
+      {"empty document", [](pb::CompressRequest& q) { q.mutable_document()->set_text(""); },
+       grpc::StatusCode::INVALID_ARGUMENT, "document is empty"},
+      {"no document", [](pb::CompressRequest& q) { q.clear_document(); },
+       grpc::StatusCode::INVALID_ARGUMENT, "document is empty"},
+      {"oversized document",
+       [](pb::CompressRequest& q) { q.mutable_document()->set_text(std::string(5000, 'a')); },
+       grpc::StatusCode::INVALID_ARGUMENT, "max_document_bytes"},
+      {"larger than the gRPC limit",
+       [](pb::CompressRequest& q) { q.mutable_document()->set_text(std::string(100000, 'a')); },
+       grpc::StatusCode::RESOURCE_EXHAUSTED, ""},
+      {"invalid UTF-8",
+       [](pb::CompressRequest& q) { q.mutable_document()->set_text("caf\xc3(\xff end"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "document.text is not valid UTF-8 (first bad byte at offset 3)"},
+      {"unknown method", [](pb::CompressRequest& q) { q.mutable_compression()->set_method("zip"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "unknown compression method \"zip\""},
+      {"no method", [](pb::CompressRequest& q) { q.mutable_compression()->clear_method(); },
+       grpc::StatusCode::INVALID_ARGUMENT, "compression.method is empty"},
+      {"ratio below 1", [](pb::CompressRequest& q) { q.mutable_compression()->set_ratio(0.5); },
+       grpc::StatusCode::INVALID_ARGUMENT, "ratio must be > 1"},
+      {"token out of vocabulary",
+       [](pb::CompressRequest& q) {
+         q.mutable_document()->mutable_tokens()->add_ids(1);
+         q.mutable_document()->mutable_tokens()->add_ids(99999999);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "document.tokens[1] = 99999999 is not a token"},
+      {"invalid UTF-8 question",
+       [](pb::CompressRequest& q) { q.set_question("\xc0\xaf"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "question is not valid UTF-8"},
+  };
+  for (const CompressCase& c : compress_cases) {
+    SCOPED_TRACE(c.name);
+    pb::CompressRequest req = CompressRequest(kSecondDocument);
+    c.edit(req);
+    grpc::ClientContext ctx;
+    pb::CompressResponse resp;
+    grpc::Status s = r.stub->Compress(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), c.code) << s.error_message();
+    EXPECT_NE(s.error_message().find(c.message), std::string::npos) << s.error_message();
+  }
+
+  const std::string unknown_id(64, 'a');
+  struct GenerateCase {
+    const char* name;
+    std::function<void(pb::GenerateRequest&)> edit;
+    grpc::StatusCode code;
+    const char* message;
+  };
+  const std::vector<GenerateCase> generate_cases = {
+      {"unknown context", [&](pb::GenerateRequest& q) { q.add_contexts()->set_context_id(unknown_id); },
+       grpc::StatusCode::NOT_FOUND, "no context aaaa"},
+      {"malformed context id", [](pb::GenerateRequest& q) { q.add_contexts()->set_context_id("42"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "is not a context id"},
+      {"empty context reference", [](pb::GenerateRequest& q) { q.add_contexts(); },
+       grpc::StatusCode::INVALID_ARGUMENT, "contexts[0] is empty"},
+      {"inline with unknown method",
+       [](pb::GenerateRequest& q) {
+         pb::CompressRequest* c = q.add_contexts()->mutable_inline_();
+         *c = CompressRequest(kSecondDocument);
+         c->mutable_compression()->set_method("magic");
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "contexts[0].inline.compression: unknown compression method"},
+      {"negative temperature", [](pb::GenerateRequest& q) { q.mutable_sampling()->set_temperature(-1); },
+       grpc::StatusCode::INVALID_ARGUMENT, "temperature"},
+      {"top_p above 1", [](pb::GenerateRequest& q) { q.mutable_sampling()->set_top_p(7); },
+       grpc::StatusCode::INVALID_ARGUMENT, "top_p"},
+      {"negative max_tokens", [](pb::GenerateRequest& q) { q.set_max_tokens(-5); },
+       grpc::StatusCode::INVALID_ARGUMENT, "max_tokens = -5 is invalid"},
+      {"empty stop string", [](pb::GenerateRequest& q) { q.add_stop(""); },
+       grpc::StatusCode::INVALID_ARGUMENT, "stop strings must not be empty"},
+      {"empty prompt", [](pb::GenerateRequest& q) { q.set_text(""); },
+       grpc::StatusCode::INVALID_ARGUMENT, "the prompt is empty"},
+      {"invalid UTF-8 prompt", [](pb::GenerateRequest& q) { q.set_text("ok \xed\xa0\x80"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "text is not valid UTF-8 (first bad byte at offset 3)"},
+      {"unknown chat role",
+       [](pb::GenerateRequest& q) { q.mutable_chat()->mutable_messages(0)->set_role("robot"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "robot"},
+  };
+  for (const GenerateCase& c : generate_cases) {
+    SCOPED_TRACE(c.name);
+    pb::GenerateRequest req = Ask("Hello?");
+    c.edit(req);
+    StreamResult s = RunGenerate(*r.stub, req);
+    EXPECT_EQ(s.status.error_code(), c.code) << s.status.error_message();
+    EXPECT_NE(s.status.error_message().find(c.message), std::string::npos)
+        << s.status.error_message();
+    EXPECT_EQ(s.messages, 0);
+  }
+
+  grpc::ClientContext gctx;
+  pb::GetContextRequest greq;
+  greq.set_context_id("not-hex");
+  pb::GetContextResponse gresp;
+  EXPECT_EQ(r.stub->GetContext(&gctx, greq, &gresp).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  grpc::ClientContext dctx;
+  pb::DeleteContextRequest dreq;
+  dreq.set_context_id(unknown_id);
+  pb::DeleteContextResponse dresp;
+  EXPECT_EQ(r.stub->DeleteContext(&dctx, dreq, &dresp).error_code(), grpc::StatusCode::NOT_FOUND);
+  // Nothing above reached an engine worker's reservation or stayed in flight.
+  EXPECT_TRUE(r.server->WaitIdle(5));
+  EXPECT_EQ(r.server->scheduler()->Stats().reserved_kv_bytes, 0);
+}
+
+TEST_F(ServerE2ETest, AdmissionRefusesWorkThatDoesNotFitTheKvBudget) {
+  ServerConfig config = BaseConfig();
+  config.max_kv_bytes = 1 << 20;  // far below one document's working cache
+  Running r = Start(config);
+  ASSERT_NE(r.stub, nullptr);
+  grpc::ClientContext ctx;
+  pb::CompressResponse resp;
+  grpc::Status s = r.stub->Compress(&ctx, CompressRequest(kDocument), &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(s.error_message().find("KV memory"), std::string::npos) << s.error_message();
+  EXPECT_NE(s.error_message().find("max_kv_bytes"), std::string::npos) << s.error_message();
+}
+
+TEST_F(ServerE2ETest, HealthIsNotServingWhileLoadingAndDraining) {
+  Running r = Start(BaseConfig(), /*load=*/false);
+  ASSERT_NE(r.server, nullptr);
+  constexpr int kServing = 1, kNotServing = 2;
+  EXPECT_EQ(HealthStatus(r.channel, ""), kNotServing);
+  EXPECT_EQ(HealthStatus(r.channel, server::kServiceName), kNotServing);
+  {
+    grpc::ClientContext ctx;
+    pb::GetModelInfoResponse resp;
+    grpc::Status s = r.stub->GetModelInfo(&ctx, pb::GetModelInfoRequest(), &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_NE(s.error_message().find("loading"), std::string::npos) << s.error_message();
+  }
+  ASSERT_TRUE(r.server->Load().ok());
+  EXPECT_EQ(HealthStatus(r.channel, ""), kServing);
+  EXPECT_EQ(HealthStatus(r.channel, server::kServiceName), kServing);
+  {
+    grpc::ClientContext ctx;
+    pb::GetModelInfoResponse resp;
+    ASSERT_TRUE(r.stub->GetModelInfo(&ctx, pb::GetModelInfoRequest(), &resp).ok());
+    EXPECT_EQ(resp.fingerprint(), model().fingerprint());
+    EXPECT_EQ(resp.tenant(), "default");
+    EXPECT_EQ(resp.workers(), 2);
+    EXPECT_GT(resp.methods_size(), 3);
+  }
+
+  // Drain with a stream in flight: it finishes; new calls are refused meanwhile.
+  const std::string id = MustCompress(*r.stub, kDocument).context().context_id();
+  grpc::ClientContext sctx;
+  pb::GenerateRequest req = AskAbout(id, Questions()[0], 24);
+  req.set_ignore_eos(true);
+  std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader = r.stub->Generate(&sctx, req);
+  pb::GenerateResponse msg;
+  ASSERT_TRUE(reader->Read(&msg));  // running on a worker now
+  r.server->BeginDrain();
+  EXPECT_EQ(HealthStatus(r.channel, ""), kNotServing);
+  {
+    grpc::ClientContext ctx;
+    pb::CompressResponse resp;
+    grpc::Status s = r.stub->Compress(&ctx, CompressRequest(kDocument), &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_NE(s.error_message().find("shutting down"), std::string::npos) << s.error_message();
+  }
+  bool usage = false;
+  while (reader->Read(&msg)) usage = usage || msg.has_usage();
+  grpc::Status s = reader->Finish();
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_TRUE(usage);
+  EXPECT_TRUE(r.server->Drain(10));
+}
+
+// The shipped binaries: ctxcache-server started as a process (JSON logs), the CLI's remote
+// commands against it, and SIGTERM draining an in-flight stream before a clean exit.
+TEST_F(ServerE2ETest, BinaryServesTheCliAndDrainsOnSigterm) {
+  const int port = FreeLoopbackPort();
+  ASSERT_GT(port, 0);
+  const std::string address = "127.0.0.1:" + std::to_string(port);
+  char dir[] = "/tmp/ctxcache-bin-XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string log = std::string(dir) + "/server.log", doc = std::string(dir) + "/doc.txt";
+  std::ofstream(doc) << kDocument;
+  std::vector<std::string> args = {CTXCACHE_SERVER_BIN, "--listen", address, "--workers", "1",
+                                   "--log-format", "json"};
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t files;
+  posix_spawn_file_actions_init(&files);
+  posix_spawn_file_actions_addopen(&files, 2, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  pid_t pid = -1;
+  ASSERT_EQ(posix_spawn(&pid, argv[0], &files, nullptr, argv.data(), environ), 0);
+  posix_spawn_file_actions_destroy(&files);
+
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  ASSERT_TRUE(channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(30)));
+  // Readiness has no push signal short of a Watch stream: probe like a load balancer would.
+  const auto ready_by = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (HealthStatus(channel, "") != 1 && std::chrono::steady_clock::now() < ready_by) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(HealthStatus(channel, ""), 1) << "server never became SERVING";
+
+  auto run = [](const std::string& cmd, int* rc) {
+    std::string out;
+    FILE* f = popen(cmd.c_str(), "r");
+    if (f == nullptr) return out;
+    char buf[4096];
+    for (size_t n; (n = fread(buf, 1, sizeof(buf), f)) > 0;) out.append(buf, n);
+    *rc = pclose(f);
+    return out;
+  };
+  int rc = -1;
+  const std::string info = run(std::string(CTXCACHE_CLI_BIN) + " info --server " + address, &rc);
+  EXPECT_EQ(rc, 0);
+  EXPECT_NE(info.find(model().fingerprint()), std::string::npos) << info;
+  const std::string compressed = run(
+      std::string(CTXCACHE_CLI_BIN) + " compress --server " + address + " --doc " + doc +
+          " --method snapkv --ratio 4 --json", &rc);
+  EXPECT_EQ(rc, 0) << compressed;
+  const size_t at = compressed.find("\"context_id\":\"");
+  ASSERT_NE(at, std::string::npos) << compressed;
+  const std::string id = compressed.substr(at + 14, 64);
+  const std::string answer = run(
+      std::string(CTXCACHE_CLI_BIN) + " generate --server " + address + " --context " + id +
+          " --chat --prompt 'What is the name of the library cat?' --temperature 0 "
+          "--max-tokens 8 --quiet", &rc);
+  EXPECT_EQ(rc, 0) << answer;
+  run(std::string(CTXCACHE_CLI_BIN) + " generate --server " + address + " --context " +
+          std::string(64, 'b') + " --prompt x 2>&1", &rc);
+  EXPECT_EQ(WEXITSTATUS(rc), 1);  // NOT_FOUND is an error exit
+
+  // SIGTERM with a stream in flight: the stream completes, then the process exits 0.
+  auto stub = pb::ContextCache::NewStub(channel);
+  grpc::ClientContext ctx;
+  pb::GenerateRequest req = AskAbout(id, Questions()[0], 24);
+  req.set_ignore_eos(true);
+  auto reader = stub->Generate(&ctx, req);
+  pb::GenerateResponse msg;
+  ASSERT_TRUE(reader->Read(&msg));
+  ASSERT_EQ(kill(pid, SIGTERM), 0);
+  bool usage = false;
+  while (reader->Read(&msg)) usage = usage || msg.has_usage();
+  const grpc::Status s = reader->Finish();
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_TRUE(usage);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+
+  // JSON logs: one object per line, request lines carry the request id.
+  std::ifstream in(log);
+  int lines = 0, requests = 0;
+  for (std::string line; std::getline(in, line); ++lines) {
+    EXPECT_EQ(line.rfind("{\"ts\":\"", 0), 0u) << line;
+    EXPECT_EQ(line.back(), '}') << line;
+    if (line.find("rid=") != std::string::npos && line.find("rpc=") != std::string::npos) ++requests;
+  }
+  EXPECT_GE(requests, 4);
+  EXPECT_GT(lines, requests);
+  std::remove(log.c_str());
+  std::remove(doc.c_str());
+  rmdir(dir);
+}
+
+// The scheduler's queue bound, deterministically: one worker held by a job that waits on the
+// test, one job queued, the next refused.
+TEST_F(ServerE2ETest, SchedulerRefusesBeyondItsQueueDepth) {
+  server::SchedulerOptions o;
+  o.workers = 1;
+  o.max_queue_depth = 1;
+  o.max_kv_bytes = 1000;
+  auto sched_owner = std::make_unique<server::Scheduler>(model(), o);
+  server::Scheduler& sched = *sched_owner;
+  std::promise<void> started, release;
+  std::shared_future<void> release_f = release.get_future().share();
+  std::vector<absl::Status> abandoned;
+  std::mutex mu;
+  auto abandon = [&](const absl::Status& s) {
+    std::lock_guard<std::mutex> lock(mu);
+    abandoned.push_back(s);
+  };
+  const auto never = server::Scheduler::Clock::time_point::max();
+  ASSERT_TRUE(sched.Submit(10, never, [&](Runner&, server::Reservation& res, double) {
+    EXPECT_EQ(res.bytes(), 10);
+    EXPECT_EQ(res.Resize(2000).code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_TRUE(res.Resize(500).ok());
+    started.set_value();
+    release_f.wait();
+  }, abandon).ok());
+  started.get_future().wait();
+  absl::StatusOr<uint64_t> queued = sched.Submit(10, never, [](Runner&, server::Reservation&, double) {}, abandon);
+  ASSERT_TRUE(queued.ok());
+  absl::StatusOr<uint64_t> refused = sched.Submit(10, never, [](Runner&, server::Reservation&, double) {}, abandon);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("max_queue_depth 1"), std::string::npos);
+  // KV: 500 running + 10 queued of 1000; 600 more does not fit.
+  EXPECT_EQ(sched.Stats().reserved_kv_bytes, 510);
+  ASSERT_TRUE(sched.Cancel(*queued, absl::CancelledError("test")));
+  EXPECT_FALSE(sched.Cancel(*queued, absl::CancelledError("again")));
+  absl::StatusOr<uint64_t> big = sched.Submit(600, never, [](Runner&, server::Reservation&, double) {}, abandon);
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(big.status().message().find("KV memory"), std::string::npos);
+  // A job whose deadline passes in the queue is abandoned, not run.
+  bool ran = false;
+  ASSERT_TRUE(sched.Submit(10, server::Scheduler::Clock::now(),
+                           [&](Runner&, server::Reservation&, double) { ran = true; }, abandon)
+                  .ok());
+  release.set_value();
+  sched_owner.reset();  // the running job finishes, the rest is abandoned, workers joined
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_EQ(abandoned.size(), 2u);
+    EXPECT_EQ(abandoned[0].code(), absl::StatusCode::kCancelled);
+    EXPECT_TRUE(abandoned[1].code() == absl::StatusCode::kDeadlineExceeded ||
+                abandoned[1].code() == absl::StatusCode::kUnavailable)
+        << abandoned[1];
+  }
+  EXPECT_FALSE(ran);
+}
+
+}  // namespace
+}  // namespace ctxcache::testing
