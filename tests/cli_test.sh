@@ -64,6 +64,18 @@ if [[ -s "$model" ]]; then
   expect generate_from_context 0 "4729" -- "$bin" generate --model "$model" --context "$tmp/doc.ctx" \
     --prompt " Question: What is the secret code? Answer: The secret code is" --temperature 0 \
     --max-tokens 6 --quiet
+  # Prefill once (method none keeps everything), select per query: 4x fewer entries for this
+  # request, the answer still found, the per-request bytes reported.
+  expect compress_none 0 "1.0x compression" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" \
+    --method none --out "$tmp/full.ctx"
+  expect select_per_query 0 "4729" -- "$bin" generate --model "$model" --context "$tmp/full.ctx" \
+    --select-ratio 4 --prompt " Question: What is the secret code? Answer: The secret code is" \
+    --temperature 0 --max-tokens 6
+  expect select_reports_bytes 0 "used by this request" -- "$bin" generate --model "$model" \
+    --context "$tmp/full.ctx" --select-ratio 4 --prompt " Question: What is the secret code?" \
+    --max-tokens 1
+  expect select_ratio_one 1 "must be > 1" -- "$bin" generate --model "$model" --context "$tmp/full.ctx" \
+    --select-ratio 1 --prompt hi
   head -c 100 "$tmp/doc.ctx" > "$tmp/trunc.ctx"
   expect truncated_context 1 "truncated" -- "$bin" generate --model "$model" --context "$tmp/trunc.ctx" --prompt hi
   expect missing_context 1 "cannot open" -- "$bin" generate --model "$model" --context "$tmp/none.ctx" --prompt hi

@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
-# The main job. Until the gRPC server lands, this is the streaming generation demo: install
-# what is missing, build the CLI, fetch the default model and stream a chat answer.
-# Extra arguments go to `ctxcache generate` (e.g. --prompt "..." --max-tokens 64).
+# The main job: install what is missing, build, fetch the default model, and serve it --
+# ctxcache-server on 127.0.0.1:50051 with the embedded memory cache (no Redis), until
+# Ctrl-C / SIGTERM (which drains in-flight calls first).
+# Extra arguments go to ctxcache-server (e.g. --listen 0.0.0.0:50051 --redis-url redis://...).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 tools/setup.sh
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build build -j"$(nproc)" --target ctxcache
-case " $* " in
-  *" --prompt "* | *" --prompt="* | *" --prompt-file"*) ;;
-  *) set -- --chat --prompt "In two sentences: why do language-model servers cache the KV state of documents?" "$@" ;;
-esac
-exec build/server/ctxcache generate "$@"
+cmake --build build -j"$(nproc)" --target ctxcache-server ctxcache
+exec build/server/ctxcache-server "$@"

@@ -7,6 +7,7 @@
 // override. Errors go to stderr with exit code 1 (2 for usage errors).
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <fstream>
 #include <set>
 #include <cstdio>
@@ -60,6 +61,8 @@ generate flags:
                            [--dynamic --similarity T (0.85)]   (also for bench)
 
   --context FILE      a compressed context (repeatable; composed in order before the prompt)
+  --select-ratio R    per-request selection: keep the 1/R of the contexts' entries per head
+                      that this prompt attends to most (prefill once, select per query)
 
 compress flags:
   --doc FILE (- for stdin)   --method M   (--ratio R | --budget N)   --out FILE
@@ -203,6 +206,13 @@ absl::Status CmdGenerate(const Flags& flags) {
   const bool no_bos = flags.Bool("no-bos"), raw_template = flags.Bool("raw-template");
   const auto system = flags.Get("system");
   const std::vector<std::string> context_files = flags.GetAll("context");
+  double select_ratio = 0;
+  RETURN_IF_ERROR(flags.Number("select-ratio", &select_ratio));
+  if (flags.Has("select-ratio") && !(select_ratio > 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--select-ratio must be > 1 (8 keeps 1/8 of each head's entries), got ",
+                     select_ratio));
+  }
   const int threads = Threads(flags);
   RETURN_IF_ERROR(flags.CheckAllUsed());
   RETURN_IF_ERROR(ValidateGenerateParams(params));
@@ -242,11 +252,25 @@ absl::Status CmdGenerate(const Flags& flags) {
       full_bytes += c.FullKvBytes();
     }
     ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, *model));
-    if (!quiet) {
-      std::fprintf(stderr, "[%zu context(s): KV %.2f MB used vs %.2f MB full (saved %.2f MB)]\n",
-                   contexts.size(), kv_bytes / 1e6, full_bytes / 1e6,
-                   (full_bytes - kv_bytes) / 1e6);
+    if (select_ratio > 0) {
+      // Prefill once, select per query: keep the entries this prompt attends to.
+      const int64_t budget =
+          std::max<int64_t>(1, static_cast<int64_t>(std::ceil(cache.MaxEntries() / select_ratio)));
+      ASSIGN_OR_RETURN(cache, SelectForQuery(runner, cache, ids, budget));
+      kv_bytes = cache.Bytes(2);
     }
+    if (!quiet) {
+      std::fprintf(stderr,
+                   "[%zu context(s): KV %.2f MB used by this request vs %.2f MB full (saved "
+                   "%.2f MB)%s]\n",
+                   contexts.size(), kv_bytes / 1e6, full_bytes / 1e6,
+                   (full_bytes - kv_bytes) / 1e6,
+                   select_ratio > 0 ? absl::StrCat(", selected for this prompt at ",
+                                                   select_ratio, "x").c_str()
+                                    : "");
+    }
+  } else if (select_ratio > 0) {
+    return absl::InvalidArgumentError("--select-ratio selects from --context files: give one");
   }
   ASSIGN_OR_RETURN(GenerateResult r, Generate(runner, cache, ids, params, [](std::string_view d) {
                      std::fwrite(d.data(), 1, d.size(), stdout);

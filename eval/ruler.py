@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""RULER-style synthetic long-context tasks for the quality harness (stdlib only).
+
+Follows RULER (Hsieh et al., "RULER: What's the Real Context Size of Your Long-Context
+Language Models?", arXiv 2404.06654; NVIDIA/RULER scripts/data/synthetic): the same task
+families, templates and string-match scoring, with our own generator and haystacks:
+
+  niah_single_noise   one needle "One of the special magic numbers for {key} is: {value}."
+                      in the noise haystack (RULER niah_single_1)
+  niah_single_prose   the same in the prose haystack (RULER niah_single_2)
+  niah_multikey       four needles with different keys, one asked for (niah_multikey_1)
+  niah_multivalue     four values for the same key, all asked for (niah_multivalue)
+  niah_multiquery     four needles, all four keys asked for (niah_multiquery)
+  vt                  variable tracking: one 4-hop chain VAR A = 12345, VAR B = VAR A, ...
+                      among noise; name every variable holding the value (vt)
+  cwe                 common-words extraction: a numbered word list, 10 words 30 times each,
+                      the rest 3 times; name the 10 most common (cwe)
+  fwe                 frequent-words extraction: Zipf-distributed coded words; name the 3
+                      most frequent (fwe, alpha 2.0)
+
+Haystacks: "noise" is RULER's repeated "The grass is green. The sky is blue. ..."; "prose"
+is Jane Austen's six novels (public domain; Debian package r-cran-janeaustenr, extracted by
+tools/fetch_prose.py), standing in for RULER's Paul Graham essays, which are not free.
+
+Lengths are in tokens of the default model's tokenizer, counted by `ctxcache tokenize`
+(whole prompt incl. the answer budget: input tokens <= length - max_new_tokens - template
+reserve). Everything is seeded: the same arguments give byte-identical samples.
+
+  eval/ruler.py --lengths 1024,2048 --n 2 --out eval/work/samples.jsonl
+"""
+import argparse
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROSE = os.path.join(ROOT, "models", "prose", "austen.txt")
+NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+         "There and back again.")
+# Tokens the chat template adds around the user turn (SmolLM2's ChatML with its default
+# system prompt is ~30); the harness checks the real total and fails when it does not fit.
+TEMPLATE_RESERVE = 48
+
+ADJECTIVES = ("amused ancient brave bright calm clever curious daring eager early elegant "
+              "faithful fancy fierce gentle giant glossy graceful happy honest hungry jolly "
+              "kind lively lucky mellow mighty modern narrow noble odd orange patient plain "
+              "polite proud quick quiet rapid rare rich silent silly smooth steady sturdy "
+              "swift tame tender tidy vast warm wild wise witty young zealous").split()
+NOUNS = ("anchor apple badger basket beacon bicycle blanket bottle bridge candle canyon "
+         "castle cedar cherry compass cottage crystal dolphin engine falcon feather garden "
+         "glacier harbor helmet island jacket kettle ladder lantern lemon marble meadow "
+         "mirror needle orchard otter panther pebble pencil pepper planet puzzle quilt "
+         "rabbit ribbon saddle salmon spruce statue teapot thunder tiger tunnel velvet "
+         "violin walnut whistle willow window").split()
+
+TASKS = ("niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multivalue",
+         "niah_multiquery", "vt", "cwe", "fwe")
+
+# max_new_tokens per task (RULER: niah 128, vt 30, cwe 120, fwe 50; ours are the answer's
+# length plus slack, to keep the CPU run bounded).
+MAX_NEW = {"niah_single_noise": 24, "niah_single_prose": 24, "niah_multikey": 24,
+           "niah_multivalue": 64, "niah_multiquery": 64, "vt": 40, "cwe": 96, "fwe": 40}
+
+NIAH_INSTRUCTION = ("Some special magic {kind} are hidden within the following text. Make sure "
+                    "to memorize it. I will quiz you about the {kind} afterwards.")
+
+
+class TokenCounter:
+    """Counts tokens with the project's own tokenizer (`ctxcache tokenize --ids-only`)."""
+
+    def __init__(self, binary):
+        self.binary = binary
+
+    def __call__(self, text):
+        r = subprocess.run([self.binary, "tokenize", "--ids-only", "--no-bos", "-"],
+                           input=text.encode("utf-8"), capture_output=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"{self.binary} tokenize failed: {r.stderr.decode()}")
+        return len(r.stdout.split())
+
+
+def key_phrase(rng, used):
+    while True:
+        k = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+        if k not in used:
+            used.add(k)
+            return k
+
+
+def magic_number(rng, used):
+    while True:
+        v = str(rng.randint(1_000_000, 9_999_999))
+        if v not in used:
+            used.add(v)
+            return v
+
+
+def needle(key, value):
+    return f"One of the special magic numbers for {key} is: {value}."
+
+
+def prose_units(rng):
+    """Paragraphs of a random stretch of the novels (a different place per sample)."""
+    if not os.path.exists(PROSE):
+        raise SystemExit(f"prose haystack missing: run tools/fetch_prose.py (expects {PROSE})")
+    with open(PROSE, encoding="utf-8") as f:
+        paras = [p for p in f.read().split("\n\n") if p.strip()]
+    start = rng.randrange(len(paras) // 2)
+    # Sentences, so that needles sit between sentences and lengths fit finely.
+    units = []
+    for p in paras[start:] + paras[:start]:
+        units.extend(x if x.endswith(".") else x + "." for x in p.split(". ") if x)
+        if len(units) > 4000:  # enough for 8K tokens
+            break
+    return units
+
+
+def insert_at_depths(units, needles, rng):
+    """Needles at evenly spread random depths between haystack units (RULER's depth sweep)."""
+    out = list(units)
+    depths = sorted(rng.random() for _ in needles)
+    for i, (d, n) in enumerate(zip(depths, needles)):
+        out.insert(min(len(out), int(d * len(units)) + i), n)
+    return out
+
+
+def fit(build, budget, count, lo=1, hi=None):
+    """Largest haystack size k with count(build(k)) <= budget (build is monotone in k)."""
+    hi = hi or 64
+    while count(build(hi)["prompt_text"]) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count(build(mid)["prompt_text"]) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return build(lo)
+
+
+def niah(task, rng, haystack_units, sep):
+    used_k, used_v = set(), set()
+    if task in ("niah_single_noise", "niah_single_prose"):
+        keys = [key_phrase(rng, used_k)]
+        pairs = [(keys[0], magic_number(rng, used_v))]
+        asked = keys
+    elif task == "niah_multikey":
+        keys = [key_phrase(rng, used_k) for _ in range(4)]
+        pairs = [(k, magic_number(rng, used_v)) for k in keys]
+        asked = keys[:1]
+    elif task == "niah_multivalue":
+        keys = [key_phrase(rng, used_k)]
+        pairs = [(keys[0], magic_number(rng, used_v)) for _ in range(4)]
+        asked = keys
+    else:  # niah_multiquery
+        keys = [key_phrase(rng, used_k) for _ in range(4)]
+        pairs = [(k, magic_number(rng, used_v)) for k in keys]
+        asked = keys
+    needles = [needle(k, v) for k, v in pairs]
+    rng.shuffle(needles)
+    depth_rng = random.Random(rng.random())
+    answers = [v for k, v in pairs if k in asked]
+    if task == "niah_multivalue":
+        question = f"What are all the special magic numbers for {asked[0]} mentioned in the provided text?"
+        prefix = f" The special magic numbers for {asked[0]} mentioned in the provided text are"
+    elif task == "niah_multiquery":
+        joined = ", ".join(asked[:-1]) + f", and {asked[-1]}"
+        question = f"What are all the special magic numbers for {joined} mentioned in the provided text?"
+        prefix = f" The special magic numbers for {joined} mentioned in the provided text are"
+    else:
+        question = f"What is the special magic number for {asked[0]} mentioned in the provided text?"
+        prefix = f" The special magic number for {asked[0]} mentioned in the provided text is"
+    reference = " " + ", ".join(answers) + "."
+    kind = "numbers"
+
+    def build(k):
+        units = insert_at_depths(haystack_units[:k], needles, random.Random(depth_rng.random()))
+        context = sep.join(units)
+        instruction = NIAH_INSTRUCTION.format(kind=kind)
+        return {"instruction": instruction, "context": context, "question": question,
+                "answer_prefix": prefix, "outputs": answers, "reference": reference,
+                "prompt_text": f"{instruction}\n{context}\n{question}{prefix}"}
+    return build
+
+
+def vt(rng):
+    value = str(rng.randint(10000, 99999))
+    names = []
+    while len(names) < 5:
+        n = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+        if n not in names:
+            names.append(n)
+    chain = [f"VAR {names[0]} = {value}."] + [
+        f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, 5)]
+    depth_rng = random.Random(rng.random())
+    question = (f"Question: Find all variables that are assigned the value {value} in the text "
+                "above.")
+    prefix = (f" Answer: According to the chain(s) of variable assignment in the text above, 5 "
+              f"variables are assigned the value {value}, they are:")
+    instruction = ("Memorize and track the chain(s) of variable assignment hidden in the "
+                   "following text.")
+
+    def build(k):
+        units = [NOISE] * k
+        # The chain's order must survive insertion: sorted depths keep it.
+        units = insert_at_depths(units, chain, random.Random(depth_rng.random()))
+        context = "\n".join(units)
+        return {"instruction": instruction, "context": context, "question": question,
+                "answer_prefix": prefix, "outputs": names, "reference": " " + " ".join(names),
+                "prompt_text": f"{instruction}\n\n{context}\n{question}{prefix}"}
+    return build
+
+
+def cwe(rng, vocabulary, length):
+    # RULER repeats the 10 common words 30 times and the others 3 times; that list alone is
+    # ~1.5K tokens, so shorter contexts scale the counts down (common 4..30, others 1 or 3),
+    # keeping the common words clearly more frequent.
+    freq_common = max(4, min(30, length // 256))
+    freq_rare = 3 if length >= 4096 else 1
+    words = rng.sample(vocabulary, 600)
+    common, rare_pool = words[:10], words[10:]
+    question = ("Question: What are the 10 most common words in the above list?")
+    prefix = " Answer: The top 10 words that appear most often in the list are:"
+    instruction = ("Below is a numbered list of words. In these words, some appear more often "
+                   "than others. Memorize the ones that appear most often.")
+    order_seed = rng.random()
+
+    def build(k):
+        # k is capped by the pool; beyond it the common words repeat more.
+        rare = rare_pool[: min(k, len(rare_pool))]
+        extra = max(0, k - len(rare_pool)) // 10
+        items = common * (freq_common + extra) + rare * freq_rare
+        random.Random(order_seed).shuffle(items)
+        context = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+        return {"instruction": instruction, "context": context, "question": question,
+                "answer_prefix": prefix, "outputs": common,
+                "reference": " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(common)),
+                "prompt_text": f"{instruction}\n{context}\n{question}{prefix}"}
+    return build
+
+
+def fwe(rng):
+    vocab = []
+    while len(vocab) < 1000:
+        w = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+        if w not in vocab:
+            vocab.append(w)
+    alpha = 2.0
+    weights = [1.0 / (i + 1) ** alpha for i in range(len(vocab))]
+    seq_seed = rng.random()
+    question = ("Question: Do not provide any explanation. Please ignore the dots '....'. What "
+                "are the three most frequently appeared words in the above coded text?")
+    prefix = (" Answer: According to the coded text above, the three most frequently appeared "
+              "words are:")
+    instruction = ("Read the following coded text and track the frequency of each coded word. "
+                   "Find the three most frequently appeared coded words.")
+
+    def build(k):
+        r = random.Random(seq_seed)
+        seq = r.choices(vocab, weights=weights, k=k)
+        counts = {}
+        for w in seq:
+            counts[w] = counts.get(w, 0) + 1
+        top = sorted(counts, key=lambda w: (-counts[w], vocab.index(w)))[:3]
+        context = " ".join(seq)
+        return {"instruction": instruction, "context": f"... {context} ...", "question": question,
+                "answer_prefix": prefix, "outputs": top, "reference": " " + " ".join(top),
+                "prompt_text": f"{instruction}\n... {context} ...\n{question}{prefix}"}
+    return build
+
+
+def word_vocabulary():
+    """Common English words for cwe: lower-case words of the prose haystack, 4-9 letters."""
+    with open(PROSE, encoding="utf-8") as f:
+        text = f.read(600_000)
+    seen = {}
+    for w in text.split():
+        w = w.strip(".,;:!?\"'()-_").lower()
+        if 4 <= len(w) <= 9 and w.isalpha():
+            seen[w] = seen.get(w, 0) + 1
+    return sorted(seen)
+
+
+def make_sample(task, length, index, seed, count):
+    rng = random.Random(f"{seed}:{task}:{length}:{index}")
+    max_new = MAX_NEW[task]
+    budget = length - max_new - TEMPLATE_RESERVE
+    if task.startswith("niah"):
+        prose = task != "niah_single_noise"
+        units = prose_units(rng) if prose else [NOISE] * 100_000
+        build = niah(task, rng, units, " " if prose else "\n")
+    elif task == "vt":
+        build = vt(rng)
+    elif task == "cwe":
+        build = cwe(rng, word_vocabulary(), length)
+    elif task == "fwe":
+        build = fwe(rng)
+    else:
+        raise SystemExit(f"unknown task {task!r}: one of {', '.join(TASKS)}")
+    s = fit(build, budget, count)
+    s.update({"id": f"{task}-{length}-{index}", "task": task, "length": length, "index": index,
+              "max_new_tokens": max_new, "input_tokens_estimate": count(s["prompt_text"])})
+    del s["prompt_text"]
+    return s
+
+
+def string_match_all(prediction, outputs):
+    """RULER's score for these tasks: the fraction of reference strings found (case-insensitive)."""
+    p = prediction.lower()
+    return sum(1.0 for o in outputs if o.lower() in p) / len(outputs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--lengths", default="1024,2048,4096,8192")
+    ap.add_argument("--n", type=int, default=1, help="samples per (task, length)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ctxcache", default=os.path.join(ROOT, "build", "server", "ctxcache"),
+                    help="the ctxcache CLI (its tokenizer counts tokens)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    count = TokenCounter(args.ctxcache)
+    tasks = args.tasks.split(",")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    jobs = [(t, L, i) for i in range(args.n) for L in lengths for t in tasks]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".part", "w", encoding="utf-8") as f:
+        for j, (t, L, i) in enumerate(jobs):
+            s = make_sample(t, L, i, args.seed, count)
+            f.write(json.dumps(s) + "\n")
+            print(f"\r[{j + 1}/{len(jobs)}] {s['id']}: ~{s['input_tokens_estimate']} tokens   ",
+                  end="", file=sys.stderr, flush=True)
+    os.replace(args.out + ".part", args.out)
+    print(f"\nwrote {len(jobs)} samples to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
