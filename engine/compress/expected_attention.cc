@@ -175,10 +175,36 @@ class ExpectedAttentionScorer : public Scorer {
     };
     scores.resize(static_cast<size_t>(c.n_layers) * c.n_kv_heads);
     // The statistics come from the last rows' attention: drop their entries from the prefill
-    // and run them again, observed (the same computation, so the same entries come back).
+    // and run them again, observed. The recomputed entries equal the dropped ones only up to
+    // rounding (the rows now form other GEMM blocks), so the originals are put back after:
+    // the caller's prefill is left exactly as it was (Scorer's contract).
+    std::vector<KvHead> tail;
+    tail.reserve(static_cast<size_t>(c.n_layers) * c.n_kv_heads);
+    for (int l = 0; l < c.n_layers; ++l) {
+      for (int g = 0; g < c.n_kv_heads; ++g) {
+        const KvHead& kh = cache.head(l, g);
+        KvHead& t = tail.emplace_back();
+        t.k.assign(kh.k.begin() + first_row * d, kh.k.end());
+        t.v.assign(kh.v.begin() + first_row * d, kh.v.end());
+        t.pos.assign(kh.pos.begin() + first_row, kh.pos.end());
+      }
+    }
+    const int32_t next_position = cache.next_position;
     cache.Truncate(first_row);
     cache.next_position = static_cast<int32_t>(first_row);
-    RETURN_IF_ERROR(runner.Forward(doc.subspan(first_row), cache, options, nullptr));
+    const absl::Status forward = runner.Forward(doc.subspan(first_row), cache, options, nullptr);
+    cache.Truncate(first_row);
+    for (int l = 0; l < c.n_layers; ++l) {
+      for (int g = 0; g < c.n_kv_heads; ++g) {
+        KvHead& kh = cache.head(l, g);
+        const KvHead& t = tail[static_cast<size_t>(l) * c.n_kv_heads + g];
+        kh.k.insert(kh.k.end(), t.k.begin(), t.k.end());
+        kh.v.insert(kh.v.end(), t.v.begin(), t.v.end());
+        kh.pos.insert(kh.pos.end(), t.pos.begin(), t.pos.end());
+      }
+    }
+    cache.next_position = next_position;
+    RETURN_IF_ERROR(forward);
     return scores;
   }
 };
