@@ -5,7 +5,9 @@
 // the local reference), so "correct" means "what the engine computes", byte for byte.
 //
 // Covers: compress once then three questions from the memory tier; the Redis tier from a
-// second server sharing a real redis-server; multi-document generation; 16 concurrent
+// second server sharing a real redis-server; Redis killed mid-run (computing instead,
+// errors counted, reconnection after a restart, a stall bounded by the timeout); a corrupt
+// Redis value (detected, recomputed, replaced); multi-document generation; 16 concurrent
 // streams; cancellation and deadlines (and that the work stops and its memory is released);
 // tenant isolation with bearer tokens; malformed requests and their codes; admission;
 // health while loading and draining.
@@ -27,6 +29,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "ctxcache/v1/ctxcache.grpc.pb.h"
 #include "engine/chat_template.h"
 #include "engine/compress/compress.h"
@@ -364,6 +367,307 @@ TEST_F(ServerE2ETest, RedisTierServesASecondServerAndAClearedMemoryTier) {
   const pb::CompressResponse cb = MustCompress(*b.stub, kDocument);
   EXPECT_EQ(cb.context().context_id(), id);
   EXPECT_NE(cb.context().tier(), pb::CACHE_TIER_COMPUTED);
+}
+
+// Helpers for the Redis fault tests below.
+
+// A command on a raw hiredis connection, binary-safe; null on a transport error.
+using RawReply = std::unique_ptr<redisReply, void (*)(void*)>;
+RawReply RawCommand(redisContext* c, const std::vector<std::string>& args) {
+  std::vector<const char*> argv;
+  std::vector<size_t> lens;
+  for (const std::string& a : args) {
+    argv.push_back(a.data());
+    lens.push_back(a.size());
+  }
+  return RawReply(static_cast<redisReply*>(redisCommandArgv(c, static_cast<int>(argv.size()),
+                                                            argv.data(), lens.data())),
+                  freeReplyObject);
+}
+std::string RawString(redisContext* c, const std::vector<std::string>& args) {
+  RawReply r = RawCommand(c, args);
+  return r != nullptr && r->type == REDIS_REPLY_STRING ? std::string(r->str, r->len) : "";
+}
+
+struct GetContextResult {
+  grpc::Status status;
+  pb::ContextInfo context;
+  double seconds = 0;  // client-side wall time of the call
+};
+GetContextResult CallGetContext(pb::ContextCache::Stub& stub, const std::string& id) {
+  grpc::ClientContext ctx;
+  pb::GetContextRequest req;
+  req.set_context_id(id);
+  pb::GetContextResponse resp;
+  GetContextResult out;
+  const auto start = std::chrono::steady_clock::now();
+  out.status = stub.GetContext(&ctx, req, &resp);
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  out.context = resp.context();
+  return out;
+}
+
+std::string StoreStats(ServerInstance& s) {
+  const ContextStoreStats st = s.store()->Stats();
+  return absl::StrCat("redis connected=", st.redis_connected, " writes=", st.redis_writes,
+                      " hits=", st.redis_hits, " misses=", st.redis_misses,
+                      " errors=", st.redis_errors, " corrupt=", st.redis_corrupt,
+                      " wrong_model=", st.redis_wrong_model);
+}
+
+// Redis is an optimisation: when it dies (SIGKILL, mid-request and between requests) the
+// server keeps answering by computing, within its Redis timeouts, counts the errors, and
+// reconnects once Redis is back on the same port; a stalled Redis costs at most a timeout.
+TEST_F(ServerE2ETest, RedisKilledMidRunServerComputesInsteadThenReconnects) {
+  const std::string binary = FindRedisServer();
+  if (binary.empty()) {
+    if (RequireRedis()) FAIL() << "redis-server not found and CTXCACHE_REQUIRE_REDIS=1";
+    GTEST_SKIP() << "redis-server not found (tools/setup.sh installs it)";
+  }
+  RedisServer redis(binary);
+  ASSERT_EQ(redis.Start(), "");
+  ServerConfig config = BaseConfig();
+  config.redis_url = redis.Url();
+  config.redis_connect_timeout_ms = 300;
+  config.redis_command_timeout_ms = 500;
+  // The longest any single Redis call may hold a request (connect, then one command), plus
+  // slack for a loaded machine; a request makes at most two (lookup, write).
+  const double redis_call_bound_s =
+      (config.redis_connect_timeout_ms + config.redis_command_timeout_ms) / 1000.0 + 1.0;
+  Running a = Start(config);
+  ASSERT_NE(a.stub, nullptr);
+  ServerInstance& server = *a.server;
+
+  // Healthy: computed once, written to Redis, answered from memory.
+  const pb::CompressResponse c = MustCompress(*a.stub, kDocument);
+  ASSERT_EQ(c.context().tier(), pb::CACHE_TIER_COMPUTED);
+  const std::string id = c.context().context_id();
+  std::shared_ptr<const CompressedContext> ctx = Cached(server, id);
+  ASSERT_NE(ctx, nullptr);
+  const StreamResult before = RunGenerate(*a.stub, AskAbout(id, Questions()[0]));
+  ASSERT_TRUE(before.status.ok()) << before.status.error_message();
+  ASSERT_FALSE(before.text.empty());
+  EXPECT_EQ(before.text, LocalAnswer({ctx.get()}, Questions()[0]));
+  ContextStoreStats st = server.store()->Stats();
+  EXPECT_EQ(st.redis_writes, 1) << StoreStats(server);
+  EXPECT_EQ(st.redis_errors, 0) << StoreStats(server);
+  EXPECT_TRUE(st.redis_connected);
+
+  // Killed while a request is on a worker: an inline document with its own question (snapkv
+  // keys contexts by question, so this is a new context), compressing when Redis dies. Its
+  // write to Redis fails; the request does not.
+  const std::string q_inline = Questions()[3];
+  pb::GenerateRequest inline_req = Ask(q_inline);
+  *inline_req.add_contexts()->mutable_inline_() = CompressRequest(kDocument);
+  inline_req.mutable_contexts(0)->mutable_inline_()->set_question(q_inline);
+  std::future<StreamResult> in_flight =
+      std::async(std::launch::async, [&] { return RunGenerate(*a.stub, inline_req); });
+  const auto running_by = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (server.scheduler()->Stats().running == 0 && std::chrono::steady_clock::now() < running_by) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  redis.Kill();
+  const StreamResult during = in_flight.get();
+  ASSERT_TRUE(during.status.ok()) << during.status.error_message() << "\n" << StoreStats(server);
+  ASSERT_EQ(during.usage.contexts_size(), 1);
+  EXPECT_EQ(during.usage.contexts(0).tier(), pb::CACHE_TIER_COMPUTED);
+  std::shared_ptr<const CompressedContext> ctx_q =
+      Cached(server, during.usage.contexts(0).context_id());
+  ASSERT_NE(ctx_q, nullptr);
+  EXPECT_EQ(during.text, LocalAnswer({ctx_q.get()}, q_inline));
+  EXPECT_EQ(server.store()->Stats().redis_writes, 1) << "a write reached a killed Redis";
+
+  // Between requests, with the memory tier dropped so that every lookup goes to Redis: Compress
+  // computes again (same id, same context), within the Redis timeouts.
+  server.store()->ClearMemory();
+  const pb::CompressResponse again = MustCompress(*a.stub, kDocument);
+  EXPECT_EQ(again.context().context_id(), id);
+  EXPECT_EQ(again.context().tier(), pb::CACHE_TIER_COMPUTED);
+  EXPECT_GT(again.compute_ms(), 0);
+  // total_ms - compute_ms: tokenizing, the lookups and the failed Redis write.
+  EXPECT_LT((again.total_ms() - again.compute_ms()) / 1000.0, 2 * redis_call_bound_s)
+      << "compress waited on the dead Redis: total " << again.total_ms() << " ms, compute "
+      << again.compute_ms() << " ms";
+  const StreamResult after = RunGenerate(*a.stub, AskAbout(id, Questions()[0]));
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_EQ(after.usage.contexts(0).tier(), pb::CACHE_TIER_MEMORY);
+  EXPECT_EQ(after.text, before.text);
+
+  // Generate with the document inline: computed, the same greedy answer as a healthy server.
+  server.store()->ClearMemory();
+  pb::GenerateRequest doc_req = Ask(Questions()[1]);
+  *doc_req.add_contexts()->mutable_inline_() = CompressRequest(kDocument);
+  const StreamResult inline_after = RunGenerate(*a.stub, doc_req);
+  ASSERT_TRUE(inline_after.status.ok()) << inline_after.status.error_message();
+  ASSERT_EQ(inline_after.usage.contexts_size(), 1);
+  EXPECT_EQ(inline_after.usage.contexts(0).tier(), pb::CACHE_TIER_COMPUTED);
+  EXPECT_EQ(inline_after.usage.contexts(0).context_id(), id);
+  EXPECT_EQ(inline_after.text, LocalAnswer({ctx.get()}, Questions()[1]));
+
+  // A context that only Redis could hold now: UNAVAILABLE (it may exist; retry later), not
+  // NOT_FOUND (which tells the client to send the document again), and answered at once.
+  server.store()->ClearMemory();
+  const GetContextResult only_redis = CallGetContext(*a.stub, id);
+  EXPECT_EQ(only_redis.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << only_redis.status.error_message();
+  EXPECT_NE(only_redis.status.error_message().find("Redis"), std::string::npos)
+      << only_redis.status.error_message();
+  EXPECT_LT(only_redis.seconds, redis_call_bound_s);
+  const StreamResult by_id = RunGenerate(*a.stub, AskAbout(id, Questions()[0]));
+  EXPECT_EQ(by_id.status.error_code(), grpc::StatusCode::UNAVAILABLE) << by_id.status.error_message();
+  EXPECT_EQ(by_id.messages, 0);
+
+  // Counted: at least the lost in-flight write, the compress's lookup and write, the inline
+  // generate's lookup and write, and the two lookups just above (each may instead fail fast
+  // in backoff, which counts the same).
+  st = server.store()->Stats();
+  EXPECT_GE(st.redis_errors, 7) << StoreStats(server);
+  EXPECT_FALSE(st.redis_connected);
+  EXPECT_EQ(st.redis_hits, 0);
+  EXPECT_EQ(st.redis_writes, 1);
+
+  // Restarted on the same port (empty: no persistence). The client retries after its backoff
+  // (100 ms doubling per failure, at most 5 s): until then the lookup is UNAVAILABLE, after it
+  // the empty Redis answers and the context is NOT_FOUND.
+  ASSERT_EQ(redis.Start(), "");
+  const auto reconnect_by = std::chrono::steady_clock::now() + std::chrono::seconds(8);
+  GetContextResult probe = CallGetContext(*a.stub, id);
+  while (probe.status.error_code() == grpc::StatusCode::UNAVAILABLE &&
+         std::chrono::steady_clock::now() < reconnect_by) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    probe = CallGetContext(*a.stub, id);
+  }
+  ASSERT_EQ(probe.status.error_code(), grpc::StatusCode::NOT_FOUND)
+      << probe.status.error_message() << "\n" << StoreStats(server);
+  EXPECT_TRUE(server.store()->Stats().redis_connected);
+
+  // Writes succeed again: compressed, stored, and served from Redis after the memory tier is
+  // dropped, the same answer as before Redis died.
+  const pb::CompressResponse rewritten = MustCompress(*a.stub, kDocument);
+  EXPECT_EQ(rewritten.context().tier(), pb::CACHE_TIER_COMPUTED);
+  EXPECT_EQ(server.store()->Stats().redis_writes, 2) << StoreStats(server);
+  server.store()->ClearMemory();
+  const StreamResult from_redis = RunGenerate(*a.stub, AskAbout(id, Questions()[0]));
+  ASSERT_TRUE(from_redis.status.ok()) << from_redis.status.error_message();
+  EXPECT_EQ(from_redis.usage.contexts(0).tier(), pb::CACHE_TIER_REDIS);
+  EXPECT_EQ(from_redis.text, before.text);
+  EXPECT_EQ(server.store()->Stats().redis_hits, 1);
+
+  // Stalled (SIGSTOP: connections are accepted, nothing is answered): a lookup waits for the
+  // command timeout, not longer, and reports UNAVAILABLE.
+  server.store()->ClearMemory();
+  const int64_t errors_before_stall = server.store()->Stats().redis_errors;
+  redis.Pause();
+  const GetContextResult stalled = CallGetContext(*a.stub, id);
+  redis.Resume();
+  EXPECT_EQ(stalled.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << stalled.status.error_message();
+  EXPECT_GE(stalled.seconds, config.redis_command_timeout_ms / 1000.0 * 0.9);
+  EXPECT_LT(stalled.seconds, redis_call_bound_s);
+  EXPECT_GT(server.store()->Stats().redis_errors, errors_before_stall);
+  EXPECT_TRUE(server.WaitIdle(5));
+  EXPECT_EQ(server.scheduler()->Stats().reserved_kv_bytes, 0);
+}
+
+// A damaged Redis value: one byte of a stored part flipped behind the service's back. A
+// server that meets it counts it as corrupt and treats it as absent, recomputes it from the
+// document (same answer as the undamaged context), and replaces it with a good entry that the
+// next server reads as a Redis hit.
+TEST_F(ServerE2ETest, CorruptRedisEntryIsDetectedRecomputedAndReplaced) {
+  const std::string binary = FindRedisServer();
+  if (binary.empty()) {
+    if (RequireRedis()) FAIL() << "redis-server not found and CTXCACHE_REQUIRE_REDIS=1";
+    GTEST_SKIP() << "redis-server not found (tools/setup.sh installs it)";
+  }
+  RedisServer redis(binary);
+  ASSERT_EQ(redis.Start(), "");
+  ServerConfig config = BaseConfig();
+  config.redis_url = redis.Url();
+  Running a = Start(config);
+  ASSERT_NE(a.stub, nullptr);
+  const pb::CompressResponse c = MustCompress(*a.stub, kDocument);
+  const std::string id = c.context().context_id();
+  std::shared_ptr<const CompressedContext> ctx = Cached(*a.server, id);
+  ASSERT_NE(ctx, nullptr);
+  const StreamResult good = RunGenerate(*a.stub, AskAbout(id, Questions()[0]));
+  ASSERT_TRUE(good.status.ok()) << good.status.error_message();
+  ASSERT_FALSE(good.text.empty());
+  EXPECT_EQ(good.text, LocalAnswer({ctx.get()}, Questions()[0]));
+  ASSERT_EQ(a.server->store()->Stats().redis_writes, 1) << StoreStats(*a.server);
+
+  // The layout (cache/redis_tier.h): metadata "ctxcache:default:m:<id>" holding
+  // "ctxm1 <write id> <parts> <bytes> <crc32c>", parts "ctxcache:default:p:<id>:<write id>:<i>".
+  std::unique_ptr<redisContext, void (*)(redisContext*)> raw(redis.Connect(), redisFree);
+  ASSERT_NE(raw, nullptr);
+  const std::string meta_key = "ctxcache:default:m:" + id;
+  const std::string meta = RawString(raw.get(), {"GET", meta_key});
+  ASSERT_EQ(meta.rfind("ctxm1 ", 0), 0u) << "metadata: \"" << meta << "\"";
+  const std::vector<std::string> fields = absl::StrSplit(meta, ' ');
+  ASSERT_EQ(fields.size(), 5u) << meta;
+  const std::string part_key = absl::StrCat("ctxcache:default:p:", id, ":", fields[1], ":0");
+  {
+    RawReply keys = RawCommand(raw.get(), {"KEYS", "ctxcache:default:p:" + id + ":*"});
+    ASSERT_NE(keys, nullptr);
+    ASSERT_EQ(keys->type, REDIS_REPLY_ARRAY);
+    ASSERT_EQ(keys->elements, static_cast<size_t>(std::stoll(fields[2])));
+  }
+  // One byte in the middle of the first part (K/V payload), flipped in place (TTL kept).
+  std::string part = RawString(raw.get(), {"GET", part_key});
+  ASSERT_GT(part.size(), 1000u) << part_key;
+  const size_t offset = part.size() / 2;
+  const std::string flipped(1, static_cast<char>(part[offset] ^ 0x40));
+  RawReply set = RawCommand(raw.get(), {"SETRANGE", part_key, std::to_string(offset), flipped});
+  ASSERT_NE(set, nullptr);
+  ASSERT_EQ(set->type, REDIS_REPLY_INTEGER);
+  const std::string damaged = RawString(raw.get(), {"GET", part_key});
+  ASSERT_EQ(damaged.size(), part.size());
+  ASSERT_NE(damaged, part);
+
+  // A fresh server B: by id, the damaged entry reads as absent (NOT_FOUND: send the
+  // document), counted as corrupt, not as a transport error.
+  Running b = Start(config);
+  ASSERT_NE(b.stub, nullptr);
+  const GetContextResult lookup = CallGetContext(*b.stub, id);
+  EXPECT_EQ(lookup.status.error_code(), grpc::StatusCode::NOT_FOUND)
+      << lookup.status.error_message();
+  ContextStoreStats sb = b.server->store()->Stats();
+  EXPECT_EQ(sb.redis_corrupt, 1) << StoreStats(*b.server);
+  EXPECT_EQ(sb.redis_hits, 0);
+  EXPECT_EQ(sb.redis_errors, 0);
+
+  // With the document inline: detected again, recomputed (tier COMPUTED), the same answer.
+  pb::GenerateRequest req = Ask(Questions()[0]);
+  *req.add_contexts()->mutable_inline_() = CompressRequest(kDocument);
+  const StreamResult recomputed = RunGenerate(*b.stub, req);
+  ASSERT_TRUE(recomputed.status.ok()) << recomputed.status.error_message();
+  ASSERT_EQ(recomputed.usage.contexts_size(), 1);
+  EXPECT_EQ(recomputed.usage.contexts(0).context_id(), id);
+  EXPECT_EQ(recomputed.usage.contexts(0).tier(), pb::CACHE_TIER_COMPUTED);
+  EXPECT_GT(recomputed.usage.contexts(0).compute_ms(), 0);
+  EXPECT_EQ(recomputed.text, good.text);
+  sb = b.server->store()->Stats();
+  EXPECT_EQ(sb.redis_corrupt, 2) << StoreStats(*b.server);
+  EXPECT_EQ(sb.redis_writes, 1) << StoreStats(*b.server);
+  EXPECT_EQ(sb.redis_errors, 0);
+
+  // Replaced: the metadata names a new write, and the damaged part is gone.
+  const std::string new_meta = RawString(raw.get(), {"GET", meta_key});
+  EXPECT_EQ(new_meta.rfind("ctxm1 ", 0), 0u) << new_meta;
+  EXPECT_NE(new_meta, meta);
+  RawReply exists = RawCommand(raw.get(), {"EXISTS", part_key});
+  ASSERT_NE(exists, nullptr);
+  EXPECT_EQ(exists->integer, 0) << "the damaged part was not deleted";
+
+  // A further fresh reader: a Redis hit, the same answer, nothing corrupt.
+  Running c2 = Start(config);
+  ASSERT_NE(c2.stub, nullptr);
+  const StreamResult hit = RunGenerate(*c2.stub, AskAbout(id, Questions()[0]));
+  ASSERT_TRUE(hit.status.ok()) << hit.status.error_message() << "\n" << StoreStats(*c2.server);
+  EXPECT_EQ(hit.usage.contexts(0).tier(), pb::CACHE_TIER_REDIS);
+  EXPECT_EQ(hit.text, good.text);
+  const ContextStoreStats sc = c2.server->store()->Stats();
+  EXPECT_EQ(sc.redis_hits, 1) << StoreStats(*c2.server);
+  EXPECT_EQ(sc.redis_corrupt, 0);
 }
 
 TEST_F(ServerE2ETest, MultiDocumentGenerateComposesContextsInOrder) {
