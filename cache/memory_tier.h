@@ -2,11 +2,10 @@
 // requests that use them, evicted least-recently-used first when the byte budget is spent.
 //
 // Entries are keyed by (tenant, key) as a pair, never by a concatenation a crafted key could
-// collide with. An entry is charged EntryBytes(): the context's KV bytes at fp16 (the figure
-// ContextStoreOptions::memory_bytes is documented in), its digest at fp16, and its two key
-// strings (so that empty contexts are not free). The resident copy holds K/V as fp32, so the
-// process holds about twice the charged KV bytes; the budget is the cache's accounting unit,
-// the same one the service reports as "bytes used".
+// collide with. An entry is charged EntryBytes(): what its resident copy occupies (K/V as
+// fp32, an int32 position per entry, the digest as fp32) plus its two key strings, so that the
+// budget bounds the process's memory. That is about 2x the fp16 "KV bytes" the service
+// reports per context (the size of the stored blob and the figure savings are counted in).
 //
 // An evicted context stays alive for as long as a request holds its shared_ptr; the tier only
 // drops its own reference.

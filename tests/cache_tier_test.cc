@@ -60,9 +60,12 @@ std::shared_ptr<const CompressedContext> Shared(CompressedContext c) {
 TEST(MemoryTierTest, ChargesKvDigestAndKeyBytes) {
   CompressedContext c = MakeContext(3);
   EXPECT_EQ(c.KvBytes(), 2 * 2 * 3 * 4 * 2 * 2);
-  EXPECT_EQ(MemoryTier::EntryBytes("t", "key", c), c.KvBytes() + 4);
+  // Resident: K and V at fp32 (twice the fp16 KV bytes), an int32 position per entry
+  // (2 layers x 2 heads x 3 entries), the key strings.
+  const int64_t resident = 2 * c.KvBytes() + 2 * 2 * 3 * 4;
+  EXPECT_EQ(MemoryTier::EntryBytes("t", "key", c), resident + 4);
   c.digest.assign(10, 0.5f);
-  EXPECT_EQ(MemoryTier::EntryBytes("t", "key", c), c.KvBytes() + 20 + 4);
+  EXPECT_EQ(MemoryTier::EntryBytes("t", "key", c), resident + 40 + 4);
 }
 
 TEST(MemoryTierTest, EvictsLeastRecentlyUsedWithinByteBound) {
