@@ -66,7 +66,8 @@ bool IsLowerHex64(const std::string& s) {
 class TwoTierStore final : public ContextStore {
  public:
   TwoTierStore(const ContextStoreOptions& options, std::unique_ptr<RedisTier> redis)
-      : memory_(options.memory_bytes), redis_(std::move(redis)) {}
+      : memory_(options.memory_bytes), redis_(std::move(redis)),
+        observer_(options.redis_observer) {}
 
   absl::StatusOr<StoreResult> GetOrCompute(const std::string& tenant, const std::string& key,
                                            const ComputeFn& compute) override {
@@ -116,7 +117,9 @@ class TwoTierStore final : public ContextStore {
   absl::Status Delete(const std::string& tenant, const std::string& key) override {
     bool found = memory_.Erase(tenant, key);
     if (redis_ != nullptr) {
+      const auto start = std::chrono::steady_clock::now();
       absl::StatusOr<bool> deleted = redis_->Delete(tenant, key);
+      Observe(RedisOp::kDelete, !deleted.ok(), start);
       if (!deleted.ok()) {
         redis_errors_.fetch_add(1, std::memory_order_relaxed);
         read_warning_.Log(absl::StrCat("redis tier: delete failed: ", deleted.status().message()));
@@ -144,6 +147,7 @@ class TwoTierStore final : public ContextStore {
     s.redis_hits = redis_hits_.load(std::memory_order_relaxed);
     s.redis_misses = redis_misses_.load(std::memory_order_relaxed);
     s.redis_errors = redis_errors_.load(std::memory_order_relaxed);
+    s.redis_read_errors = redis_read_errors_.load(std::memory_order_relaxed);
     s.redis_corrupt = redis_corrupt_.load(std::memory_order_relaxed);
     s.redis_wrong_model = redis_wrong_model_.load(std::memory_order_relaxed);
     s.redis_writes = redis_writes_.load(std::memory_order_relaxed);
@@ -164,7 +168,14 @@ class TwoTierStore final : public ContextStore {
                                                     const std::string& key,
                                                     absl::Status* error = nullptr) {
     if (redis_ == nullptr) return nullptr;
+    const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<CompressedContext> got = redis_->Get(tenant, key);
+    const absl::StatusCode code = got.status().code();
+    Observe(RedisOp::kGet,
+            code != absl::StatusCode::kOk && code != absl::StatusCode::kNotFound &&
+                code != absl::StatusCode::kDataLoss &&
+                code != absl::StatusCode::kFailedPrecondition,
+            start);
     if (got.ok()) {
       redis_hits_.fetch_add(1, std::memory_order_relaxed);
       return std::make_shared<const CompressedContext>(*std::move(got));
@@ -188,6 +199,7 @@ class TwoTierStore final : public ContextStore {
         break;
       default:
         redis_errors_.fetch_add(1, std::memory_order_relaxed);
+        redis_read_errors_.fetch_add(1, std::memory_order_relaxed);
         read_warning_.Log(
             absl::StrCat("redis tier: read failed, serving without it: ", status.message()));
         if (error != nullptr) *error = status;
@@ -199,7 +211,9 @@ class TwoTierStore final : public ContextStore {
   void RedisPut(const std::string& tenant, const std::string& key,
                 const CompressedContext& context) {
     if (redis_ == nullptr) return;
+    const auto start = std::chrono::steady_clock::now();
     const absl::Status status = redis_->Put(tenant, key, context);
+    Observe(RedisOp::kPut, !status.ok() && !absl::IsResourceExhausted(status), start);
     if (status.ok()) {
       redis_writes_.fetch_add(1, std::memory_order_relaxed);
     } else if (absl::IsResourceExhausted(status)) {
@@ -212,11 +226,19 @@ class TwoTierStore final : public ContextStore {
     }
   }
 
+  void Observe(RedisOp op, bool error, std::chrono::steady_clock::time_point start) const {
+    if (!observer_) return;
+    observer_(op, error,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+
   MemoryTier memory_;
   std::unique_ptr<RedisTier> redis_;  // null: no Redis tier
+  const RedisObserver observer_;
   SingleFlight<StoreResult> flights_;
   std::atomic<int64_t> redis_hits_{0}, redis_misses_{0}, redis_errors_{0}, redis_corrupt_{0};
   std::atomic<int64_t> redis_wrong_model_{0}, redis_writes_{0}, redis_quota_skips_{0};
+  std::atomic<int64_t> redis_read_errors_{0};
   RateLimitedWarning read_warning_{absl::Seconds(10)}, write_warning_{absl::Seconds(10)};
   RateLimitedWarning corrupt_warning_{absl::Seconds(10)}, quota_warning_{absl::Seconds(10)};
 };
@@ -231,6 +253,18 @@ const char* CacheTierName(CacheTier tier) {
       return "memory";
     case CacheTier::kRedis:
       return "redis";
+  }
+  return "unknown";
+}
+
+const char* RedisOpName(RedisOp op) {
+  switch (op) {
+    case RedisOp::kGet:
+      return "get";
+    case RedisOp::kPut:
+      return "put";
+    case RedisOp::kDelete:
+      return "delete";
   }
   return "unknown";
 }

@@ -42,10 +42,22 @@ struct RedisOptions {
   int backoff_max_ms = 5000;
 };
 
+// The Redis commands the store issues, for RedisObserver.
+enum class RedisOp : uint8_t { kGet = 0, kPut = 1, kDelete = 2 };
+inline constexpr int kRedisOpCount = 3;
+const char* RedisOpName(RedisOp op);  // "get", "put", "delete"
+
+// Called after every Redis tier operation, on the calling thread: the operation, whether it
+// failed on transport or with an error reply (what ContextStoreStats::redis_errors counts; a
+// miss, a damaged or other-model entry and a quota skip are not errors), and its duration.
+// Must be cheap and thread-safe (the server feeds its metrics from it).
+using RedisObserver = std::function<void(RedisOp op, bool error, double seconds)>;
+
 struct ContextStoreOptions {
-  int64_t memory_bytes = 1LL << 30;  // memory tier budget (sum of CompressedContext::KvBytes + digest)
+  int64_t memory_bytes = 1LL << 30;  // memory tier budget, resident bytes (MemoryTier::EntryBytes)
   RedisOptions redis;
   std::string model_fingerprint;     // blobs made by another model are misses (and replaced)
+  RedisObserver redis_observer;      // optional
 };
 
 struct StoreResult {
@@ -62,6 +74,7 @@ struct ContextStoreStats {
   // redis_errors: transport failures (unreachable, timeout, lost connection) and error
   // replies, on reads and writes alike.
   int64_t redis_hits = 0, redis_misses = 0, redis_errors = 0, redis_corrupt = 0;
+  int64_t redis_read_errors = 0;   // the lookups among redis_errors (hits + misses + these = reads)
   int64_t redis_wrong_model = 0;   // entries made by another model (misses, then replaced)
   int64_t redis_writes = 0;        // entries stored
   int64_t redis_quota_skips = 0;   // writes skipped because the tenant's quota was full

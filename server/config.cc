@@ -89,11 +89,11 @@ const std::vector<Setting>& Settings() {
   static const auto* const settings = new std::vector<Setting>{
       {"listen", "HOST:PORT to serve gRPC on (default 127.0.0.1:50051; port 0 = any free port)",
        String(&ServerConfig::listen)},
-      {"metrics_listen", "HOST:PORT for Prometheus /metrics (accepted; not served yet)",
+      {"metrics_listen", "HOST:PORT for Prometheus /metrics, e.g. 127.0.0.1:9464 (default: off)",
        String(&ServerConfig::metrics_listen)},
       {"model", "GGUF model path (default: models/SmolLM2-135M-Instruct.Q4_1.gguf)",
        String(&ServerConfig::model)},
-      {"memory_cache_bytes", "memory tier budget, e.g. 1GiB (default 1GiB)",
+      {"memory_cache_bytes", "memory tier budget in resident bytes, e.g. 1GiB (default 1GiB)",
        Bytes(&ServerConfig::memory_cache_bytes)},
       {"redis_url", "redis://[user:pass@]HOST:PORT[/db] for the shared tier (default: none)",
        String(&ServerConfig::redis_url)},
@@ -322,7 +322,9 @@ absl::Status ValidateServerConfig(const ServerConfig& c) {
     // The cache's own parser, so that what starts is what connects; its messages never
     // carry the password.
     absl::StatusOr<RedisUrl> url = ParseRedisUrl(c.redis_url);
-    if (!url.ok()) return absl::InvalidArgumentError(absl::StrCat("redis_url: ", url.status().message()));
+    if (!url.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("redis_url: ", url.status().message()));
+    }
   }
   if (c.log_format != "plain" && c.log_format != "json") {
     return Bad("log_format", c.log_format, "plain or json");

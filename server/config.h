@@ -23,7 +23,7 @@ inline constexpr char kDefaultListen[] = "127.0.0.1:50051";
 
 struct ServerConfig {
   std::string listen = kDefaultListen;  // HOST:PORT (port 0 = any free port)
-  std::string metrics_listen;           // HOST:PORT for /metrics (accepted; not served yet)
+  std::string metrics_listen;           // HOST:PORT for Prometheus /metrics; empty = not served
   std::string model;                    // GGUF path; empty = FindDefaultModel()
   // Cache tiers.
   int64_t memory_cache_bytes = int64_t{1} << 30;

@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "common/status.h"
 #include "server/context_key.h"
+#include "server/server_metrics.h"
 
 namespace ctxcache::server {
 namespace {
@@ -63,8 +64,9 @@ absl::Status CheckUtf8(std::string_view text, const std::string& field) {
   return absl::OkStatus();
 }
 
-Handlers::Handlers(const Model& model, ContextStore& store, const RequestLimits& limits)
-    : model_(model), store_(store), limits_(limits) {
+Handlers::Handlers(const Model& model, ContextStore& store, const RequestLimits& limits,
+                   ServerMetrics* metrics)
+    : model_(model), store_(store), limits_(limits), metrics_(metrics) {
   const std::string tmpl = model_.gguf().GetString("tokenizer.chat_template").value_or("");
   absl::StatusOr<ChatTemplate> t = DetectChatTemplate(tmpl, /*allow_raw=*/false);
   if (t.ok()) {
@@ -219,6 +221,7 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
       store_.GetOrCompute(tenant, out.context_id, [&]() -> absl::StatusOr<CompressedContext> {
         // The compute may start long after the request did (single flight, queueing).
         RETURN_IF_ERROR(stop());
+        const auto compress_start = Clock::now();
         ASSIGN_OR_RETURN(CompressedContext c, ctxcache::Compress(runner, ids, spec));
         if (c.method_version != version) {
           return absl::InternalError(absl::StrCat(
@@ -226,6 +229,8 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
               " but the server keys contexts with version ", version,
               ": update ExpectedMethodVersion in server/context_key.cc"));
         }
+        // Here, inside the single flight, each computation is counted once.
+        if (metrics_ != nullptr) metrics_->RecordCompression(c.method, Since(compress_start), c);
         return c;
       }));
   out.context = std::move(r.context);

@@ -83,9 +83,13 @@ using StopCheck = std::function<absl::Status()>;
 // InvalidArgument naming `field` and the byte offset of the first invalid sequence.
 absl::Status CheckUtf8(std::string_view text, const std::string& field);
 
+class ServerMetrics;
+
 class Handlers {
  public:
-  Handlers(const Model& model, ContextStore& store, const RequestLimits& limits);
+  // `metrics` (optional) receives the compressions actually computed; it must outlive this.
+  Handlers(const Model& model, ContextStore& store, const RequestLimits& limits,
+           ServerMetrics* metrics = nullptr);
 
   // Cheap checks that need no engine work (sizes, encodings, ids, parameter ranges).
   absl::Status ValidateCompress(const CompressInput& in, const std::string& field) const;
@@ -126,6 +130,7 @@ class Handlers {
   const Model& model_;
   ContextStore& store_;
   RequestLimits limits_;
+  ServerMetrics* metrics_;
   ChatTemplate chat_template_;
   absl::Status chat_template_status_;
 };

@@ -1,6 +1,8 @@
 // Engine workers and admission control (see scheduler.h).
 #include "server/scheduler.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -18,7 +20,7 @@ absl::Status Reservation::Resize(int64_t bytes) {
 }
 
 Scheduler::Scheduler(const Model& model, const SchedulerOptions& options)
-    : model_(model), options_(options) {
+    : model_(model), options_(options), job_started_(std::max(0, options.workers)) {
   for (int i = 0; i < options_.workers; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
 }
 
@@ -99,8 +101,15 @@ void Scheduler::Shutdown() {
 
 SchedulerStats Scheduler::Stats() const {
   std::lock_guard<std::mutex> lock(mu_);
+  // Busy time includes the running jobs' time so far, so that the counter grows smoothly
+  // instead of in steps as long jobs end (a scrape mid-job sees the work being done).
+  double busy = busy_seconds_;
+  const Clock::time_point now = Clock::now();
+  for (const Clock::time_point& t : job_started_) {
+    if (t != Clock::time_point{}) busy += std::chrono::duration<double>(now - t).count();
+  }
   return SchedulerStats{static_cast<int>(queue_.size()), running_, reserved_,
-                        options_.max_kv_bytes, options_.max_queue_depth, options_.workers};
+                        options_.max_kv_bytes, options_.max_queue_depth, options_.workers, busy};
 }
 
 absl::Status Scheduler::ResizeReservation(int64_t from, int64_t to) {
@@ -110,12 +119,13 @@ absl::Status Scheduler::ResizeReservation(int64_t from, int64_t to) {
   return absl::OkStatus();
 }
 
-void Scheduler::WorkerLoop(int /*index*/) {
+void Scheduler::WorkerLoop(int index) {
   // Each worker owns its threads and scratch; the Model's weights are shared read-only.
   ThreadPool pool(options_.threads_per_worker);
   Runner runner(model_, &pool);
   for (;;) {
     Job job;
+    Clock::time_point started;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
@@ -131,13 +141,16 @@ void Scheduler::WorkerLoop(int /*index*/) {
         continue;
       }
       ++running_;
+      started = Clock::now();
+      job_started_[index] = started;
     }
-    const double queue_seconds =
-        std::chrono::duration<double>(Clock::now() - job.enqueued).count();
+    const double queue_seconds = std::chrono::duration<double>(started - job.enqueued).count();
     Reservation reservation(this, job.kv_bytes);
     job.work(runner, reservation, queue_seconds);
     {
       std::lock_guard<std::mutex> lock(mu_);
+      busy_seconds_ += std::chrono::duration<double>(Clock::now() - job_started_[index]).count();
+      job_started_[index] = Clock::time_point{};
       --running_;
       reserved_ -= reservation.bytes();
     }

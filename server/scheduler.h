@@ -59,6 +59,7 @@ struct SchedulerStats {
   int64_t max_kv_bytes = 0;
   int max_queue_depth = 0;
   int workers = 0;
+  double busy_seconds = 0;  // total time workers spent running jobs (monotonic)
 };
 
 class Scheduler {
@@ -111,6 +112,9 @@ class Scheduler {
   uint64_t next_ticket_ ABSL_GUARDED_BY(mu_) = 1;
   int running_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t reserved_ ABSL_GUARDED_BY(mu_) = 0;
+  double busy_seconds_ ABSL_GUARDED_BY(mu_) = 0;  // jobs finished
+  // Per worker: when its current job started; Clock::time_point{} while idle.
+  std::vector<Clock::time_point> job_started_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;
 };

@@ -34,7 +34,8 @@ absl::StatusOr<std::unique_ptr<ServerInstance>> ServerInstance::Start(const Serv
   s->model_ = model;
   const bool auth_on = auth.enabled();
   const size_t n_tokens = auth.size();
-  s->service_ = std::make_unique<ContextCacheService>(std::move(auth));
+  s->metrics_ = std::make_unique<ServerMetrics>(CTXCACHE_VERSION);
+  s->service_ = std::make_unique<ContextCacheService>(std::move(auth), s->metrics_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -54,8 +55,13 @@ absl::StatusOr<std::unique_ptr<ServerInstance>> ServerInstance::Start(const Serv
   spdlog::info("listening on {} (auth: {}), loading...", s->address(),
                auth_on ? absl::StrCat(n_tokens, " tokens") : std::string("off"));
   if (!config.metrics_listen.empty()) {
-    spdlog::warn("metrics_listen {} accepted but /metrics is not served yet",
-                 config.metrics_listen);
+    ServerMetrics* metrics = s->metrics_.get();
+    ASSIGN_OR_RETURN(s->metrics_http_,
+                     MetricsHttpServer::Start(config.metrics_listen,
+                                              [metrics] { return metrics->Render(); }));
+    spdlog::info("serving Prometheus metrics on http://{}:{}/metrics",
+                 config.metrics_listen.substr(0, config.metrics_listen.rfind(':')),
+                 s->metrics_http_->port());
   }
   return s;
 }
@@ -93,6 +99,7 @@ absl::Status ServerInstance::Load() {
   so.redis.ttl_seconds = config_.redis_ttl_seconds;
   so.redis.tenant_quota_bytes = config_.redis_tenant_quota_bytes;
   so.redis.key_prefix = config_.redis_key_prefix;
+  so.redis_observer = metrics_->MakeRedisObserver();
   ASSIGN_OR_RETURN(store_, ContextStore::Create(so));
 
   SchedulerOptions sched;
@@ -108,8 +115,14 @@ absl::Status ServerInstance::Load() {
   limits.max_document_tokens = config_.max_document_tokens;
   limits.max_document_bytes = config_.max_document_bytes;
   limits.max_contexts_per_request = config_.max_contexts_per_request;
-  handlers_ = std::make_unique<Handlers>(*model_, *store_, limits);
+  handlers_ = std::make_unique<Handlers>(*model_, *store_, limits, metrics_.get());
   scheduler_ = std::make_unique<Scheduler>(*model_, sched);
+  ServerMetrics::Sources sources;
+  sources.store = [store = store_.get()] { return store->Stats(); };
+  sources.scheduler = [scheduler = scheduler_.get()] { return scheduler->Stats(); };
+  sources.redis_enabled = !config_.redis_url.empty();
+  sources.model = model_->config().name;
+  metrics_->SetSources(std::move(sources));
   service_->Attach(handlers_.get(), scheduler_.get(),
                    ServiceInfo{!config_.redis_url.empty(), sched.workers});
   SetServing(true);
@@ -154,6 +167,9 @@ bool ServerInstance::Drain(double timeout_seconds) {
 ServerInstance::~ServerInstance() {
   if (!shut_down_) Drain(0);
   server_->Wait();
+  // Scrapes read the store and the scheduler: stop them before those go.
+  metrics_http_.reset();
+  if (metrics_) metrics_->ClearSources();
   // Workers finish their current job (each ends its call) before the service goes away.
   scheduler_.reset();
   server_.reset();

@@ -17,7 +17,9 @@
 #include "engine/model.h"
 #include "server/config.h"
 #include "server/handlers.h"
+#include "server/metrics_http.h"
 #include "server/scheduler.h"
+#include "server/server_metrics.h"
 #include "server/service.h"
 
 namespace ctxcache::server {
@@ -27,7 +29,8 @@ inline constexpr char kServiceName[] = "ctxcache.v1.ContextCache";
 
 class ServerInstance {
  public:
-  // Validates the config, reads the token file, binds and starts serving health. `model`, when
+  // Validates the config, reads the token file, binds and starts serving health (and /metrics
+  // when config.metrics_listen is set). `model`, when
   // given, is used instead of loading config.model (tests share one loaded model); it must
   // outlive the instance.
   static absl::StatusOr<std::unique_ptr<ServerInstance>> Start(const ServerConfig& config,
@@ -50,6 +53,9 @@ class ServerInstance {
   std::string address() const;
   ContextStore* store() { return store_.get(); }
   Scheduler* scheduler() { return scheduler_.get(); }
+  ServerMetrics& metrics() { return *metrics_; }
+  // The bound /metrics port; 0 when metrics_listen is empty (not served).
+  int metrics_port() const { return metrics_http_ ? metrics_http_->port() : 0; }
   const ServerConfig& config() const { return config_; }
 
  private:
@@ -59,6 +65,8 @@ class ServerInstance {
   ServerConfig config_;
   const Model* model_ = nullptr;
   std::unique_ptr<Model> owned_model_;
+  std::unique_ptr<ServerMetrics> metrics_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<ContextStore> store_;
   std::unique_ptr<Handlers> handlers_;
   std::unique_ptr<Scheduler> scheduler_;

@@ -121,6 +121,10 @@ class ContextCacheService::Call {
  private:
   void Log(const absl::Status& status, std::string_view extra) {
     const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start_).count();
+    if (service_->metrics_ != nullptr) {
+      service_->metrics_->RecordCall(rpc_, static_cast<int>(ToGrpcStatus(status).error_code()),
+                                     ms / 1e3);
+    }
     const std::string line = absl::StrFormat(
         "rid=%s rpc=%s tenant=%s code=%s ms=%.1f%s%s%s", rid_, rpc_, tenant_,
         absl::StatusCodeToString(status.code()), ms, extra.empty() ? "" : " ",
@@ -143,8 +147,8 @@ class ContextCacheService::Call {
   std::atomic<bool> left_{false};
 };
 
-ContextCacheService::ContextCacheService(TokenAuth auth)
-    : auth_(std::move(auth)), io_(std::make_unique<IoExecutor>(2)) {}
+ContextCacheService::ContextCacheService(TokenAuth auth, ServerMetrics* metrics)
+    : auth_(std::move(auth)), metrics_(metrics), io_(std::make_unique<IoExecutor>(2)) {}
 
 ContextCacheService::~ContextCacheService() = default;
 
@@ -380,6 +384,7 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
   const Clock::time_point deadline = SteadyDeadline(ctx);
   auto input = std::make_shared<GenerateInput>(*std::move(in));
   const std::string tenant = (*call)->tenant();
+  ServerMetrics* const metrics = metrics_;
   auto work = [=](Runner& runner, Reservation& reservation, double queue_seconds) {
     StopCheck stop = [reactor, deadline]() -> absl::Status {
       if (reactor->cancelled()) return absl::CancelledError("the client cancelled the call");
@@ -394,6 +399,8 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
       reactor->Complete(out.status(), std::nullopt, "");
       return;
     }
+    // Before the client can see the end, so a scrape after the call includes it.
+    if (metrics != nullptr) metrics->RecordGenerate(*out, tenant);
     pb::GenerateResponse last;
     ToProto(*out, queue_seconds, last.mutable_usage());
     std::string tiers;

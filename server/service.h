@@ -19,6 +19,7 @@
 #include "server/auth.h"
 #include "server/handlers.h"
 #include "server/scheduler.h"
+#include "server/server_metrics.h"
 
 namespace ctxcache::server {
 
@@ -31,7 +32,8 @@ struct ServiceInfo {
 
 class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackService {
  public:
-  explicit ContextCacheService(TokenAuth auth);
+  // `metrics` (optional) must outlive the service.
+  explicit ContextCacheService(TokenAuth auth, ServerMetrics* metrics = nullptr);
   ~ContextCacheService() override;
 
   // Makes the service ready (the objects outlive the service's calls).
@@ -70,6 +72,7 @@ class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackSer
   void EndCall();
 
   TokenAuth auth_;
+  ServerMetrics* const metrics_;
   std::atomic<const Handlers*> handlers_{nullptr};
   Scheduler* scheduler_ = nullptr;  // set with handlers_ (release/acquire)
   ServiceInfo info_;

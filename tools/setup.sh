@@ -23,7 +23,14 @@ apt_packages=(
   libhiredis-dev redis-server redis-tools
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
   libopenblas-dev libyaml-cpp-dev
+  prometheus  # promtool only: the metrics test checks the /metrics exposition with it
+  python3-pip
+  yamllint    # deploy checks (tests/deploy_test.sh); promtool there too
 )
+# `kubectl kustomize` for the deploy checks: Debian's kubernetes-client (1.20, kustomize
+# v2.0.3, which deploy/k8s is written for) unless a kubectl is installed already (another
+# kubectl package would conflict with it over /usr/bin/kubectl).
+command -v kubectl >/dev/null 2>&1 || apt_packages+=(kubernetes-client)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -38,6 +45,17 @@ if ((${#missing[@]})); then
 fi
 
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+# For the python3 on PATH (the one the tests run): Kubernetes JSON schemas for validating
+# deploy/k8s offline (tests/deploy_test.sh), and matplotlib for the dashboard preview drawn
+# from a live run (tools/dashboard_demo.py). Debian's own python3 is "externally managed"
+# (PEP 668): there they go in with --break-system-packages.
+if ! python3 -c 'import kubernetes_validate, matplotlib' 2>/dev/null; then
+  pip_flags=(--quiet)
+  python3 -c 'import os, sysconfig, sys
+sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["stdlib"], "EXTERNALLY-MANAGED")) else 1)' \
+    && pip_flags+=(--break-system-packages)
+  python3 -m pip install "${pip_flags[@]}" kubernetes-validate==1.37.0 matplotlib
+fi
 if ((dev)); then
   python3 - <<'PY' 2>/dev/null || python3 -m pip install --quiet numpy gguf matplotlib llama-cpp-python==0.3.36
 import numpy, gguf, matplotlib, llama_cpp

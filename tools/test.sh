@@ -12,6 +12,11 @@ tools/setup.sh
 export CTXCACHE_REQUIRE_MODEL=1
 # redis-server was just installed: the Redis integration tests must run, not skip.
 export CTXCACHE_REQUIRE_REDIS=1
+# promtool (package prometheus) was just installed: the metrics exposition check must run.
+export CTXCACHE_REQUIRE_PROMTOOL=1
+# promtool, yamllint, kubectl and kubernetes-validate were just installed: the deploy checks
+# (tests/deploy_test.sh) must run, not skip.
+export CTXCACHE_REQUIRE_DEPLOY_TOOLS=1
 
 echo "== sanitizer build (ASan + UBSan): untrusted-input parsers" >&2
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCTXCACHE_SANITIZE=ON \

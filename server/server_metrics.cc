@@ -1,0 +1,279 @@
+// The server's metrics (see server_metrics.h and server/README.md, "Metrics").
+#include "server/server_metrics.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+
+#include "server/handlers.h"
+
+namespace ctxcache::server {
+namespace {
+
+using metrics::ExponentialBuckets;
+using metrics::LatencyBuckets;
+
+constexpr const char* kRpcNames[] = {"Compress", "Generate", "GetContext", "DeleteContext",
+                                     "GetModelInfo"};
+
+// Resident set size from /proc/self/statm (pages); 0 when unreadable.
+double ResidentBytes() {
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0;
+  long long size = 0, resident = 0;
+  const int n = std::fscanf(f, "%lld %lld", &size, &resident);
+  std::fclose(f);
+  if (n != 2) return 0;
+  return static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE));
+}
+
+// Mirrors a total kept elsewhere. Derived totals (redis misses less corrupt and wrong-model)
+// come from separate loads and could step back by one for a scrape; a counter must never
+// decrease (Prometheus would read a reset), so it holds its highest value.
+void SetTotal(metrics::Counter& counter, double value) {
+  if (value > counter.Value()) counter.Set(value);
+}
+
+}  // namespace
+
+const char* GrpcCodeName(int code) {
+  static constexpr const char* kNames[] = {
+      "OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",       "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  if (code < 0 || code >= static_cast<int>(std::size(kNames))) return "UNKNOWN";
+  return kNames[code];
+}
+
+ServerMetrics::ServerMetrics(const std::string& version)
+    : requests_(registry_.AddCounter("ctxcache_requests_total",
+                                     "RPCs finished, by method and gRPC status code.",
+                                     {"rpc", "code"})),
+      request_duration_(registry_.AddHistogram(
+          "ctxcache_request_duration_seconds",
+          "Time from a call's arrival to its status (queueing and streaming included).",
+          {"rpc"}, LatencyBuckets())),
+      ttft_(registry_
+                .AddHistogram("ctxcache_ttft_seconds",
+                              "Generate: time to first token from the start of work (contexts "
+                              "loaded or compressed, composed, prompt prefilled).",
+                              {}, LatencyBuckets())
+                .Get()),
+      compression_duration_(registry_.AddHistogram(
+          "ctxcache_compression_duration_seconds",
+          "Time to compress a document, when computed (cache hits are not observed).",
+          {"method"}, {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300})),
+      compression_ratio_(registry_.AddHistogram(
+          "ctxcache_compression_ratio",
+          "Original KV entries over kept entries of each computed compression.", {"method"},
+          {1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64})),
+      prompt_tokens_(registry_
+                         .AddCounter("ctxcache_prompt_tokens_total",
+                                     "Generate: prompt tokens prefilled (contexts excluded).")
+                         .Get()),
+      context_tokens_original_(
+          registry_
+              .AddCounter("ctxcache_context_tokens_original_total",
+                          "Generate: tokens of the original documents behind the contexts used.")
+              .Get()),
+      context_tokens_kept_(
+          registry_
+              .AddCounter("ctxcache_context_tokens_kept_total",
+                          "Generate: context tokens kept (mean per layer and KV head, summed "
+                          "over contexts; Usage.context_tokens_kept).")
+              .Get()),
+      generated_tokens_(registry_
+                            .AddCounter("ctxcache_generated_tokens_total",
+                                        "Generate: tokens generated.")
+                            .Get()),
+      kv_bytes_full_(registry_
+                         .AddCounter("ctxcache_kv_bytes_full_total",
+                                     "Generate: fp16 K+V bytes an uncompressed cache of the "
+                                     "contexts, prompt and answer would hold.")
+                         .Get()),
+      kv_bytes_used_(registry_
+                         .AddCounter("ctxcache_kv_bytes_used_total",
+                                     "Generate: fp16 K+V bytes the request's cache held.")
+                         .Get()),
+      kv_bytes_saved_(registry_
+                          .AddHistogram("ctxcache_kv_bytes_saved_per_request",
+                                        "Generate: KV bytes saved per successful request "
+                                        "(Usage.kv_bytes_saved).",
+                                        {}, ExponentialBuckets(65536, 4, 9))
+                          .Get()),
+      tenant_saved_(registry_.AddCounter(
+          "ctxcache_tenant_kv_bytes_saved_total",
+          "Generate: KV bytes saved, by tenant (the first 50 tenants seen; the rest as \"other\").",
+          {"tenant"}, kMaxTenantSeries)),
+      lookups_(registry_.AddCounter(
+          "ctxcache_cache_lookups_total",
+          "Context cache lookups by tier and result (redis: miss excludes corrupt and "
+          "wrong_model; error = Redis unreachable, slow or failing).",
+          {"tier", "result"})),
+      cache_bytes_(registry_.AddGauge("ctxcache_cache_bytes", "Bytes held by a cache tier.",
+                                      {"tier"})),
+      cache_entries_(registry_.AddGauge("ctxcache_cache_entries",
+                                        "Entries held by a cache tier.", {"tier"})),
+      evictions_(registry_.AddCounter("ctxcache_cache_evictions_total",
+                                      "Entries evicted from a cache tier to make room.",
+                                      {"tier"})),
+      redis_up_(registry_.AddGauge(
+          "ctxcache_redis_up",
+          "1 when the last Redis command or connect succeeded, else 0 (only with a Redis tier).")),
+      queue_depth_(registry_
+                       .AddGauge("ctxcache_queue_depth",
+                                 "Requests waiting for an engine worker.")
+                       .Get()),
+      running_(registry_.AddGauge("ctxcache_running_requests",
+                                  "Requests running on engine workers.")
+                   .Get()),
+      workers_(registry_.AddGauge("ctxcache_workers", "Engine workers.").Get()),
+      rss_(registry_
+               .AddGauge("ctxcache_process_resident_memory_bytes",
+                         "Resident memory of the server process (/proc/self/statm).")
+               .Get()),
+      busy_seconds_(registry_
+                        .AddCounter("ctxcache_worker_busy_seconds_total",
+                                    "Time engine workers spent running requests, summed over "
+                                    "workers (added when a request ends).")
+                        .Get()),
+      build_info_(registry_.AddGauge("ctxcache_build_info",
+                                     "Always 1: the server's version and served model.",
+                                     {"version", "model"})),
+      version_(version) {
+  for (size_t i = 0; i < rpcs_.size(); ++i) {
+    rpcs_[i].name = kRpcNames[i];
+    rpcs_[i].duration = &request_duration_.WithLabels({kRpcNames[i]});
+  }
+  auto& ops = registry_.AddCounter("ctxcache_redis_operations_total",
+                                   "Redis tier operations issued by the context store.", {"op"});
+  auto& errors = registry_.AddCounter(
+      "ctxcache_redis_errors_total",
+      "Redis tier operations that failed (transport, timeout, error reply).", {"op"});
+  auto& duration = registry_.AddHistogram(
+      "ctxcache_redis_operation_duration_seconds", "Duration of Redis tier operations.", {"op"},
+      {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5});
+  for (int i = 0; i < kRedisOpCount; ++i) {
+    const std::string op = RedisOpName(static_cast<RedisOp>(i));
+    redis_ops_[i] = &ops.WithLabels({op});
+    redis_errors_[i] = &errors.WithLabels({op});
+    redis_duration_[i] = &duration.WithLabels({op});
+  }
+  rss_.Set(ResidentBytes());
+  registry_.AddCollector([this] { Collect(); });
+}
+
+ServerMetrics::Rpc* ServerMetrics::FindRpc(const char* rpc) {
+  for (Rpc& r : rpcs_) {
+    if (r.name == rpc || std::strcmp(r.name, rpc) == 0) return &r;
+  }
+  return nullptr;
+}
+
+void ServerMetrics::RecordCall(const char* rpc, int grpc_code, double seconds) {
+  Rpc* r = FindRpc(rpc);
+  if (r == nullptr) {  // not one of ours: count it without the per-code cache
+    requests_.WithLabels({rpc, GrpcCodeName(grpc_code)}).Inc();
+    request_duration_.WithLabels({rpc}).Observe(seconds);
+    return;
+  }
+  r->duration->Observe(seconds);
+  const int c = grpc_code >= 0 && grpc_code < kCodes ? grpc_code : 2;  // UNKNOWN
+  metrics::Counter* counter = r->codes[c].load(std::memory_order_acquire);
+  if (counter == nullptr) {
+    counter = &requests_.WithLabels({r->name, GrpcCodeName(c)});
+    r->codes[c].store(counter, std::memory_order_release);
+  }
+  counter->Inc();
+}
+
+void ServerMetrics::RecordGenerate(const GenerateOutcome& out, const std::string& tenant) {
+  const GenerateResult& r = out.result;
+  // The same figures as the response's Usage (convert.cc).
+  ttft_.Observe(out.context_seconds + r.prefill_seconds);
+  prompt_tokens_.Add(static_cast<double>(r.prompt_tokens));
+  generated_tokens_.Add(static_cast<double>(r.tokens.size()));
+  double original = 0, kept = 0;
+  for (const ContextOutcome& c : out.contexts) {
+    const CompressedContext& ctx = *c.context;
+    original += static_cast<double>(ctx.source_tokens);
+    const int64_t heads = int64_t{ctx.kv.n_layers()} * ctx.kv.n_kv_heads();
+    if (heads > 0) kept += static_cast<double>(ctx.KeptEntries()) / heads;
+  }
+  context_tokens_original_.Add(original);
+  context_tokens_kept_.Add(kept);
+  kv_bytes_full_.Add(static_cast<double>(out.kv_bytes_full));
+  kv_bytes_used_.Add(static_cast<double>(out.kv_bytes_used));
+  const double saved = static_cast<double>(out.kv_bytes_full - out.kv_bytes_used);
+  kv_bytes_saved_.Observe(saved);
+  tenant_saved_.WithLabels({tenant}).Add(saved);
+}
+
+void ServerMetrics::RecordCompression(const std::string& method, double seconds,
+                                      const CompressedContext& context) {
+  compression_duration_.WithLabels({method}).Observe(seconds);
+  const int64_t kept = context.KeptEntries();
+  if (kept > 0) {
+    compression_ratio_.WithLabels({method}).Observe(static_cast<double>(context.FullEntries()) /
+                                                    static_cast<double>(kept));
+  }
+}
+
+void ServerMetrics::RecordRedis(RedisOp op, bool error, double seconds) {
+  const int i = static_cast<int>(op);
+  if (i < 0 || i >= kRedisOpCount) return;
+  redis_ops_[i]->Inc();
+  if (error) redis_errors_[i]->Inc();
+  redis_duration_[i]->Observe(seconds);
+}
+
+RedisObserver ServerMetrics::MakeRedisObserver() {
+  return [this](RedisOp op, bool error, double seconds) { RecordRedis(op, error, seconds); };
+}
+
+void ServerMetrics::SetSources(Sources sources) {
+  std::lock_guard<std::mutex> lock(sources_mu_);
+  sources_ = std::move(sources);
+}
+
+void ServerMetrics::ClearSources() {
+  std::lock_guard<std::mutex> lock(sources_mu_);
+  sources_ = Sources{};
+}
+
+void ServerMetrics::Collect() {
+  rss_.Set(ResidentBytes());
+  std::lock_guard<std::mutex> lock(sources_mu_);
+  if (sources_.store) {
+    const ContextStoreStats s = sources_.store();
+    SetTotal(lookups_.WithLabels({"memory", "hit"}), static_cast<double>(s.memory_hits));
+    SetTotal(lookups_.WithLabels({"memory", "miss"}), static_cast<double>(s.memory_misses));
+    cache_bytes_.WithLabels({"memory"}).Set(static_cast<double>(s.memory_bytes));
+    cache_entries_.WithLabels({"memory"}).Set(static_cast<double>(s.memory_entries));
+    SetTotal(evictions_.WithLabels({"memory"}), static_cast<double>(s.memory_evictions));
+    if (sources_.redis_enabled) {
+      auto redis = [&](const char* result, int64_t value) {
+        SetTotal(lookups_.WithLabels({"redis", result}), static_cast<double>(value));
+      };
+      redis("hit", s.redis_hits);
+      redis("miss", s.redis_misses - s.redis_corrupt - s.redis_wrong_model);
+      redis("corrupt", s.redis_corrupt);
+      redis("wrong_model", s.redis_wrong_model);
+      redis("error", s.redis_read_errors);
+      redis_up_.Get().Set(s.redis_connected ? 1 : 0);
+    }
+  }
+  if (sources_.scheduler) {
+    const SchedulerStats s = sources_.scheduler();
+    queue_depth_.Set(s.queued);
+    running_.Set(s.running);
+    workers_.Set(s.workers);
+    SetTotal(busy_seconds_, s.busy_seconds);
+  }
+  if (!sources_.model.empty()) build_info_.WithLabels({version_, sources_.model}).Set(1);
+}
+
+}  // namespace ctxcache::server

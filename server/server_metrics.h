@@ -1,0 +1,103 @@
+// The server's Prometheus metrics (names and meanings: server/README.md, "Metrics"; the
+// Grafana dashboard and alert rules depend on the names, so do not rename). One ServerMetrics
+// per ServerInstance, so servers run in one process (tests) count separately.
+//
+// Hot paths hold handles: per-RPC histograms and a per-RPC table of status-code counters that
+// is filled on first use of a code (an atomic pointer load per call afterwards), Redis
+// operation handles per op, and the token and byte counters. Label lookups happen only for
+// the per-request labels whose values are not known in advance (compression method, tenant),
+// once per compression or per Generate. Store and scheduler figures are read at scrape time.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <functional>
+#include <mutex>
+#include <string>
+
+#include "absl/status/status.h"
+#include "cache/context_store.h"
+#include "common/metrics.h"
+#include "engine/compress/compressed_context.h"
+#include "server/scheduler.h"
+
+namespace ctxcache::server {
+
+struct GenerateOutcome;
+
+// Tenants with their own ctxcache_tenant_* series; the rest share tenant="other".
+inline constexpr size_t kMaxTenantSeries = 50;
+
+// The label value of a gRPC status code ("OK", "INVALID_ARGUMENT", ...).
+const char* GrpcCodeName(int code);
+
+class ServerMetrics {
+ public:
+  // `version`: the build's version (ctxcache_build_info).
+  explicit ServerMetrics(const std::string& version);
+
+  metrics::Registry& registry() { return registry_; }
+  // Text exposition (runs the collectors).
+  std::string Render() const { return registry_.Render(); }
+
+  // One finished call: `grpc_code` is the code the client receives (after ToGrpcStatus).
+  // `rpc` is one of the service's method names.
+  void RecordCall(const char* rpc, int grpc_code, double seconds);
+  // A successful Generate: tokens, KV bytes, time to first token, bytes saved (overall and for
+  // the tenant).
+  void RecordGenerate(const GenerateOutcome& out, const std::string& tenant);
+  // A compression that was actually computed (not served from a cache tier).
+  void RecordCompression(const std::string& method, double seconds,
+                         const CompressedContext& context);
+  // Feeds ctxcache_redis_* (ContextStoreOptions::redis_observer).
+  void RecordRedis(RedisOp op, bool error, double seconds);
+  RedisObserver MakeRedisObserver();
+
+  // The sources read at scrape time; set once loaded, cleared before they are destroyed.
+  struct Sources {
+    std::function<ContextStoreStats()> store;
+    std::function<SchedulerStats()> scheduler;
+    bool redis_enabled = false;
+    std::string model;
+  };
+  void SetSources(Sources sources);
+  void ClearSources();
+
+ private:
+  static constexpr int kCodes = 17;
+  struct Rpc {
+    const char* name;
+    metrics::Histogram* duration;
+    std::array<std::atomic<metrics::Counter*>, kCodes> codes{};
+  };
+  Rpc* FindRpc(const char* rpc);
+  void Collect();
+
+  metrics::Registry registry_;
+  metrics::CounterFamily& requests_;
+  metrics::HistogramFamily& request_duration_;
+  std::array<Rpc, 5> rpcs_;
+  metrics::Histogram& ttft_;
+  metrics::HistogramFamily& compression_duration_;
+  metrics::HistogramFamily& compression_ratio_;
+  metrics::Counter &prompt_tokens_, &context_tokens_original_, &context_tokens_kept_,
+      &generated_tokens_, &kv_bytes_full_, &kv_bytes_used_;
+  metrics::Histogram& kv_bytes_saved_;
+  metrics::CounterFamily& tenant_saved_;
+  std::array<metrics::Counter*, kRedisOpCount> redis_ops_{}, redis_errors_{};
+  std::array<metrics::Histogram*, kRedisOpCount> redis_duration_{};
+  // Scrape-time families.
+  metrics::CounterFamily& lookups_;
+  metrics::GaugeFamily &cache_bytes_, &cache_entries_;
+  metrics::CounterFamily& evictions_;
+  metrics::GaugeFamily& redis_up_;
+  metrics::Gauge &queue_depth_, &running_, &workers_, &rss_;
+  metrics::Counter& busy_seconds_;
+  metrics::GaugeFamily& build_info_;
+  const std::string version_;
+
+  std::mutex sources_mu_;
+  Sources sources_;  // guarded by sources_mu_
+};
+
+}  // namespace ctxcache::server

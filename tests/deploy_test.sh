@@ -1,0 +1,443 @@
+#!/usr/bin/env bash
+# Offline checks of the deployment files (deploy/, docker/, .yamllint):
+#   tests/deploy_test.sh [REPO_ROOT] [CTXCACHE_SERVER_BINARY]
+# promtool (config, rules, rule unit tests), the dashboard's and rules' metric names against
+# deploy/metrics.txt, kustomize renders of every overlay validated against Kubernetes' JSON
+# schemas (and the ServiceMonitor against deploy/k8s/schemas/), policy checks on the rendered
+# manifests, yamllint, the compose file's references, the Dockerfiles' shape, the server
+# accepting the ConfigMap's settings, and tools/render_dashboard_preview.py on synthetic
+# scrapes. Every check runs; the script fails if any failed.
+# Without one of the tools it skips (exit 77), unless CTXCACHE_REQUIRE_DEPLOY_TOOLS=1
+# (tools/test.sh sets it after tools/setup.sh installed them): then it fails.
+# KUBECTL=/path/to/kubectl picks the kubectl whose kustomize renders the overlays.
+set -uo pipefail
+root="$(cd "${1:-$(dirname "${BASH_SOURCE[0]}")/..}" && pwd)"
+server_bin="${2:-}"
+cd "$root"
+kubectl="${KUBECTL:-kubectl}"
+
+missing=()
+command -v promtool >/dev/null || missing+=("promtool (Debian package prometheus)")
+command -v yamllint >/dev/null || missing+=("yamllint")
+command -v "$kubectl" >/dev/null || missing+=("kubectl (Debian package kubernetes-client)")
+python3 -c 'import yaml, jsonschema, kubernetes_validate' 2>/dev/null ||
+  missing+=("python modules yaml, jsonschema, kubernetes_validate (pip kubernetes-validate)")
+if ((${#missing[@]})); then
+  if [[ "${CTXCACHE_REQUIRE_DEPLOY_TOOLS:-0}" == 1 ]]; then
+    echo "FAIL: missing ${missing[*]} (CTXCACHE_REQUIRE_DEPLOY_TOOLS=1; tools/setup.sh installs them)"
+    exit 1
+  fi
+  echo "SKIP: missing ${missing[*]} (tools/setup.sh installs them)"
+  exit 77
+fi
+
+tmp="$(mktemp -d "${TMPDIR:-/tmp}/ctxcache-deploy-test.XXXXXX")"
+trap 'rm -rf "$tmp"' EXIT
+passed=0
+failed=0
+failures=()
+# check NAME CMD...: runs CMD, its output indented; counts it.
+check() {
+  local name="$1"
+  shift
+  local out rc
+  out="$("$@" 2>&1)"
+  rc=$?
+  if ((rc == 0)); then
+    echo "ok   $name"
+    passed=$((passed + 1))
+  else
+    echo "FAIL $name (exit $rc)"
+    failed=$((failed + 1))
+    failures+=("$name")
+  fi
+  [[ -n "$out" ]] && sed 's/^/       /' <<<"$out" | tail -n 40
+  return 0
+}
+
+echo "== Prometheus"
+check "promtool check config deploy/prometheus/prometheus.compose.yml" \
+  promtool check config deploy/prometheus/prometheus.compose.yml
+# Debian's Prometheus is built without Kubernetes service discovery, so its promtool rejects
+# kubernetes_sd_configs. Then the rest of prometheus.yml is checked by promtool with that
+# block replaced by a static target, and the block itself by tools below.
+k8s_prom_check() {
+  local out
+  if out="$(promtool check config deploy/prometheus/prometheus.yml 2>&1)"; then
+    echo "$out"
+    return 0
+  fi
+  if ! grep -q "field kubernetes_sd_configs not found" <<<"$out"; then
+    echo "$out"
+    return 1
+  fi
+  echo "note: this promtool ($(promtool --version 2>&1 | head -n 1)) has no Kubernetes service" \
+    "discovery; checking prometheus.yml with kubernetes_sd_configs swapped for a static target"
+  mkdir -p "$tmp/prom" && cp deploy/prometheus/rules.yml "$tmp/prom/" &&
+    python3 - deploy/prometheus/prometheus.yml "$tmp/prom/prometheus.yml" <<'PY' &&
+import sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+n = 0
+for job in cfg["scrape_configs"]:
+    sd = job.pop("kubernetes_sd_configs", None)
+    if sd is None:
+        continue
+    n += 1
+    assert isinstance(sd, list) and sd, "kubernetes_sd_configs must be a non-empty list"
+    for c in sd:
+        assert c.get("role") in ("pod", "endpoints", "endpointslice", "service", "node",
+                                 "ingress"), f"unknown role {c.get('role')!r}"
+        assert set(c) <= {"role", "namespaces", "selectors", "api_server", "kubeconfig_file",
+                          "attach_metadata"} | {"tls_config", "authorization", "basic_auth",
+                                                "oauth2", "proxy_url", "follow_redirects"}, c
+    for r in job.get("relabel_configs", []):
+        for lab in r.get("source_labels", []):
+            assert not lab.startswith("__meta_") or lab.startswith("__meta_kubernetes_"), lab
+    job["static_configs"] = [{"targets": ["placeholder:9464"]}]
+assert n, "prometheus.yml has no kubernetes_sd_configs job"
+yaml.safe_dump(cfg, open(sys.argv[2], "w"))
+print(f"kubernetes_sd_configs of {n} job(s): roles and relabel source labels well-formed")
+PY
+    promtool check config "$tmp/prom/prometheus.yml"
+}
+check "promtool check config deploy/prometheus/prometheus.yml" k8s_prom_check
+check "promtool check rules deploy/prometheus/rules.yml" \
+  promtool check rules deploy/prometheus/rules.yml
+check "promtool test rules deploy/prometheus/rules_test.yml" \
+  promtool test rules deploy/prometheus/rules_test.yml
+check "every alert has for, severity, summary, description, runbook_url (an existing anchor)" \
+  python3 - <<'PY'
+import re, yaml
+doc = yaml.safe_load(open("deploy/prometheus/rules.yml"))
+ops = open("docs/operations.md").read()
+# GitHub-style anchors of the runbook's headings.
+anchors = {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+           for h in re.findall(r"^#+ (.*)$", ops, re.M)}
+tested = open("deploy/prometheus/rules_test.yml").read()
+bad = []
+for g in doc["groups"]:
+    for r in g["rules"]:
+        a = r.get("alert")
+        if not a:
+            continue
+        if not r.get("for"):
+            bad.append(f"{a}: no for:")
+        if r.get("labels", {}).get("severity") not in ("warning", "critical"):
+            bad.append(f"{a}: severity must be warning or critical")
+        ann = r.get("annotations", {})
+        for k in ("summary", "description", "runbook_url"):
+            if not ann.get(k):
+                bad.append(f"{a}: no {k} annotation")
+        anchor = ann.get("runbook_url", "").partition("#")[2]
+        if anchor not in anchors:
+            bad.append(f"{a}: runbook anchor #{anchor} is not a heading of docs/operations.md")
+        if f"alertname: {a}" not in tested:
+            bad.append(f"{a}: no test in rules_test.yml")
+print("\n".join(bad))
+raise SystemExit(1 if bad else 0)
+PY
+check "rules' thresholds agree with deploy/k8s/base/ctxcache.yaml" python3 - <<'PY'
+import re, yaml
+cfg = yaml.safe_load(open("deploy/k8s/base/ctxcache.yaml"))
+rules = {r["alert"]: r["expr"] for g in yaml.safe_load(open("deploy/prometheus/rules.yml"))["groups"]
+         for r in g["rules"] if "alert" in r}
+def size(v):
+    m = re.fullmatch(r"(\d+)\s*([KMGT]i?B)?", str(v))
+    mult = {None: 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+            "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[m.group(2)]
+    return int(m.group(1)) * mult
+q = int(re.search(r"ctxcache_queue_depth\)\s*>\s*(\d+)", rules["CtxcacheQueueSaturated"]).group(1))
+b = int(re.search(r'ctxcache_cache_bytes\{tier="memory"\}\)\s*>\s*(\d+)',
+                  rules["CtxcacheMemoryTierPressure"]).group(1))
+want_q = int(cfg["max_queue_depth"] * 0.75)
+want_b = int(size(cfg["memory_cache_bytes"]) * 0.9)
+print(f"queue: rule {q}, 75% of max_queue_depth {cfg['max_queue_depth']} = {want_q}; "
+      f"memory: rule {b}, 90% of memory_cache_bytes {cfg['memory_cache_bytes']} = {want_b}")
+raise SystemExit(0 if (q, b) == (want_q, want_b) else 1)
+PY
+
+echo "== Grafana"
+check "deploy/grafana/ctxcache.json parses; queries and rules use only deploy/metrics.txt" \
+  python3 tools/check_dashboard.py --metrics deploy/metrics.txt
+check "dashboard has the headline and required panels" python3 - <<'PY'
+import json
+d = json.load(open("deploy/grafana/ctxcache.json"))
+def walk(ps):
+    for p in ps:
+        yield p
+        yield from walk(p.get("panels", []))
+panels = [p for p in walk(d["panels"]) if p.get("type") != "row"]
+exprs = {p["title"]: " ".join(t["expr"] for t in p.get("targets", [])) for p in panels}
+head = panels[0]
+need = [
+    (head["title"] == "KV memory saved per request", "headline panel first"),
+    ("histogram_quantile(0.5" in exprs[head["title"]] and "histogram_quantile(0.95" in
+     exprs[head["title"]] and "_sum" in exprs[head["title"]] and "_count" in exprs[head["title"]],
+     "headline: p50, p95 and rate(_sum)/rate(_count)"),
+    (head["fieldConfig"]["defaults"]["unit"] == "bytes", "headline unit bytes"),
+]
+for metric in ("ctxcache_compression_ratio", "ctxcache_cache_lookups_total",
+               "ctxcache_ttft_seconds_bucket", "ctxcache_generated_tokens_total",
+               "ctxcache_queue_depth", "ctxcache_worker_busy_seconds_total",
+               "ctxcache_redis_errors_total", "ctxcache_redis_operation_duration_seconds_bucket",
+               "ctxcache_tenant_kv_bytes_saved_total"):
+    need.append((any(metric in e for e in exprs.values()), f"a panel queries {metric}"))
+ids = [p["id"] for p in walk(d["panels"])]
+need.append((len(ids) == len(set(ids)), "panel ids unique"))
+bad = [w for ok, w in need if not ok]
+print("\n".join(bad))
+raise SystemExit(1 if bad else 0)
+PY
+check "render_dashboard_preview.py on synthetic scrapes (numbers cross-checked with promtool)" \
+  python3 tests/deploy_preview_test.py "$root"
+
+echo "== Kubernetes ($("$kubectl" version --client 2>/dev/null | head -n 1))"
+mkdir -p "$tmp/k8s"
+render() {
+  # Newer kustomize warns that bases/patchesStrategicMerge are deprecated; they are used on
+  # purpose (kustomize v2.0.3 of Debian's kubectl needs them), so the warnings are dropped.
+  "$kubectl" kustomize "deploy/k8s/$1" >"$tmp/k8s/$2.yaml" 2>"$tmp/k8s/$2.err"
+  local rc=$?
+  grep -v -E "^# Warning: '(bases|patchesStrategicMerge)' is deprecated" "$tmp/k8s/$2.err"
+  return $rc
+}
+for o in base overlays/cpu overlays/gpu overlays/dev; do
+  check "kubectl kustomize deploy/k8s/$o" render "$o" "${o##*/}"
+done
+for o in cpu gpu dev; do
+  for v in 1.25.0 1.37.0; do
+    check "kubernetes-validate --strict -k $v ($o overlay)" \
+      bash -c "kubernetes-validate --strict --quiet -k $v '$tmp/k8s/$o.yaml' 2>&1 |
+               grep -v \"Couldn't find schema for kind ServiceMonitor\"; exit \${PIPESTATUS[0]}"
+  done
+done
+check "ServiceMonitor (a CRD) against deploy/k8s/schemas/servicemonitor.schema.json" \
+  python3 - "$tmp/k8s" <<'PY'
+import json, sys, yaml, jsonschema
+schema = json.load(open("deploy/k8s/schemas/servicemonitor.schema.json"))
+n = 0
+for o in ("cpu", "gpu", "dev"):
+    for d in yaml.safe_load_all(open(f"{sys.argv[1]}/{o}.yaml")):
+        if d and d["kind"] == "ServiceMonitor":
+            jsonschema.validate(d, schema)
+            n += 1
+print(f"{n} ServiceMonitor(s) valid")
+raise SystemExit(0 if n == 2 else 1)  # cpu and gpu; dev has none (no operator there)
+PY
+check "rendered manifests follow the deployment rules" python3 - "$tmp/k8s" <<'PY'
+import re, sys, yaml
+def docs(o):
+    return [d for d in yaml.safe_load_all(open(f"{sys.argv[1]}/{o}.yaml")) if d]
+def seconds(v):
+    return int(v)
+cfg = yaml.safe_load(open("deploy/k8s/base/ctxcache.yaml"))
+bad = []
+for o in ("cpu", "gpu", "dev"):
+    ds = docs(o)
+    kinds = {d["kind"] for d in ds}
+    for k in ("Deployment", "ConfigMap", "Service", "HorizontalPodAutoscaler",
+              "PodDisruptionBudget", "NetworkPolicy"):
+        if k not in kinds:
+            bad.append(f"{o}: no {k}")
+    if ("ServiceMonitor" in kinds) != (o != "dev"):
+        bad.append(f"{o}: ServiceMonitor expected in cpu and gpu only")
+    dep = next(d for d in ds if d["kind"] == "Deployment" and d["metadata"]["name"] == "ctxcache")
+    pod = dep["spec"]["template"]["spec"]
+    c = next(c for c in pod["containers"] if c["name"] == "ctxcache")
+    for p in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if c.get(p, {}).get("grpc", {}).get("port") != 50051:
+            bad.append(f"{o}: {p} is not a native gRPC probe on 50051")
+    pre = c["lifecycle"]["preStop"]["exec"]["command"]
+    sleep = int(pre[-1]) if pre[0] == "sleep" else 0
+    if not pod["terminationGracePeriodSeconds"] > sleep + int(cfg["drain_timeout_seconds"]):
+        bad.append(f"{o}: terminationGracePeriodSeconds <= preStop sleep + drain timeout")
+    live = c["livenessProbe"]
+    if live["periodSeconds"] * live["failureThreshold"] <= sleep + int(cfg["drain_timeout_seconds"]):
+        bad.append(f"{o}: liveness would restart a draining pod")
+    sc = pod.get("securityContext", {})
+    if not sc.get("runAsNonRoot") or not sc.get("runAsUser"):
+        bad.append(f"{o}: pod not non-root")
+    for cc in pod["containers"] + pod.get("initContainers", []):
+        s = cc.get("securityContext", {})
+        if s.get("allowPrivilegeEscalation") is not False or s.get("capabilities", {}).get("drop") != ["ALL"]:
+            bad.append(f"{o}: container {cc['name']} may escalate / keeps capabilities")
+        r = cc.get("resources", {})
+        if not r.get("requests") or not r.get("limits"):
+            bad.append(f"{o}: container {cc['name']} lacks requests or limits")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    if ports != {"grpc": 50051, "metrics": 9464}:
+        bad.append(f"{o}: container ports {ports}")
+    svc = next(d for d in ds if d["kind"] == "Service" and d["metadata"]["name"] == "ctxcache")
+    if {p["name"] for p in svc["spec"]["ports"]} != {"grpc", "metrics"}:
+        bad.append(f"{o}: Service ports")
+    if c["args"] != ["--config", "/etc/ctxcache/ctxcache.yaml"]:
+        bad.append(f"{o}: args {c['args']}")
+    cms = [d for d in ds if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("ctxcache-config")]
+    vol = next(v for v in pod["volumes"] if v["name"] == "config")
+    if len(cms) != 1 or vol["configMap"]["name"] != cms[0]["metadata"]["name"]:
+        bad.append(f"{o}: config volume does not name the generated ConfigMap")
+    env = {e["name"]: e for e in c.get("env", [])}
+    secrets = [d for d in ds if d["kind"] == "Secret"]
+    if o in ("cpu", "gpu"):
+        if secrets:
+            bad.append(f"{o}: renders a Secret (values must not be in git)")
+        if env["CTXCACHE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] != "ctxcache-secrets":
+            bad.append(f"{o}: Redis URL not from the Secret ctxcache-secrets")
+    limits = c["resources"]["limits"]
+    if o == "gpu":
+        if str(limits.get("nvidia.com/gpu")) != "1":
+            bad.append("gpu: no nvidia.com/gpu limit")
+        if not any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])):
+            bad.append("gpu: no nvidia.com/gpu toleration")
+        if not pod.get("nodeSelector"):
+            bad.append("gpu: no nodeSelector")
+        if not re.search(r"cuda", c["image"]):
+            bad.append(f"gpu: image {c['image']} is not the CUDA one")
+    elif "nvidia.com/gpu" in limits:
+        bad.append(f"{o}: asks for a GPU")
+    if o == "dev":
+        names = {(d["kind"], d["metadata"]["name"]) for d in ds}
+        if ("StatefulSet", "ctxcache-redis") not in names or ("Service", "ctxcache-redis") not in names:
+            bad.append("dev: no in-cluster Redis StatefulSet + Service")
+        ref = env["CTXCACHE_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        sec = next((s for s in secrets if s["metadata"]["name"] == ref["name"]), None)
+        import base64
+        url = base64.b64decode(sec["data"][ref["key"]]).decode() if sec else ""
+        if not url.startswith("redis://ctxcache-redis:6379"):
+            bad.append(f"dev: server not pointed at the in-cluster Redis ({url!r})")
+print("\n".join(bad))
+raise SystemExit(1 if bad else 0)
+PY
+check "deploy/k8s/secret.example.yaml holds placeholders only" python3 - <<'PY'
+import yaml
+d = yaml.safe_load(open("deploy/k8s/secret.example.yaml"))
+vals = list(d.get("stringData", {}).values()) + list(d.get("data", {}).values())
+bad = [v for v in vals if "REPLACE_WITH" not in v]
+print("\n".join(f"not a placeholder: {v!r}" for v in bad))
+raise SystemExit(1 if bad or not vals else 0)
+PY
+if [[ -n "$server_bin" ]]; then
+  # The server rejects an unknown or malformed setting before it listens (exit 2); with a
+  # model path that does not exist it stops right after accepting the settings.
+  config_check() {
+    local out
+    out="$("$server_bin" --config deploy/k8s/base/ctxcache.yaml --listen 127.0.0.1:0 \
+      --metrics-listen 127.0.0.1:0 --model "$tmp/no-such-model.gguf" 2>&1)"
+    echo "$out" | tail -n 3
+    grep -q "listening on" <<<"$out"
+  }
+  check "ctxcache-server accepts deploy/k8s/base/ctxcache.yaml" config_check
+  # Dockerfile.cpu's runtime stage installs named library packages: every shared library the
+  # built binaries link must come from one of them or their dependencies.
+  runtime_libs_check() {
+    local pkgs closure lib real pkg bad=0
+    pkgs="$(python3 -c '
+import re
+s = open("docker/Dockerfile.cpu").read().split("AS runtime", 1)[1]
+m = re.search(r"apt-get install -y --no-install-recommends(.*?)(&&|$)", s, re.S)
+print(" ".join(w for w in m.group(1).replace("\\", " ").split() if not w.startswith("-")))')"
+    closure="$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
+      --no-breaks --no-replaces --no-enhances $pkgs | grep -v '^ ' | sed 's/:.*//' | sort -u)"
+    for bin in "$server_bin" "$(dirname "$server_bin")/ctxcache"; do
+      [[ -x "$bin" ]] || continue
+      while read -r lib; do
+        # dpkg knows a file by one of its names (usrmerge: /lib is /usr/lib).
+        real="$(readlink -f "$lib")"
+        pkg="$( (dpkg -S "$real" || dpkg -S "${real#/usr}" || dpkg -S "$lib") 2>/dev/null |
+          head -n 1 | cut -d: -f1)"
+        if [[ -z "$pkg" ]] || ! grep -qx "$pkg" <<<"$closure"; then
+          echo "$(basename "$bin"): $lib (package ${pkg:-unknown}) is not installed by the runtime stage"
+          bad=1
+        fi
+      done < <(ldd "$bin" | awk '$3 ~ /^\// {print $3}')
+    done
+    echo "runtime packages: $pkgs"
+    return $bad
+  }
+  check "Dockerfile.cpu's runtime packages provide every library the binaries link" \
+    runtime_libs_check
+else
+  echo "skip ctxcache-server config check: no server binary given"
+fi
+
+echo "== YAML lint"
+check "yamllint --strict -c .yamllint deploy docker .yamllint" \
+  yamllint --strict -c .yamllint deploy docker .yamllint
+
+echo "== Docker (images are not built here: no Docker; static checks only)"
+check "docker/docker-compose.yml parses and its references exist" python3 - <<'PY'
+import os, yaml
+base = "docker"
+c = yaml.safe_load(open(f"{base}/docker-compose.yml"))
+bad = []
+svcs = c["services"]
+for name in ("ctxcache", "redis", "prometheus", "grafana"):
+    if name not in svcs:
+        bad.append(f"no service {name}")
+for name, s in svcs.items():
+    b = s.get("build")
+    if b:
+        ctx = os.path.normpath(os.path.join(base, b["context"]))
+        if not os.path.isfile(os.path.join(ctx, b["dockerfile"])):
+            bad.append(f"{name}: dockerfile {b['dockerfile']} not in {ctx}")
+    for v in s.get("volumes", []):
+        src = v.split(":")[0]
+        if src.startswith("."):
+            if not os.path.exists(os.path.normpath(os.path.join(base, src))):
+                bad.append(f"{name}: volume source {src} does not exist")
+    for d in s.get("depends_on", []):
+        if d not in svcs:
+            bad.append(f"{name}: depends on unknown {d}")
+# Prometheus' config file is inside its mounted folder, and names rules.yml beside it.
+prom = svcs["prometheus"]
+cfg = next(a.split("=", 1)[1] for a in prom["command"] if a.startswith("--config.file="))
+mounts = {v.split(":")[1]: v.split(":")[0] for v in prom["volumes"]}
+host = next((os.path.join(base, src, os.path.relpath(cfg, dst)) for dst, src in mounts.items()
+             if cfg.startswith(dst + "/")), None)
+if not host or not os.path.isfile(os.path.normpath(host)):
+    bad.append(f"prometheus config {cfg} is not a mounted file")
+else:
+    pc = yaml.safe_load(open(os.path.normpath(host)))
+    if pc["scrape_configs"][0]["static_configs"][0]["targets"] != ["ctxcache:9464"]:
+        bad.append("prometheus does not scrape ctxcache:9464")
+# Grafana's provider path holds the mounted dashboard.
+gv = {v.split(":")[1]: v.split(":")[0] for v in svcs["grafana"]["volumes"]}
+prov = yaml.safe_load(open("deploy/grafana/provisioning/dashboards/ctxcache.yml"))
+path = prov["providers"][0]["options"]["path"]
+if not any(dst.startswith(path + "/") and dst.endswith(".json") for dst in gv):
+    bad.append(f"no dashboard JSON mounted under the provider path {path}")
+ds = yaml.safe_load(open("deploy/grafana/provisioning/datasources/prometheus.yml"))
+if ds["datasources"][0]["url"] != "http://prometheus:9090":
+    bad.append("data source does not point at the prometheus service")
+print("\n".join(bad))
+raise SystemExit(1 if bad else 0)
+PY
+check "Dockerfiles: tools/setup.sh, multi-stage, non-root, ports, entrypoint" python3 - <<'PY'
+import re
+bad = []
+for f, extra in (("docker/Dockerfile.cpu", [r"FROM debian:12-slim AS runtime"]),
+                 ("docker/Dockerfile.cuda", [r"-DCTXCACHE_CUDA=ON", r"FROM nvidia/cuda:\S+-devel",
+                                             r"FROM nvidia/cuda:\S+-runtime"])):
+    s = open(f).read()
+    for pat in [r"RUN tools/setup\.sh", r"USER 10001", r"EXPOSE 50051 9464",
+                r'ENTRYPOINT \["ctxcache-server", "--listen", "0\.0\.0\.0:50051", '
+                r'"--metrics-listen", "0\.0\.0\.0:9464"\]'] + extra:
+        if not re.search(pat, s):
+            bad.append(f"{f}: no {pat}")
+    if len(re.findall(r"^FROM ", s, re.M)) < 2:
+        bad.append(f"{f}: not multi-stage")
+    # Every COPY from the build context names something that exists.
+    for m in re.finditer(r"^COPY (?!--from)(?:--\S+ )*(\S+) ", s, re.M):
+        import os
+        if not os.path.exists(m.group(1)):
+            bad.append(f"{f}: COPY source {m.group(1)} does not exist")
+    # -march is never set: the build must stay portable (runtime dispatch in common/).
+    if "-march" in "\n".join(l for l in s.splitlines() if not l.lstrip().startswith("#")):
+        bad.append(f"{f}: sets -march")
+print("\n".join(bad))
+raise SystemExit(1 if bad else 0)
+PY
+
+echo "deploy_test: $passed passed, $failed failed"
+((failed == 0)) || { printf 'failed: %s\n' "${failures[@]}"; exit 1; }
+exit 0
