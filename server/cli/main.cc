@@ -2,7 +2,7 @@
 //   ctxcache generate --prompt TEXT [--chat] [--max-tokens N] [--temperature T] ...
 //   ctxcache info [--model PATH]
 //   ctxcache tokenize [--model PATH] [--ids-only] [--no-bos] [--parse-special] TEXT|-
-//   ctxcache bench --n-prompt N --n-gen M [--threads T] [--json]
+//   ctxcache bench --n-prompt N --n-gen M [--threads T] [--observe ROWS] [--json]
 // The model defaults to the fetched SmolLM2 (FindDefaultModel); --model / CTXCACHE_MODEL
 // override. Errors go to stderr with exit code 1 (2 for usage errors).
 #include <algorithm>
@@ -78,6 +78,10 @@ remote (against a running ctxcache-server; compress, generate, info):
 
 tokenize flags:
   --ids-only   --no-bos   --parse-special
+
+bench flags:
+  --n-prompt N (512)  --n-gen M (64)  --json
+  --observe ROWS      the prefill also reports its last ROWS rows' attention (score extraction)
 )";
 
 // A tiny flag parser: --name value, --name=value, boolean --name, and positionals.
@@ -448,12 +452,19 @@ absl::Status CmdBench(const Flags& flags) {
   int n_prompt = 512, n_gen = 64;
   RETURN_IF_ERROR(flags.Number("n-prompt", &n_prompt));
   RETURN_IF_ERROR(flags.Number("n-gen", &n_gen));
+  // --observe R: the prefill also reports the attention of its last R rows to an observer
+  // that sums it per key, as the prompt-guided scorers do (the cost of score extraction).
+  int observe = 0;
+  RETURN_IF_ERROR(flags.Number("observe", &observe));
   DecodePolicy policy;
   RETURN_IF_ERROR(ParseDecodePolicy(flags, &policy));
   const bool json = flags.Bool("json");
   const int threads = Threads(flags);
   RETURN_IF_ERROR(flags.CheckAllUsed());
   if (n_prompt < 1 || n_gen < 0) return absl::InvalidArgumentError("need --n-prompt >= 1, --n-gen >= 0");
+  if (observe < 0 || observe > n_prompt) {
+    return absl::InvalidArgumentError("--observe needs 0 <= ROWS <= --n-prompt");
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(path));
   if (n_prompt + n_gen > model->config().n_ctx_train) {
     return absl::InvalidArgumentError("n-prompt + n-gen exceeds the model's context window");
@@ -471,9 +482,23 @@ absl::Status CmdBench(const Flags& flags) {
     RETURN_IF_ERROR(runner.Forward(absl::MakeConstSpan(ids.data(), std::min(n_prompt, 16)), warm,
                                    ForwardOptions{}, &logits));
   }
+  ForwardOptions prefill_options;
+  std::vector<std::vector<float>> key_scores(model->config().n_layers);
+  if (observe > 0) {
+    for (int r = n_prompt - observe; r < n_prompt; ++r) prefill_options.observe_rows.push_back(r);
+    const int n_heads = model->config().n_heads;
+    prefill_options.observer = [&](int layer, const float* probs, int n_rows, int64_t n_keys) {
+      std::vector<float>& acc = key_scores[layer];
+      acc.assign(n_keys, 0.f);
+      for (int64_t hr = 0; hr < int64_t{n_heads} * n_rows; ++hr) {
+        const float* row = probs + hr * n_keys;
+        for (int64_t j = 0; j < n_keys; ++j) acc[j] += row[j];
+      }
+    };
+  }
   using Clock = std::chrono::steady_clock;
   const auto t0 = Clock::now();
-  RETURN_IF_ERROR(runner.Forward(ids, cache, ForwardOptions{}, &logits));
+  RETURN_IF_ERROR(runner.Forward(ids, cache, prefill_options, &logits));
   const auto t1 = Clock::now();
   int32_t next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   std::unique_ptr<RecycledAttentionState> recycled;
@@ -493,8 +518,9 @@ absl::Status CmdBench(const Flags& flags) {
   if (json) {
     std::printf(
         "{\"n_prompt\":%d,\"n_gen\":%d,\"threads\":%d,\"prefill_s\":%.6f,\"prefill_tok_s\":%.3f,"
-        "\"decode_s\":%.6f,\"decode_tok_s\":%.3f,\"cpu\":\"%s\"}\n",
-        n_prompt, n_gen, threads, prefill_s, pp, decode_s, tg, GetCpuFeatures().ToString().c_str());
+        "\"decode_s\":%.6f,\"decode_tok_s\":%.3f,\"observe\":%d,\"cpu\":\"%s\"}\n",
+        n_prompt, n_gen, threads, prefill_s, pp, decode_s, tg, observe,
+        GetCpuFeatures().ToString().c_str());
   } else {
     std::printf("prefill %d tokens: %.3f s (%.1f tok/s); decode %d tokens: %.3f s (%.1f tok/s); "
                 "threads %d, cpu %s\n",
