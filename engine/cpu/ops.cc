@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common/cpu_features.h"
 #include "common/half.h"
+#include "engine/cpu/softmax_internal.h"
 
 namespace ctxcache {
 
@@ -79,6 +81,18 @@ void SwiGlu(float* g, const float* u, int64_t n) {
 }
 
 void Softmax(float* x, int64_t n) {
+  switch (GetCpuFeatures().level) {
+    case CpuLevel::kAvx512:
+      return softmax_internal::SoftmaxAvx512(x, n);
+    case CpuLevel::kAvx2:
+      return softmax_internal::SoftmaxAvx2(x, n);
+    case CpuLevel::kScalar:
+      break;
+  }
+  softmax_internal::SoftmaxReference(x, n);
+}
+
+void softmax_internal::SoftmaxReference(float* x, int64_t n) {
   if (n <= 0) return;
   float mx = x[0];
   for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);

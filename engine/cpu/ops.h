@@ -34,6 +34,8 @@ void ShiftRope(float* x, int64_t n_rows, int n_heads, int32_t delta, const RopeP
 void SwiGlu(float* g, const float* u, int64_t n);
 
 // In-place numerically stable softmax over x[n]; returns nothing; n == 0 is a no-op.
+// Vectorized for the CPU's level (softmax_internal.h: a polynomial exp within a few ulp of
+// libm's; softmax_test checks every level against the scalar reference).
 void Softmax(float* x, int64_t n);
 
 // Rounds to fp16 precision in place (the KV cache stores fp16-representable values, like
