@@ -4,9 +4,9 @@
 // Entries are keyed by (tenant, key) as a pair, never by a concatenation a crafted key could
 // collide with. An entry is charged EntryBytes(): the context's KV bytes at fp16 (the figure
 // ContextStoreOptions::memory_bytes is documented in), its digest at fp16, and its two key
-// strings (so that empty contexts are not free). The resident copy holds K/V as fp32, so the
-// process holds about twice the charged KV bytes; the budget is the cache's accounting unit,
-// the same one the service reports as "bytes used".
+// strings (so that empty contexts are not free). The resident copy holds K/V as fp16 too
+// (kv_cache.h), so the charged KV bytes are what it holds, int32 positions aside; the budget
+// is the cache's accounting unit, the same one the service reports as "bytes used".
 //
 // An evicted context stays alive for as long as a request holds its shared_ptr; the tier only
 // drops its own reference.

@@ -43,8 +43,8 @@ CompressedContext MakeContext(int n, float seed = 1.0f, int n_layers = 2, int n_
       KvHead& kh = c.kv.head(l, h);
       for (int i = 0; i < n; ++i) kh.pos.push_back(4 * i);
       for (int i = 0; i < n * head_dim; ++i) {
-        kh.k.push_back(Fp16ToFp32(Fp32ToFp16(seed + 0.25f * i)));
-        kh.v.push_back(Fp16ToFp32(Fp32ToFp16(seed - 0.5f * i)));
+        kh.k.push_back(Fp32ToFp16(seed + 0.25f * i));
+        kh.v.push_back(Fp32ToFp16(seed - 0.5f * i));
       }
     }
   }
@@ -137,8 +137,8 @@ TEST(MemoryTierTest, TenantsAreSeparate) {
   ASSERT_TRUE(tier.Put("alice", "k", Shared(MakeContext(2, 1.0f))));
   EXPECT_EQ(tier.Get("bob", "k"), nullptr);
   ASSERT_TRUE(tier.Put("bob", "k", Shared(MakeContext(2, 9.0f))));
-  EXPECT_EQ(tier.Get("alice", "k")->kv.head(0, 0).k[0], 1.0f);
-  EXPECT_EQ(tier.Get("bob", "k")->kv.head(0, 0).k[0], 9.0f);
+  EXPECT_EQ(Fp16ToFp32(tier.Get("alice", "k")->kv.head(0, 0).k[0]), 1.0f);
+  EXPECT_EQ(Fp16ToFp32(tier.Get("bob", "k")->kv.head(0, 0).k[0]), 9.0f);
   // Pairs, not concatenations: ("a", "bk") and ("ab", "k") are different entries.
   ASSERT_TRUE(tier.Put("a", "bk", Shared(MakeContext(2))));
   EXPECT_EQ(tier.Get("ab", "k"), nullptr);

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "common/half.h"
 
 namespace ctxcache {
 
@@ -89,10 +88,6 @@ void Softmax(float* x, int64_t n) {
   }
   const float inv = static_cast<float>(1.0 / sum);
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
-}
-
-void RoundToFp16(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = Fp16ToFp32(Fp32ToFp16(x[i]));
 }
 
 }  // namespace ctxcache
