@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -22,6 +23,7 @@
 #include "common/half.h"
 #include "common/sha256.h"
 #include "common/status.h"
+#include "engine/cpu/attention.h"
 
 namespace ctxcache {
 
@@ -165,6 +167,20 @@ class Writer {
         return absl::OkStatus();
     }
     return absl::InvalidArgumentError("unknown dtype");
+  }
+
+  // K/V rows, which the cache holds as fp16: a straight copy at fp16; widened to fp32 in
+  // `buf` and written as above for the other dtypes.
+  absl::Status Fp16Rows(const uint16_t* x, int64_t rows, int64_t cols, KvDtype dtype,
+                        const std::string& what, std::vector<float>& buf) {
+    const int64_t n = rows * cols;
+    if (dtype == KvDtype::kF16) {
+      Bytes(x, static_cast<size_t>(n) * 2);
+      return absl::OkStatus();
+    }
+    buf.resize(static_cast<size_t>(n));
+    Fp16ToFp32Row(x, buf.data(), n);
+    return Rows(buf.data(), rows, cols, dtype, what);
   }
 
  private:
@@ -325,6 +341,21 @@ class Reader {
     pos_ += static_cast<size_t>(rows * static_cast<int64_t>(RowBytes(dtype, cols)));
     return absl::OkStatus();
   }
+  // K/V rows into the fp16 cache: a straight copy at fp16; the other dtypes decode to fp32
+  // in `buf` as above and are rounded to nearest fp16. The caller has checked Need.
+  absl::Status Fp16Rows(int64_t rows, int64_t cols, KvDtype dtype, uint16_t* out,
+                        std::string_view what, std::vector<float>& buf) {
+    const int64_t n = rows * cols;
+    if (dtype == KvDtype::kF16) {
+      if (n > 0) std::memcpy(out, data_.data() + pos_, static_cast<size_t>(n) * 2);
+      pos_ += static_cast<size_t>(n) * 2;
+      return absl::OkStatus();
+    }
+    buf.resize(static_cast<size_t>(n));
+    RETURN_IF_ERROR(Rows(rows, cols, dtype, buf.data(), what));
+    Fp32ToFp16Row(buf.data(), out, n);
+    return absl::OkStatus();
+  }
 
  private:
   std::string_view data_;
@@ -432,13 +463,16 @@ absl::StatusOr<std::string> EncodeContext(const CompressedContext& c, KvDtype dt
   w.Bytes(c.method.data(), c.method.size());
   w.Put(static_cast<uint32_t>(c.params.size()));
   w.Bytes(c.params.data(), c.params.size());
+  std::vector<float> buf;
   for (int l = 0; l < kv.n_layers(); ++l) {
     for (int h = 0; h < kv.n_kv_heads(); ++h) {
       const KvHead& kh = kv.head(l, h);
       w.Put(static_cast<uint32_t>(kh.pos.size()));
       w.Bytes(kh.pos.data(), kh.pos.size() * 4);
-      RETURN_IF_ERROR(w.Rows(kh.k.data(), kh.n(), kv.head_dim(), dtype, HeadName(l, h) + " K"));
-      RETURN_IF_ERROR(w.Rows(kh.v.data(), kh.n(), kv.head_dim(), dtype, HeadName(l, h) + " V"));
+      RETURN_IF_ERROR(
+          w.Fp16Rows(kh.k.data(), kh.n(), kv.head_dim(), dtype, HeadName(l, h) + " K", buf));
+      RETURN_IF_ERROR(
+          w.Fp16Rows(kh.v.data(), kh.n(), kv.head_dim(), dtype, HeadName(l, h) + " V", buf));
     }
   }
   RETURN_IF_ERROR(w.Rows(c.digest.data(), c.digest_tokens, d_model, dtype, "digest"));
@@ -529,6 +563,7 @@ absl::StatusOr<CompressedContext> DecodeContext(std::string_view bytes,
   c.kv.next_position = next_position;
   const uint64_t row = RowBytes(dtype, head_dim);
   const uint64_t entry_bytes = 4 + 2 * row;  // position + K row + V row
+  std::vector<float> buf;  // a head's rows at a non-fp16 dtype, before rounding to fp16
   for (int l = 0; l < static_cast<int>(n_layers); ++l) {
     for (int h = 0; h < static_cast<int>(n_kv_heads); ++h) {
       uint32_t n = 0;
@@ -550,8 +585,8 @@ absl::StatusOr<CompressedContext> DecodeContext(std::string_view bytes,
       }
       kh.k.resize(size_t{n} * head_dim);
       kh.v.resize(size_t{n} * head_dim);
-      RETURN_IF_ERROR(r.Rows(n, head_dim, dtype, kh.k.data(), HeadName(l, h) + " K"));
-      RETURN_IF_ERROR(r.Rows(n, head_dim, dtype, kh.v.data(), HeadName(l, h) + " V"));
+      RETURN_IF_ERROR(r.Fp16Rows(n, head_dim, dtype, kh.k.data(), HeadName(l, h) + " K", buf));
+      RETURN_IF_ERROR(r.Fp16Rows(n, head_dim, dtype, kh.v.data(), HeadName(l, h) + " V", buf));
     }
   }
   if (c.digest_tokens > 0) {

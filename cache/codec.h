@@ -32,6 +32,8 @@
 //
 // A row in dtype: fp16 / bf16 are 2 bytes per value, fp32 4; int8 is an fp32 scale followed
 // by one int8 per value (value = q * scale, scale = max|x| / 127, round to nearest).
+// KvCache holds K/V as fp16 (kv_cache.h), so fp16 K/V rows are a straight copy either way,
+// and K/V rows of the other dtypes are decoded to fp32 and then rounded to nearest fp16.
 // Both the KV section and the digest section are always present (empty for the other kind),
 // so a round trip is lossless for every field whatever the kind.
 //
@@ -51,8 +53,8 @@
 
 namespace ctxcache {
 
-// How K/V rows (and digest vectors) are stored. The engine keeps K/V rounded to fp16, so
-// kF16 is lossless for KV contexts and half the bytes of kF32; kBf16 and kInt8 are lossy.
+// How K/V rows (and digest vectors) are stored. The engine keeps K/V as fp16, so kF16 is
+// lossless for KV contexts (a copy) and half the bytes of kF32; kBf16 and kInt8 are lossy.
 enum class KvDtype : uint8_t { kF16 = 1, kBf16 = 2, kF32 = 3, kInt8 = 4 };
 
 inline constexpr char kContextMagic[4] = {'C', 'T', 'X', 'C'};

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "engine/cpu/attention.h"
+
 namespace ctxcache {
 
 KvCache::KvCache(int n_layers, int n_kv_heads, int head_dim)
@@ -17,8 +19,8 @@ void KvCache::Append(int layer, const float* k, const float* v, const int32_t* p
     kh.k.resize(base + n * head_dim_);
     kh.v.resize(base + n * head_dim_);
     for (int64_t t = 0; t < n; ++t) {
-      std::copy_n(k + t * row + h * head_dim_, head_dim_, kh.k.data() + base + t * head_dim_);
-      std::copy_n(v + t * row + h * head_dim_, head_dim_, kh.v.data() + base + t * head_dim_);
+      Fp32ToFp16Row(k + t * row + h * head_dim_, kh.k.data() + base + t * head_dim_, head_dim_);
+      Fp32ToFp16Row(v + t * row + h * head_dim_, kh.v.data() + base + t * head_dim_, head_dim_);
     }
     kh.pos.insert(kh.pos.end(), positions, positions + n);
   }

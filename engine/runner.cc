@@ -2,9 +2,12 @@
 // the KV cache, output projection, RMSNorm, SwiGLU FFN) -> final norm -> logits.
 //
 // Prefill and decode share one path: a batch of T tokens (T == 1 for decode). Weight products
-// go through MatMul/MatVec (quantized weights, matmul.h); attention runs per (query head,
-// block of query rows) on OpenBLAS with one BLAS thread per pool thread, so the two pools
-// never fight over the cores.
+// go through MatMul/MatVec (quantized weights, matmul.h). The KV cache holds fp16 (kv_cache.h).
+// A plain decode step attends with the fused fp16 kernel (DecodeAttention, cpu/attention.h:
+// each K/V row read once per KV head, keys split over the pool). Prefill, observed rows and
+// Recycled Attention's full steps convert each KV head's visible K/V to fp32 once per layer
+// and run per (query head, block of query rows) on OpenBLAS with one BLAS thread per pool
+// thread, so the two pools never fight over the cores.
 #include <cblas.h>
 
 #include <algorithm>
@@ -13,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "engine/cpu/attention.h"
 #include "engine/cpu/ops.h"
 #include "engine/cpu/quant.h"
 #include "engine/model.h"
@@ -56,6 +60,9 @@ struct Runner::Scratch {
   std::vector<float> obs;     // [n_heads, n_obs_rows, max_keys]
   std::vector<int> obs_index; // [T]: row -> index in observe_rows, or -1
   std::vector<float> full_probs;  // [n_heads, max_keys]: a recycled policy's full step
+  std::vector<std::vector<float>> kf, vf;  // per KV head: visible K/V as fp32 [n_vis, hd]
+  std::vector<std::vector<float>> rows;    // per thread: a gathered K or V row as fp32 [hd]
+  DecodeAttention decode;
 };
 
 Runner::Runner(const Model& model, ThreadPool* pool)
@@ -63,6 +70,9 @@ Runner::Runner(const Model& model, ThreadPool* pool)
   // Our pool provides the parallelism; BLAS calls run inside its tasks.
   openblas_set_num_threads(1);
   scratch_->scores.resize(pool_->n_threads());
+  scratch_->rows.resize(pool_->n_threads());
+  scratch_->kf.resize(model.config().n_kv_heads);
+  scratch_->vf.resize(model.config().n_kv_heads);
 }
 
 Runner::~Runner() = default;
@@ -143,9 +153,7 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
     AddBias(s.v.data(), L.bv, n);
     ApplyRope(s.q.data(), s.pos.data(), n, c.n_heads, rope);
     ApplyRope(s.k.data(), s.pos.data(), n, c.n_kv_heads, rope);
-    RoundToFp16(s.k.data(), n * dkv);
-    RoundToFp16(s.v.data(), n * dkv);
-    cache.Append(l, s.k.data(), s.v.data(), s.pos.data(), n);
+    cache.Append(l, s.k.data(), s.v.data(), s.pos.data(), n);  // rounds K/V to fp16
     Attention(l, n, cache, options);
     Linear(L.wo, s.attn.data(), n, s.tmp.data(), pool_);
     for (int64_t i = 0; i < n * d; ++i) s.x[i] += s.tmp[i];
@@ -188,7 +196,25 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
     rec->RecordRecycledStep(layer);
     return;
   }
+  if (n == 1 && n_obs == 0 && rec == nullptr) {
+    s.decode.Run(cache, layer, c.n_heads, s.pos[0], s.q.data(), scale, s.attn.data(), pool_);
+    return;
+  }
   if (rec != nullptr) s.full_probs.assign(static_cast<size_t>(c.n_heads) * max_keys, 0.f);
+
+  // The fp16 K/V every row of the batch may see, as fp32 for sgemm: converted once per layer
+  // (not per query block), one task per (KV head, K or V).
+  pool_->ParallelFor(int64_t{c.n_kv_heads} * 2, [&](int64_t begin, int64_t end, int) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int g = static_cast<int>(task / 2);
+      const KvHead& kv = cache.head(layer, g);
+      const int64_t n_vis =
+          std::upper_bound(kv.pos.begin(), kv.pos.end(), s.pos[n - 1]) - kv.pos.begin();
+      std::vector<float>& dst = task % 2 == 0 ? s.kf[g] : s.vf[g];
+      dst.resize(std::max<size_t>(dst.size(), n_vis * hd));
+      Fp16ToFp32Row((task % 2 == 0 ? kv.k : kv.v).data(), dst.data(), n_vis * hd);
+    }
+  });
 
   pool_->ParallelFor(int64_t{c.n_heads} * n_blocks, [&](int64_t begin, int64_t end, int tid) {
     std::vector<float>& sc = s.scores[tid];
@@ -199,6 +225,8 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
       const int64_t t1 = std::min(n, t0 + kQueryBlock);
       const int64_t rows = t1 - t0;
       const KvHead& kv = cache.head(layer, h / group);
+      const float* kf = s.kf[h / group].data();
+      const float* vf = s.vf[h / group].data();
       // Entries are sorted by position, so the keys any row of this block may see form a
       // prefix; rows see a shorter prefix each (causal by position).
       const int64_t n_vis =
@@ -206,11 +234,11 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
       const float* q = s.q.data() + t0 * dq + h * hd;
       float* out = s.attn.data() + t0 * dq + h * hd;
       if (rows == 1) {
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, n_vis, hd, scale, kv.k.data(), hd, q, 1, 0.f,
-                    sc.data(), 1);
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, n_vis, hd, scale, kf, hd, q, 1, 0.f, sc.data(),
+                    1);
       } else {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_vis, hd, scale, q, dq,
-                    kv.k.data(), hd, 0.f, sc.data(), n_vis);
+                    kf, hd, 0.f, sc.data(), n_vis);
       }
       for (int64_t r = 0; r < rows; ++r) {
         float* row = sc.data() + r * n_vis;
@@ -225,11 +253,11 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
         if (rec != nullptr) std::copy_n(row, n_vis, s.full_probs.data() + int64_t{h} * max_keys);
       }
       if (rows == 1) {
-        cblas_sgemv(CblasRowMajor, CblasTrans, n_vis, hd, 1.f, kv.v.data(), hd, sc.data(), 1,
-                    0.f, out, 1);
+        cblas_sgemv(CblasRowMajor, CblasTrans, n_vis, hd, 1.f, vf, hd, sc.data(), 1, 0.f, out,
+                    1);
       } else {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, n_vis, 1.f, sc.data(),
-                    n_vis, kv.v.data(), hd, 0.f, out, dq);
+                    n_vis, vf, hd, 0.f, out, dq);
       }
     }
   });
@@ -244,7 +272,8 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
 void Runner::RecycledAttention(int layer, const KvCache& cache,
                                const RecycledAttentionState& rec) {
   // One query row against the recycled keys plus everything appended since the full step:
-  // a gather of K rows, so cost scales with top_k, not with the context.
+  // a gather of fp16 K/V rows (converted a row at a time), so cost scales with top_k, not
+  // with the context.
   const ModelConfig& c = model_.config();
   Scratch& s = *scratch_;
   const int64_t hd = c.head_dim;
@@ -252,6 +281,8 @@ void Runner::RecycledAttention(int layer, const KvCache& cache,
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   pool_->ParallelFor(c.n_heads, [&](int64_t begin, int64_t end, int tid) {
     std::vector<float>& sc = s.scores[tid];
+    std::vector<float>& row = s.rows[tid];
+    row.resize(hd);
     for (int64_t h = begin; h < end; ++h) {
       const int g = static_cast<int>(h) / group;
       const KvHead& kv = cache.head(layer, g);
@@ -262,7 +293,8 @@ void Runner::RecycledAttention(int layer, const KvCache& cache,
       const float* q = s.q.data() + h * hd;
       auto key_at = [&](int64_t j) { return j < static_cast<int64_t>(idx.size()) ? idx[j] : first_new + (j - static_cast<int64_t>(idx.size())); };
       for (int64_t j = 0; j < n_sel; ++j) {
-        const float* k = kv.k.data() + key_at(j) * hd;
+        const float* k = row.data();
+        Fp16ToFp32Row(kv.k.data() + key_at(j) * hd, row.data(), hd);
         float dot = 0.f;
         for (int64_t i = 0; i < hd; ++i) dot += q[i] * k[i];
         sc[j] = dot * scale;
@@ -271,7 +303,8 @@ void Runner::RecycledAttention(int layer, const KvCache& cache,
       float* out = s.attn.data() + h * hd;
       std::fill(out, out + hd, 0.f);
       for (int64_t j = 0; j < n_sel; ++j) {
-        const float* v = kv.v.data() + key_at(j) * hd;
+        const float* v = row.data();
+        Fp16ToFp32Row(kv.v.data() + key_at(j) * hd, row.data(), hd);
         const float p = sc[j];
         for (int64_t i = 0; i < hd; ++i) out[i] += p * v[i];
       }

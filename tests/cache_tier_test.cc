@@ -43,8 +43,8 @@ CompressedContext MakeContext(int n, float seed = 1.0f, int n_layers = 2, int n_
       KvHead& kh = c.kv.head(l, h);
       for (int i = 0; i < n; ++i) kh.pos.push_back(4 * i);
       for (int i = 0; i < n * head_dim; ++i) {
-        kh.k.push_back(Fp16ToFp32(Fp32ToFp16(seed + 0.25f * i)));
-        kh.v.push_back(Fp16ToFp32(Fp32ToFp16(seed - 0.5f * i)));
+        kh.k.push_back(Fp32ToFp16(seed + 0.25f * i));
+        kh.v.push_back(Fp32ToFp16(seed - 0.5f * i));
       }
     }
   }
@@ -60,9 +60,9 @@ std::shared_ptr<const CompressedContext> Shared(CompressedContext c) {
 TEST(MemoryTierTest, ChargesKvDigestAndKeyBytes) {
   CompressedContext c = MakeContext(3);
   EXPECT_EQ(c.KvBytes(), 2 * 2 * 3 * 4 * 2 * 2);
-  // Resident: K and V at fp32 (twice the fp16 KV bytes), an int32 position per entry
-  // (2 layers x 2 heads x 3 entries), the key strings.
-  const int64_t resident = 2 * c.KvBytes() + 2 * 2 * 3 * 4;
+  // Resident: K and V at fp16 (the KV bytes), an int32 position per entry (2 layers x
+  // 2 heads x 3 entries), the key strings.
+  const int64_t resident = c.KvBytes() + 2 * 2 * 3 * 4;
   EXPECT_EQ(MemoryTier::EntryBytes("t", "key", c), resident + 4);
   c.digest.assign(10, 0.5f);
   EXPECT_EQ(MemoryTier::EntryBytes("t", "key", c), resident + 40 + 4);
@@ -140,8 +140,8 @@ TEST(MemoryTierTest, TenantsAreSeparate) {
   ASSERT_TRUE(tier.Put("alice", "k", Shared(MakeContext(2, 1.0f))));
   EXPECT_EQ(tier.Get("bob", "k"), nullptr);
   ASSERT_TRUE(tier.Put("bob", "k", Shared(MakeContext(2, 9.0f))));
-  EXPECT_EQ(tier.Get("alice", "k")->kv.head(0, 0).k[0], 1.0f);
-  EXPECT_EQ(tier.Get("bob", "k")->kv.head(0, 0).k[0], 9.0f);
+  EXPECT_EQ(Fp16ToFp32(tier.Get("alice", "k")->kv.head(0, 0).k[0]), 1.0f);
+  EXPECT_EQ(Fp16ToFp32(tier.Get("bob", "k")->kv.head(0, 0).k[0]), 9.0f);
   // Pairs, not concatenations: ("a", "bk") and ("ab", "k") are different entries.
   ASSERT_TRUE(tier.Put("a", "bk", Shared(MakeContext(2))));
   EXPECT_EQ(tier.Get("ab", "k"), nullptr);

@@ -76,10 +76,9 @@ constexpr char kOtherFingerprint[] =
 float RoundFp16(float x) { return Fp16ToFp32(Fp32ToFp16(x)); }
 
 // A KV context shaped like a per-head selection: every head keeps a different number of
-// entries (head 1 of layer 0 keeps none), at increasing original positions. Values are
-// rounded to fp16 when `fp16_values`, as the engine stores them.
-CompressedContext MakeKvContext(bool fp16_values = true, int n_layers = 3, int n_kv_heads = 2,
-                                int head_dim = 5) {
+// entries (head 1 of layer 0 keeps none), at increasing original positions. K/V are fp16, as
+// the engine stores them.
+CompressedContext MakeKvContext(int n_layers = 3, int n_kv_heads = 2, int head_dim = 5) {
   CompressedContext c;
   c.kind = ContextKind::kKv;
   c.model_fingerprint = kFingerprint;
@@ -98,8 +97,8 @@ CompressedContext MakeKvContext(bool fp16_values = true, int n_layers = 3, int n
       for (int i = 0; i < n; ++i) kh.pos.push_back(i * 4 + h);
       for (int i = 0; i < n * head_dim; ++i) {
         const float k = dist(rng), v = dist(rng);
-        kh.k.push_back(fp16_values ? RoundFp16(k) : k);
-        kh.v.push_back(fp16_values ? RoundFp16(v) : v);
+        kh.k.push_back(Fp32ToFp16(k));
+        kh.v.push_back(Fp32ToFp16(v));
       }
     }
   }
@@ -120,8 +119,16 @@ CompressedContext MakeDigestContext(int digest_tokens = 4, int d_model = 6) {
   return c;
 }
 
-bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
+template <typename T>
+bool SameBits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+std::vector<float> ToFloats(const std::vector<uint16_t>& h) {
+  std::vector<float> f(h.size());
+  for (size_t i = 0; i < h.size(); ++i) f[i] = Fp16ToFp32(h[i]);
+  return f;
 }
 
 // Every field except the float payloads, which each test compares at its dtype's precision.
@@ -169,13 +176,13 @@ CompressedContext RoundTrip(const CompressedContext& c, KvDtype dtype) {
   return back.ok() ? *std::move(back) : CompressedContext{};
 }
 
-// Applies `f` to every float payload pair (original, decoded).
+// Applies `f` to every float payload pair (original, decoded); K/V (fp16) as fp32.
 template <typename F>
 void ForEachPayload(const CompressedContext& a, const CompressedContext& b, F f) {
   for (int l = 0; l < a.kv.n_layers(); ++l) {
     for (int h = 0; h < a.kv.n_kv_heads(); ++h) {
-      f(a.kv.head(l, h).k, b.kv.head(l, h).k, a.kv.head_dim());
-      f(a.kv.head(l, h).v, b.kv.head(l, h).v, a.kv.head_dim());
+      f(ToFloats(a.kv.head(l, h).k), ToFloats(b.kv.head(l, h).k), a.kv.head_dim());
+      f(ToFloats(a.kv.head(l, h).v), ToFloats(b.kv.head(l, h).v), a.kv.head_dim());
     }
   }
   if (a.digest_tokens > 0) {
@@ -219,25 +226,30 @@ TEST(CodecTest, Fp16RoundTripIsBitExactOnEngineValues) {
 }
 
 TEST(CodecTest, Fp32RoundTripIsBitExactOnAnyValues) {
-  CompressedContext c = MakeKvContext(/*fp16_values=*/false);
-  c.kv.head(2, 1).k[0] = std::numeric_limits<float>::infinity();
-  c.kv.head(2, 1).k[1] = -0.0f;
-  c.kv.head(2, 1).k[2] = 1e-40f;  // fp32 subnormal
+  // K/V can only hold fp16 values (the cache stores fp16), so "any value" is tested on the
+  // digest, which stays fp32; K/V get fp16's special values.
+  CompressedContext c = MakeKvContext();
+  c.kv.head(2, 1).k[0] = Fp32ToFp16(std::numeric_limits<float>::infinity());
+  c.kv.head(2, 1).k[1] = Fp32ToFp16(-0.0f);
+  c.kv.head(2, 1).k[2] = Fp32ToFp16(3e-7f);  // fp16 subnormal
+  c.digest_tokens = 2;
+  c.digest = {std::numeric_limits<float>::infinity(), -0.0f, 1e-40f /* fp32 subnormal */,
+              0.1f, 1e6f, -3.3333333f};
   ExpectBitExact(c, RoundTrip(c, KvDtype::kF32));
 }
 
 TEST(CodecTest, Fp16KeepsSpecialValues) {
   CompressedContext c = MakeKvContext();
-  std::vector<float>& k = c.kv.head(1, 0).k;
-  k[0] = -0.0f;
-  k[1] = std::numeric_limits<float>::infinity();
-  k[2] = RoundFp16(3e-7f);  // fp16 subnormal
-  k[3] = 65504.0f;          // fp16 max
+  std::vector<uint16_t>& k = c.kv.head(1, 0).k;
+  k[0] = Fp32ToFp16(-0.0f);
+  k[1] = Fp32ToFp16(std::numeric_limits<float>::infinity());
+  k[2] = Fp32ToFp16(3e-7f);  // fp16 subnormal
+  k[3] = Fp32ToFp16(65504.0f);  // fp16 max
   ExpectBitExact(c, RoundTrip(c, KvDtype::kF16));
 }
 
 TEST(CodecTest, Bf16RoundTripEqualsBf16Rounding) {
-  const CompressedContext c = MakeKvContext(/*fp16_values=*/false);
+  const CompressedContext c = MakeKvContext();
   const CompressedContext back = RoundTrip(c, KvDtype::kBf16);
   ExpectSameShape(c, back);
   ForEachPayload(c, back, [](const std::vector<float>& a, const std::vector<float>& b, int) {
@@ -252,7 +264,7 @@ TEST(CodecTest, Bf16RoundTripEqualsBf16Rounding) {
 }
 
 TEST(CodecTest, Int8RoundTripErrsByAtMostHalfAStepPerRow) {
-  const CompressedContext c = MakeKvContext(/*fp16_values=*/false);
+  const CompressedContext c = MakeKvContext();
   const CompressedContext back = RoundTrip(c, KvDtype::kInt8);
   ExpectSameShape(c, back);
   ForEachPayload(c, back, [](const std::vector<float>& a, const std::vector<float>& b, int cols) {
@@ -261,8 +273,9 @@ TEST(CodecTest, Int8RoundTripErrsByAtMostHalfAStepPerRow) {
       float amax = 0;
       for (int j = 0; j < cols; ++j) amax = std::max(amax, std::fabs(a[r * cols + j]));
       // Step = amax / 127; rounding to nearest errs by half a step, plus fp32 rounding of the
-      // scale and the product (a few ulps of amax).
-      const float tol = amax / 127 * 0.5f + amax * 1e-6f;
+      // scale and the product (a few ulps of amax), plus (new with the fp16 KV cache, which
+      // the decoded K/V rows are rounded into) half an fp16 ulp: 2^-11 relative, <= amax.
+      const float tol = amax / 127 * 0.5f + amax * 1e-6f + amax * 0x1p-11f;
       for (int j = 0; j < cols; ++j) {
         ASSERT_LE(std::fabs(a[r * cols + j] - b[r * cols + j]), tol) << "row " << r;
       }
@@ -294,7 +307,7 @@ TEST(CodecTest, EmptyContextsRoundTrip) {
 
 TEST(CodecTest, ModelSizedContextRoundTripsAndSizeMatchesTheFormat) {
   // SmolLM2-135M's shape (30 layers, 3 KV heads, head_dim 64), 1..9 entries per head.
-  CompressedContext c = MakeKvContext(true, 30, 3, 64);
+  CompressedContext c = MakeKvContext(30, 3, 64);
   auto bytes = EncodeContext(c, KvDtype::kF16);
   ASSERT_TRUE(bytes.ok()) << bytes.status();
   const size_t expected = kContextHeaderBytes + 2 + c.method.size() + 4 + c.params.size() +
@@ -335,7 +348,7 @@ TEST(CodecTest, HeaderLayoutIsVersionOne) {
 // ---- Damaged input -------------------------------------------------------------------------
 
 std::string ValidBlob(KvDtype dtype = KvDtype::kF16) {
-  CompressedContext c = MakeKvContext(true, 2, 2, 3);
+  CompressedContext c = MakeKvContext(2, 2, 3);
   c.digest_tokens = 2;
   c.digest = {1, 2, 3, 4, 5, 6};
   auto bytes = EncodeContext(c, dtype);
@@ -554,11 +567,17 @@ TEST(CodecTest, EncoderRefusesInconsistentContexts) {
   add(
       "negative_position", [](CompressedContext& c) { c.kv.head(2, 0).pos[0] = -1; },
       "position -1");
+  // K/V are fp16 already; the digest (fp32) is what can overflow fp16.
   add(
-      "fp16_overflow", [](CompressedContext& c) { c.kv.head(1, 0).v[2] = 1e6f; },
-      "layer 1 head 0 V: value 1e+06 at row 0 overflows fp16");
+      "fp16_overflow",
+      [](CompressedContext& c) {
+        c.digest_tokens = 1;
+        c.digest = {1.0f, 2.0f, 1e6f};
+      },
+      "digest: value 1e+06 at row 0 overflows fp16");
   add(
-      "int8_nan", [](CompressedContext& c) { c.kv.head(1, 0).k[7] = std::nanf(""); },
+      "int8_nan",
+      [](CompressedContext& c) { c.kv.head(1, 0).k[7] = Fp32ToFp16(std::nanf("")); },
       "layer 1 head 0 K: non-finite value at row 1", KvDtype::kInt8);
   add(
       "digest_shape",
@@ -583,7 +602,8 @@ TEST(CodecTest, EncoderRefusesInconsistentContexts) {
   }
   // fp16 overflow is refused, but bf16 and fp32 store the same value.
   CompressedContext big = MakeKvContext();
-  big.kv.head(1, 0).v[2] = 1e6f;
+  big.digest_tokens = 1;
+  big.digest = {1.0f, 2.0f, 1e6f};
   EXPECT_TRUE(error(big, KvDtype::kBf16).ok());
   EXPECT_TRUE(error(big, KvDtype::kF32).ok());
 }

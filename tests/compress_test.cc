@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/half.h"
 #include "common/thread_pool.h"
 #include "engine/compress/scorer.h"
 #include "engine/compress/select.h"
@@ -28,6 +29,17 @@ using ::testing::HasSubstr;
 
 // ---- Selector on synthetic scores -------------------------------------------------------------
 
+// The cache holds fp16 bits; the checks below read them as fp32.
+std::vector<float> ToFloats(const std::vector<uint16_t>& h) {
+  std::vector<float> f(h.size());
+  for (size_t i = 0; i < h.size(); ++i) f[i] = Fp16ToFp32(h[i]);
+  return f;
+}
+
+// (layer, head, pos) as one number, exact in fp16 (an integer below 2048) for the shapes
+// used here, since the cache stores fp16.
+float Code(int l, int h, int t) { return static_cast<float>(l * 1000 + h * 100 + t); }
+
 // A cache of n entries per head at positions 0..n-1 whose K/V rows encode (layer, head, pos).
 KvCache SyntheticCache(int n_layers, int n_kv, int hd, int n) {
   KvCache cache(n_layers, n_kv, hd);
@@ -38,8 +50,8 @@ KvCache SyntheticCache(int n_layers, int n_kv, int hd, int n) {
       pos[t] = t;
       for (int h = 0; h < n_kv; ++h) {
         for (int i = 0; i < hd; ++i) {
-          k[(t * n_kv + h) * hd + i] = static_cast<float>(l * 10000 + h * 1000 + t);
-          v[(t * n_kv + h) * hd + i] = -static_cast<float>(l * 10000 + h * 1000 + t);
+          k[(t * n_kv + h) * hd + i] = Code(l, h, t);
+          v[(t * n_kv + h) * hd + i] = -Code(l, h, t);
         }
       }
     }
@@ -75,8 +87,8 @@ TEST(SelectTest, KeepsTopBudgetPerHeadWithSinksInPositionOrder) {
       std::sort(want.begin(), want.end());
       EXPECT_EQ(kh.pos, want) << "layer " << l << " head " << h;
       for (int64_t i = 0; i < kh.n(); ++i) {  // rows moved with their positions
-        EXPECT_EQ(kh.k[i * 4], static_cast<float>(l * 10000 + h * 1000 + kh.pos[i]));
-        EXPECT_EQ(kh.v[i * 4 + 3], -static_cast<float>(l * 10000 + h * 1000 + kh.pos[i]));
+        EXPECT_EQ(Fp16ToFp32(kh.k[i * 4]), Code(l, h, kh.pos[i]));
+        EXPECT_EQ(Fp16ToFp32(kh.v[i * 4 + 3]), -Code(l, h, kh.pos[i]));
       }
     }
   }
@@ -505,7 +517,9 @@ TEST_F(CompressModelTest, ComposedContextsMatchDirectlyPositionedPrefills) {
   for (int l = 0; l < model().config().n_layers; ++l) {
     for (int h = 0; h < model().config().n_kv_heads; ++h) {
       KvHead& kh = off_by_one.head(l, h);
-      ShiftRope(kh.k.data() + n1 * 64, n2, 1, 1, RopeParamsFor(model().config()));
+      std::vector<float> k = ToFloats(kh.k);
+      ShiftRope(k.data() + n1 * 64, n2, 1, 1, RopeParamsFor(model().config()));
+      for (size_t i = n1 * 64; i < k.size(); ++i) kh.k[i] = Fp32ToFp16(k[i]);
     }
   }
   std::vector<float> wrong;
@@ -516,10 +530,10 @@ TEST_F(CompressModelTest, ComposedContextsMatchDirectlyPositionedPrefills) {
   // Layer 0 keys see only the token embeddings, so there the shift is the only difference:
   // shifted keys must equal keys rotated at the shifted position within fp16 rounding.
   for (int h = 0; h < model().config().n_kv_heads; ++h) {
-    const KvHead& a = composed->head(0, h);
-    const KvHead& b = direct.head(0, h);
-    for (size_t i = n1 * 64; i < a.k.size(); ++i) {
-      ASSERT_NEAR(a.k[i], b.k[i], 2e-3f * std::max(1.0f, std::abs(b.k[i]))) << "head " << h;
+    const std::vector<float> a = ToFloats(composed->head(0, h).k);
+    const std::vector<float> b = ToFloats(direct.head(0, h).k);
+    for (size_t i = n1 * 64; i < a.size(); ++i) {
+      ASSERT_NEAR(a[i], b[i], 2e-3f * std::max(1.0f, std::abs(b[i]))) << "head " << h;
     }
   }
   // Deeper layers run doc2 at other absolute positions, whose rounding this model amplifies
@@ -587,19 +601,19 @@ TEST_F(CompressModelTest, RecoveredQueriesReproduceObservedAttention) {
   double worst = 0;
   options.observer = [&](int layer, const float* probs, int n_rows, int64_t max_keys) {
     for (int h = 0; h < c.n_heads; ++h) {
-      const KvHead& kh = cache.head(layer, h / group);
+      const std::vector<float> k = ToFloats(cache.head(layer, h / group).k);
       for (int r = 0; r < n_rows; ++r) {
         const float* row = probs + (static_cast<int64_t>(h) * n_rows + r) * max_keys;
         std::vector<float> q(hd);
         const float* ptr = row;
-        RecoverQueries(kh.k.data(), fit_end, hd, absl::MakeConstSpan(&ptr, 1),
+        RecoverQueries(k.data(), fit_end, hd, absl::MakeConstSpan(&ptr, 1),
                        1.0f / std::sqrt(static_cast<float>(hd)), q.data());
         // Re-predict the whole row (all visible keys, including ones not used in the fit).
         const int vis = n - 2 + r + 1;
         std::vector<float> pred(vis);
         for (int j = 0; j < vis; ++j) {
           float dot = 0;
-          for (int i = 0; i < hd; ++i) dot += q[i] * kh.k[j * hd + i];
+          for (int i = 0; i < hd; ++i) dot += q[i] * k[j * hd + i];
           pred[j] = dot / std::sqrt(static_cast<float>(hd));
         }
         Softmax(pred.data(), vis);

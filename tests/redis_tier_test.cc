@@ -54,8 +54,8 @@ CompressedContext MakeContext(float seed = 1.0f, const char* fingerprint = kFing
       KvHead& kh = c.kv.head(l, h);
       for (int i = 0; i < n; ++i) kh.pos.push_back(8 * i + h);
       for (int i = 0; i < n * 8; ++i) {
-        kh.k.push_back(Fp16ToFp32(Fp32ToFp16(seed + 0.125f * (i + l))));
-        kh.v.push_back(Fp16ToFp32(Fp32ToFp16(seed - 0.0625f * (i + h))));
+        kh.k.push_back(Fp32ToFp16(seed + 0.125f * (i + l)));
+        kh.v.push_back(Fp32ToFp16(seed - 0.0625f * (i + h)));
       }
     }
   }
@@ -433,8 +433,8 @@ TEST_F(RedisTierTest, TenantsAreIsolated) {
   EXPECT_EQ(r->tier, CacheTier::kComputed);
   EXPECT_EQ(computes, 2);
   store->ClearMemory();
-  EXPECT_EQ(store->Get("alice", "k")->context->kv.head(0, 0).k[0], 1.0f);
-  EXPECT_EQ(store->Get("alice:m", "k")->context->kv.head(0, 0).k[0], 2.0f);
+  EXPECT_EQ(Fp16ToFp32(store->Get("alice", "k")->context->kv.head(0, 0).k[0]), 1.0f);
+  EXPECT_EQ(Fp16ToFp32(store->Get("alice:m", "k")->context->kv.head(0, 0).k[0]), 2.0f);
   Raw raw = RawConnection();
   EXPECT_EQ(raw.Keys("ctxcache:alice%3Am:m:*").size(), 1u);
   EXPECT_EQ(raw.Keys("ctxcache:alice:m:*").size(), 1u);

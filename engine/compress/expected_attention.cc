@@ -20,6 +20,7 @@
 
 #include "common/status.h"
 #include "engine/compress/scorer.h"
+#include "engine/cpu/attention.h"
 #include "engine/cpu/ops.h"
 
 namespace ctxcache {
@@ -102,9 +103,14 @@ class ExpectedAttentionScorer : public Scorer {
       std::vector<float> q(static_cast<size_t>(group) * n_rows * d);
       std::vector<float> mu(d), sigma(static_cast<size_t>(d) * d), tmp(static_cast<size_t>(d) * d);
       std::vector<float> mu_r(d), sigma_r(static_cast<size_t>(d) * d);
+      std::vector<float> kf, vf;  // the head's fp16 K/V as fp32, for BLAS
       for (int g = 0; g < c.n_kv_heads; ++g) {
         const KvHead& kh = cache.head(layer, g);
         const int64_t nk = kh.n();
+        kf.resize(kh.k.size());
+        vf.resize(kh.v.size());
+        Fp16ToFp32Row(kh.k.data(), kf.data(), static_cast<int64_t>(kh.k.size()));
+        Fp16ToFp32Row(kh.v.data(), vf.data(), static_cast<int64_t>(kh.v.size()));
         // 1. Queries of the group's heads, recovered and un-rotated to pre-RoPE.
         std::vector<const float*> row_ptrs;
         for (int hh = 0; hh < group; ++hh) {
@@ -114,7 +120,7 @@ class ExpectedAttentionScorer : public Scorer {
                                fit_begin);
           }
         }
-        RecoverQueries(kh.k.data() + fit_begin * d, fit_end - fit_begin, d, row_ptrs, inv_sqrt_d,
+        RecoverQueries(kf.data() + fit_begin * d, fit_end - fit_begin, d, row_ptrs, inv_sqrt_d,
                        q.data());
         for (int hh = 0; hh < group; ++hh) {
           for (int r = 0; r < n_rows; ++r) {
@@ -150,7 +156,7 @@ class ExpectedAttentionScorer : public Scorer {
           // 4. Expected logits of the non-sink keys, softmax, GQA mean.
           const int64_t m = nk - skip;
           if (m <= 0) continue;
-          const float* kp = kh.k.data() + skip * d;
+          const float* kp = kf.data() + skip * d;
           cblas_sgemv(CblasRowMajor, CblasNoTrans, m, d, inv_sqrt_d, kp, d, mu_r.data(), 1, 0.f,
                       z.data(), 1);
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d, d, 1.f, kp, d,
@@ -168,7 +174,7 @@ class ExpectedAttentionScorer : public Scorer {
         out.assign(nk, 0.f);
         for (int64_t j = 0; j < nk; ++j) {
           float v2 = 0.f;
-          for (int i = 0; i < d; ++i) v2 += kh.v[j * d + i] * kh.v[j * d + i];
+          for (int i = 0; i < d; ++i) v2 += vf[j * d + i] * vf[j * d + i];
           out[j] = group_score[j] * std::sqrt(v2);
         }
       }

@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/attention.h"
 
 namespace ctxcache {
 namespace {
@@ -40,6 +41,16 @@ std::vector<int64_t> TopBudget(const std::vector<Rank>& ranks, int64_t budget) {
   });
   std::sort(idx.begin(), idx.end());
   return idx;
+}
+
+// Re-rotates n_rows fp16 key rows by `delta` in place: through fp32, rounded back to fp16 as
+// every key in the cache is.
+void ShiftKeys(uint16_t* k, int64_t n_rows, int hd, int32_t delta, const RopeParams& rope,
+               std::vector<float>& buf) {
+  buf.resize(static_cast<size_t>(n_rows) * hd);
+  Fp16ToFp32Row(k, buf.data(), n_rows * hd);
+  ShiftRope(buf.data(), n_rows, 1, delta, rope);
+  Fp32ToFp16Row(buf.data(), k, n_rows * hd);
 }
 
 void Gather(const KvHead& src, const std::vector<int64_t>& idx, int hd, KvHead& dst) {
@@ -136,15 +147,13 @@ void TruncateHeads(KvCache& cache, absl::Span<const int64_t> lengths) {
 
 void CompactPositions(KvCache& cache, const RopeParams& rope) {
   const int hd = cache.head_dim();
+  std::vector<float> buf;
   for (int l = 0; l < cache.n_layers(); ++l) {
     for (int h = 0; h < cache.n_kv_heads(); ++h) {
       KvHead& kh = cache.head(l, h);
       for (int64_t i = 0; i < kh.n(); ++i) {
         const int32_t delta = static_cast<int32_t>(i) - kh.pos[i];
-        if (delta != 0) {
-          ShiftRope(kh.k.data() + i * hd, 1, 1, delta, rope);
-          RoundToFp16(kh.k.data() + i * hd, hd);
-        }
+        if (delta != 0) ShiftKeys(kh.k.data() + i * hd, 1, hd, delta, rope, buf);
         kh.pos[i] = static_cast<int32_t>(i);
       }
     }
@@ -154,11 +163,11 @@ void CompactPositions(KvCache& cache, const RopeParams& rope) {
 
 void ShiftPositions(KvCache& cache, int32_t delta, const RopeParams& rope) {
   if (delta == 0) return;
+  std::vector<float> buf;
   for (int l = 0; l < cache.n_layers(); ++l) {
     for (int h = 0; h < cache.n_kv_heads(); ++h) {
       KvHead& kh = cache.head(l, h);
-      ShiftRope(kh.k.data(), kh.n(), 1, delta, rope);
-      RoundToFp16(kh.k.data(), static_cast<int64_t>(kh.k.size()));
+      ShiftKeys(kh.k.data(), kh.n(), cache.head_dim(), delta, rope, buf);
       for (int32_t& p : kh.pos) p += delta;
     }
   }

@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "engine/cpu/avx2_internal.h"
 #include "engine/cpu/matmul_internal.h"
 #include "engine/cpu/quant_internal.h"
 
@@ -14,6 +15,7 @@
 namespace ctxcache::matmul_internal {
 namespace {
 
+using avx2_internal::HSum;
 using quant_internal::LoadU16;
 
 enum class QKind { kQ4_0, kQ4_1, kQ8_0 };
@@ -24,13 +26,6 @@ constexpr size_t kBlockBytes = K == QKind::kQ4_0   ? 18
                                                    : 34;
 template <QKind K>
 constexpr int kQsOffset = K == QKind::kQ4_1 ? 4 : 2;
-
-CTX_AVX2 inline float HSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 CTX_AVX2 inline int HSumI(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));

@@ -4,7 +4,6 @@
 #include <cmath>
 
 #include "common/cpu_features.h"
-#include "common/half.h"
 #include "engine/cpu/softmax_internal.h"
 
 namespace ctxcache {
@@ -103,10 +102,6 @@ void softmax_internal::SoftmaxReference(float* x, int64_t n) {
   }
   const float inv = static_cast<float>(1.0 / sum);
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
-}
-
-void RoundToFp16(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = Fp16ToFp32(Fp32ToFp16(x[i]));
 }
 
 }  // namespace ctxcache

@@ -38,8 +38,4 @@ void SwiGlu(float* g, const float* u, int64_t n);
 // libm's; softmax_test checks every level against the scalar reference).
 void Softmax(float* x, int64_t n);
 
-// Rounds to fp16 precision in place (the KV cache stores fp16-representable values, like
-// llama.cpp's default f16 cache, so a cached context serialises to fp16 losslessly).
-void RoundToFp16(float* x, int64_t n);
-
 }  // namespace ctxcache

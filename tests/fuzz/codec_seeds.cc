@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cache/codec.h"
+#include "common/half.h"
 
 namespace {
 
@@ -26,8 +27,8 @@ ctxcache::CompressedContext KvContext() {
       const int n = l + h;  // 0, 1, 1, 2 entries
       for (int i = 0; i < n; ++i) kh.pos.push_back(2 * i + h);
       for (int i = 0; i < n * 4; ++i) {
-        kh.k.push_back(0.25f * static_cast<float>(i - l));
-        kh.v.push_back(-0.5f * static_cast<float>(i + h));
+        kh.k.push_back(ctxcache::Fp32ToFp16(0.25f * static_cast<float>(i - l)));
+        kh.v.push_back(ctxcache::Fp32ToFp16(-0.5f * static_cast<float>(i + h)));
       }
     }
   }

@@ -1,0 +1,209 @@
+// Kernels over the fp16 KV cache (engine/cpu/attention.h) at every dispatch level this CPU
+// has: fp16 <-> fp32 rows bit-exact against common/half.h, and the fused decode attention
+// against a plain double-precision reference, on ragged per-head lengths, positions with gaps,
+// heads with nothing visible, and key counts that no chunk or tile size divides.
+// (Registered a second time as attention_test_avx2 with CTXCACHE_CPU=avx2, which caps the
+// level so that the AVX2 kernels run on an AVX-512 machine.)
+#include "engine/cpu/attention.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/cpu_features.h"
+#include "common/half.h"
+#include "common/thread_pool.h"
+
+namespace ctxcache {
+namespace {
+
+const char* LevelName(CpuLevel level) {
+  return level == CpuLevel::kAvx512 ? "avx512" : level == CpuLevel::kAvx2 ? "avx2" : "scalar";
+}
+
+class AttentionTest : public ::testing::TestWithParam<CpuLevel> {
+ protected:
+  void SetUp() override {
+    saved_ = SetCpuLevelForTesting(GetParam());
+    if (GetCpuFeatures().level != GetParam()) {
+      GTEST_SKIP() << "this CPU (or CTXCACHE_CPU) gives no " << LevelName(GetParam())
+                   << " (best: " << GetCpuFeatures().ToString() << ")";
+    }
+  }
+  void TearDown() override { SetCpuLevelForTesting(saved_); }
+
+ private:
+  CpuLevel saved_ = CpuLevel::kScalar;
+};
+
+TEST_P(AttentionTest, Fp16ToFp32IsExactForEveryValue) {
+  std::vector<uint16_t> all(1 << 16);
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<uint16_t>(i);
+  std::vector<float> got(all.size());
+  // Odd lengths and offsets reach the vector loops' tails.
+  for (int64_t n : {int64_t{1 << 16}, int64_t{1 << 16} - 3, int64_t{7}}) {
+    std::fill(got.begin(), got.end(), -1.f);
+    Fp16ToFp32Row(all.data() + 1, got.data(), n - 1);
+    for (int64_t i = 0; i + 1 < n; ++i) {
+      const float want = Fp16ToFp32(all[i + 1]);
+      if (std::isnan(want)) {
+        ASSERT_TRUE(std::isnan(got[i])) << "fp16 " << i + 1;
+      } else {
+        ASSERT_EQ(std::memcmp(&got[i], &want, 4), 0) << "fp16 " << i + 1;
+      }
+    }
+  }
+}
+
+TEST_P(AttentionTest, Fp32ToFp16RoundsToNearestEvenLikeHalfH) {
+  std::mt19937 rng(3);
+  std::vector<float> x;
+  // Every fp16 value and the midpoints between neighbours (ties to even), fp16 subnormals,
+  // overflow, and random fp32 of every magnitude.
+  for (uint32_t h = 0; h < 0x7c00; ++h) {
+    const float a = Fp16ToFp32(static_cast<uint16_t>(h));
+    const float b = Fp16ToFp32(static_cast<uint16_t>(h + 1));
+    x.push_back(a);
+    x.push_back(-a);
+    x.push_back(a + (b - a) / 2);
+  }
+  x.insert(x.end(), {65504.f, 65519.f, 65520.f, 1e6f, -1e6f, 1e-10f, 3e-8f, 0.f, -0.f,
+                     std::numeric_limits<float>::infinity()});
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 100000; ++i) {
+    const uint32_t b = bits(rng) & 0xbfffffffu;  // no NaN: payloads may differ
+    float f;
+    std::memcpy(&f, &b, 4);
+    x.push_back(f);
+  }
+  std::vector<uint16_t> got(x.size());
+  Fp32ToFp16Row(x.data(), got.data(), static_cast<int64_t>(x.size()));
+  for (size_t i = 0; i < x.size(); ++i) {
+    ASSERT_EQ(got[i], Fp32ToFp16(x[i])) << "x = " << x[i] << " at " << i;
+  }
+}
+
+// The reference: per query head, softmax over the visible keys of (q . k) * scale in double,
+// then the weighted sum of V.
+std::vector<float> Reference(const KvCache& cache, int layer, int n_heads, int32_t query_pos,
+                             const std::vector<float>& q, float scale) {
+  const int hd = cache.head_dim(), group = n_heads / cache.n_kv_heads();
+  std::vector<float> out(static_cast<size_t>(n_heads) * hd, 0.f);
+  for (int h = 0; h < n_heads; ++h) {
+    const KvHead& kv = cache.head(layer, h / group);
+    std::vector<double> s;
+    for (int64_t j = 0; j < kv.n() && kv.pos[j] <= query_pos; ++j) {
+      double dot = 0;
+      for (int i = 0; i < hd; ++i) dot += double{q[h * hd + i]} * Fp16ToFp32(kv.k[j * hd + i]);
+      s.push_back(dot * scale);
+    }
+    if (s.empty()) continue;
+    const double mx = *std::max_element(s.begin(), s.end());
+    double sum = 0;
+    for (double& x : s) sum += (x = std::exp(x - mx));
+    for (int i = 0; i < hd; ++i) {
+      double o = 0;
+      for (size_t j = 0; j < s.size(); ++j) o += s[j] / sum * Fp16ToFp32(kv.v[j * hd + i]);
+      out[h * hd + i] = static_cast<float>(o);
+    }
+  }
+  return out;
+}
+
+struct Shape {
+  int n_heads, n_kv_heads, head_dim;
+  std::vector<int64_t> lengths;  // entries per KV head
+};
+
+// A one-layer cache whose heads hold `lengths` entries at increasing positions with random
+// gaps (as after per-head selection), K/V drawn at a scale that gives peaked and flat rows.
+KvCache MakeCache(const Shape& shape, std::mt19937& rng) {
+  KvCache cache(1, shape.n_kv_heads, shape.head_dim);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::uniform_int_distribution<int> gap(1, 3);
+  for (int g = 0; g < shape.n_kv_heads; ++g) {
+    KvHead& kv = cache.head(0, g);
+    int32_t p = gap(rng) - 1;
+    for (int64_t j = 0; j < shape.lengths[g]; ++j) {
+      kv.pos.push_back(p);
+      p += gap(rng);
+      for (int i = 0; i < shape.head_dim; ++i) {
+        kv.k.push_back(Fp32ToFp16(2.f * dist(rng)));
+        kv.v.push_back(Fp32ToFp16(dist(rng)));
+      }
+    }
+    cache.next_position = std::max(cache.next_position, p);
+  }
+  return cache;
+}
+
+TEST_P(AttentionTest, DecodeMatchesReference) {
+  std::mt19937 rng(11);
+  const std::vector<Shape> shapes = {
+      {9, 3, 64, {128, 128, 128}},          // SmolLM2's shape, a short context
+      {9, 3, 64, {2049, 700, 1}},           // ragged; lengths no chunk divides
+      {9, 3, 64, {5000, 0, 333}},           // a head with no entries
+      {8, 2, 40, {77, 1500}},               // head_dim not a multiple of 16
+      {4, 4, 16, {17, 15, 16, 1025}},       // no GQA; around the tile size
+      {16, 2, 128, {3001, 999}},            // wide heads, big groups
+  };
+  for (int threads : {1, 2, 3}) {
+    ThreadPool pool(threads);
+    DecodeAttention attention;  // reused across shapes: its scratch must adapt
+    for (size_t si = 0; si < shapes.size(); ++si) {
+      const Shape& shape = shapes[si];
+      const KvCache cache = MakeCache(shape, rng);
+      const int64_t dq = int64_t{shape.n_heads} * shape.head_dim;
+      std::normal_distribution<float> dist(0.f, 1.f);
+      std::vector<float> q(dq);
+      for (float& x : q) x = dist(rng);
+      const float scale = 1.f / std::sqrt(static_cast<float>(shape.head_dim));
+      // Every position visible; then a cut that hides a tail of each head (and all of some).
+      for (int32_t query_pos : {cache.next_position, cache.next_position / 3, 0}) {
+        SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " threads " << threads
+                                        << " shape " << si << " query_pos " << query_pos);
+        std::vector<float> got(dq, std::nanf(""));
+        attention.Run(cache, 0, shape.n_heads, query_pos, q.data(), scale, got.data(), &pool);
+        const std::vector<float> want = Reference(cache, 0, shape.n_heads, query_pos, q, scale);
+        for (int64_t i = 0; i < dq; ++i) {
+          // fp32 accumulation over up to 5000 keys of |v| ~ 1 values, against double: the
+          // outputs are convex combinations of V (|out| <= ~4), so an absolute bound.
+          ASSERT_NEAR(got[i], want[i], 2e-5f) << "head " << i / shape.head_dim << " dim "
+                                              << i % shape.head_dim;
+        }
+      }
+    }
+  }
+}
+
+TEST_P(AttentionTest, OneVisibleKeyReturnsItsValueExactly) {
+  // softmax over one key is exactly 1, whatever the score: out = v bit for bit.
+  std::mt19937 rng(5);
+  const Shape shape = {6, 2, 64, {1, 300}};
+  KvCache cache = MakeCache(shape, rng);
+  // Head 1's first entry at head 0's only position, the rest after it.
+  for (int32_t j = 0; j < 300; ++j) cache.head(0, 1).pos[j] = cache.head(0, 0).pos[0] + j;
+  ThreadPool pool(2);
+  DecodeAttention attention;
+  std::vector<float> q(6 * 64, 3.f), out(6 * 64);
+  attention.Run(cache, 0, 6, cache.head(0, 0).pos[0], q.data(), 0.125f, out.data(), &pool);
+  for (int h = 0; h < 6; ++h) {
+    const KvHead& kv = cache.head(0, h / 3);
+    for (int i = 0; i < 64; ++i) ASSERT_EQ(out[h * 64 + i], Fp16ToFp32(kv.v[i])) << h;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Levels, AttentionTest,
+                         ::testing::Values(CpuLevel::kScalar, CpuLevel::kAvx2, CpuLevel::kAvx512),
+                         [](const ::testing::TestParamInfo<CpuLevel>& info) {
+                           return std::string(LevelName(info.param));
+                         });
+
+}  // namespace
+}  // namespace ctxcache
