@@ -27,6 +27,7 @@
 #include "common/thread_pool.h"
 #include "engine/cpu/matmul.h"
 #include "engine/kv_cache.h"
+#include "engine/cpu/blas_kernels.h"
 #include "engine/model.h"
 
 namespace ctxcache {
@@ -177,4 +178,7 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace ctxcache
 
-int main(int argc, char** argv) { return ctxcache::Run(argc, argv); }
+int main(int argc, char** argv) {
+  ctxcache::UseBestBlasKernels(argv);  // the kernels ctxcache itself runs with
+  return ctxcache::Run(argc, argv);
+}

@@ -31,6 +31,7 @@
 #include "common/status.h"
 #include "common/thread_pool.h"
 #include "engine/chat_template.h"
+#include "engine/cpu/blas_kernels.h"
 #include "engine/compress/compress.h"
 #include "engine/generate.h"
 #include "engine/model.h"
@@ -363,6 +364,7 @@ absl::Status Run(const Options& opt) {
 }  // namespace ctxcache
 
 int main(int argc, char** argv) {
+  ctxcache::UseBestBlasKernels(argv);  // may re-execute (engine/cpu/blas_kernels.h)
   absl::StatusOr<ctxcache::Options> opt = ctxcache::ParseArgs(argc, argv);
   if (!opt.ok()) {
     std::fprintf(stderr, "ctxcache-eval: %s\n", std::string(opt.status().message()).c_str());

@@ -13,6 +13,7 @@
 
 #include "server/config.h"
 #include "server/logging.h"
+#include "engine/cpu/blas_kernels.h"
 #include "server/server.h"
 
 namespace ctxcache::server {
@@ -61,4 +62,7 @@ int Main(int argc, char** argv) {
 }  // namespace
 }  // namespace ctxcache::server
 
-int main(int argc, char** argv) { return ctxcache::server::Main(argc, argv); }
+int main(int argc, char** argv) {
+  ctxcache::UseBestBlasKernels(argv);  // may re-execute (engine/cpu/blas_kernels.h)
+  return ctxcache::server::Main(argc, argv);
+}

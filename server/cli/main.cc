@@ -29,6 +29,7 @@
 #include "engine/compress/compress.h"
 #include "engine/generate.h"
 #include "engine/model.h"
+#include "engine/cpu/blas_kernels.h"
 #include "server/cli/remote.h"
 
 namespace ctxcache {
@@ -322,7 +323,8 @@ absl::Status CmdInfo(const Flags& flags) {
               model->tokenizer().model_name().c_str(), model->tokenizer().pre_name().c_str(),
               model->tokenizer().bos_id(), model->tokenizer().eos_id(),
               model->tokenizer().add_bos_default() ? "yes" : "no");
-  std::printf("cpu:           %s\n\nmetadata:\n", GetCpuFeatures().ToString().c_str());
+  std::printf("cpu:           %s (OpenBLAS kernels: %s)\n\nmetadata:\n",
+              GetCpuFeatures().ToString().c_str(), BlasCoreName().c_str());
   for (const std::string& key : g.keys()) {
     std::printf("  %-40s %s\n", key.c_str(), GgufFile::Describe(*g.Find(key)).c_str());
   }
@@ -518,9 +520,9 @@ absl::Status CmdBench(const Flags& flags) {
   if (json) {
     std::printf(
         "{\"n_prompt\":%d,\"n_gen\":%d,\"threads\":%d,\"prefill_s\":%.6f,\"prefill_tok_s\":%.3f,"
-        "\"decode_s\":%.6f,\"decode_tok_s\":%.3f,\"observe\":%d,\"cpu\":\"%s\"}\n",
+        "\"decode_s\":%.6f,\"decode_tok_s\":%.3f,\"observe\":%d,\"cpu\":\"%s\",\"blas\":\"%s\"}\n",
         n_prompt, n_gen, threads, prefill_s, pp, decode_s, tg, observe,
-        GetCpuFeatures().ToString().c_str());
+        GetCpuFeatures().ToString().c_str(), BlasCoreName().c_str());
   } else {
     std::printf("prefill %d tokens: %.3f s (%.1f tok/s); decode %d tokens: %.3f s (%.1f tok/s); "
                 "threads %d, cpu %s\n",
@@ -565,4 +567,7 @@ int Main(int argc, char** argv) {
 }  // namespace
 }  // namespace ctxcache
 
-int main(int argc, char** argv) { return ctxcache::Main(argc, argv); }
+int main(int argc, char** argv) {
+  ctxcache::UseBestBlasKernels(argv);  // may re-execute (engine/cpu/blas_kernels.h)
+  return ctxcache::Main(argc, argv);
+}
