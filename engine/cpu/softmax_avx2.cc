@@ -4,12 +4,13 @@
 #include <cmath>
 #include <limits>
 
+#include "engine/cpu/avx2_internal.h"
 #include "engine/cpu/softmax_internal.h"
 
 namespace ctxcache::softmax_internal {
 namespace {
 
-#define CTX_AVX2 __attribute__((target("avx2,fma")))
+#define CTX_AVX2 __attribute__((target("avx2,fma,f16c")))  // as avx2_internal.h
 
 CTX_AVX2 inline __m256 Exp(__m256 x) {
   // Constant first: a NaN score stays NaN (MAXPS/MINPS return the second operand on NaN).
@@ -26,20 +27,6 @@ CTX_AVX2 inline __m256 Exp(__m256 x) {
   const __m256i bits = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
-CTX_AVX2 inline float HorizontalMax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-CTX_AVX2 inline float HorizontalSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // Lane mask for the last n - full (< 8) elements.
@@ -62,7 +49,7 @@ CTX_AVX2 void SoftmaxAvx2(float* x, int64_t n) {
     vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(x + full, mask),
                                                 _mm256_castsi256_ps(mask)));
   }
-  const __m256 mx = _mm256_set1_ps(HorizontalMax(vmax));
+  const __m256 mx = _mm256_set1_ps(avx2_internal::HMax(vmax));
   __m256 sum = _mm256_setzero_ps();
   for (int64_t i = 0; i < full; i += 8) {
     const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(x + i), mx));
@@ -74,7 +61,7 @@ CTX_AVX2 void SoftmaxAvx2(float* x, int64_t n) {
     _mm256_maskstore_ps(x + full, mask, e);
     sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
   }
-  const __m256 inv = _mm256_set1_ps(1.0f / HorizontalSum(sum));
+  const __m256 inv = _mm256_set1_ps(1.0f / avx2_internal::HSum(sum));
   for (int64_t i = 0; i < full; i += 8) {
     _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
   }

@@ -15,7 +15,7 @@ namespace ctxcache::softmax_internal {
 // n == 0 a no-op.
 void SoftmaxReference(float* x, int64_t n);
 void SoftmaxAvx512(float* x, int64_t n);  // needs AVX-512 F/DQ + FMA
-void SoftmaxAvx2(float* x, int64_t n);    // needs AVX2 + FMA
+void SoftmaxAvx2(float* x, int64_t n);    // needs AVX2 + FMA + F16C (our AVX2 level)
 
 // Exponent and polynomial constants shared by both vector kernels.
 inline constexpr float kLog2e = 1.44269504088896341f;
