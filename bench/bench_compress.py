@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from bench_common import save_merged
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["streaming", "snapkv", "finch", "expected_attention", "kvzip", "anchor"]
 BEGIN, END = "<!-- BEGIN compress-bench (bench/bench_compress.py) -->", "<!-- END compress-bench -->"
@@ -142,19 +144,10 @@ def main():
 
 def save(path, args, new_cases):
     """Writes the results, keeping earlier cases that this run did not measure (--lengths)."""
-    old = []
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f).get("cases", [])
-    names = {c["name"] for c in new_cases}
-    cases = [c for c in old if c["name"] not in names] + new_cases
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "threads": args.threads, "ratio": 8, "reps": args.reps,
-              "date": time.strftime("%Y-%m-%d"), "cases": cases}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "threads": args.threads, "ratio": 8, "reps": args.reps,
+            "date": time.strftime("%Y-%m-%d")}
+    return save_merged(path, meta, new_cases)
 
 
 def write_doc(result):

@@ -31,8 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +38,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+from bench_common import machine  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DEFAULT_BINARY = os.path.join(ROOT, "build", "server", "ctxcache")
@@ -61,18 +60,6 @@ def cases(long: bool, n_gen: int):
 
 def prompt_ids(n, n_vocab):
     return [1000 + (i * 37) % (n_vocab - 1000) for i in range(n)]
-
-
-def machine():
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.*)", f.read())
-            if m:
-                name = m.group(1).strip()
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs visible, {platform.system()} {platform.release()}"
 
 
 class Peer:

@@ -54,11 +54,8 @@ the load average at start and end is recorded in the JSON.
 import argparse
 import concurrent.futures
 import datetime
-import json
 import os
-import platform
 import random
-import re
 import shutil
 import signal
 import socket
@@ -71,6 +68,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+from bench_common import machine, save_merged  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DEFAULT_SERVER = os.path.join(ROOT, "build", "server", "ctxcache-server")
@@ -293,18 +291,6 @@ class Peer:
 # ---------------------------------------------------------------------------------------------
 # Results.
 
-def machine():
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.*)", f.read())
-            if m:
-                name = m.group(1).strip()
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs visible, {platform.system()} {platform.release()}"
-
-
 def commit():
     try:
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
@@ -321,22 +307,6 @@ def loadavg():
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def save(path, meta, new_cases):
-    """Writes the results, keeping earlier cases that this run did not measure (--lengths)."""
-    old = []
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f).get("cases", [])
-    names = {c["name"] for c in new_cases}
-    cases = [c for c in old if c["name"] not in names] + new_cases
-    result = dict(meta, cases=cases)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    return result
 
 
 def fmt_ms(ms):
@@ -598,7 +568,7 @@ def main():
                 log(f"== ttft_{s}_{n}: {c['ms']:,.1f} ms" +
                     (f" (server {c['server_ms']:,.1f} ms)" if "server_ms" in c else "") +
                     f", {c['reps']} rep(s)")
-            save(args.out, dict(meta, loadavg_end=loadavg()), cases)
+            save_merged(args.out, dict(meta, loadavg_end=loadavg()), cases)
 
         if tput_context is not None:
             cases.append(throughput(pb, main_srv, tput_context, args))
@@ -612,7 +582,7 @@ def main():
                 cases.append(throughput(pb, alt, tput_context, args))
         meta["loadavg_end"] = loadavg()
         meta["wall_minutes"] = round((time.time() - run_start) / 60, 1)
-        result = save(args.out, meta, cases)
+        result = save_merged(args.out, meta, cases)
         log(f"wrote {args.out} ({meta['wall_minutes']} min)")
         if not args.no_doc:
             write_doc(result, args.doc)

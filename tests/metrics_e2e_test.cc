@@ -407,11 +407,7 @@ TEST_F(MetricsE2ETest, ScrapeMatchesTheCallsMade) {
 }
 
 TEST_F(MetricsE2ETest, RedisTierLookupsAndOperations) {
-  const std::string binary = FindRedisServer();
-  if (binary.empty()) {
-    if (RequireRedis()) FAIL() << "redis-server not found and CTXCACHE_REQUIRE_REDIS=1";
-    GTEST_SKIP() << "redis-server not found (tools/setup.sh installs it)";
-  }
+  CTXCACHE_REDIS_SERVER_OR_SKIP(binary);
   RedisServer redis(binary);
   ASSERT_EQ(redis.Start(), "");
   ServerConfig config;

@@ -58,6 +58,17 @@ inline bool RequireRedis() {
   return env != nullptr && std::string(env) == "1";
 }
 
+// In a gtest body: declares `var` as the redis-server binary, or ends the test: a failure
+// when CTXCACHE_REQUIRE_REDIS=1, else a skip with the reason.
+#define CTXCACHE_REDIS_SERVER_OR_SKIP(var)                                                  \
+  const std::string var = ::ctxcache::testing::FindRedisServer();                          \
+  if (var.empty()) {                                                                       \
+    if (::ctxcache::testing::RequireRedis()) {                                             \
+      FAIL() << "redis-server not found and CTXCACHE_REQUIRE_REDIS=1";                     \
+    }                                                                                      \
+    GTEST_SKIP() << "redis-server not found (tools/setup.sh installs it)";                 \
+  }
+
 // A port nothing listens on right now (the kernel's pick for a bound-then-closed socket).
 inline int FreeLoopbackPort() {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);

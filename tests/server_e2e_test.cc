@@ -318,11 +318,7 @@ TEST_F(ServerE2ETest, CompressOnceThenThreeQuestionsFromMemory) {
 }
 
 TEST_F(ServerE2ETest, RedisTierServesASecondServerAndAClearedMemoryTier) {
-  const std::string binary = FindRedisServer();
-  if (binary.empty()) {
-    if (RequireRedis()) FAIL() << "redis-server not found and CTXCACHE_REQUIRE_REDIS=1";
-    GTEST_SKIP() << "redis-server not found (tools/setup.sh installs it)";
-  }
+  CTXCACHE_REDIS_SERVER_OR_SKIP(binary);
   RedisServer redis(binary);
   ASSERT_EQ(redis.Start(), "");
   ServerConfig config = BaseConfig();
@@ -419,11 +415,7 @@ std::string StoreStats(ServerInstance& s) {
 // server keeps answering by computing, within its Redis timeouts, counts the errors, and
 // reconnects once Redis is back on the same port; a stalled Redis costs at most a timeout.
 TEST_F(ServerE2ETest, RedisKilledMidRunServerComputesInsteadThenReconnects) {
-  const std::string binary = FindRedisServer();
-  if (binary.empty()) {
-    if (RequireRedis()) FAIL() << "redis-server not found and CTXCACHE_REQUIRE_REDIS=1";
-    GTEST_SKIP() << "redis-server not found (tools/setup.sh installs it)";
-  }
+  CTXCACHE_REDIS_SERVER_OR_SKIP(binary);
   RedisServer redis(binary);
   ASSERT_EQ(redis.Start(), "");
   ServerConfig config = BaseConfig();
@@ -574,11 +566,7 @@ TEST_F(ServerE2ETest, RedisKilledMidRunServerComputesInsteadThenReconnects) {
 // document (same answer as the undamaged context), and replaces it with a good entry that the
 // next server reads as a Redis hit.
 TEST_F(ServerE2ETest, CorruptRedisEntryIsDetectedRecomputedAndReplaced) {
-  const std::string binary = FindRedisServer();
-  if (binary.empty()) {
-    if (RequireRedis()) FAIL() << "redis-server not found and CTXCACHE_REQUIRE_REDIS=1";
-    GTEST_SKIP() << "redis-server not found (tools/setup.sh installs it)";
-  }
+  CTXCACHE_REDIS_SERVER_OR_SKIP(binary);
   RedisServer redis(binary);
   ASSERT_EQ(redis.Start(), "");
   ServerConfig config = BaseConfig();
