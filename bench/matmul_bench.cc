@@ -94,14 +94,14 @@ void BM_MatVecFromDram(benchmark::State& state) {
   SetCounters(state, static_cast<double>(one) * copies, 2.0 * n_in * n_out * copies);
 }
 
-template <int kStrategy>  // 0: MatMul (auto), 1: batched dot, 2: GEMM, 3: GEMM without AMX
+template <int kStrategy>  // 0: MatMul (auto), 1: batched dot, 2: GEMM, 3: GEMM at AVX2 (sgemm)
 void BM_MatMul(benchmark::State& state) {
   const auto type = static_cast<GgmlType>(state.range(0));
   const int64_t n_tok = state.range(1), n_in = state.range(2), n_out = state.range(3);
   BenchMatrix m(type, n_in, n_out);
   std::vector<float> x(n_tok * n_in, 0.25f), y(n_tok * n_out);
   ThreadPool* pool = Pool(static_cast<int>(state.range(4)));
-  // Capping the level at AVX2 turns AMX off: the OpenBLAS sgemm path, for comparison.
+  // Capping the level at AVX2 turns the bf16 GEMMs off: the OpenBLAS sgemm path, for comparison.
   const CpuLevel saved = kStrategy == 3 ? SetCpuLevelForTesting(CpuLevel::kAvx2) : CpuLevel{};
   for (auto _ : state) {
     if (kStrategy == 0) MatMul(m.w, x.data(), n_tok, y.data(), pool);
@@ -120,6 +120,11 @@ constexpr int kQ8_0 = static_cast<int>(GgmlType::kQ8_0);
 constexpr int kF16 = static_cast<int>(GgmlType::kF16);
 constexpr int kF32 = static_cast<int>(GgmlType::kF32);
 constexpr int kQ6_K = static_cast<int>(GgmlType::kQ6_K);
+constexpr int kQ5_0 = static_cast<int>(GgmlType::kQ5_0);
+constexpr int kQ5_1 = static_cast<int>(GgmlType::kQ5_1);
+constexpr int kQ4_K = static_cast<int>(GgmlType::kQ4_K);
+constexpr int kQ5_K = static_cast<int>(GgmlType::kQ5_K);
+constexpr int kBF16 = static_cast<int>(GgmlType::kBF16);
 
 void MatVecArgs(benchmark::internal::Benchmark* b) {
   for (int threads : {1, 2}) {
@@ -132,7 +137,14 @@ void MatVecArgs(benchmark::internal::Benchmark* b) {
     b->Args({kQ4_0, 576, 1536, threads});
     b->Args({kF16, 576, 1536, threads});
     b->Args({kF32, 576, 1536, threads});
-    b->Args({kQ6_K, 512, 1536, threads});  // a fallback type (n_in: 256-multiple)
+    // Qwen2.5-0.5B Q4_K_M: Q5_0 where rows are 896 wide (not a 256-multiple), Q4_K/Q6_K
+    // for the FFN down projection (4864 -> 896); other files bring Q5_1, Q5_K, BF16.
+    b->Args({kQ5_0, 896, 4864, threads});
+    b->Args({kQ4_K, 4864, 896, threads});
+    b->Args({kQ6_K, 4864, 896, threads});
+    b->Args({kQ5_K, 4864, 896, threads});
+    b->Args({kQ5_1, 896, 4864, threads});
+    b->Args({kBF16, 896, 4864, threads});
   }
 }
 BENCHMARK(BM_MatVec)->Apply(MatVecArgs)->UseRealTime();
@@ -141,6 +153,8 @@ BENCHMARK(BM_MatVecFromDram)
     ->Args({kQ4_1, 576, 1536, 2})
     ->Args({kQ8_0, 576, 49152, 1})
     ->Args({kQ8_0, 576, 49152, 2})
+    ->ArgsProduct({{kQ5_0, kQ5_1}, {896}, {4864}, {1, 2}})
+    ->ArgsProduct({{kQ4_K, kQ5_K, kQ6_K}, {4864}, {896}, {1, 2}})
     ->UseRealTime();
 
 BENCHMARK(BM_MatMul<0>)
@@ -157,9 +171,19 @@ BENCHMARK(BM_MatMul<2>)
     ->ArgsProduct({{kQ4_1}, {1, 4, 8, 12, 16, 24, 32}, {576}, {1536}, {1, 2}})
     ->UseRealTime();
 
-// AMX bf16 GEMM against OpenBLAS sgemm on fp32-dequantized panels (the choice in matmul.cc).
-BENCHMARK(BM_MatMul<2>)->ArgsProduct({{kQ4_1}, {512}, {576}, {1536}, {1, 2}})->UseRealTime();
-BENCHMARK(BM_MatMul<3>)->ArgsProduct({{kQ4_1}, {512}, {576}, {1536}, {1, 2}})->UseRealTime();
+// The bf16 GEMM (AMX, or AVX512-BF16 without it) against OpenBLAS sgemm on fp32-dequantized
+// panels (the choice in matmul.cc), on SmolLM2's and Qwen2.5-0.5B's FFN shapes.
+BENCHMARK(BM_MatMul<2>)
+    ->ArgsProduct({{kQ4_1}, {512}, {576}, {1536}, {1, 2}})
+    ->ArgsProduct({{kQ5_0}, {512}, {896}, {4864}, {1, 2}})
+    ->ArgsProduct({{kQ4_K, kQ6_K}, {512}, {4864}, {896}, {1, 2}})
+    ->ArgsProduct({{kQ4_K}, {2048, 8192}, {4864}, {896}, {1, 2}})
+    ->UseRealTime();
+BENCHMARK(BM_MatMul<3>)
+    ->ArgsProduct({{kQ4_1}, {512}, {576}, {1536}, {1, 2}})
+    ->ArgsProduct({{kQ5_0}, {512}, {896}, {4864}, {1, 2}})
+    ->ArgsProduct({{kQ4_K, kQ6_K}, {512}, {4864}, {896}, {1, 2}})
+    ->UseRealTime();
 
 }  // namespace
 }  // namespace ctxcache

@@ -41,22 +41,23 @@ void SleepWhileEqual(std::atomic<uint32_t>* word, uint32_t expected, std::atomic
   sleepers->fetch_sub(1);
 }
 
-void PinToCpu(int cpu) {
+// The CPUs this process may run on, in order (container cpusets respected), or empty.
+std::vector<int> AllowedCpus() {
   cpu_set_t allowed;
   CPU_ZERO(&allowed);
-  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
-  // Map index -> the cpu-th allowed CPU, so pinning respects container cpusets.
-  int seen = 0;
+  std::vector<int> cpus;
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return cpus;
   for (int c = 0; c < CPU_SETSIZE; ++c) {
-    if (!CPU_ISSET(c, &allowed)) continue;
-    if (seen++ == cpu) {
-      cpu_set_t one;
-      CPU_ZERO(&one);
-      CPU_SET(c, &one);
-      pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
-      return;
-    }
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
   }
+  return cpus;
+}
+
+void PinToCpu(int cpu) {
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(cpu, &one);
+  pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
 }
 
 }  // namespace
@@ -71,14 +72,20 @@ int ThreadPool::HardwareThreads() {
 }
 
 ThreadPool::ThreadPool(int n_threads, bool pin) : n_threads_(std::max(1, n_threads)) {
-  if (pin) PinToCpu(0);
+  // Thread i goes to the i-th allowed CPU. The set is read once, before the caller is pinned:
+  // threads inherit the creator's affinity, so a worker reading it after would see only the
+  // caller's CPU and stay there (every "pinned" pool ran on one core until this was fixed).
+  const std::vector<int> cpus = pin ? AllowedCpus() : std::vector<int>();
+  auto cpu_of = [&cpus](int i) { return i < static_cast<int>(cpus.size()) ? cpus[i] : -1; };
   workers_.reserve(n_threads_ - 1);
   for (int i = 1; i < n_threads_; ++i) {
-    workers_.emplace_back([this, i, pin] {
-      if (pin) PinToCpu(i);
+    const int cpu = cpu_of(i);
+    workers_.emplace_back([this, i, cpu] {
+      if (cpu >= 0) PinToCpu(cpu);
       WorkerLoop(i);
     });
   }
+  if (cpu_of(0) >= 0) PinToCpu(cpu_of(0));
 }
 
 ThreadPool::~ThreadPool() {

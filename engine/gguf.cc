@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_join.h"
 #include "common/status.h"
 
 namespace ctxcache {
@@ -333,9 +334,10 @@ absl::Status GgufFile::Parse() {
     t.type = static_cast<GgmlType>(type);
     if (t.dims[0] % traits.block_size != 0) {
       return absl::InvalidArgumentError(
-          absl::StrCat("GGUF: tensor '", t.name, "' row length ", t.dims[0],
-                       " is not a multiple of the ", std::string(traits.name), " block size ",
-                       traits.block_size));
+          absl::StrCat("GGUF: tensor '", t.name, "' (", std::string(traits.name), ", shape [",
+                       absl::StrJoin(t.dims, ", "), "]) has rows of ", t.dims[0],
+                       " elements, not a multiple of the ", std::string(traits.name),
+                       " block size ", traits.block_size));
     }
     // n_elements / block_size * type_size cannot overflow: n_elements < 2^63 and
     // type_size <= 292 < block_size * 2 for every block type except F32/F16/BF16.

@@ -41,9 +41,11 @@ absl::StatusOr<const GgufTensorInfo*> FindTensor(const GgufFile& g, const std::s
                                                    DimsString(dims)));
   }
   if (!GetGgmlTypeTraits(t->type).supported) {
-    return absl::UnimplementedError(absl::StrCat("tensor '", name, "' has type ",
-                                                 std::string(GetGgmlTypeTraits(t->type).name),
-                                                 ", which this engine does not support yet"));
+    return absl::UnimplementedError(absl::StrCat(
+        "tensor '", name, "' (shape ", DimsString(t->dims), ") has type ",
+        std::string(GetGgmlTypeTraits(t->type).name),
+        ", which this engine cannot compute (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, "
+        "Q8_0, Q4_K, Q5_K, Q6_K); re-quantize the model to one of those, e.g. Q4_K_M"));
   }
   return t;
 }
@@ -57,6 +59,12 @@ absl::StatusOr<WeightMatrix> Matrix(const GgufFile& g, const std::string& name, 
   w.n_in = n_in;
   w.n_out = n_out;
   w.row_bytes = t->n_bytes / n_out;
+  // The reader already refused partial blocks; this also checks the row size against the type.
+  if (absl::Status s = ValidateWeightMatrix(w); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor '", name, "' (", std::string(GetGgmlTypeTraits(t->type).name), ", shape ",
+        DimsString(t->dims), "): ", s.message()));
+  }
   return w;
 }
 

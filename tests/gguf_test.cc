@@ -7,7 +7,9 @@
 
 #include <cstdio>
 #include <fstream>
+#include <sstream>
 
+#include "engine/model.h"
 #include "tests/gguf_builder.h"
 
 namespace ctxcache {
@@ -149,7 +151,8 @@ std::vector<CorruptCase> CorruptCases() {
   cases.push_back({"unknown_tensor_type", GgufBuilder().Tensor("t", {32}, 99, "").Build(),
                    "unknown type 99"});
   cases.push_back({"partial_block", GgufBuilder().Tensor("t", {33}, 8, std::string(68, 0)).Build(),
-                   "block size"});
+                   "tensor 't' (Q8_0, shape [33]) has rows of 33 elements, not a multiple of the "
+                   "Q8_0 block size 32"});
   cases.push_back({"tensor_bytes_short",
                    GgufBuilder().Tensor("t", {64}, 0, F32Bytes({1, 2})).Build(), "past the end"});
   return cases;
@@ -194,6 +197,46 @@ TEST(GgufTest, DescribeSummarisesArrays) {
   EXPECT_EQ(GgufFile::Describe(*(*f)->Find("tokenizer.ggml.tokens"), 2),
             "[\"a\", \"b\", ... (3 items)]");
   EXPECT_EQ(GgufFile::Describe(*(*f)->Find("llama.block_count")), "2");
+}
+
+// A real (tiny) model whose tensor `name` claims ggml type `type`: the type field follows the
+// name, the dimension count and the dimensions in the tensor's info record.
+std::string TinyModelWithTensorType(const std::string& name, uint32_t type) {
+  std::ifstream in(std::string(CTXCACHE_TEST_DATA) + "/tiny/llama_mha.gguf", std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::string bytes = ss.str();
+  const size_t at = bytes.find(name);
+  EXPECT_NE(at, std::string::npos) << name;
+  if (at == std::string::npos) return "";
+  uint32_t n_dims;
+  std::memcpy(&n_dims, &bytes[at + name.size()], 4);
+  std::memcpy(&bytes[at + name.size() + 4 + 8 * n_dims], &type, 4);
+  const std::string path =
+      ::testing::TempDir() + "/gguf_test_type_" + std::to_string(type) + ".gguf";
+  std::ofstream(path, std::ios::binary) << bytes;
+  return path;
+}
+
+// A tensor the engine cannot compute is refused when the model loads, with its name, type and
+// shape: never a NaN answer or a crash later.
+TEST(GgufTest, ModelLoadRefusesTensorsItCannotCompute) {
+  const std::string ok = TinyModelWithTensorType("blk.0.attn_q.weight", 3);  // its own Q4_1
+  ASSERT_TRUE(Model::Load(ok).ok()) << Model::Load(ok).status();
+
+  const std::string q8_1 = TinyModelWithTensorType("blk.0.attn_q.weight", 9);
+  auto m = Model::Load(q8_1);
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnimplemented) << m.status();
+  EXPECT_THAT(std::string(m.status().message()),
+              HasSubstr("tensor 'blk.0.attn_q.weight' (shape [96, 96]) has type Q8_1"));
+
+  // Q2_K's blocks are 256 elements, rows here are 96: refused by the reader, by name.
+  const std::string q2_k = TinyModelWithTensorType("blk.0.attn_k.weight", 10);
+  m = Model::Load(q2_k);
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << m.status();
+  EXPECT_THAT(std::string(m.status().message()),
+              HasSubstr("tensor 'blk.0.attn_k.weight' (Q2_K, shape [96, 96]) has rows of 96"));
+  for (const auto& p : {ok, q8_1, q2_k}) std::remove(p.c_str());
 }
 
 }  // namespace

@@ -90,20 +90,22 @@ std::vector<float> MakeActivations(int64_t n_tok, int64_t n_in, uint32_t seed) {
   return x;
 }
 
+// Every quantized type has an integer dot kernel (with int8 activations) at AVX2 and above;
+// F32/F16/BF16 take fp32 dots; the scalar level dequantizes and takes fp32 dots for all.
 bool QuantizesActivations(GgmlType type) {
-  return type == GgmlType::kQ4_0 || type == GgmlType::kQ4_1 || type == GgmlType::kQ8_0;
+  return GetGgmlTypeTraits(type).block_size > 1 && GetCpuFeatures().level != CpuLevel::kScalar;
 }
 
 // Per output, the error the fast paths may make relative to the reference:
 //  * fp32 accumulation in another order (SIMD lanes, sgemm blocking): at most
 //    ~n_in * 2^-24 * sum|w*x| (the classic bound for recursive summation; kept loose because
 //    it is rigorous, and a real bug such as a wrong nibble is O(sum|w*x|), far above it);
-//  * for Q4_0/Q4_1/Q8_0, x rounded to int8 per block of 32 (scale d = amax/127): each x_i
+//  * for the quantized types, x rounded to int8 per block of 32 (scale d = amax/127): each x_i
 //    moves by at most d/2 = amax_block/254, so the dot moves by at most
 //    sum_i |w_i| * amax_block(i)/254. This is bounded with |w| and the block maximum, not
 //    with sum|w*x|: a small x_i next to a large one in its block still gets the block's
 //    rounding step, so a bound relative to sum|w*x| alone would not hold.
-//  * with bf16 (the AMX GEMM), w and x are each rounded to 8 significant bits (relative
+//  * with bf16 (the AMX and AVX512-BF16 GEMMs), w and x are each rounded to 8 significant bits (relative
 //    error <= 2^-9 each), so each product moves by <= ~2^-8 |w*x|: 2^-8 * sum|w*x|.
 //  * atol 1e-6 for rows whose products are all zero (zero scales, zero activations).
 std::vector<float> Tolerances(const WeightMatrix& w, const float* x, int64_t n_tok,
@@ -241,8 +243,9 @@ TEST_P(MatMulParityTest, MatMulMatchesReference) {
         std::vector<float> want(n_tok * n_out);
         MatMulReference(m.w, x.data(), n_tok, want.data());
         const std::vector<float> tol = Tolerances(m.w, x.data(), n_tok);
-        // The GEMM strategy runs on AMX in bf16 where the CPU level allows it.
-        const std::vector<float> gemm_tol = Tolerances(m.w, x.data(), n_tok, GetCpuFeatures().amx);
+        // The GEMM strategy runs in bf16 (AMX or AVX512-BF16) where the CPU level allows it.
+        const std::vector<float> gemm_tol =
+            Tolerances(m.w, x.data(), n_tok, matmul_internal::GemmUsesBf16(n_in));
         const std::string shape = " n_tok=" + std::to_string(n_tok) +
                                   " n_in=" + std::to_string(n_in) +
                                   " n_out=" + std::to_string(n_out);
@@ -269,7 +272,7 @@ TEST_P(MatMulParityTest, MatMulMatchesReference) {
 std::vector<Case> AllCases() {
   std::vector<Case> cases;
   for (CpuLevel level : {CpuLevel::kScalar, CpuLevel::kAvx2, CpuLevel::kAvx512}) {
-    // Fast paths: Q4_0, Q4_1, Q8_0, F16, F32; the rest use dequantize-then-dot.
+    // Every type has a fast path at AVX2 and AVX-512; scalar is dequantize-then-dot.
     for (GgmlType type : {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ8_0, GgmlType::kF16,
                           GgmlType::kF32, GgmlType::kBF16, GgmlType::kQ5_0, GgmlType::kQ5_1,
                           GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K}) {
@@ -317,19 +320,19 @@ TEST(MatMulValidationTest, InvalidMatrixYieldsNaNNotACrash) {
   for (float v : y) EXPECT_TRUE(std::isnan(v));
 }
 
-// The AVX-512 panel dequantizers must give DequantizeRow's values bit for bit, so the GEMM
-// path's only rounding is sgemm's.
-TEST(PanelDequantTest, Avx512MatchesReferenceExactly) {
-  if (!GetCpuFeatures().avx512_vnni) GTEST_SKIP() << "no AVX-512 VNNI on this CPU";
-  const auto& k = matmul_internal::Avx512Kernels();
-  const std::pair<GgmlType, matmul_internal::DequantFn> cases[] = {
-      {GgmlType::kQ4_0, k.dequant_q4_0},
-      {GgmlType::kQ4_1, k.dequant_q4_1},
-      {GgmlType::kQ8_0, k.dequant_q8_0},
-      {GgmlType::kF16, k.dequant_f16}};
-  for (const auto& [type, fn] : cases) {
-    ASSERT_NE(fn, nullptr);
-    for (int64_t n : {32, 288, 576}) {
+// The panel dequantizers (AVX-512 and AVX2) must give DequantizeRow's values bit for bit, so
+// the GEMM path's only rounding is the GEMM's own (sgemm's, or bf16's).
+void ExpectPanelDequantExact(const matmul_internal::KernelTable& k) {
+  for (GgmlType type : {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ5_0, GgmlType::kQ5_1,
+                        GgmlType::kQ8_0, GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K,
+                        GgmlType::kF16, GgmlType::kBF16}) {
+    const matmul_internal::DequantFn fn = matmul_internal::DequantKernel(&k, type);
+    ASSERT_NE(fn, nullptr) << GetGgmlTypeTraits(type).name;
+    const bool k_format = GetGgmlTypeTraits(type).block_size == 256;
+    const std::vector<int64_t> sizes =
+        k_format ? std::vector<int64_t>{256, 768} : std::vector<int64_t>{32, 288, 576, 33};
+    for (int64_t n : sizes) {
+      if (n % GetGgmlTypeTraits(type).block_size != 0) continue;  // 33: F16/BF16 tails only
       TestMatrix m = MakeMatrix(type, n, 1, 7);
       std::vector<float> want(n), got(n);
       ASSERT_TRUE(DequantizeRow(type, m.w.data, want.data(), n).ok());
@@ -338,6 +341,16 @@ TEST(PanelDequantTest, Avx512MatchesReferenceExactly) {
           << GetGgmlTypeTraits(type).name << " n=" << n;
     }
   }
+}
+
+TEST(PanelDequantTest, Avx512MatchesReferenceExactly) {
+  if (!GetCpuFeatures().avx512_vnni) GTEST_SKIP() << "no AVX-512 VNNI on this CPU";
+  ExpectPanelDequantExact(matmul_internal::Avx512Kernels());
+}
+
+TEST(PanelDequantTest, Avx2MatchesReferenceExactly) {
+  if (!GetCpuFeatures().avx2) GTEST_SKIP() << "no AVX2 on this CPU";
+  ExpectPanelDequantExact(matmul_internal::Avx2Kernels());
 }
 
 }  // namespace

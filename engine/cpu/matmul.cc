@@ -6,8 +6,9 @@
 // kernels for a few tokens (each weight row read once for all of them); above that it runs a
 // GEMM: on AMX, bf16 tiles (W dequantized and packed 32 rows at a time); elsewhere W is
 // dequantized in row panels to fp32 and multiplied with OpenBLAS sgemm, one single-threaded
-// sgemm per pool thread so OpenBLAS threads never compete with ours. Types without a fast
-// kernel dequantize a row with the reference and take an fp32 dot.
+// sgemm per pool thread so OpenBLAS threads never compete with ours. Every supported type has
+// a dot kernel at AVX2 and AVX-512; at the scalar level (or a table without one) a row is
+// dequantized with the reference and takes an fp32 dot.
 #include "engine/cpu/matmul.h"
 
 #include <cblas.h>
@@ -26,9 +27,58 @@
 
 namespace ctxcache {
 
+using matmul_internal::DequantKernel;
+using matmul_internal::FloatKernel;
 using matmul_internal::kActBlock;
 using matmul_internal::KernelTable;
+using matmul_internal::QuantKernel;
 using matmul_internal::QuantizedActs;
+
+namespace matmul_internal {
+
+QuantDotFn QuantKernel(const KernelTable* k, GgmlType type) {
+  if (k == nullptr) return nullptr;
+  switch (type) {
+    case GgmlType::kQ4_0: return k->q4_0;
+    case GgmlType::kQ4_1: return k->q4_1;
+    case GgmlType::kQ5_0: return k->q5_0;
+    case GgmlType::kQ5_1: return k->q5_1;
+    case GgmlType::kQ8_0: return k->q8_0;
+    case GgmlType::kQ4_K: return k->q4_k;
+    case GgmlType::kQ5_K: return k->q5_k;
+    case GgmlType::kQ6_K: return k->q6_k;
+    default: return nullptr;
+  }
+}
+
+FloatDotFn FloatKernel(const KernelTable* k, GgmlType type) {
+  if (k == nullptr) return nullptr;
+  switch (type) {
+    case GgmlType::kF32: return k->f32;
+    case GgmlType::kF16: return k->f16;
+    case GgmlType::kBF16: return k->bf16;
+    default: return nullptr;
+  }
+}
+
+DequantFn DequantKernel(const KernelTable* k, GgmlType type) {
+  if (k == nullptr) return nullptr;
+  switch (type) {
+    case GgmlType::kQ4_0: return k->dequant_q4_0;
+    case GgmlType::kQ4_1: return k->dequant_q4_1;
+    case GgmlType::kQ5_0: return k->dequant_q5_0;
+    case GgmlType::kQ5_1: return k->dequant_q5_1;
+    case GgmlType::kQ8_0: return k->dequant_q8_0;
+    case GgmlType::kQ4_K: return k->dequant_q4_k;
+    case GgmlType::kQ5_K: return k->dequant_q5_k;
+    case GgmlType::kQ6_K: return k->dequant_q6_k;
+    case GgmlType::kF16: return k->dequant_f16;
+    case GgmlType::kBF16: return k->dequant_bf16;
+    default: return nullptr;
+  }
+}
+
+}  // namespace matmul_internal
 
 namespace {
 
@@ -60,43 +110,6 @@ float ScalarDot(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
-}
-
-matmul_internal::QuantDotFn QuantKernel(const KernelTable* k, GgmlType type) {
-  if (k == nullptr) return nullptr;
-  switch (type) {
-    case GgmlType::kQ4_0:
-      return k->q4_0;
-    case GgmlType::kQ4_1:
-      return k->q4_1;
-    case GgmlType::kQ8_0:
-      return k->q8_0;
-    default:
-      return nullptr;
-  }
-}
-
-matmul_internal::FloatDotFn FloatKernel(const KernelTable* k, GgmlType type) {
-  if (k == nullptr) return nullptr;
-  if (type == GgmlType::kF32) return k->f32;
-  if (type == GgmlType::kF16) return k->f16;
-  return nullptr;
-}
-
-matmul_internal::DequantFn DequantKernel(const KernelTable* k, GgmlType type) {
-  if (k == nullptr) return nullptr;
-  switch (type) {
-    case GgmlType::kQ4_0:
-      return k->dequant_q4_0;
-    case GgmlType::kQ4_1:
-      return k->dequant_q4_1;
-    case GgmlType::kQ8_0:
-      return k->dequant_q8_0;
-    case GgmlType::kF16:
-      return k->dequant_f16;
-    default:
-      return nullptr;
-  }
 }
 
 // Runs fn(r0, r1, thread) over the n_out rows, on the pool unless the work is small.
@@ -175,9 +188,46 @@ void MatMulBatchedDot(const WeightMatrix& w, const float* x, int64_t n_tok, floa
   }
 }
 
+namespace {
+
+enum class GemmKind { kAmx, kAvx512Bf16, kSgemm };
+
+GemmKind ChooseGemm(int64_t n_in) {
+  const CpuFeatures& f = GetCpuFeatures();
+  if (n_in % 32 != 0 || !f.avx512_bf16 || f.level != CpuLevel::kAvx512) return GemmKind::kSgemm;
+  return f.amx ? GemmKind::kAmx : GemmKind::kAvx512Bf16;
+}
+
+// Runs rows(r0, r1, thread) over the n_out rows in blocks of 32 (the bf16 GEMMs' panel).
+template <typename Fn>
+void ForRowPanels(ThreadPool* pool, int64_t n_out, Fn&& rows) {
+  if (pool == nullptr || pool->n_threads() == 1 || n_out <= 32) {
+    rows(int64_t{0}, n_out, 0);
+  } else {
+    pool->ParallelFor(n_out, 32, rows);
+  }
+}
+
+}  // namespace
+
+bool GemmUsesBf16(int64_t n_in) { return ChooseGemm(n_in) != GemmKind::kSgemm; }
+
 void MatMulGemm(const WeightMatrix& w, const float* x, int64_t n_tok, float* y, ThreadPool* pool) {
   const DequantFn dequant = DequantKernel(ActiveKernels(), w.type);
-  if (GetCpuFeatures().amx && GetCpuFeatures().avx512_bf16 && w.n_in % 32 == 0) {
+  const GemmKind kind = ChooseGemm(w.n_in);
+  if (kind == GemmKind::kAvx512Bf16) {
+    // Activations converted once on the calling thread; every thread reads all of them.
+    thread_local std::vector<uint16_t> xb;  // [m_pad][n_in] bf16
+    const int64_t m_pad = Bf16PaddedRows(n_tok);
+    if (static_cast<int64_t>(xb.size()) < m_pad * w.n_in) xb.resize(m_pad * w.n_in);
+    ConvertActsToBf16Rows(x, n_tok, w.n_in, xb.data(), m_pad);
+    const uint16_t* xbp = xb.data();
+    ForRowPanels(pool, w.n_out, [&](int64_t r0, int64_t r1, int) {
+      Bf16GemmRows(w, xbp, n_tok, y, r0, r1, dequant);
+    });
+    return;
+  }
+  if (kind == GemmKind::kAmx) {
     // Activations converted once on the calling thread; every thread reads all of them.
     thread_local std::vector<uint16_t> xb;  // m_pad * n_in bf16, tiled
     const int64_t m_pad = (n_tok + 31) / 32 * 32;
@@ -187,11 +237,7 @@ void MatMulGemm(const WeightMatrix& w, const float* x, int64_t n_tok, float* y, 
     auto rows = [&](int64_t r0, int64_t r1, int) {
       AmxGemmRows(w, xbp, n_tok, m_pad, y, r0, r1, dequant);
     };
-    if (pool == nullptr || pool->n_threads() == 1 || w.n_out <= 32) {
-      rows(0, w.n_out, 0);
-    } else {
-      pool->ParallelFor(w.n_out, 32, rows);  // AmxGemmRows works in blocks of 32 rows
-    }
+    ForRowPanels(pool, w.n_out, rows);  // AmxGemmRows works in blocks of 32 rows
     return;
   }
   // OpenBLAS's own threads would oversubscribe the cores our pool already uses.

@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "engine/cpu/matmul_internal.h"
-#include "engine/cpu/quant.h"
 
 #pragma GCC diagnostic ignored "-Wuninitialized"  // see matmul_avx512.cc
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -48,52 +47,6 @@ TileConfig MakeConfig() {
   return c;
 }
 
-// n fp32 -> bf16 (round to nearest even), n % 32 == 0.
-CTX_AMX void ToBf16(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 32) {
-    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
-    _mm512_storeu_si512(dst + i, reinterpret_cast<const __m512i&>(v));
-  }
-}
-
-// One B tile: 16 weight rows (w[n * k], n < 16) x 32 K-elements, rounded to bf16 and laid
-// out as TDPBF16PS wants: tile row p = for each weight row n, the bf16 pair (2p, 2p + 1). With
-// each row's 16 pairs as a u32 vector, that is a 16x16 transpose of u32, done in registers
-// (the scalar transpose was ~40% of the packing time).
-CTX_AMX void PackBTile(const float* w, int64_t k, uint32_t* tile) {
-  __m512i r[16], t[16];
-  for (int n = 0; n < 16; ++n) {
-    const __m512bh v =
-        _mm512_cvtne2ps_pbh(_mm512_loadu_ps(w + n * k + 16), _mm512_loadu_ps(w + n * k));
-    r[n] = reinterpret_cast<const __m512i&>(v);
-  }
-  // After these two stages r[4g + c], 128-bit lane L, holds rows 4g..4g+3 of column 4L + c.
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // Gather lane L of r[c], r[4 + c], r[8 + c], r[12 + c] into column 4L + c.
-  for (int c = 0; c < 4; ++c) {
-    t[c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);      // lanes 0, 2
-    t[4 + c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);  // lanes 1, 3
-    t[8 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
-  }
-  for (int c = 0; c < 4; ++c) {
-    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);            // column c
-    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);   // column 4 + c
-    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);        // column 8 + c
-    r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xdd);  // column 12 + c
-  }
-  for (int p = 0; p < 16; ++p) _mm512_storeu_si512(tile + p * 16, r[p]);
-}
-
 }  // namespace
 
 CTX_AMX void ConvertActsToBf16(const float* x, int64_t n_tok, int64_t n_in, uint16_t* xb,
@@ -115,11 +68,9 @@ CTX_AMX void ConvertActsToBf16(const float* x, int64_t n_tok, int64_t n_in, uint
 
 CTX_AMX void AmxGemmRows(const WeightMatrix& w, const uint16_t* xb, int64_t n_tok, int64_t m_pad,
                          float* y, int64_t r0, int64_t r1, DequantFn dequant) {
-  const int64_t k = w.n_in, kc_n = w.n_in / 32;
+  const int64_t kc_n = w.n_in / 32;
   thread_local std::vector<float> wf;     // [32][n_in] fp32 weight rows
   thread_local std::vector<uint32_t> bp;  // [n_in/32][2][16 pairs][16 rows] packed B tiles
-  if (static_cast<int64_t>(wf.size()) < 32 * k) wf.resize(32 * k);
-  if (static_cast<int64_t>(bp.size()) < 16 * k) bp.resize(16 * k);
   alignas(64) float cbuf[32][32];  // [tokens][rows] of one 32x32 output block
 
   // Static on purpose: GCC's _tile_loadconfig tells the compiler it reads only the first
@@ -128,21 +79,7 @@ CTX_AMX void AmxGemmRows(const WeightMatrix& w, const uint16_t* xb, int64_t n_to
   _tile_loadconfig(&config);
   for (int64_t n0 = r0; n0 < r1; n0 += 32) {
     const int64_t nr = std::min<int64_t>(32, r1 - n0);
-    for (int64_t n = 0; n < 32; ++n) {
-      float* dst = wf.data() + n * k;
-      if (n >= nr) {
-        std::fill(dst, dst + k, 0.0f);  // rows past the end contribute zeros
-      } else if (dequant) {
-        dequant(w.data + (n0 + n) * w.row_bytes, dst, k);
-      } else {
-        DequantizeRow(w.type, w.data + (n0 + n) * w.row_bytes, dst, k).IgnoreError();
-      }
-    }
-    for (int64_t kc = 0; kc < kc_n; ++kc) {
-      for (int half = 0; half < 2; ++half) {
-        PackBTile(wf.data() + half * 16 * k + kc * 32, k, bp.data() + (kc * 2 + half) * 256);
-      }
-    }
+    PackBPanel(w, n0, nr, dequant, &wf, &bp);
     // GCC's _tile_loadd is an asm with no memory operand or clobber, so nothing stops the
     // compiler from sinking the packing stores past the tile loads that read them.
     __asm__ volatile("" ::: "memory");

@@ -1,7 +1,7 @@
 // AVX2 kernels for MatVec/MatMul (see matmul_internal.h), for x86-64 CPUs without AVX-512:
-// int8 dot products of Q4_0/Q4_1/Q8_0 weights with quantized activations (vpmaddubsw, one
-// 32-element block per iteration) and fp32 dots for F32/F16 weights. GEMM panels use the
-// reference dequantizer at this level.
+// int8 dot products of every quantized weight type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+// Q6_K) with quantized activations (vpmaddubsw, one 32-element block per step) and fp32 dots
+// for F32/F16/BF16 weights, and exact dequantizers for the GEMM's fp32 panels.
 #include <immintrin.h>
 
 #include <cstring>
@@ -18,14 +18,42 @@ namespace {
 using avx2_internal::HSum;
 using quant_internal::LoadU16;
 
-enum class QKind { kQ4_0, kQ4_1, kQ8_0 };
+// The 32-element block formats (see matmul_avx512.cc for their encodings).
+enum class QKind { kQ4_0, kQ4_1, kQ5_0, kQ5_1, kQ8_0 };
 
 template <QKind K>
 constexpr size_t kBlockBytes = K == QKind::kQ4_0   ? 18
                                : K == QKind::kQ4_1 ? 20
+                               : K == QKind::kQ5_0 ? 22
+                               : K == QKind::kQ5_1 ? 24
                                                    : 34;
 template <QKind K>
-constexpr int kQsOffset = K == QKind::kQ4_1 ? 4 : 2;
+constexpr bool kHasMin = K == QKind::kQ4_1 || K == QKind::kQ5_1;
+template <QKind K>
+constexpr bool kHasFifthBit = K == QKind::kQ5_0 || K == QKind::kQ5_1;
+template <QKind K>
+constexpr int kQhOffset = kHasMin<K> ? 4 : 2;
+template <QKind K>
+constexpr int kQsOffset = (kHasMin<K> ? 4 : 2) + (kHasFifthBit<K> ? 4 : 0);
+// The stored offset of the unsigned codes: x = d * (q - offset) (0 with a min or for Q8_0).
+template <QKind K>
+constexpr float kCodeOffset = K == QKind::kQ4_0 ? 8.0f : K == QKind::kQ5_0 ? 16.0f : 0.0f;
+
+// 32 bytes, 0x10 where bit j of bits is set (byte j): the fifth bits of a Q5 block.
+CTX_AVX2 inline __m256i FifthBits(uint32_t bits) {
+  // Byte j gets byte j / 8 of bits, then tests its own bit j % 8.
+  const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2,
+                                        2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), shuf);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(16));
+}
+
+// Sum over pairs of u8 x s8 products, widened to 8 int32 lanes (lane i: elements 4i..4i+3).
+// Pair sums stay within int16 for unsigned codes up to 128 and |x| <= 127: 128*127*2 = 32512.
+CTX_AVX2 inline __m256i DotU8S8(__m256i u, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+}
 
 CTX_AVX2 inline int HSumI(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -69,15 +97,13 @@ CTX_AVX2 void QuantizeActs(const float* x, int64_t n, int8_t* qs, float* ds) {
   }
 }
 
-// dot(row, x), one block per iteration: vpmaddubsw of unsigned weights (Q4 nibbles, or |w|
+// dot(row, x), one block per iteration: vpmaddubsw of unsigned weights (Q4/Q5 codes, or |w|
 // with w's sign moved onto x for Q8_0) and int8 activations, summed to int32 by vpmaddwd.
-// Pair sums stay within int16: Q4 15*127*2, Q8 128*127*2 = 32512.
 template <QKind K>
 CTX_AVX2 float DotRow(const uint8_t* row, int64_t nb, const int8_t* xq, const float* ds) {
   constexpr size_t kB = kBlockBytes<K>;
   const __m256i shifts = _mm256_setr_epi64x(0, 0, 4, 4);
   const __m256i low4 = _mm256_set1_epi8(0x0f);
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc = _mm256_setzero_ps();
   float offset = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
@@ -92,92 +118,319 @@ CTX_AVX2 float DotRow(const uint8_t* row, int64_t nb, const int8_t* xq, const fl
       const __m256i q = _mm256_broadcastsi128_si256(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kQsOffset<K>)));
       wv = _mm256_and_si256(_mm256_srlv_epi64(q, shifts), low4);
+      if constexpr (kHasFifthBit<K>) {
+        uint32_t qh;
+        std::memcpy(&qh, p + kQhOffset<K>, 4);
+        wv = _mm256_or_si256(wv, FifthBits(qh));
+      }
     }
-    const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
     const float d = _cvtsh_ss(LoadU16(p));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * ds[2 * b]), acc);
-    if constexpr (K == QKind::kQ4_0) offset += d * ds[2 * b + 1];
-    if constexpr (K == QKind::kQ4_1) offset += _cvtsh_ss(LoadU16(p + 2)) * ds[2 * b + 1];
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DotU8S8(wv, xv)), _mm256_set1_ps(d * ds[2 * b]), acc);
+    if constexpr (kHasMin<K>) {
+      offset += _cvtsh_ss(LoadU16(p + 2)) * ds[2 * b + 1];
+    } else if constexpr (K != QKind::kQ8_0) {
+      offset += d * ds[2 * b + 1];
+    }
   }
-  // Q4_0 stores q + 8: subtract 8 * d * sum(x).
-  if constexpr (K == QKind::kQ4_0) offset *= -8.0f;
+  // Q4_0/Q5_0 store q + 8 / q + 16: subtract 8 (16) * d * sum(x).
+  if constexpr (kCodeOffset<K> != 0.0f) offset *= -kCodeOffset<K>;
   return HSum(acc) + offset;
 }
 
-template <QKind K>
+// Q4_K / Q5_K (see matmul_avx512.cc: DotRowQ45K): one sub-block of 32 (= one activation
+// block) per step, its scale d * sc * d_x and its min term -dmin * m * d_x * sum(x).
+template <bool kQ5>
+CTX_AVX2 float DotRowQ45K(const uint8_t* row, int64_t nb, const int8_t* xq, const float* ds) {
+  constexpr size_t kB = kQ5 ? 176 : 144;
+  constexpr int kQs = kQ5 ? 48 : 16;
+  const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+  __m256 acc = _mm256_setzero_ps();
+  float min_term = 0.0f;
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    const uint8_t* p = row + sb * kB;
+    const float d = _cvtsh_ss(LoadU16(p)), dmin = _cvtsh_ss(LoadU16(p + 2));
+    uint8_t sc[8], m[8];
+    for (int s = 0; s < 8; ++s) quant_internal::ScaleMinK4(s, p + 4, &sc[s], &m[s]);
+    __m256i qh = _mm256_setzero_si256();
+    if constexpr (kQ5) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+    const int8_t* x = xq + sb * 256;
+    const float* dsb = ds + 16 * sb;
+    float mins = 0.0f;
+    for (int s = 0; s < 8; ++s) {
+      const __m256i q =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kQs + 32 * (s / 2)));
+      __m256i wv = _mm256_and_si256((s & 1) ? _mm256_srli_epi16(q, 4) : q, low4);
+      if constexpr (kQ5) {
+        // bit s of each qh byte, moved to 0x10
+        wv = _mm256_or_si256(
+            wv, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, s), one), 4));
+      }
+      const __m256i dot =
+          DotU8S8(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * s)));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                            _mm256_set1_ps(d * static_cast<float>(sc[s]) * dsb[2 * s]), acc);
+      mins += static_cast<float>(m[s]) * dsb[2 * s + 1];
+    }
+    min_term += dmin * mins;
+  }
+  return HSum(acc) - min_term;
+}
+
+// Q6_K (see matmul_avx512.cc: DotRowQ6K): one quarter of a half (32 elements = one activation
+// block, two chunks of 16 with their own scales) per step; q - 32 is signed, so its sign moves
+// onto x and |q - 32| <= 32 goes through vpmaddubsw as for Q8_0.
+CTX_AVX2 float DotRowQ6K(const uint8_t* row, int64_t nb, const int8_t* xq, const float* ds) {
+  const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
+  const __m256i c32 = _mm256_set1_epi8(32);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    const uint8_t* p = row + sb * 210;
+    const float d = _cvtsh_ss(LoadU16(p + 208));
+    const auto* sc = reinterpret_cast<const int8_t*>(p + 192);
+    const int8_t* x = xq + sb * 256;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * h));
+      const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * h + 32));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h));
+      const __m256i quarter[4] = {
+          _mm256_or_si256(_mm256_and_si256(ql0, low4),
+                          _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4)),
+          _mm256_or_si256(_mm256_and_si256(ql1, low4),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), low2), 4)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), low2), 4))};
+      for (int k = 0; k < 4; ++k) {
+        const int blk = 4 * h + k;  // activation block within the super-block
+        const __m256i w = _mm256_sub_epi8(quarter[k], c32);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * blk));
+        const __m256i dot = DotU8S8(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+        const float dx = d * ds[16 * sb + 2 * blk];
+        // Lanes 0-3 are chunk 2 * blk, lanes 4-7 chunk 2 * blk + 1.
+        const __m256 scale = _mm256_set_m128(_mm_set1_ps(dx * static_cast<float>(sc[2 * blk + 1])),
+                                             _mm_set1_ps(dx * static_cast<float>(sc[2 * blk])));
+        __m256& acc = (k & 1) ? acc1 : acc0;
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
+      }
+    }
+  }
+  return HSum(_mm256_add_ps(acc0, acc1));
+}
+
+using RowDotFn = float (*)(const uint8_t* row, int64_t nb, const int8_t* xq, const float* ds);
+
+template <RowDotFn Dot>
 CTX_AVX2 void QuantDot(const uint8_t* w, size_t row_bytes, int64_t n_in, int64_t r0, int64_t r1,
                        const QuantizedActs* acts, int64_t n_tok, float* y, int64_t ldy) {
   const int64_t nb = n_in / kActBlock;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w + r * row_bytes;
-    for (int64_t t = 0; t < n_tok; ++t) y[t * ldy + r] = DotRow<K>(row, nb, acts[t].qs, acts[t].ds);
+    for (int64_t t = 0; t < n_tok; ++t) y[t * ldy + r] = Dot(row, nb, acts[t].qs, acts[t].ds);
   }
 }
 
-template <bool kHalf>
+// Element formats of unquantized weights: fp32, fp16 bits, bf16 bits.
+enum class FKind { kF32, kF16, kBF16 };
+
+// 8 weights from element i of a[] as fp32 (exact for all three formats).
+template <FKind F>
 CTX_AVX2 inline __m256 LoadW(const void* a, int64_t i) {
-  if constexpr (kHalf) {
-    return _mm256_cvtph_ps(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a) + i)));
-  } else {
+  if constexpr (F == FKind::kF32) {
     return _mm256_loadu_ps(static_cast<const float*>(a) + i);
+  } else {
+    const __m128i h =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a) + i));
+    if constexpr (F == FKind::kF16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
 }
 
-template <bool kHalf>
+template <FKind F>
+CTX_AVX2 inline float LoadW1(const void* a, int64_t i) {
+  const auto* bytes = static_cast<const uint8_t*>(a);
+  if constexpr (F == FKind::kF32) {
+    float v;
+    std::memcpy(&v, bytes + 4 * i, 4);
+    return v;
+  } else if constexpr (F == FKind::kF16) {
+    return _cvtsh_ss(LoadU16(bytes + 2 * i));
+  } else {
+    const uint32_t bits = static_cast<uint32_t>(LoadU16(bytes + 2 * i)) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v;
+  }
+}
+
+template <FKind F>
 CTX_AVX2 float DotFloat(const void* a, const float* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    s0 = _mm256_fmadd_ps(LoadW<kHalf>(a, i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(LoadW<kHalf>(a, i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    s2 = _mm256_fmadd_ps(LoadW<kHalf>(a, i + 16), _mm256_loadu_ps(b + i + 16), s2);
-    s3 = _mm256_fmadd_ps(LoadW<kHalf>(a, i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    s0 = _mm256_fmadd_ps(LoadW<F>(a, i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(LoadW<F>(a, i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(LoadW<F>(a, i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(LoadW<F>(a, i + 24), _mm256_loadu_ps(b + i + 24), s3);
   }
-  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(LoadW<kHalf>(a, i), _mm256_loadu_ps(b + i), s0);
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(LoadW<F>(a, i), _mm256_loadu_ps(b + i), s0);
   float s = HSum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-  for (; i < n; ++i) {
-    float wi;
-    if constexpr (kHalf) {
-      wi = _cvtsh_ss(LoadU16(static_cast<const uint8_t*>(a) + 2 * i));
-    } else {
-      std::memcpy(&wi, static_cast<const uint8_t*>(a) + 4 * i, 4);
-    }
-    s += wi * b[i];
-  }
+  for (; i < n; ++i) s += LoadW1<F>(a, i) * b[i];
   return s;
 }
 
 CTX_AVX2 float DotF32(const float* a, const float* b, int64_t n) {
-  return DotFloat<false>(a, b, n);
+  return DotFloat<FKind::kF32>(a, b, n);
 }
 
-template <bool kHalf>
+template <FKind F>
 CTX_AVX2 void FloatDot(const uint8_t* w, size_t row_bytes, int64_t n_in, int64_t r0, int64_t r1,
                        const float* x, int64_t n_tok, float* y, int64_t ldy) {
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t t = 0; t < n_tok; ++t) {
-      y[t * ldy + r] = DotFloat<kHalf>(w + r * row_bytes, x + t * n_in, n_in);
+      y[t * ldy + r] = DotFloat<F>(w + r * row_bytes, x + t * n_in, n_in);
     }
   }
+}
+
+// ---- Panel dequantizers (GEMM at this level: sgemm on fp32 panels) ------------------------
+// They reproduce DequantizeRow bit for bit: the same integer codes, conversions and separate
+// multiply and add in the reference's order. Every format's codes fit int8, so one helper
+// widens 32 codes and applies the block's affine map.
+enum class Affine { kScale, kScaleAddMin, kScaleSubMin };  // q*d, q*d + m, d*q - m
+
+template <Affine A>
+CTX_AVX2 inline void Emit32(__m256i codes, float d, float m, float* dst) {
+  const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+  const __m128i halves[2] = {_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1)};
+  for (int i = 0; i < 4; ++i) {
+    const __m128i eight = i % 2 == 0 ? halves[i / 2] : _mm_srli_si128(halves[i / 2], 8);
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
+    __m256 y;
+    if constexpr (A == Affine::kScale) y = _mm256_mul_ps(q, dv);
+    if constexpr (A == Affine::kScaleAddMin) y = _mm256_add_ps(_mm256_mul_ps(q, dv), mv);
+    if constexpr (A == Affine::kScaleSubMin) y = _mm256_sub_ps(_mm256_mul_ps(dv, q), mv);
+    _mm256_storeu_ps(dst + 8 * i, y);
+  }
+}
+
+// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: one block of 32 per step.
+template <QKind K>
+CTX_AVX2 void DequantLegacy(const uint8_t* src, float* dst, int64_t n) {
+  constexpr size_t kB = kBlockBytes<K>;
+  for (int64_t b = 0; b < n / 32; ++b, src += kB, dst += 32) {
+    const float d = _cvtsh_ss(LoadU16(src));
+    __m256i codes;
+    if constexpr (K == QKind::kQ8_0) {
+      codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2));
+    } else {
+      const __m256i q = _mm256_broadcastsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kQsOffset<K>)));
+      codes = _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)),
+                               _mm256_set1_epi8(0x0f));
+      if constexpr (kHasFifthBit<K>) {
+        uint32_t qh;
+        std::memcpy(&qh, src + kQhOffset<K>, 4);
+        codes = _mm256_or_si256(codes, FifthBits(qh));
+      }
+      codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(static_cast<char>(kCodeOffset<K>)));
+    }
+    if constexpr (kHasMin<K>) {
+      Emit32<Affine::kScaleAddMin>(codes, d, _cvtsh_ss(LoadU16(src + 2)), dst);
+    } else {
+      Emit32<Affine::kScale>(codes, d, 0.0f, dst);
+    }
+  }
+}
+
+// Q4_K / Q5_K: y = (d * sc) * q - dmin * m per sub-block of 32.
+template <bool kQ5>
+CTX_AVX2 void DequantQ45K(const uint8_t* src, float* dst, int64_t n) {
+  constexpr int kB = kQ5 ? 176 : 144, kQs = kQ5 ? 48 : 16;
+  const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+  for (int64_t sb = 0; sb < n / 256; ++sb, src += kB) {
+    const float d = _cvtsh_ss(LoadU16(src)), dmin = _cvtsh_ss(LoadU16(src + 2));
+    __m256i qh = _mm256_setzero_si256();
+    if constexpr (kQ5) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16));
+    for (int s = 0; s < 8; ++s, dst += 32) {
+      uint8_t sc, m;
+      quant_internal::ScaleMinK4(s, src + 4, &sc, &m);
+      const __m256i q =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + kQs + 32 * (s / 2)));
+      __m256i codes = _mm256_and_si256((s & 1) ? _mm256_srli_epi16(q, 4) : q, low4);
+      if constexpr (kQ5) {
+        codes = _mm256_or_si256(
+            codes, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, s), one), 4));
+      }
+      Emit32<Affine::kScaleSubMin>(codes, d * static_cast<float>(sc),
+                                   dmin * static_cast<float>(m), dst);
+    }
+  }
+}
+
+// Q6_K: y = (d * sc) * (q - 32) per chunk of 16; one quarter (32 elements) per step.
+CTX_AVX2 void DequantQ6K(const uint8_t* src, float* dst, int64_t n) {
+  const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
+  for (int64_t sb = 0; sb < n / 256; ++sb, src += 210) {
+    const float d = _cvtsh_ss(LoadU16(src + 208));
+    const auto* sc = reinterpret_cast<const int8_t*>(src + 192);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 128 + 32 * h));
+      for (int quarter = 0; quarter < 4; ++quarter, dst += 32) {
+        const __m256i l = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(src + 64 * h + (quarter & 1 ? 32 : 0)));
+        const __m256i lo = _mm256_and_si256(quarter < 2 ? l : _mm256_srli_epi16(l, 4), low4);
+        const __m256i hi = _mm256_and_si256(
+            _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * quarter)), low2);
+        const __m256i codes = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)),
+                                              _mm256_set1_epi8(32));
+        // Two chunks of 16 with their own scales: Emit32 on each half's 16 codes.
+        alignas(32) float tmp[32];
+        const int c = 8 * h + 2 * quarter;
+        Emit32<Affine::kScale>(codes, d * static_cast<float>(sc[c]), 0.0f, tmp);
+        std::memcpy(dst, tmp, 16 * sizeof(float));
+        Emit32<Affine::kScale>(codes, d * static_cast<float>(sc[c + 1]), 0.0f, tmp);
+        std::memcpy(dst + 16, tmp + 16, 16 * sizeof(float));
+      }
+    }
+  }
+}
+
+template <FKind F>
+CTX_AVX2 void DequantHalf(const uint8_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, LoadW<F>(src, i));
+  for (; i < n; ++i) dst[i] = LoadW1<F>(src, i);
 }
 
 }  // namespace
 
 const KernelTable& Avx2Kernels() {
   static const KernelTable table = {
-      "avx2",
-      &QuantizeActs,
-      &QuantDot<QKind::kQ4_0>,
-      &QuantDot<QKind::kQ4_1>,
-      &QuantDot<QKind::kQ8_0>,
-      &FloatDot<false>,
-      &FloatDot<true>,
-      &DotF32,
-      nullptr,
-      nullptr,
-      nullptr,
-      nullptr,
+      .name = "avx2",
+      .quantize_acts = &QuantizeActs,
+      .q4_0 = &QuantDot<&DotRow<QKind::kQ4_0>>,
+      .q4_1 = &QuantDot<&DotRow<QKind::kQ4_1>>,
+      .q5_0 = &QuantDot<&DotRow<QKind::kQ5_0>>,
+      .q5_1 = &QuantDot<&DotRow<QKind::kQ5_1>>,
+      .q8_0 = &QuantDot<&DotRow<QKind::kQ8_0>>,
+      .q4_k = &QuantDot<&DotRowQ45K<false>>,
+      .q5_k = &QuantDot<&DotRowQ45K<true>>,
+      .q6_k = &QuantDot<&DotRowQ6K>,
+      .f32 = &FloatDot<FKind::kF32>,
+      .f16 = &FloatDot<FKind::kF16>,
+      .bf16 = &FloatDot<FKind::kBF16>,
+      .dot_f32 = &DotF32,
+      .dequant_q4_0 = &DequantLegacy<QKind::kQ4_0>,
+      .dequant_q4_1 = &DequantLegacy<QKind::kQ4_1>,
+      .dequant_q5_0 = &DequantLegacy<QKind::kQ5_0>,
+      .dequant_q5_1 = &DequantLegacy<QKind::kQ5_1>,
+      .dequant_q8_0 = &DequantLegacy<QKind::kQ8_0>,
+      .dequant_q4_k = &DequantQ45K<false>,
+      .dequant_q5_k = &DequantQ45K<true>,
+      .dequant_q6_k = &DequantQ6K,
+      .dequant_f16 = &DequantHalf<FKind::kF16>,
+      .dequant_bf16 = &DequantHalf<FKind::kBF16>,
   };
   return table;
 }

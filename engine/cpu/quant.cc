@@ -89,19 +89,6 @@ void DequantizeQ8_0(const void* src, float* y, int64_t nb) {
   }
 }
 
-// The 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K super-block. Bytes 0-3 hold
-// scales 0-3 (low 6 bits) and the top bits of scales 4-7; bytes 4-7 the same for mins;
-// bytes 8-11 the low four bits of scales 4-7 (low nibble) and mins 4-7 (high nibble).
-inline void ScaleMinK4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
-  if (j < 4) {
-    *sc = q[j] & 63;
-    *m = q[j + 4] & 63;
-  } else {
-    *sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
-    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
-
 void DequantizeQ4_K(const void* src, float* y, int64_t nb) {
   for (int64_t i = 0; i < nb; ++i) {
     const auto b = LoadBlock<BlockQ4_K>(src, i);
