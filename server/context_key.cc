@@ -12,7 +12,10 @@ bool MethodUsesQuestion(std::string_view method) {
   return method == "snapkv" || method == "finch";
 }
 
-uint32_t ExpectedMethodVersion(std::string_view /*method*/) { return 1; }
+uint32_t ExpectedMethodVersion(std::string_view method) {
+  // engine/compress/compress.cc: MethodVersion.
+  return method == "expected_attention" ? 2 : 1;
+}
 
 std::string ContextId(std::string_view tenant, std::string_view model_fingerprint,
                       const CompressionSpec& spec, uint32_t method_version,

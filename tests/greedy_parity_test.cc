@@ -1,14 +1,17 @@
-// Greedy decoding against llama.cpp: tests/data/parity/greedy_smollm2.json (written by
-// tools/make_greedy_fixture.py) holds three prompts as token ids and llama.cpp's 64 greedy
+// Greedy decoding against llama.cpp, on two real models: tests/data/parity/greedy_smollm2.json
+// (the default model) and greedy_qwen2.5-0.5b.json (Qwen2.5-Coder-0.5B-Instruct Q4_K_M; skipped
+// with the reason when not fetched: tools/fetch_model.sh qwen2.5-0.5b), written by
+// tools/make_greedy_fixture.py, each hold three prompts as token ids and llama.cpp's greedy
 // tokens after each, with llama.cpp's top-1/top-2 logit gap at every step. We prefill the
 // prompt, then Decode token by token taking the argmax, and require the same tokens. A
-// divergence is accepted only at a step where llama.cpp itself was at a near-tie (gap below
-// kNearTieGap, test_util.h); the step is reported. Rounding noise makes such near-tie flips
-// common on this model (see test_util.h), and free-running continuations would then share
+// divergence is accepted only at a step where llama.cpp itself was at a near-tie (gap below the
+// model's near_tie, test_util.h); the step is reported. Rounding noise makes such near-tie
+// flips common on SmolLM2 (see test_util.h), and free-running continuations would then share
 // nothing more to compare, so we always feed llama.cpp's token back (teacher forcing): every
-// one of the 64 steps is checked, each in llama.cpp's exact context.
+// step is checked, each in llama.cpp's exact context.
 #include <cstdint>
 #include <cstdio>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -24,12 +27,28 @@ namespace ctxcache {
 namespace {
 
 using ::ctxcache::testing::Argmax;
-using ::ctxcache::testing::DefaultModelTest;
-using ::ctxcache::testing::kNearTieGap;
 
-constexpr char kFixture[] = "parity/greedy_smollm2.json";
 constexpr int kVersion = 1;
 constexpr int kThreads = 2;
+
+// A model the suite runs on, with its fixture and near-tie bound (test_util.h).
+struct GreedyModel {
+  const char* label;    // gtest parameter name
+  const char* model;    // tools/fetch_model.sh name (test_util.h: SharedTestModel)
+  const char* fixture;  // under tests/data
+  float near_tie;
+  size_t n_gen;  // greedy tokens per case in the fixture
+};
+const GreedyModel kModels[] = {
+    {"smollm2", ::ctxcache::testing::kSmolLM2, "parity/greedy_smollm2.json",
+     ::ctxcache::testing::kSmolLM2Tolerance.near_tie, 64},
+    {"qwen2_5_0_5b", ::ctxcache::testing::kQwen25, "parity/greedy_qwen2.5-0.5b.json",
+     ::ctxcache::testing::kQwenTolerance.near_tie, 64},
+};
+void PrintTo(const GreedyModel& m, std::ostream* os) { *os << m.label; }
+std::string ParamName(const ::testing::TestParamInfo<GreedyModel>& info) {
+  return info.param.label;
+}
 
 struct GreedyCase {
   std::string name;
@@ -46,9 +65,9 @@ struct GreedyFixture {
   std::vector<GreedyCase> cases;
 };
 
-absl::StatusOr<GreedyFixture> LoadGreedyFixture() {
+absl::StatusOr<GreedyFixture> LoadGreedyFixture(const char* fixture) {
   absl::StatusOr<std::string> text =
-      ::ctxcache::testing::ReadFileToString(::ctxcache::testing::TestDataPath(kFixture));
+      ::ctxcache::testing::ReadFileToString(::ctxcache::testing::TestDataPath(fixture));
   if (!text.ok()) return text.status();
   const nlohmann::json doc = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded() || !doc.is_object()) return absl::DataLossError("not JSON");
@@ -97,33 +116,45 @@ absl::StatusOr<GreedyFixture> LoadGreedyFixture() {
   return f;
 }
 
-TEST(GreedyFixtureTest, CheckedInFixtureParses) {
-  absl::StatusOr<GreedyFixture> f = LoadGreedyFixture();
+class GreedyFixtureTest : public ::testing::TestWithParam<GreedyModel> {};
+
+TEST_P(GreedyFixtureTest, CheckedInFixtureParses) {
+  absl::StatusOr<GreedyFixture> f = LoadGreedyFixture(GetParam().fixture);
   ASSERT_TRUE(f.ok()) << f.status();
   ASSERT_EQ(f->cases.size(), 3u);
-  for (const GreedyCase& c : f->cases) EXPECT_EQ(c.output_ids.size(), 64u) << c.name;
+  for (const GreedyCase& c : f->cases) EXPECT_EQ(c.output_ids.size(), GetParam().n_gen) << c.name;
 }
 
-class GreedyParityTest : public DefaultModelTest {
+INSTANTIATE_TEST_SUITE_P(Models, GreedyFixtureTest, ::testing::ValuesIn(kModels), ParamName);
+
+// Each model's suite: the model loaded once per binary (test_util.h: SharedTestModel), skipped
+// with the reason when it has not been fetched unless CTXCACHE_REQUIRE_MODEL=1.
+class GreedyParityTest : public ::testing::TestWithParam<GreedyModel> {
  protected:
   void SetUp() override {
-    DefaultModelTest::SetUp();
+    const auto& shared = ::ctxcache::testing::SharedTestModel(GetParam().model);
+    ::ctxcache::testing::RequireModel(shared, absl::StrCat("model ", GetParam().model));
     if (IsSkipped() || HasFatalFailure()) return;
-    absl::StatusOr<GreedyFixture> f = LoadGreedyFixture();
+    model_ = shared->get();
+    absl::StatusOr<GreedyFixture> f = LoadGreedyFixture(GetParam().fixture);
     ASSERT_TRUE(f.ok()) << f.status();
     fixture_ = *std::move(f);
     if (fixture_.model_name != model().config().name ||
         fixture_.n_vocab != model().config().n_vocab) {
-      GTEST_SKIP() << "the default model is '" << model().config().name
-                   << "', the fixture was made from '" << fixture_.model_name << "'";
+      GTEST_SKIP() << "the model is '" << model().config().name << "', the fixture was made from '"
+                   << fixture_.model_name << "'";
     }
   }
 
+  const Model& model() const { return *model_; }
+
+  const Model* model_ = nullptr;
   GreedyFixture fixture_;
   ThreadPool pool_{kThreads};
 };
 
-TEST_F(GreedyParityTest, GreedyTokensMatchLlamaCpp) {
+TEST_P(GreedyParityTest, GreedyTokensMatchLlamaCpp) {
+  const float near_tie = GetParam().near_tie;
   Runner runner(model(), &pool_);
   std::printf("reference: %s\n", fixture_.source.c_str());
   int exact = 0;
@@ -142,16 +173,16 @@ TEST_F(GreedyParityTest, GreedyTokensMatchLlamaCpp) {
         ++matched;
       } else {
         if (first_divergence < 0) first_divergence = static_cast<int>(step);
-        if (c.gaps[step] < kNearTieGap) {
+        if (c.gaps[step] < near_tie) {
           std::printf(
               "%-6s step %2zu: near-tie flip (llama.cpp gap %.4f < %.2f): ours %d, "
               "llama.cpp %d\n",
-              c.name.c_str(), step, c.gaps[step], kNearTieGap, token, expected);
+              c.name.c_str(), step, c.gaps[step], near_tie, token, expected);
         } else {
           ADD_FAILURE() << "step " << step << ": ours " << token << " (logit " << logits[token]
                         << "), llama.cpp " << expected << " (our logit " << logits[expected]
-                        << "); llama.cpp top-2 gap " << c.gaps[step] << " >= near-tie "
-                        << kNearTieGap << "; llama.cpp's continuation: " << c.output_text;
+                        << "); llama.cpp top-2 gap " << c.gaps[step] << " >= near-tie " << near_tie
+                        << "; llama.cpp's continuation: " << c.output_text;
         }
       }
       if (step + 1 == c.output_ids.size()) break;
@@ -167,6 +198,8 @@ TEST_F(GreedyParityTest, GreedyTokensMatchLlamaCpp) {
   }
   RecordProperty("exact_cases", exact);
 }
+
+INSTANTIATE_TEST_SUITE_P(Models, GreedyParityTest, ::testing::ValuesIn(kModels), ParamName);
 
 }  // namespace
 }  // namespace ctxcache

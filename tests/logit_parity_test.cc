@@ -1,16 +1,20 @@
-// End-to-end numerics against an outside implementation: the logits of the default model
-// (SmolLM2-135M Q4_1) on the prompts of tests/data/parity/logits_smollm2.bin, written by
-// tools/make_logit_fixture.py from llama.cpp. The prompts are stored as token ids, so this test
-// does not depend on our tokenizer. Checked at every position: the argmax (except at near-ties
-// of llama.cpp's own logits), the logits of llama.cpp's top-16 ids and of 16 pseudo-random ids,
+// End-to-end numerics against an outside implementation, on two real models: the default
+// model (SmolLM2-135M Q4_1, llama) on the prompts of tests/data/parity/logits_smollm2.bin, and
+// Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2: QKV biases, NEOX RoPE at freq_base 1e6, K-quants)
+// on tests/data/parity/logits_qwen2.5-0.5b.bin, both written by tools/make_logit_fixture.py
+// from llama.cpp. (The Qwen cases skip with the reason when its GGUF has not been fetched:
+// tools/fetch_model.sh qwen2.5-0.5b.) The prompts are stored as token ids, so this test does
+// not depend on our tokenizer. Checked at every position: the argmax (except at near-ties of
+// llama.cpp's own logits), the logits of llama.cpp's top-16 ids and of 16 pseudo-random ids,
 // and the log-sum-exp over the whole vocabulary. Each value is compared with two references:
 // llama.cpp (statistically: it rounds activations to 8 bits) and an fp32 numpy forward pass
-// (tightly: the same math as ours). The tolerances are explained in test_util.h.
+// (the same math as ours). The per-model tolerances are explained in test_util.h.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -28,17 +32,33 @@ namespace {
 
 using ::ctxcache::testing::Argmax;
 using ::ctxcache::testing::ByteReader;
-using ::ctxcache::testing::DefaultModelTest;
-using ::ctxcache::testing::kMaxAbsTol;
-using ::ctxcache::testing::kMeanAbsTol;
-using ::ctxcache::testing::kNearTieGap;
+using ::ctxcache::testing::ParityTolerance;
 
 constexpr int32_t kMagic = 20250611;
 constexpr int32_t kVersion = 1;
 constexpr int kHeaderInts = 64;
-constexpr char kFixture[] = "parity/logits_smollm2.bin";
 // The threads llama.cpp used for the fixture; the result must not depend on it anyway.
 constexpr int kThreads = 2;
+
+// A model the suite runs on, with its fixture and bounds.
+struct ParityModel {
+  const char* label;    // gtest parameter name
+  const char* model;    // tools/fetch_model.sh name (test_util.h: SharedTestModel)
+  const char* fixture;  // under tests/data
+  ParityTolerance tol;
+  size_t long_tokens;  // tokens of the fixture's "long" prompt
+};
+const ParityModel kModels[] = {
+    {"smollm2", ::ctxcache::testing::kSmolLM2, "parity/logits_smollm2.bin",
+     ::ctxcache::testing::kSmolLM2Tolerance, 1000},
+    {"qwen2_5_0_5b", ::ctxcache::testing::kQwen25, "parity/logits_qwen2.5-0.5b.bin",
+     ::ctxcache::testing::kQwenTolerance, 160},
+};
+// gtest prints the parameter in failure messages: the label, not the struct's bytes.
+void PrintTo(const ParityModel& m, std::ostream* os) { *os << m.label; }
+std::string ParamName(const ::testing::TestParamInfo<ParityModel>& info) {
+  return info.param.label;
+}
 
 // llama.cpp's logits at one position, summarized (see tools/make_logit_fixture.py).
 struct PositionRecord {
@@ -136,33 +156,41 @@ absl::StatusOr<LogitFixture> ParseLogitFixture(std::string_view data) {
   return f;
 }
 
-absl::StatusOr<LogitFixture> LoadLogitFixture() {
+absl::StatusOr<LogitFixture> LoadLogitFixture(const char* fixture) {
   absl::StatusOr<std::string> data =
-      ::ctxcache::testing::ReadFileToString(::ctxcache::testing::TestDataPath(kFixture));
+      ::ctxcache::testing::ReadFileToString(::ctxcache::testing::TestDataPath(fixture));
   if (!data.ok()) return data.status();
   return ParseLogitFixture(*data);
 }
 
 // ---- The fixture reader itself -------------------------------------------------------------
 
-TEST(LogitFixtureTest, CheckedInFixtureParses) {
-  absl::StatusOr<LogitFixture> f = LoadLogitFixture();
+class LogitFixtureTest : public ::testing::TestWithParam<ParityModel> {};
+
+TEST_P(LogitFixtureTest, CheckedInFixtureParses) {
+  absl::StatusOr<LogitFixture> f = LoadLogitFixture(GetParam().fixture);
   ASSERT_TRUE(f.ok()) << f.status();
   EXPECT_GE(f->prompts.size(), 5u);
   EXPECT_EQ(f->n_top, 16);
   EXPECT_EQ(f->n_rand, 16);
   size_t shortest = SIZE_MAX, longest = 0;
+  bool has_long = false;
   for (const PromptRecord& p : f->prompts) {
     shortest = std::min(shortest, p.tokens.size());
     longest = std::max(longest, p.tokens.size());
+    if (p.name == "long") {
+      has_long = true;
+      EXPECT_EQ(p.tokens.size(), GetParam().long_tokens);
+    }
   }
+  EXPECT_TRUE(has_long);
   EXPECT_GE(shortest, 16u);
-  EXPECT_GE(longest, 1000u);
+  EXPECT_GE(longest, 160u);
 }
 
-TEST(LogitFixtureTest, RejectsCorruptFiles) {
+TEST_P(LogitFixtureTest, RejectsCorruptFiles) {
   absl::StatusOr<std::string> data =
-      ::ctxcache::testing::ReadFileToString(::ctxcache::testing::TestDataPath(kFixture));
+      ::ctxcache::testing::ReadFileToString(::ctxcache::testing::TestDataPath(GetParam().fixture));
   ASSERT_TRUE(data.ok()) << data.status();
   ASSERT_TRUE(ParseLogitFixture(*data).ok());
 
@@ -185,6 +213,8 @@ TEST(LogitFixtureTest, RejectsCorruptFiles) {
   huge_prompts[8] = 0x7f;  // n_prompts low byte: far more prompts than the file holds
   EXPECT_FALSE(ParseLogitFixture(huge_prompts).ok());
 }
+
+INSTANTIATE_TEST_SUITE_P(Models, LogitFixtureTest, ::testing::ValuesIn(kModels), ParamName);
 
 // ---- Parity ----------------------------------------------------------------------------------
 
@@ -231,15 +261,18 @@ struct Tally {
 
 // The two references and the argmax check over a run of positions.
 struct Comparison {
-  Tally llama{"llama.cpp", kMaxAbsTol, kMeanAbsTol};
-  Tally f32{"fp32-ref", kMaxAbsTol, kMeanAbsTol};
+  explicit Comparison(const ParityTolerance& t)
+      : tol(t), llama{"llama.cpp", t.max_abs, t.mean_abs}, f32{"fp32-ref", t.max_abs, t.mean_abs} {}
+  ParityTolerance tol;
+  Tally llama;
+  Tally f32;
   int near_tie_flips = 0;
 
   void Finish(const std::string& what) {
     llama.Finish(what);
     f32.Finish(what);
     std::printf("%-34s argmax differs from llama.cpp at %d near-ties (gap < %.2f)\n", what.c_str(),
-                near_tie_flips, kNearTieGap);
+                near_tie_flips, tol.near_tie);
   }
 };
 
@@ -256,14 +289,14 @@ void ComparePosition(const PositionRecord& ref, absl::Span<const float> ours,
                      const std::string& where, Comparison* c) {
   const int32_t our_argmax = Argmax(ours);
   if (our_argmax != ref.argmax) {
-    if (ref.gap < kNearTieGap) {
+    if (ref.gap < c->tol.near_tie) {
       ++c->near_tie_flips;
     } else {
       c->llama.Violation(absl::StrFormat(
           "%s: argmax %d (logit %.4f), llama.cpp %d (logit %.4f, ours %.4f), llama.cpp top-2 "
           "gap %.4f >= near-tie %.2f",
           where, our_argmax, ours[our_argmax], ref.argmax, ref.logits[0], ours[ref.argmax], ref.gap,
-          kNearTieGap));
+          c->tol.near_tie));
     }
   }
   for (size_t i = 0; i < ref.ids.size(); ++i) {
@@ -277,20 +310,26 @@ void ComparePosition(const PositionRecord& ref, absl::Span<const float> ours,
   c->f32.Add(ref.lse_f32, lse, absl::StrCat(where, " log-sum-exp"));
 }
 
-class LogitParityTest : public DefaultModelTest {
+// Each model's suite: the model loaded once per binary (test_util.h: SharedTestModel), skipped
+// with the reason when it has not been fetched unless CTXCACHE_REQUIRE_MODEL=1.
+class LogitParityTest : public ::testing::TestWithParam<ParityModel> {
  protected:
   void SetUp() override {
-    DefaultModelTest::SetUp();
+    const auto& shared = ::ctxcache::testing::SharedTestModel(GetParam().model);
+    ::ctxcache::testing::RequireModel(shared, absl::StrCat("model ", GetParam().model));
     if (IsSkipped() || HasFatalFailure()) return;
-    absl::StatusOr<LogitFixture> f = LoadLogitFixture();
+    model_ = shared->get();
+    absl::StatusOr<LogitFixture> f = LoadLogitFixture(GetParam().fixture);
     ASSERT_TRUE(f.ok()) << f.status();
     fixture_ = *std::move(f);
     if (fixture_.model_name != model().config().name ||
         fixture_.n_vocab != model().config().n_vocab) {
-      GTEST_SKIP() << "the default model is '" << model().config().name
-                   << "', the fixture was made from '" << fixture_.model_name << "'";
+      GTEST_SKIP() << "the model is '" << model().config().name << "', the fixture was made from '"
+                   << fixture_.model_name << "'";
     }
   }
+
+  const Model& model() const { return *model_; }
 
   const PromptRecord& Prompt(const std::string& name) {
     for (const PromptRecord& p : fixture_.prompts) {
@@ -300,11 +339,12 @@ class LogitParityTest : public DefaultModelTest {
     return fixture_.prompts.front();
   }
 
+  const Model* model_ = nullptr;
   LogitFixture fixture_;
   ThreadPool pool_{kThreads};
 };
 
-TEST_F(LogitParityTest, BatchedForwardMatchesLlamaCpp) {
+TEST_P(LogitParityTest, BatchedForwardMatchesLlamaCpp) {
   Runner runner(model(), &pool_);
   const int64_t n_vocab = model().config().n_vocab;
   std::printf("reference: %s\n", fixture_.source.c_str());
@@ -318,7 +358,7 @@ TEST_F(LogitParityTest, BatchedForwardMatchesLlamaCpp) {
     const absl::Status status = runner.Forward(prompt.tokens, cache, options, &logits);
     ASSERT_TRUE(status.ok()) << status;
     ASSERT_EQ(logits.size(), prompt.tokens.size() * n_vocab);
-    Comparison c;
+    Comparison c(GetParam().tol);
     for (size_t i = 0; i < prompt.tokens.size(); ++i) {
       ComparePosition(prompt.positions[i],
                       absl::MakeConstSpan(logits).subspan(i * n_vocab, n_vocab),
@@ -334,7 +374,7 @@ TEST_F(LogitParityTest, BatchedForwardMatchesLlamaCpp) {
 
 // The decode path (one token at a time, MatVec kernels, growing cache) must agree as well:
 // prefill the first half of the long prompt in one batch, then Decode the rest.
-TEST_F(LogitParityTest, PrefillThenDecodeMatchesLlamaCpp) {
+TEST_P(LogitParityTest, PrefillThenDecodeMatchesLlamaCpp) {
   const PromptRecord& prompt = Prompt("long");
   Runner runner(model(), &pool_);
   const int64_t n_vocab = model().config().n_vocab;
@@ -348,7 +388,7 @@ TEST_F(LogitParityTest, PrefillThenDecodeMatchesLlamaCpp) {
       runner.Forward(absl::MakeConstSpan(prompt.tokens).first(half), cache, options, &logits);
   ASSERT_TRUE(status.ok()) << status;
   ASSERT_EQ(logits.size(), half * n_vocab);
-  Comparison c;
+  Comparison c(GetParam().tol);
   for (size_t i = 0; i < half; ++i) {
     ComparePosition(prompt.positions[i], absl::MakeConstSpan(logits).subspan(i * n_vocab, n_vocab),
                     absl::StrCat("long prefill pos ", i), &c);
@@ -363,6 +403,8 @@ TEST_F(LogitParityTest, PrefillThenDecodeMatchesLlamaCpp) {
   EXPECT_EQ(cache.next_position, static_cast<int32_t>(n));
   c.Finish(absl::StrFormat("long (prefill %zu + decode %zu)", half, n - half));
 }
+
+INSTANTIATE_TEST_SUITE_P(Models, LogitParityTest, ::testing::ValuesIn(kModels), ParamName);
 
 }  // namespace
 }  // namespace ctxcache

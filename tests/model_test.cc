@@ -1,6 +1,9 @@
 // Engine behaviour beyond llama.cpp parity: attention observations (what compression scores
-// read), chunked prefill == one batch, embeddings input == token input, KV accounting, and
-// clear errors for bad token ids, context overflow and mismatched caches.
+// read), chunked prefill == one batch, embeddings input == token input, KV accounting, clear
+// errors for bad token ids, context overflow and mismatched caches, and Recycled Attention
+// decoding. Every test runs on both real models: the default model (SmolLM2-135M, llama) and
+// Qwen2.5-Coder-0.5B (qwen2: QKV biases, NEOX RoPE, GQA 7:1; skipped with the reason when not
+// fetched, tools/fetch_model.sh qwen2.5-0.5b, unless CTXCACHE_REQUIRE_MODEL=1).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -14,10 +17,15 @@
 namespace ctxcache {
 namespace {
 
-using ::ctxcache::testing::DefaultModelTest;
-
-class ModelTest : public DefaultModelTest {
+class ModelTest : public ::testing::TestWithParam<const char*> {
  protected:
+  void SetUp() override {
+    const auto& shared = testing::SharedTestModel(GetParam());
+    testing::RequireModel(shared, absl::StrCat("model ", GetParam()));
+    if (IsSkipped() || HasFatalFailure()) return;
+    model_ = shared->get();
+  }
+  const Model& model() const { return *model_; }
   std::vector<int32_t> Prompt(int n) const {
     std::vector<int32_t> ids = model().tokenizer().Encode(
         "The quick brown fox jumps over the lazy dog. A KV cache stores keys and values so that "
@@ -27,9 +35,11 @@ class ModelTest : public DefaultModelTest {
     ids.resize(n);
     return ids;
   }
+
+  const Model* model_ = nullptr;
 };
 
-TEST_F(ModelTest, ObservedAttentionIsACausalDistributionPerHead) {
+TEST_P(ModelTest, ObservedAttentionIsACausalDistributionPerHead) {
   ThreadPool pool(2);
   Runner runner(model(), &pool);
   KvCache cache = model().NewKvCache();
@@ -64,7 +74,7 @@ TEST_F(ModelTest, ObservedAttentionIsACausalDistributionPerHead) {
   EXPECT_EQ(cache.next_position, 40);
 }
 
-TEST_F(ModelTest, ObservationsAgreeBetweenOneBatchAndDecode) {
+TEST_P(ModelTest, ObservationsAgreeBetweenOneBatchAndDecode) {
   // The last row's attention seen in a 24-token batch equals what a decode step of that token
   // sees after a 23-token prefill (same keys; fp32 sums in a different order).
   ThreadPool pool(2);
@@ -103,7 +113,7 @@ TEST_F(ModelTest, ObservationsAgreeBetweenOneBatchAndDecode) {
   EXPECT_LT(max_diff, 0.08) << "max |dp| " << max_diff;
 }
 
-TEST_F(ModelTest, ChunkedPrefillMatchesOneBatch) {
+TEST_P(ModelTest, ChunkedPrefillMatchesOneBatch) {
   ThreadPool pool(2);
   Runner runner(model(), &pool);
   const auto ids = Prompt(100);
@@ -120,14 +130,20 @@ TEST_F(ModelTest, ChunkedPrefillMatchesOneBatch) {
   double mean = 0;
   for (size_t i = 0; i < one.size(); ++i) mean += std::fabs(one[i] - chunked[i]);
   mean /= one.size();
-  // Same math, different GEMM tiling of the batch (bf16 rounding is per element, the sums'
-  // order differs): mean |d| is a few 1e-2 at most, a position bug gives whole units.
-  EXPECT_LT(mean, 0.1) << "mean |dlogit| " << mean;
+  std::printf("chunked vs one batch: mean |dlogit| %.4f\n", mean);
+  // Same math, different batches. With the fp32 sgemm GEMM (CTXCACHE_CPU=avx2) the two differ
+  // only in summation order: measured mean |d| 0.005 (SmolLM2), 0.004 (Qwen). The bf16 GEMMs
+  // (AMX, AVX512-BF16) round activations to bf16, which turns those 1e-7 differences into
+  // flipped roundings and the difference into two independent draws of the bf16 error:
+  // measured 0.12 (SmolLM2, AVX512-BF16 on Zen 5) and 0.017 (Qwen), where logit_parity_test
+  // measures bf16-vs-fp32 means of 0.05-0.08 (SmolLM2) per prompt. 0.25 is twice the worst
+  // seen; a position or chunk-boundary bug gives whole units.
+  EXPECT_LT(mean, 0.25) << "mean |dlogit| " << mean;
   EXPECT_EQ(a.TotalEntries(), b.TotalEntries());
   EXPECT_EQ(a.next_position, b.next_position);
 }
 
-TEST_F(ModelTest, EmbeddingsInputEqualsTokenInput) {
+TEST_P(ModelTest, EmbeddingsInputEqualsTokenInput) {
   ThreadPool pool(2);
   Runner runner(model(), &pool);
   const auto ids = Prompt(20);
@@ -146,7 +162,7 @@ TEST_F(ModelTest, EmbeddingsInputEqualsTokenInput) {
   EXPECT_EQ(a, b);
 }
 
-TEST_F(ModelTest, KvAccountingAndErrors) {
+TEST_P(ModelTest, KvAccountingAndErrors) {
   ThreadPool pool(1);
   Runner runner(model(), &pool);
   const ModelConfig& c = model().config();
@@ -205,7 +221,7 @@ std::vector<int32_t> GreedyDecode(const Model& model, absl::Span<const int32_t> 
   return out;
 }
 
-TEST_F(ModelTest, RecycledAttentionOverAllKeysEqualsFullAttention) {
+TEST_P(ModelTest, RecycledAttentionOverAllKeysEqualsFullAttention) {
   // With top_k at least the context length a recycled step attends to every key, so greedy
   // output must equal full attention's (the gather path sums in another order: fp32 noise).
   const auto ids = Prompt(60);
@@ -224,7 +240,7 @@ TEST_F(ModelTest, RecycledAttentionOverAllKeysEqualsFullAttention) {
   EXPECT_EQ(state->recycled_steps(), 17 * layers);
 }
 
-TEST_F(ModelTest, RecycledAttentionWithSmallTopKStillDecodesSensibly) {
+TEST_P(ModelTest, RecycledAttentionWithSmallTopKStillDecodesSensibly) {
   const auto ids = model().tokenizer().Encode("The capital of France is", false, false);
   std::unique_ptr<RecycledAttentionState> holder;
   RecycledAttentionState* state = nullptr;
@@ -238,7 +254,7 @@ TEST_F(ModelTest, RecycledAttentionWithSmallTopKStillDecodesSensibly) {
   EXPECT_EQ(policy.Validate().code(), absl::StatusCode::kInvalidArgument);
 }
 
-TEST_F(ModelTest, FingerprintIsStableAndHex) {
+TEST_P(ModelTest, FingerprintIsStableAndHex) {
   const std::string& f = model().fingerprint();
   EXPECT_EQ(f.size(), 64u);
   EXPECT_EQ(f.find_first_not_of("0123456789abcdef"), std::string::npos);
@@ -246,6 +262,8 @@ TEST_F(ModelTest, FingerprintIsStableAndHex) {
   ASSERT_TRUE(again.ok());
   EXPECT_EQ((*again)->fingerprint(), f);
 }
+
+INSTANTIATE_TEST_SUITE_P(Models, ModelTest, testing::TestModelNames(), testing::TestModelLabel);
 
 }  // namespace
 }  // namespace ctxcache

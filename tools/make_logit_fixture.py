@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Writes the logit parity fixture tests/data/parity/logits_smollm2.bin from llama.cpp.
+"""Writes a logit parity fixture (tests/data/parity/logits_<model>.bin) from llama.cpp.
 
 The fixture is the outside reference for tests/logit_parity_test.cc: a handful of prompts
-(prose, code, a ChatML chat, numbers, and a ~1000-token document), tokenized by llama.cpp
+(prose, code, a ChatML chat, numbers, and a longer document: ~1000 tokens for SmolLM2, 160
+for Qwen2.5, whose fixture must stay small with a 152K vocabulary), tokenized by llama.cpp
 itself (so the C++ test does not depend on our tokenizer), and for every position a compact
 summary of llama.cpp's logits: the argmax, the top-1 minus top-2 gap, the log-sum-exp over the
 whole vocabulary, and the logits of the top-16 ids and of 16 pseudo-random ids (so the
@@ -10,17 +11,22 @@ comparison is not only at the top of the distribution).
 
 Next to every llama.cpp value it stores the same value from a second, independent reference:
 a plain fp32 numpy forward pass over the GGUF weights dequantized by the `gguf` package
-(class NumpyLlama below), which rounds nothing but fp32. llama.cpp rounds activations to 8
-bits for its quantized dot products; on this small model (large outlier activations) that
-alone moves logits by ~0.2 on average and by up to ~3-6 at a few positions, which the script
-prints for every prompt. Our engine rounds too (bf16 GEMM operands in prefill, 8-bit
-activations in decode, fp16 K/V), so tests/logit_parity_test.cc checks against both
-references statistically (bounds explained in tests/test_util.h).
+(class NumpyLlama below: llama, and qwen2 with its Q/K/V biases and NEOX RoPE), which rounds
+nothing but fp32. llama.cpp rounds activations to 8 bits for its quantized dot products; on
+SmolLM2 (large outlier activations) that alone moves logits by ~0.2 on average and by up to
+~3-6 at a few positions (on Qwen2.5 by ~0.06, at most ~0.7), which the script prints for
+every prompt. Our engine rounds too (bf16 GEMM operands in prefill, 8-bit activations in
+decode, fp16 K/V), so tests/logit_parity_test.cc checks against both references
+statistically (per-model bounds explained in tests/test_util.h).
 
-Rerun (needs `pip install llama-cpp-python numpy gguf`; the model from tools/fetch_model.sh;
-about a minute on 2 cores):
+Rerun (needs `pip install llama-cpp-python numpy gguf`; the model from
+tools/fetch_model.sh [NAME]; about a minute on 2 cores):
 
-    python3 tools/make_logit_fixture.py             # writes the fixture, prints the distances
+    python3 tools/make_logit_fixture.py             # SmolLM2: tests/data/parity/logits_smollm2.bin
+    python3 tools/make_logit_fixture.py --model qwen2.5-0.5b   # .../logits_qwen2.5-0.5b.bin
+
+--model takes a name (MODELS below: its GGUF in models/, its fixture path, its chat prompt and
+long-prompt length) or a GGUF path (then --out is required and the SmolLM2 prompt set is used).
 
 Binary format, version 1 (little-endian, llm.c style; every field 4 bytes unless noted):
 
@@ -64,8 +70,6 @@ N_TOP = 16
 N_RAND = 16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
-DEFAULT_OUT = os.path.join(ROOT, "tests", "data", "parity", "logits_smollm2.bin")
 
 PROSE = (
     "The old lighthouse stood at the edge of the cliff, and every night its keeper climbed "
@@ -97,6 +101,13 @@ CHAT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
     "Face<|im_end|>\n<|im_start|>user\nWhat are three good habits for keeping a small garden "
     "healthy through a dry summer?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+# The same question in Qwen2.5's ChatML, with the system prompt its template adds by default.
+QWEN_CHAT = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\n<|im_start|>user\nWhat are three good habits for keeping a small "
+    "garden healthy through a dry summer?<|im_end|>\n<|im_start|>assistant\n"
 )
 
 NUMBERS = (
@@ -150,6 +161,37 @@ def long_text(rng: random.Random) -> str:
     return "".join(parts)
 
 
+# The models this script knows by name (tools/fetch_model.sh NAME fetches each): GGUF file in
+# models/, fixture, chat prompt, tokens of the long prompt. Qwen2.5 tokenizes digits one by
+# one (numbers: 292 tokens) and has a 152K vocabulary; 160 long tokens keep its fixture at
+# ~275 KB (400 bytes per position).
+MODELS = {
+    "smollm2": dict(gguf="SmolLM2-135M-Instruct.Q4_1.gguf", out="logits_smollm2.bin",
+                    chat=CHAT, long_tokens=1000),
+    "qwen2.5-0.5b": dict(gguf="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                         out="logits_qwen2.5-0.5b.bin", chat=QWEN_CHAT, long_tokens=160),
+}
+
+
+def resolve_model(model, out, long_tokens):
+    """(GGUF path, fixture path, profile) for --model NAME_OR_PATH."""
+    if model in MODELS:
+        prof = MODELS[model]
+        path = os.path.join(ROOT, "models", prof["gguf"])
+        fetch = f"tools/fetch_model.sh {model}"
+        out = out or os.path.join(ROOT, "tests", "data", "parity", prof["out"])
+    else:
+        prof, path, fetch = MODELS["smollm2"], model, "tools/fetch_model.sh"
+        if not os.path.exists(path):
+            sys.exit(f"--model {model}: neither a model name ({', '.join(MODELS)}) nor a file")
+        if not out:
+            sys.exit("--out is required with a GGUF path (known names: "
+                     f"{', '.join(MODELS)})")
+    if not os.path.exists(path):
+        sys.exit(f"model not found: {path} (run {fetch})")
+    return path, out, dict(prof, long_tokens=long_tokens or prof["long_tokens"])
+
+
 def open_llama(model_path, **kwargs):
     """llama_cpp.Llama with weight repacking ("extra buffer types") turned off.
 
@@ -175,10 +217,11 @@ def open_llama(model_path, **kwargs):
         lib.llama_model_default_params = original
 
 
-def build_prompts(llm, long_tokens: int, seed: int):
-    """Returns [(name, token ids)] tokenized by llama.cpp (no BOS: SmolLM2 adds none)."""
+def build_prompts(llm, chat: str, long_tokens: int, seed: int):
+    """Returns [(name, token ids)] tokenized by llama.cpp (no BOS: SmolLM2 and Qwen2.5 add
+    none)."""
     rng = random.Random(seed)
-    texts = [("prose", PROSE, False), ("code", CODE, False), ("chat", CHAT, True),
+    texts = [("prose", PROSE, False), ("code", CODE, False), ("chat", chat, True),
              ("numbers", NUMBERS, False), ("long", long_text(rng), False)]
     prompts = []
     for name, text, special in texts:
@@ -241,21 +284,34 @@ def write_fixture(path, source, model_name, n_vocab, prompts, summaries):
 # ---- the independent fp32 numpy reference ------------------------------------------------
 
 class NumpyLlama:
-    """A plain fp32 Llama forward over dequantized GGUF weights (the engine's math)."""
+    """A plain fp32 Llama forward over dequantized GGUF weights (the engine's math).
+
+    Architectures llama and qwen2; qwen2 differs in three places: Q/K/V projections carry
+    biases (blk.N.attn_{q,k,v}.bias), RoPE rotates halves (x[i], x[i + hd/2]) instead of
+    adjacent pairs (NEOX style; the GGUF converter leaves Qwen's Q/K rows unpermuted), and its
+    freq_base is 1e6. The output head is output.weight, or token_embd.weight when the file has
+    none (tied). No RoPE scaling: neither model uses it.
+    """
 
     def __init__(self, path):
         from gguf import GGUFReader
         from gguf.quants import dequantize
         r = GGUFReader(path)
-        f = {k: v.contents() for k, v in r.fields.items()
-             if k.startswith("llama.")}
-        self.n_layers = f["llama.block_count"]
-        self.n_heads = f["llama.attention.head_count"]
-        self.n_kv = f["llama.attention.head_count_kv"]
-        self.d = f["llama.embedding_length"]
+        arch = r.fields["general.architecture"].contents()
+        if arch not in ("llama", "qwen2"):
+            sys.exit(f"NumpyLlama: architecture {arch} is not supported (llama, qwen2)")
+        f = {k[len(arch) + 1:]: v.contents() for k, v in r.fields.items()
+             if k.startswith(arch + ".")}
+        self.neox = arch == "qwen2"
+        self.n_layers = f["block_count"]
+        self.n_heads = f["attention.head_count"]
+        self.n_kv = f["attention.head_count_kv"]
+        self.d = f["embedding_length"]
         self.hd = self.d // self.n_heads
-        self.eps = f["llama.attention.layer_norm_rms_epsilon"]
-        self.base = f["llama.rope.freq_base"]
+        self.eps = f["attention.layer_norm_rms_epsilon"]
+        self.base = f.get("rope.freq_base", 10000.0)
+        if f.get("rope.dimension_count", self.hd) != self.hd or "rope.scaling.type" in f:
+            sys.exit("NumpyLlama: partial RoPE and RoPE scaling are not implemented")
         self.w = {}
         for t in r.tensors:
             a = dequantize(t.data, t.tensor_type).astype(np.float32)
@@ -265,16 +321,25 @@ class NumpyLlama:
     def _norm(self, x, g):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * g
 
-    def _rope(self, x, n):  # x [n, heads, hd]; GGUF llama: adjacent pairs
+    def _rope(self, x, n):  # x [n, heads, hd]; GGUF llama: adjacent pairs; qwen2: halves
         inv = self.base ** (-np.arange(0, self.hd, 2, dtype=np.float64) / self.hd)
         ang = np.arange(n)[:, None] * inv[None, :]
         c = np.cos(ang).astype(np.float32)[:, None, :]
         s = np.sin(ang).astype(np.float32)[:, None, :]
-        x0, x1 = x[..., 0::2], x[..., 1::2]
+        half = self.hd // 2
+        lo, hi = (slice(0, half), slice(half, None)) if self.neox else \
+            (slice(0, None, 2), slice(1, None, 2))
+        x0, x1 = x[..., lo], x[..., hi]
         y = np.empty_like(x)
-        y[..., 0::2] = x0 * c - x1 * s
-        y[..., 1::2] = x0 * s + x1 * c
+        y[..., lo] = x0 * c - x1 * s
+        y[..., hi] = x0 * s + x1 * c
         return y
+
+    def _proj(self, h, p, name, heads):  # [n, heads, hd], plus the bias where there is one
+        y = h @ self.w[p + name + ".weight"].T
+        if p + name + ".bias" in self.w:
+            y = y + self.w[p + name + ".bias"]
+        return y.reshape(len(h), heads, self.hd)
 
     def forward(self, ids):
         n, w = len(ids), self.w
@@ -284,9 +349,9 @@ class NumpyLlama:
         for layer in range(self.n_layers):
             p = f"blk.{layer}."
             h = self._norm(x, w[p + "attn_norm.weight"])
-            q = self._rope((h @ w[p + "attn_q.weight"].T).reshape(n, self.n_heads, self.hd), n)
-            k = self._rope((h @ w[p + "attn_k.weight"].T).reshape(n, self.n_kv, self.hd), n)
-            v = (h @ w[p + "attn_v.weight"].T).reshape(n, self.n_kv, self.hd)
+            q = self._rope(self._proj(h, p, "attn_q", self.n_heads), n)
+            k = self._rope(self._proj(h, p, "attn_k", self.n_kv), n)
+            v = self._proj(h, p, "attn_v", self.n_kv)
             att = np.empty((n, self.n_heads, self.hd), dtype=np.float32)
             for hh in range(self.n_heads):
                 s = q[:, hh] @ k[:, hh // g].T / np.sqrt(self.hd) + mask
@@ -316,29 +381,29 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="See the module docstring for the binary format.")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="GGUF path (%(default)s)")
-    ap.add_argument("--out", default=DEFAULT_OUT, help="fixture path (%(default)s)")
-    ap.add_argument("--long-tokens", type=int, default=1000,
-                    help="tokens in the long prompt (%(default)s)")
+    ap.add_argument("--model", default="smollm2",
+                    help=f"model name ({', '.join(MODELS)}) or GGUF path (%(default)s)")
+    ap.add_argument("--out", help="fixture path (default: the named model's, in tests/data/parity)")
+    ap.add_argument("--long-tokens", type=int,
+                    help="tokens in the long prompt (default: the named model's; SmolLM2 1000)")
     ap.add_argument("--seed", type=int, default=1234, help="text and random-id seed")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (%(default)s)")
     args = ap.parse_args()
 
     import llama_cpp
     from gguf import GGUFReader
-    if not os.path.exists(args.model):
-        sys.exit(f"model not found: {args.model} (run tools/fetch_model.sh)")
-    model_name = GGUFReader(args.model).fields["general.name"].contents()
-    n_ctx = max(2048, args.long_tokens + 16)
+    model_path, out, prof = resolve_model(args.model, args.out, args.long_tokens)
+    model_name = GGUFReader(model_path).fields["general.name"].contents()
+    n_ctx = max(2048, prof["long_tokens"] + 16)
     # flash_attn off: the plain attention path (fp32 softmax over an fp16 KV cache) is
     # llama.cpp's most accurate CPU configuration; the reference should not add error.
-    llm = open_llama(args.model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+    llm = open_llama(model_path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                      n_threads=args.threads, n_threads_batch=args.threads, logits_all=True,
                      flash_attn=False, verbose=False)
     n_vocab = llm.n_vocab()
-    prompts = build_prompts(llm, args.long_tokens, args.seed)
+    prompts = build_prompts(llm, prof["chat"], prof["long_tokens"], args.seed)
     rng = np.random.default_rng(args.seed)
-    reference = NumpyLlama(args.model)
+    reference = NumpyLlama(model_path)
     summaries = []
     for name, ids in prompts:
         t0 = time.time()
@@ -350,8 +415,8 @@ def main():
               f"gaps<0.05: {(gaps < 0.05).sum()}  {time.time() - t0:.1f}s", flush=True)
         report(name, logits, logits_f32)
     source = f"llama.cpp {llama_cpp.__version__} (py), no flash-attn, no repack"
-    write_fixture(args.out, source, model_name, n_vocab, prompts, summaries)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(out, source, model_name, n_vocab, prompts, summaries)
+    print(f"wrote {out} ({os.path.getsize(out)} bytes)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything ctxcache needs on a fresh Debian 12 machine, idempotently, and fetches
-# the default model. Fast (a few seconds) when everything is already there.
+# the models. Fast (a few seconds) when everything is already there.
 #   tools/setup.sh          build + test dependencies (what CI and the README commands need),
-#                           the default model, the tokenizer test vocabularies and the
+#                           the default model (SmolLM2) and the second test model (Qwen2.5,
+#                           491 MB), the tokenizer test vocabularies and the
 #                           quality harness's prose haystack
 #   tools/setup.sh --dev    also the dev-side Python tools: llama-cpp-python (peer and oracle),
 #                           gguf, numpy, matplotlib (fixtures, benchmarks, plots)
@@ -63,6 +64,9 @@ PY
 fi
 
 "$root/tools/fetch_model.sh" >/dev/null
+# The second real model (Qwen2.5-Coder-0.5B Q4_K_M, 491 MB): the model, compress and llama.cpp
+# parity tests run on it as well (qwen2: QKV biases, NEOX RoPE, K-quants).
+"$root/tools/fetch_model.sh" qwen2.5-0.5b >/dev/null
 "$root/tools/fetch_vocabs.sh"
 # The quality harness's prose haystack (Jane Austen, from Debian's r-cran-janeaustenr).
 "$root/tools/fetch_prose.py" >/dev/null

@@ -8,7 +8,7 @@ cd "$root"
 jobs="$(nproc)"
 
 tools/setup.sh
-# The model was just fetched: a test that cannot find it must fail, not skip.
+# The models were just fetched: a test that cannot find one must fail, not skip.
 export CTXCACHE_REQUIRE_MODEL=1
 # redis-server was just installed: the Redis integration tests must run, not skip.
 export CTXCACHE_REQUIRE_REDIS=1

@@ -15,9 +15,14 @@
 namespace ctxcache {
 namespace {
 
-// Output version of every method; bump a method's entry when its output changes for the
-// same input and params (cached contexts of the old version then miss).
-constexpr uint32_t kMethodVersion = 1;
+// Output version of each method; bump a method's entry when its output changes for the same
+// input and params (cached contexts of the old version then miss). server/context_key.cc
+// states the same table (ExpectedMethodVersion) and checks every computed context against it.
+//  expected_attention 2: RecoverQueries centres the keys (a better query fit on models with
+//  large K biases, e.g. Qwen2.5).
+uint32_t MethodVersion(const std::string& method) {
+  return method == "expected_attention" ? 2 : 1;
+}
 
 // Recent window SelectForQuery always keeps (question-independent, like SnapKV's window).
 constexpr int32_t kQuerySinks = 4;
@@ -81,7 +86,7 @@ CompressedContext ContextHeader(const Model& model, const CompressionSpec& spec,
   out.model_fingerprint = model.fingerprint();
   out.method = spec.method;
   out.params = spec.CanonicalParams();
-  out.method_version = kMethodVersion;
+  out.method_version = MethodVersion(spec.method);
   out.source_tokens = n;
   return out;
 }
