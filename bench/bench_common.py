@@ -18,6 +18,16 @@ def machine():
     return f"{name}, {os.cpu_count()} CPUs visible, {platform.system()} {platform.release()}"
 
 
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (first processor), sorted; [] if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^flags\s*:\s*(.*)$", f.read(), re.M)
+    except OSError:
+        return []
+    return sorted(m.group(1).split()) if m else []
+
+
 def save_merged(path, meta, new_cases):
     """Writes meta plus the cases to path, keeping earlier cases this run did not measure
     (a partial rerun replaces only its own); returns what was written."""

@@ -29,6 +29,8 @@ import statistics
 import subprocess
 import sys
 
+from bench_common import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 RESULTS = os.path.join(ROOT, "bench", "results", "roofline.json")
@@ -112,6 +114,7 @@ def main():
         })
     result = {
         "date": datetime.date.today().isoformat(),
+        "machine": machine(),  # bench_engine.py uses these ceilings only on the same machine
         "threads": args.threads,
         "reps": args.reps,
         "probe": probe,
