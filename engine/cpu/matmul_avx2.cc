@@ -137,13 +137,25 @@ CTX_AVX2 float DotRow(const uint8_t* row, int64_t nb, const int8_t* xq, const fl
   return HSum(acc) + offset;
 }
 
+// The 32 codes (0..31) of sub-block s of a Q4_K/Q5_K super-block at p: nibbles of qs (low
+// for even s, high for odd), plus, for Q5_K, bit s of each qh byte as 16 (qh preloaded).
+template <bool kQ5>
+CTX_AVX2 inline __m256i CodesQ45K(const uint8_t* p, int s, __m256i qh) {
+  constexpr int kQs = kQ5 ? 48 : 16;
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kQs + 32 * (s / 2)));
+  __m256i codes = _mm256_and_si256((s & 1) ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(0x0f));
+  if constexpr (kQ5) {
+    const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, s), _mm256_set1_epi8(1));
+    codes = _mm256_or_si256(codes, _mm256_slli_epi16(bit, 4));
+  }
+  return codes;
+}
+
 // Q4_K / Q5_K (see matmul_avx512.cc: DotRowQ45K): one sub-block of 32 (= one activation
 // block) per step, its scale d * sc * d_x and its min term -dmin * m * d_x * sum(x).
 template <bool kQ5>
 CTX_AVX2 float DotRowQ45K(const uint8_t* row, int64_t nb, const int8_t* xq, const float* ds) {
   constexpr size_t kB = kQ5 ? 176 : 144;
-  constexpr int kQs = kQ5 ? 48 : 16;
-  const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
   __m256 acc = _mm256_setzero_ps();
   float min_term = 0.0f;
   for (int64_t sb = 0; sb < nb / 8; ++sb) {
@@ -157,16 +169,8 @@ CTX_AVX2 float DotRowQ45K(const uint8_t* row, int64_t nb, const int8_t* xq, cons
     const float* dsb = ds + 16 * sb;
     float mins = 0.0f;
     for (int s = 0; s < 8; ++s) {
-      const __m256i q =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kQs + 32 * (s / 2)));
-      __m256i wv = _mm256_and_si256((s & 1) ? _mm256_srli_epi16(q, 4) : q, low4);
-      if constexpr (kQ5) {
-        // bit s of each qh byte, moved to 0x10
-        wv = _mm256_or_si256(
-            wv, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, s), one), 4));
-      }
-      const __m256i dot =
-          DotU8S8(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * s)));
+      const __m256i dot = DotU8S8(CodesQ45K<kQ5>(p, s, qh),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * s)));
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
                             _mm256_set1_ps(d * static_cast<float>(sc[s]) * dsb[2 * s]), acc);
       mins += static_cast<float>(m[s]) * dsb[2 * s + 1];
@@ -346,8 +350,7 @@ CTX_AVX2 void DequantLegacy(const uint8_t* src, float* dst, int64_t n) {
 // Q4_K / Q5_K: y = (d * sc) * q - dmin * m per sub-block of 32.
 template <bool kQ5>
 CTX_AVX2 void DequantQ45K(const uint8_t* src, float* dst, int64_t n) {
-  constexpr int kB = kQ5 ? 176 : 144, kQs = kQ5 ? 48 : 16;
-  const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+  constexpr int kB = kQ5 ? 176 : 144;
   for (int64_t sb = 0; sb < n / 256; ++sb, src += kB) {
     const float d = _cvtsh_ss(LoadU16(src)), dmin = _cvtsh_ss(LoadU16(src + 2));
     __m256i qh = _mm256_setzero_si256();
@@ -355,14 +358,7 @@ CTX_AVX2 void DequantQ45K(const uint8_t* src, float* dst, int64_t n) {
     for (int s = 0; s < 8; ++s, dst += 32) {
       uint8_t sc, m;
       quant_internal::ScaleMinK4(s, src + 4, &sc, &m);
-      const __m256i q =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + kQs + 32 * (s / 2)));
-      __m256i codes = _mm256_and_si256((s & 1) ? _mm256_srli_epi16(q, 4) : q, low4);
-      if constexpr (kQ5) {
-        codes = _mm256_or_si256(
-            codes, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, s), one), 4));
-      }
-      Emit32<Affine::kScaleSubMin>(codes, d * static_cast<float>(sc),
+      Emit32<Affine::kScaleSubMin>(CodesQ45K<kQ5>(src, s, qh), d * static_cast<float>(sc),
                                    dmin * static_cast<float>(m), dst);
     }
   }
