@@ -51,18 +51,31 @@ constexpr size_t kOffVersion = 4, kOffKind = 6, kOffDtype = 7, kOffTotalSize = 8
                  kOffDModel = 76, kOffDigestTokens = 80;
 static_assert(kOffDigestTokens + 8 == kContextHeaderBytes);
 
+// Header dtype values of version 2: the KV payload is quantized segments (kv_cache.h), one
+// per head; there are no float rows.
+constexpr uint8_t kDtypeSegInt8 = 5, kDtypeSegInt4 = 6;
 bool KnownDtype(uint8_t d) { return d >= 1 && d <= 4; }
+bool SegmentDtype(uint8_t d) { return d == kDtypeSegInt8 || d == kDtypeSegInt4; }
+
+// Bytes of a quantized head record's payload after its positions: K and V codes, then the
+// key scales and minima [ceil(n / kKeyGroup), hd] and the value ones [n, hd / kValueGroup],
+// fp16 (n < 2^32 and hd <= kMaxHeadDim, so this cannot overflow).
+uint64_t SegmentPayloadBytes(KvDtype dtype, uint64_t n, uint64_t hd) {
+  const uint64_t row = dtype == KvDtype::kInt4 ? hd / 2 : hd;
+  const uint64_t key_groups = (n + kKeyGroup - 1) / kKeyGroup;
+  return 2 * n * row + 2 * 2 * key_groups * hd + 2 * 2 * n * (hd / kValueGroup);
+}
 bool KnownKind(uint8_t k) { return k == 1 || k == 2; }
 
 // Bytes of one row of `cols` values (cols <= kMaxDModel, so this cannot overflow).
-uint64_t RowBytes(KvDtype dtype, uint64_t cols) {
+uint64_t RowBytes(BlobDtype dtype, uint64_t cols) {
   switch (dtype) {
-    case KvDtype::kF16:
-    case KvDtype::kBf16:
+    case BlobDtype::kF16:
+    case BlobDtype::kBf16:
       return 2 * cols;
-    case KvDtype::kF32:
+    case BlobDtype::kF32:
       return 4 * cols;
-    case KvDtype::kInt8:
+    case BlobDtype::kInt8:
       return 4 + cols;  // fp32 scale + one byte per value
   }
   return 4 * cols;
@@ -124,11 +137,11 @@ class Writer {
   // `rows` rows of `cols` values in `dtype`. Fails (naming `what`) where the dtype cannot
   // hold a value: a finite value past fp16's range would silently become inf, and int8's
   // scale is undefined for inf/nan.
-  absl::Status Rows(const float* x, int64_t rows, int64_t cols, KvDtype dtype,
+  absl::Status Rows(const float* x, int64_t rows, int64_t cols, BlobDtype dtype,
                     const std::string& what) {
     const int64_t n = rows * cols;
     switch (dtype) {
-      case KvDtype::kF16:
+      case BlobDtype::kF16:
         for (int64_t i = 0; i < n; ++i) {
           const uint16_t h = Fp32ToFp16(x[i]);
           if ((h & 0x7fff) == 0x7c00 && std::isfinite(x[i])) {
@@ -139,13 +152,13 @@ class Writer {
           Put(h);
         }
         return absl::OkStatus();
-      case KvDtype::kBf16:
+      case BlobDtype::kBf16:
         for (int64_t i = 0; i < n; ++i) Put(Fp32ToBf16(x[i]));
         return absl::OkStatus();
-      case KvDtype::kF32:
+      case BlobDtype::kF32:
         Bytes(x, static_cast<size_t>(n) * 4);
         return absl::OkStatus();
-      case KvDtype::kInt8:
+      case BlobDtype::kInt8:
         for (int64_t r = 0; r < rows; ++r) {
           const float* row = x + r * cols;
           float amax = 0;
@@ -171,10 +184,10 @@ class Writer {
 
   // K/V rows, which the cache holds as fp16: a straight copy at fp16; widened to fp32 in
   // `buf` and written as above for the other dtypes.
-  absl::Status Fp16Rows(const uint16_t* x, int64_t rows, int64_t cols, KvDtype dtype,
+  absl::Status Fp16Rows(const uint16_t* x, int64_t rows, int64_t cols, BlobDtype dtype,
                         const std::string& what, std::vector<float>& buf) {
     const int64_t n = rows * cols;
-    if (dtype == KvDtype::kF16) {
+    if (dtype == BlobDtype::kF16) {
       Bytes(x, static_cast<size_t>(n) * 2);
       return absl::OkStatus();
     }
@@ -188,7 +201,7 @@ class Writer {
 };
 
 // Checks that `context` is internally consistent and returns the exact encoded size.
-absl::StatusOr<uint64_t> ValidateForEncode(const CompressedContext& c, KvDtype dtype) {
+absl::StatusOr<uint64_t> ValidateForEncode(const CompressedContext& c, BlobDtype dtype) {
   if (!KnownDtype(static_cast<uint8_t>(dtype))) {
     return absl::InvalidArgumentError(absl::StrCat("unknown KV dtype ", static_cast<int>(dtype)));
   }
@@ -223,6 +236,10 @@ absl::StatusOr<uint64_t> ValidateForEncode(const CompressedContext& c, KvDtype d
     return absl::InvalidArgumentError("KV cache has heads but head_dim 0");
   }
   const uint64_t kv_row = RowBytes(dtype, static_cast<uint64_t>(kv.head_dim()));
+  // A quantized context is written as its segments (format version 2), whatever `dtype`:
+  // it has no float rows for dtype to apply to.
+  const KvDtype seg_dtype = kv.StoredDtype();
+  const bool segmented = seg_dtype != KvDtype::kF16;
   uint64_t size = kContextHeaderBytes + 2 + c.method.size() + 4 + c.params.size() +
                   static_cast<uint64_t>(n_heads) * 4 + kChecksumBytes;
   const size_t dim = static_cast<size_t>(kv.head_dim());
@@ -233,7 +250,18 @@ absl::StatusOr<uint64_t> ValidateForEncode(const CompressedContext& c, KvDtype d
       if (n > std::numeric_limits<uint32_t>::max()) {
         return absl::InvalidArgumentError(absl::StrCat(HeadName(l, h), " has ", n, " entries"));
       }
-      if (kh.k.size() != n * dim || kh.v.size() != n * dim) {
+      if (segmented) {
+        const bool one = kh.segments.size() == 1 && kh.segments[0]->dtype == seg_dtype &&
+                         kh.segments[0]->n == static_cast<int64_t>(n) && kh.k.empty();
+        if (!one && !(n == 0 && kh.segments.empty())) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              HeadName(l, h), ": a ", KvDtypeName(seg_dtype),
+              " context holds exactly one segment of that dtype per head, covering its entries"));
+        }
+      } else if (!kh.segments.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(HeadName(l, h), " holds fp16 segments (a composed cache, not a context)"));
+      } else if (kh.k.size() != n * dim || kh.v.size() != n * dim) {
         return absl::InvalidArgumentError(
             absl::StrCat(HeadName(l, h), ": k holds ", kh.k.size(), " and v ", kh.v.size(),
                          " values, expected ", n, " entries x head_dim ", dim, " = ", n * dim));
@@ -245,7 +273,7 @@ absl::StatusOr<uint64_t> ValidateForEncode(const CompressedContext& c, KvDtype d
                            ", outside [0, next_position = ", kv.next_position, ")"));
         }
       }
-      size += n * (4 + 2 * kv_row);
+      size += segmented ? n * 4 + SegmentPayloadBytes(seg_dtype, n, dim) : n * (4 + 2 * kv_row);
     }
   }
   if (c.digest_tokens < 0) {
@@ -304,13 +332,13 @@ class Reader {
     return absl::OkStatus();
   }
   // The caller has checked Need(rows * RowBytes(dtype, cols)) and sized `out`.
-  absl::Status Rows(int64_t rows, int64_t cols, KvDtype dtype, float* out, std::string_view what) {
+  absl::Status Rows(int64_t rows, int64_t cols, BlobDtype dtype, float* out, std::string_view what) {
     const char* p = data_.data() + pos_;
     const int64_t n = rows * cols;
     switch (dtype) {
-      case KvDtype::kF16:
-      case KvDtype::kBf16: {
-        const bool f16 = dtype == KvDtype::kF16;
+      case BlobDtype::kF16:
+      case BlobDtype::kBf16: {
+        const bool f16 = dtype == BlobDtype::kF16;
         for (int64_t i = 0; i < n; ++i) {
           uint16_t h;
           std::memcpy(&h, p + 2 * i, 2);
@@ -318,10 +346,10 @@ class Reader {
         }
         break;
       }
-      case KvDtype::kF32:
+      case BlobDtype::kF32:
         if (n > 0) std::memcpy(out, p, static_cast<size_t>(n) * 4);
         break;
-      case KvDtype::kInt8: {
+      case BlobDtype::kInt8: {
         const char* row = p;
         for (int64_t r = 0; r < rows; ++r, row += 4 + cols) {
           float scale;
@@ -341,12 +369,51 @@ class Reader {
     pos_ += static_cast<size_t>(rows * static_cast<int64_t>(RowBytes(dtype, cols)));
     return absl::OkStatus();
   }
+  // A quantized head's codes and fp16 scales / minima (format version 2). Scales must be
+  // finite and >= 0 and minima finite: anything else would poison every attention read.
+  absl::StatusOr<KvSegment> Segment(uint32_t n, uint32_t hd, KvDtype dtype,
+                                    const std::string& head) {
+    KvSegment seg;
+    seg.dtype = dtype;
+    seg.n = n;
+    seg.head_dim = static_cast<int>(hd);
+    RETURN_IF_ERROR(Need(SegmentPayloadBytes(dtype, n, hd), head + " quantized payload"));
+    const size_t codes = size_t{n} * static_cast<size_t>(seg.RowCodeBytes());
+    seg.kq.resize(codes);
+    seg.vq.resize(codes);
+    RETURN_IF_ERROR(Raw(seg.kq.data(), codes, "K codes"));
+    RETURN_IF_ERROR(Raw(seg.vq.data(), codes, "V codes"));
+    const size_t key_params = (size_t{n} + kKeyGroup - 1) / kKeyGroup * hd;
+    const size_t value_params = size_t{n} * (hd / kValueGroup);
+    struct Part {
+      std::vector<uint16_t>* v;
+      size_t count;
+      const char* name;
+      bool scale;
+    };
+    for (const Part& p : {Part{&seg.k_scale, key_params, "K scales", true},
+                          Part{&seg.k_min, key_params, "K minima", false},
+                          Part{&seg.v_scale, value_params, "V scales", true},
+                          Part{&seg.v_min, value_params, "V minima", false}}) {
+      const size_t at = pos_;
+      p.v->resize(p.count);
+      RETURN_IF_ERROR(Raw(p.v->data(), p.count * 2, p.name));
+      for (size_t i = 0; i < p.count; ++i) {
+        const float x = Fp16ToFp32((*p.v)[i]);
+        if (!std::isfinite(x) || (p.scale && x < 0)) {
+          return absl::InvalidArgumentError(absl::StrCat(head, " ", p.name, ": value ", x,
+                                                         " at offset ", at + 2 * i));
+        }
+      }
+    }
+    return seg;
+  }
   // K/V rows into the fp16 cache: a straight copy at fp16; the other dtypes decode to fp32
   // in `buf` as above and are rounded to nearest fp16. The caller has checked Need.
-  absl::Status Fp16Rows(int64_t rows, int64_t cols, KvDtype dtype, uint16_t* out,
+  absl::Status Fp16Rows(int64_t rows, int64_t cols, BlobDtype dtype, uint16_t* out,
                         std::string_view what, std::vector<float>& buf) {
     const int64_t n = rows * cols;
-    if (dtype == KvDtype::kF16) {
+    if (dtype == BlobDtype::kF16) {
       if (n > 0) std::memcpy(out, data_.data() + pos_, static_cast<size_t>(n) * 2);
       pos_ += static_cast<size_t>(n) * 2;
       return absl::OkStatus();
@@ -391,10 +458,10 @@ absl::Status CheckEnvelope(std::string_view bytes) {
     return Truncated(bytes.size(), kOffVersion + 2, "magic + version");
   }
   const uint16_t version = Load<uint16_t>(bytes, kOffVersion);
-  if (version != kContextFormatVersion) {
+  if (version < 1 || version > kContextFormatVersion) {
     return absl::InvalidArgumentError(
         absl::StrCat("unsupported context format version ", version, " at offset ", kOffVersion,
-                     " (this build reads version ", kContextFormatVersion,
+                     " (this build reads versions 1..", kContextFormatVersion,
                      version > kContextFormatVersion ? "; written by a newer ctxcache" : "", ")"));
   }
   if (bytes.size() < kContextHeaderBytes + kChecksumBytes) {
@@ -421,21 +488,21 @@ absl::Status CheckEnvelope(std::string_view bytes) {
 
 }  // namespace
 
-const char* KvDtypeName(KvDtype dtype) {
+const char* BlobDtypeName(BlobDtype dtype) {
   switch (dtype) {
-    case KvDtype::kF16:
+    case BlobDtype::kF16:
       return "fp16";
-    case KvDtype::kBf16:
+    case BlobDtype::kBf16:
       return "bf16";
-    case KvDtype::kF32:
+    case BlobDtype::kF32:
       return "fp32";
-    case KvDtype::kInt8:
+    case BlobDtype::kInt8:
       return "int8";
   }
   return "unknown";
 }
 
-absl::StatusOr<std::string> EncodeContext(const CompressedContext& c, KvDtype dtype) {
+absl::StatusOr<std::string> EncodeContext(const CompressedContext& c, BlobDtype dtype) {
   uint8_t fingerprint[kFingerprintBytes] = {};
   RETURN_IF_ERROR(ParseFingerprint(c.model_fingerprint, fingerprint));
   uint64_t size = 0;
@@ -446,9 +513,14 @@ absl::StatusOr<std::string> EncodeContext(const CompressedContext& c, KvDtype dt
   const uint32_t d_model =
       c.digest_tokens > 0 ? static_cast<uint32_t>(c.digest.size() / c.digest_tokens) : 0;
   w.Bytes(kContextMagic, sizeof kContextMagic);
-  w.Put(kContextFormatVersion);
+  // Version 1 whenever it suffices, so that older replicas still read fp16 contexts.
+  const KvDtype seg_dtype = kv.StoredDtype();
+  const bool segmented = seg_dtype != KvDtype::kF16;
+  w.Put(static_cast<uint16_t>(segmented ? 2 : 1));
   w.Put(static_cast<uint8_t>(c.kind));
-  w.Put(static_cast<uint8_t>(dtype));
+  w.Put(static_cast<uint8_t>(
+      segmented ? (seg_dtype == KvDtype::kInt8 ? kDtypeSegInt8 : kDtypeSegInt4)
+                : static_cast<uint8_t>(dtype)));
   w.Put(size);
   w.Bytes(fingerprint, kFingerprintBytes);
   w.Put(c.method_version);
@@ -469,6 +541,16 @@ absl::StatusOr<std::string> EncodeContext(const CompressedContext& c, KvDtype dt
       const KvHead& kh = kv.head(l, h);
       w.Put(static_cast<uint32_t>(kh.pos.size()));
       w.Bytes(kh.pos.data(), kh.pos.size() * 4);
+      if (segmented) {
+        if (kh.segments.empty()) continue;  // an empty head
+        const KvSegment& seg = *kh.segments[0];
+        w.Bytes(seg.kq.data(), seg.kq.size());
+        w.Bytes(seg.vq.data(), seg.vq.size());
+        for (const std::vector<uint16_t>* p : {&seg.k_scale, &seg.k_min, &seg.v_scale, &seg.v_min}) {
+          w.Bytes(p->data(), p->size() * 2);
+        }
+        continue;
+      }
       RETURN_IF_ERROR(
           w.Fp16Rows(kh.k.data(), kh.n(), kv.head_dim(), dtype, HeadName(l, h) + " K", buf));
       RETURN_IF_ERROR(
@@ -494,11 +576,17 @@ absl::StatusOr<CompressedContext> DecodeContext(std::string_view bytes,
     return absl::InvalidArgumentError(
         absl::StrCat("unknown context kind ", kind, " at offset ", kOffKind));
   }
-  if (!KnownDtype(dtype_byte)) {
+  const uint16_t version = Load<uint16_t>(bytes, kOffVersion);
+  const bool segmented = version >= 2 && SegmentDtype(dtype_byte);
+  if (!KnownDtype(dtype_byte) && !segmented) {
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown KV dtype ", dtype_byte, " at offset ", kOffDtype));
+        absl::StrCat("unknown KV dtype ", dtype_byte, " at offset ", kOffDtype, " (format version ",
+                     version, ")"));
   }
-  const KvDtype dtype = static_cast<KvDtype>(dtype_byte);
+  // Segments carry K/V only; the digest rows of such a blob (none allowed) would need a float
+  // dtype, so kF32 stands in and the digest check below refuses any.
+  const BlobDtype dtype = segmented ? BlobDtype::kF32 : static_cast<BlobDtype>(dtype_byte);
+  const KvDtype seg_dtype = dtype_byte == kDtypeSegInt4 ? KvDtype::kInt4 : KvDtype::kInt8;
   CompressedContext c;
   c.kind = static_cast<ContextKind>(kind);
   c.model_fingerprint =
@@ -531,6 +619,13 @@ absl::StatusOr<CompressedContext> DecodeContext(std::string_view bytes,
         " (offsets ", kOffNLayers, "..", kOffHeadDim + 3, ") is outside the limits ", kMaxLayers,
         " x ", kMaxKvHeads, " x 1..", kMaxHeadDim));
   }
+  if (segmented && (c.kind != ContextKind::kKv || c.digest_tokens != 0 ||
+                    head_dim % kValueGroup != 0 || (head_dim == 0 && n_layers > 0))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a ", KvDtypeName(seg_dtype), " context (offset ", kOffDtype, ") must be a KV context "
+        "without digest rows and a head_dim that is a multiple of ", kValueGroup, "; got kind ",
+        static_cast<int>(c.kind), ", ", c.digest_tokens, " digest tokens, head_dim ", head_dim));
+  }
   if (c.digest_tokens < 0 || d_model > kMaxDModel || (c.digest_tokens > 0) != (d_model > 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("digest shape ", c.digest_tokens, " tokens x d_model ", d_model, " (offsets ",
@@ -562,7 +657,9 @@ absl::StatusOr<CompressedContext> DecodeContext(std::string_view bytes,
       KvCache(static_cast<int>(n_layers), static_cast<int>(n_kv_heads), static_cast<int>(head_dim));
   c.kv.next_position = next_position;
   const uint64_t row = RowBytes(dtype, head_dim);
-  const uint64_t entry_bytes = 4 + 2 * row;  // position + K row + V row
+  // position + K row + V row; a quantized head's scales come on top (checked per head).
+  const uint64_t entry_bytes =
+      segmented ? 4 + 2 * (seg_dtype == KvDtype::kInt4 ? head_dim / 2 : head_dim) : 4 + 2 * row;
   std::vector<float> buf;  // a head's rows at a non-fp16 dtype, before rounding to fp16
   for (int l = 0; l < static_cast<int>(n_layers); ++l) {
     for (int h = 0; h < static_cast<int>(n_kv_heads); ++h) {
@@ -582,6 +679,12 @@ absl::StatusOr<CompressedContext> DecodeContext(std::string_view bytes,
               HeadName(l, h), ": entry ", i, " at offset ", pos_offset + size_t{i} * 4,
               " has position ", kh.pos[i], ", outside [0, next_position = ", next_position, ")"));
         }
+      }
+      if (segmented) {
+        if (n == 0) continue;
+        ASSIGN_OR_RETURN(KvSegment seg, r.Segment(n, head_dim, seg_dtype, HeadName(l, h)));
+        kh.segments.push_back(std::make_shared<const KvSegment>(std::move(seg)));
+        continue;
       }
       kh.k.resize(size_t{n} * head_dim);
       kh.v.resize(size_t{n} * head_dim);

@@ -4,13 +4,17 @@
 // overflow-checked, nothing is allocated that the input could not justify, and damage is
 // reported as a status naming the field and offset (tests/fuzz/codec_fuzz.cc fuzzes it).
 //
-// Format "CTXC", version 1. Little-endian; offsets and sizes in bytes.
+// Format "CTXC", versions 1 and 2. Little-endian; offsets and sizes in bytes. Version 2 is
+// version 1 plus quantized KV contexts (kv_dtype int8 / int4, kv_cache.h); a writer uses it
+// only for those, so fp16 contexts stay readable by builds that know only version 1 (and a
+// version-1 build refuses a quantized one by its version, with a message saying why).
 //
 //   off size  field
 //     0    4  magic "CTXC"
 //     4    2  u16 format version (1); a reader rejects versions it does not know
 //     6    1  u8  kind: 1 KV, 2 digest (ContextKind)
-//     7    1  u8  dtype of every float payload below: 1 fp16, 2 bf16, 3 fp32, 4 int8 rows
+//     7    1  u8  dtype of every float payload below: 1 fp16, 2 bf16, 3 fp32, 4 int8 rows;
+//                 version 2 only: 5 int8 segments, 6 int4 segments (KV kind, no digest rows)
 //     8    8  u64 total size of the blob, checksum included (truncation is named as such)
 //    16   32  model fingerprint: the raw SHA-256 whose lowercase hex is Model::fingerprint()
 //    48    4  u32 method_version
@@ -26,7 +30,11 @@
 //             n_layers * n_kv_heads head records, layer-major (layer 0 head 0, head 1, ...):
 //          4    u32 n, the entries this head kept
 //         4n    i32 original positions, each in [0, next_position)
-//               n K rows, then n V rows, each head_dim values in dtype
+//               n K rows, then n V rows, each head_dim values in dtype; or, for dtypes 5
+//               and 6, the head's segment: K codes then V codes ([n, head_dim] bytes for
+//               int8, [n, head_dim / 2] for int4, two channels per byte as KvSegment
+//               says), then fp16 K scales and K minima ([ceil(n / 32), head_dim] each), then
+//               fp16 V scales and V minima ([n, head_dim / 32] each)
 //             digest_tokens rows of d_model values in dtype
 //          4  u32 CRC32C of every byte before it
 //
@@ -55,21 +63,22 @@ namespace ctxcache {
 
 // How K/V rows (and digest vectors) are stored. The engine keeps K/V as fp16, so kF16 is
 // lossless for KV contexts (a copy) and half the bytes of kF32; kBf16 and kInt8 are lossy.
-enum class KvDtype : uint8_t { kF16 = 1, kBf16 = 2, kF32 = 3, kInt8 = 4 };
+enum class BlobDtype : uint8_t { kF16 = 1, kBf16 = 2, kF32 = 3, kInt8 = 4 };
 
 inline constexpr char kContextMagic[4] = {'C', 'T', 'X', 'C'};
-inline constexpr uint16_t kContextFormatVersion = 1;
+inline constexpr uint16_t kContextFormatVersion = 2;  // the newest this build reads
 inline constexpr size_t kContextHeaderBytes = 88;  // fixed part, before the method string
 
 // "fp16", "bf16", "fp32", "int8".
-const char* KvDtypeName(KvDtype dtype);
+const char* BlobDtypeName(BlobDtype dtype);
 
-// Serialises `context`. InvalidArgument if the value is inconsistent (row sizes that do not
+// Serialises `context`. `dtype` encodes float rows (fp16 K/V, digest vectors); a context
+// holding int8 / int4 segments is written as they are (format version 2), whatever dtype. InvalidArgument if the value is inconsistent (row sizes that do not
 // match the shape, positions outside [0, next_position), a fingerprint that is not 64
 // lowercase hex characters, non-finite values with kInt8, ...): a bad value is refused at
 // write time rather than stored and refused by every reader.
 absl::StatusOr<std::string> EncodeContext(const CompressedContext& context,
-                                          KvDtype dtype = KvDtype::kF16);
+                                          BlobDtype dtype = BlobDtype::kF16);
 
 // Parses bytes made by EncodeContext. Errors:
 //  * InvalidArgument: not a context (bad magic), unknown format version, truncated or

@@ -9,10 +9,11 @@ MemoryTier::MemoryTier(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes)
 
 int64_t MemoryTier::EntryBytes(const std::string& tenant, const std::string& key,
                                const CompressedContext& context) {
-  // What the resident copy holds: K and V as fp16 (kv_cache.h), an int32 position per entry,
-  // the digest as fp32, and the two key strings (so that empty contexts are not free).
+  // What the resident copy holds: K and V as stored (fp16 rows, or int8 / int4 codes with
+  // their scales; kv_cache.h), an int32 position per entry, the digest as fp32, and the two
+  // key strings (so that empty contexts are not free).
   const int64_t entries = context.kv.TotalEntries();
-  return context.kv.Bytes(sizeof(uint16_t)) + entries * static_cast<int64_t>(sizeof(int32_t)) +
+  return context.kv.StoredBytes() + entries * static_cast<int64_t>(sizeof(int32_t)) +
          static_cast<int64_t>(context.digest.size() * sizeof(float)) +
          static_cast<int64_t>(tenant.size() + key.size());
 }

@@ -3,9 +3,10 @@
 //
 // Entries are keyed by (tenant, key) as a pair, never by a concatenation a crafted key could
 // collide with. An entry is charged EntryBytes(): what its resident copy occupies (K/V as
-// fp16, as kv_cache.h stores them; an int32 position per entry; the digest as fp32) plus its
-// two key strings, so that the budget bounds the process's memory. The KV part equals the
-// fp16 "KV bytes" the service reports per context; positions add 4 bytes per entry.
+// stored: fp16 rows or int8 / int4 codes with scales, kv_cache.h; an int32 position per
+// entry; the digest as fp32) plus its two key strings, so that the budget bounds the
+// process's memory. The KV part equals the "KV bytes" the service reports per context;
+// positions add 4 bytes per entry.
 //
 // An evicted context stays alive for as long as a request holds its shared_ptr; the tier only
 // drops its own reference.

@@ -242,7 +242,7 @@ absl::Status RedisTier::Discard(const std::string& tenant, const std::string& ke
 
 absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
                             const CompressedContext& context) {
-  ASSIGN_OR_RETURN(std::string blob, EncodeContext(context, KvDtype::kF16));
+  ASSIGN_OR_RETURN(std::string blob, EncodeContext(context, BlobDtype::kF16));
   Meta meta;
   meta.write_id = RandomWriteId();
   meta.bytes = static_cast<int64_t>(blob.size());

@@ -226,7 +226,7 @@ RopeParams RopeParamsFor(const ModelConfig& c) {
 }
 
 absl::StatusOr<std::string> FindDefaultModel() {
-  constexpr const char* kFile = "SmolLM2-135M-Instruct.Q4_1.gguf";
+  constexpr const char* kFile = kDefaultModelFile;
   if (const char* env = std::getenv("CTXCACHE_MODEL"); env != nullptr && *env != '\0') {
     return std::string(env);
   }

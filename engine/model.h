@@ -151,8 +151,12 @@ class Runner {
   std::unique_ptr<Scratch> scratch_;
 };
 
-// Finds the default model: $CTXCACHE_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf
-// under the source tree or the current directory. NotFound says how to fetch it.
+// The default served model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (tools/fetch_model.sh). It
+// answers questions about a document; SmolLM2-135M, the fast model most tests run on, cannot.
+inline constexpr char kDefaultModelFile[] = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+
+// Finds the default model: $CTXCACHE_MODEL, else models/<kDefaultModelFile> under the source
+// tree, the current directory or above the executable. NotFound says how to fetch it.
 absl::StatusOr<std::string> FindDefaultModel();
 
 }  // namespace ctxcache

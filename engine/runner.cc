@@ -61,7 +61,7 @@ struct Runner::Scratch {
   std::vector<int> obs_index; // [T]: row -> index in observe_rows, or -1
   std::vector<float> full_probs;  // [n_heads, max_keys]: a recycled policy's full step
   std::vector<std::vector<float>> kf, vf;  // per KV head: visible K/V as fp32 [n_vis, hd]
-  std::vector<std::vector<float>> rows;    // per thread: a gathered K or V row as fp32 [hd]
+  std::vector<std::vector<float>> rows;    // per thread: gathered K and V rows as fp32
   DecodeAttention decode;
 };
 
@@ -202,17 +202,23 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
   }
   if (rec != nullptr) s.full_probs.assign(static_cast<size_t>(c.n_heads) * max_keys, 0.f);
 
-  // The fp16 K/V every row of the batch may see, as fp32 for sgemm: converted once per layer
-  // (not per query block), one task per (KV head, K or V).
+  // The K/V every row of the batch may see (fp16 rows, or frozen int8 / int4 segments), as
+  // fp32 for sgemm: converted once per layer (not per query block), one task per (KV head,
+  // half of its entries).
+  for (int g = 0; g < c.n_kv_heads; ++g) {
+    const KvHead& kv = cache.head(layer, g);
+    const size_t n_vis = std::upper_bound(kv.pos.begin(), kv.pos.end(), s.pos[n - 1]) - kv.pos.begin();
+    s.kf[g].resize(std::max(s.kf[g].size(), n_vis * hd));
+    s.vf[g].resize(std::max(s.vf[g].size(), n_vis * hd));
+  }
   pool_->ParallelFor(int64_t{c.n_kv_heads} * 2, [&](int64_t begin, int64_t end, int) {
     for (int64_t task = begin; task < end; ++task) {
       const int g = static_cast<int>(task / 2);
       const KvHead& kv = cache.head(layer, g);
       const int64_t n_vis =
           std::upper_bound(kv.pos.begin(), kv.pos.end(), s.pos[n - 1]) - kv.pos.begin();
-      std::vector<float>& dst = task % 2 == 0 ? s.kf[g] : s.vf[g];
-      dst.resize(std::max<size_t>(dst.size(), n_vis * hd));
-      Fp16ToFp32Row((task % 2 == 0 ? kv.k : kv.v).data(), dst.data(), n_vis * hd);
+      const int64_t b = task % 2 == 0 ? 0 : n_vis / 2, e = task % 2 == 0 ? n_vis / 2 : n_vis;
+      kv.LoadRows(b, e, static_cast<int>(hd), s.kf[g].data() + b * hd, s.vf[g].data() + b * hd);
     }
   });
 
@@ -272,8 +278,8 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
 void Runner::RecycledAttention(int layer, const KvCache& cache,
                                const RecycledAttentionState& rec) {
   // One query row against the recycled keys plus everything appended since the full step:
-  // a gather of fp16 K/V rows (converted a row at a time), so cost scales with top_k, not
-  // with the context.
+  // a gather of their K/V rows (converted, or dequantized, row by row), so cost scales with
+  // top_k, not with the context.
   const ModelConfig& c = model_.config();
   Scratch& s = *scratch_;
   const int64_t hd = c.head_dim;
@@ -281,32 +287,34 @@ void Runner::RecycledAttention(int layer, const KvCache& cache,
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   pool_->ParallelFor(c.n_heads, [&](int64_t begin, int64_t end, int tid) {
     std::vector<float>& sc = s.scores[tid];
-    std::vector<float>& row = s.rows[tid];
-    row.resize(hd);
+    std::vector<float>& rows = s.rows[tid];
     for (int64_t h = begin; h < end; ++h) {
       const int g = static_cast<int>(h) / group;
       const KvHead& kv = cache.head(layer, g);
       const std::vector<int64_t>& idx = rec.recycled(layer, g);
       const int64_t first_new = rec.first_new(layer, g);
-      const int64_t n_sel = static_cast<int64_t>(idx.size()) + (kv.n() - first_new);
+      const int64_t n_idx = static_cast<int64_t>(idx.size());
+      const int64_t n_sel = n_idx + (kv.n() - first_new);
       sc.resize(std::max<size_t>(sc.size(), n_sel));
+      rows.resize(std::max<size_t>(rows.size(), 2 * n_sel * hd));
+      float* kr = rows.data();
+      float* vr = rows.data() + n_sel * hd;
+      for (int64_t j = 0; j < n_idx; ++j) {
+        kv.LoadRows(idx[j], idx[j] + 1, static_cast<int>(hd), kr + j * hd, vr + j * hd);
+      }
+      kv.LoadRows(first_new, kv.n(), static_cast<int>(hd), kr + n_idx * hd, vr + n_idx * hd);
       const float* q = s.q.data() + h * hd;
-      auto key_at = [&](int64_t j) { return j < static_cast<int64_t>(idx.size()) ? idx[j] : first_new + (j - static_cast<int64_t>(idx.size())); };
       for (int64_t j = 0; j < n_sel; ++j) {
-        const float* k = row.data();
-        Fp16ToFp32Row(kv.k.data() + key_at(j) * hd, row.data(), hd);
         float dot = 0.f;
-        for (int64_t i = 0; i < hd; ++i) dot += q[i] * k[i];
+        for (int64_t i = 0; i < hd; ++i) dot += q[i] * kr[j * hd + i];
         sc[j] = dot * scale;
       }
       Softmax(sc.data(), n_sel);
       float* out = s.attn.data() + h * hd;
       std::fill(out, out + hd, 0.f);
       for (int64_t j = 0; j < n_sel; ++j) {
-        const float* v = row.data();
-        Fp16ToFp32Row(kv.v.data() + key_at(j) * hd, row.data(), hd);
         const float p = sc[j];
-        for (int64_t i = 0; i < hd; ++i) out[i] += p * v[i];
+        for (int64_t i = 0; i < hd; ++i) out[i] += p * vr[j * hd + i];
       }
     }
   });

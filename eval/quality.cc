@@ -12,6 +12,7 @@
 //
 //   ctxcache-eval --samples eval/work/samples.jsonl --out eval/work/raw.jsonl
 //                 [--methods streaming,snapkv,...] [--ratios 2,4,8,16,32] [--recycled]
+//                 [--kv-dtypes fp16,int8,int4]   (each selection stored every listed way)
 //                 [--threads N] [--model PATH] [--limit N]
 #include <algorithm>
 #include <chrono>
@@ -25,6 +26,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -52,6 +54,7 @@ struct Options {
   std::vector<std::string> methods = {"streaming", "snapkv",   "finch",
                                       "expected_attention", "kvzip", "anchor"};
   std::vector<double> ratios = {2, 4, 8, 16, 32};
+  std::vector<std::string> kv_dtypes = {"fp16"};
   bool recycled = false;
   int threads = 0;
   int limit = 0;
@@ -59,7 +62,8 @@ struct Options {
 
 constexpr char kUsage[] =
     "usage: ctxcache-eval --samples FILE --out FILE [--methods a,b,...] [--ratios 2,4,...]\n"
-    "                     [--recycled] [--threads N] [--model PATH] [--limit N]\n";
+    "                     [--kv-dtypes fp16,int8,int4] [--recycled] [--threads N]\n"
+    "                     [--model PATH] [--limit N]\n";
 
 absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
   Options o;
@@ -75,6 +79,10 @@ absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
       ASSIGN_OR_RETURN(o.out, value());
     } else if (a == "--model") {
       ASSIGN_OR_RETURN(o.model, value());
+    } else if (a == "--kv-dtypes") {
+      ASSIGN_OR_RETURN(std::string v, value());
+      o.kv_dtypes = absl::StrSplit(v, ',', absl::SkipEmpty());
+      for (const std::string& d : o.kv_dtypes) RETURN_IF_ERROR(ParseKvDtype(d).status());
     } else if (a == "--methods") {
       ASSIGN_OR_RETURN(std::string v, value());
       o.methods = absl::StrSplit(v, ',', absl::SkipEmpty());
@@ -239,13 +247,19 @@ absl::Status Run(const Options& opt) {
   const std::string tmpl_text = model->gguf().GetString("tokenizer.chat_template").value_or("");
   ASSIGN_OR_RETURN(ChatTemplate tmpl, DetectChatTemplate(tmpl_text, false));
 
+  // Rows name the model by its file's stem; resuming skips the samples this model has done
+  // (rows of older runs carry no model: they were SmolLM2's).
+  std::string model_name = path.substr(path.find_last_of('/') + 1);
+  if (absl::EndsWith(model_name, ".gguf")) model_name.resize(model_name.size() - 5);
   std::set<std::string> done;
   {
     std::ifstream prev(opt.out);
     for (std::string line; std::getline(prev, line);) {
       // A line cut short by an interrupted run is ignored (its sample runs again).
       const json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
-      if (j.is_object() && j.contains("id")) done.insert(j["id"].get<std::string>());
+      if (!j.is_object() || !j.contains("id")) continue;
+      const std::string m = j.value("model", std::string("SmolLM2-135M-Instruct.Q4_1"));
+      if (m == model_name) done.insert(j["id"].get<std::string>());
     }
   }
   std::vector<json> todo;
@@ -275,6 +289,7 @@ absl::Status Run(const Options& opt) {
     std::vector<json> rows;
     auto base = [&](const std::string& method, double ratio) {
       json r;
+      r["model"] = model_name;
       r["id"] = s.id;
       r["task"] = s.task;
       r["length"] = s.length;
@@ -288,23 +303,43 @@ absl::Status Run(const Options& opt) {
     ASSIGN_OR_RETURN(Outcome full, Evaluate(runner, prefill, s, DecodePolicy{}, nullptr));
     const int64_t heads = int64_t{prefill.n_layers()} * prefill.n_kv_heads();
     const int64_t full_bytes = prefill.Bytes(2);
-    auto add = [&](const std::string& method, double ratio, const KvCache& kv, const Outcome& o,
-                   double seconds) {
+    auto add = [&](const std::string& method, double ratio, const std::string& kv_dtype,
+                   const KvCache& kv, const Outcome& o, double seconds) {
       json r = base(method, ratio);
+      r["kv_dtype"] = kv_dtype;
       r["score"] = o.score;
       r["full_score"] = full.score;
       r["ll"] = o.ll;
       r["full_ll"] = full.ll;
       r["kl"] = o.kl;
       r["kept_tokens"] = static_cast<double>(kv.TotalEntries()) / static_cast<double>(heads);
-      r["kv_bytes"] = kv.Bytes(2);
+      r["kv_bytes"] = kv.StoredBytes();
       r["full_kv_bytes"] = full_bytes;
+      const double bytes_ratio =
+          static_cast<double>(full_bytes) / static_cast<double>(kv.StoredBytes());
+      r["bytes_ratio"] = bytes_ratio;
       r["compress_seconds"] = seconds;
       r["prediction"] = o.prediction;
       r["full_prediction"] = full.prediction;
       rows.push_back(std::move(r));
-      std::fprintf(stderr, "  %-18s x%-4g score %.2f (full %.2f)  kl %.3f  ll %.2f (full %.2f)\n",
-                   method.c_str(), ratio, o.score, full.score, o.kl, o.ll, full.ll);
+      std::fprintf(stderr,
+                   "  %-18s x%-4g %s (%4.1fx bytes) score %.2f (full %.2f)  kl %.3f  ll %.2f "
+                   "(full %.2f)\n",
+                   method.c_str(), ratio, kv_dtype.c_str(), bytes_ratio,
+                   o.score, full.score, o.kl, o.ll, full.ll);
+    };
+    // One selection, evaluated at every --kv-dtypes: quantizing the selected fp16 entries is
+    // what Compress does for that kv_dtype.
+    auto add_dtypes = [&](const std::string& method, double ratio, const KvCache& kv,
+                          double seconds) -> absl::Status {
+      for (const std::string& d : opt.kv_dtypes) {
+        ASSIGN_OR_RETURN(const KvDtype dtype, ParseKvDtype(d));
+        KvCache stored = kv;
+        if (dtype != KvDtype::kF16) RETURN_IF_ERROR(stored.Freeze(dtype));
+        ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, stored, s, DecodePolicy{}, &full.logp));
+        add(method, ratio, d, stored, o, seconds);
+      }
+      return absl::OkStatus();
     };
     std::fprintf(stderr, "[%zu/%zu] %s: %zu document tokens, full answer %s\n", i + 1, todo.size(),
                  s.id.c_str(), s.doc.size(), json(full.prediction).dump().c_str());
@@ -333,9 +368,7 @@ absl::Status Run(const Options& opt) {
           spec.ratio = ratio;
           const auto t0 = Clock::now();
           ASSIGN_OR_RETURN(CompressedContext ctx, Compress(runner, s.doc, spec));
-          const double seconds = Since(t0);
-          ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, ctx.kv, s, DecodePolicy{}, &full.logp));
-          add(method, ratio, ctx.kv, o, seconds);
+          RETURN_IF_ERROR(add_dtypes(method, ratio, ctx.kv, Since(t0)));
         }
         continue;
       }
@@ -345,8 +378,7 @@ absl::Status Run(const Options& opt) {
       for (double ratio : opt.ratios) {
         spec.ratio = ratio;
         ASSIGN_OR_RETURN(CompressedContext ctx, SelectScored(*model, prefill, scores, spec));
-        ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, ctx.kv, s, DecodePolicy{}, &full.logp));
-        add(method, ratio, ctx.kv, o, score_seconds);
+        RETURN_IF_ERROR(add_dtypes(method, ratio, ctx.kv, score_seconds));
       }
     }
     for (const json& r : rows) out << r.dump() << "\n";

@@ -17,16 +17,32 @@ families, templates and string-match scoring, with our own generator and haystac
                       the rest 3 times; name the 10 most common (cwe)
   fwe                 frequent-words extraction: Zipf-distributed coded words; name the 3
                       most frequent (fwe, alpha 2.0)
+  qa_prose            question answering over the prose haystack (in the spirit of RULER's
+                      qa_1/qa_2, with its QA template, but synthetic so that it is seeded and
+                      has one checkable answer): 4-8 invented facts of one kind about
+                      distinct invented people ("Cornelius Whitcombe was born in the town of
+                      Fenbury."), one sentence each, at seeded sentence boundaries of the
+                      Austen haystack; the question asks for one of them in plain words ("In
+                      which town was Cornelius Whitcombe born?") and the reference is the
+                      single answer string. The kind of fact is drawn per sample: birthplace,
+                      trade, the year of a sea voyage, the colour of the person's house. Names
+                      and answers are drawn from pools filtered against the whole of Austen,
+                      so every name and answer occurs in the document exactly once.
 
 Haystacks: "noise" is RULER's repeated "The grass is green. The sky is blue. ..."; "prose"
 is Jane Austen's six novels (public domain; Debian package r-cran-janeaustenr, extracted by
 tools/fetch_prose.py), standing in for RULER's Paul Graham essays, which are not free.
 
-Lengths are in tokens of the default model's tokenizer, counted by `ctxcache tokenize`
-(whole prompt incl. the answer budget: input tokens <= length - max_new_tokens - template
-reserve). Everything is seeded: the same arguments give byte-identical samples.
+Lengths are in tokens of the model the eval will run (--model; default $CTXCACHE_MODEL, as
+for ctxcache-eval, else the served model, Qwen2.5-Coder-0.5B-Instruct Q4_K_M), counted by
+`ctxcache tokenize --model` (whole prompt incl. the answer budget: input tokens <= length -
+max_new_tokens - template reserve). Run ctxcache-eval with the same model: another tokenizer
+gives other lengths (SmolLM2's takes ~3% more tokens than Qwen's for Austen). Each sample
+records the model it was fitted for in "fitted_for". Everything is seeded: the same
+arguments give byte-identical samples.
 
   eval/ruler.py --lengths 1024,2048 --n 2 --out eval/work/samples.jsonl
+  eval/ruler.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf --lengths 512 --out s.jsonl
 """
 import argparse
 import json
@@ -40,8 +56,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROSE = os.path.join(ROOT, "models", "prose", "austen.txt")
 NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
          "There and back again.")
-# Tokens the chat template adds around the user turn (SmolLM2's ChatML with its default
-# system prompt is ~30); the harness checks the real total and fails when it does not fit.
+DEFAULT_MODEL = os.path.join(ROOT, "models", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+# Tokens the chat template adds around the user turn, plus the difference between how the
+# harness joins the parts ("\n\n" between them, the question tokenized after the cut) and
+# how we count them ("\n"). Measured with `ctxcache tokenize --parse-special` (the
+# harness's document + suffix, less our count) on every task: Qwen2.5's ChatML with its
+# default system prompt ("You are Qwen, created by Alibaba Cloud. You are a helpful
+# assistant.", 16 tokens) adds 29-30 tokens, SmolLM2's (16 tokens) 31-32, at 1K,
+# 2K and 8K alike; 48 leaves 16 of slack. ctxcache-eval checks the real total against the
+# window and fails a sample that does not fit.
 TEMPLATE_RESERVE = 48
 
 ADJECTIVES = ("amused ancient brave bright calm clever curious daring eager early elegant "
@@ -57,29 +80,41 @@ NOUNS = ("anchor apple badger basket beacon bicycle blanket bottle bridge candle
          "violin walnut whistle willow window").split()
 
 TASKS = ("niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multivalue",
-         "niah_multiquery", "vt", "cwe", "fwe")
+         "niah_multiquery", "vt", "cwe", "fwe", "qa_prose")
 
 # max_new_tokens per task (RULER: niah 128, vt 30, cwe 120, fwe 50; ours are the answer's
 # length plus slack, to keep the CPU run bounded).
 MAX_NEW = {"niah_single_noise": 24, "niah_single_prose": 24, "niah_multikey": 24,
-           "niah_multivalue": 64, "niah_multiquery": 64, "vt": 40, "cwe": 96, "fwe": 40}
+           "niah_multivalue": 64, "niah_multiquery": 64, "vt": 40, "cwe": 96, "fwe": 40,
+           "qa_prose": 24}
 
 NIAH_INSTRUCTION = ("Some special magic {kind} are hidden within the following text. Make sure "
                     "to memorize it. I will quiz you about the {kind} afterwards.")
 
 
 class TokenCounter:
-    """Counts tokens with the project's own tokenizer (`ctxcache tokenize --ids-only`)."""
+    """Counts tokens with the project's own tokenizer (`ctxcache tokenize --ids-only`) of
+    `model` (a GGUF path; None = ctxcache's own lookup: $CTXCACHE_MODEL, else its default)."""
 
-    def __init__(self, binary):
+    def __init__(self, binary, model=None):
         self.binary = binary
+        self.model = model
+        self._cache = {}
 
     def __call__(self, text):
-        r = subprocess.run([self.binary, "tokenize", "--ids-only", "--no-bos", "-"],
-                           input=text.encode("utf-8"), capture_output=True, check=False)
+        if text in self._cache:
+            return self._cache[text]
+        cmd = [self.binary, "tokenize", "--ids-only", "--no-bos", "-"]
+        if self.model:
+            cmd[2:2] = ["--model", self.model]
+        r = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"{self.binary} tokenize failed: {r.stderr.decode()}")
-        return len(r.stdout.split())
+        n = len(r.stdout.split())
+        if len(self._cache) > 64:
+            self._cache.clear()
+        self._cache[text] = n
+        return n
 
 
 def key_phrase(rng, used):
@@ -272,6 +307,116 @@ def fwe(rng):
     return build
 
 
+# qa_prose: invented people and answers. The pools are filtered against the whole of Austen
+# (qa_pools), so a name or an answer never occurs in the haystack, only in its own fact.
+QA_FIRST = ("Albertine Ambrose Augustin Barnaby Bartholomew Cecily Clementine Cornelius Cosmo "
+            "Dorothea Drusilla Evander Ezekiel Felix Florian Gideon Griselda Horatio Ignatius "
+            "Imogen Isolde Jasper Josiah Keziah Lavinia Leander Leopold Lorenzo Lucian "
+            "Marguerite Mordecai Nathaniel Octavia Oswin Ottilie Percival Phineas Rosalind "
+            "Rupert Sabina Seraphina Silas Thaddeus Theodora Tobias Tristram Ursula Valentine "
+            "Wilfred Wilhelmina Winifred Zachariah").split()
+QA_LAST = ("Abernethy Ainsworth Ashbury Blackwood Brackenridge Bramwell Carrington Cobbold "
+           "Cresswell Dunmore Entwistle Fairweather Fotheringham Greywell Haverford "
+           "Hollingsworth Illingworth Kettering Lockridge Mallory Merriweather Northcote "
+           "Ormerod Pendlebury Pettigrew Quimby Ravensworth Rothwell Sedgwick Stallworth "
+           "Thistlewood Underhill Vexley Warburton Wetherby Whitcombe Yardley").split()
+QA_TOWN_HEADS = ("Ash Brack Bram Cold Crag Dun Elm Fal Fen Glen Gras Hather Hol Ink Kings Lang "
+                 "Lyn Mar Mor North Oak Pen Quen Red Rook Sal Stan Tam Thorn Ul Ven Wex Whit "
+                 "Wood Wy Yar").split()
+QA_TOWN_TAILS = ("bury by combe dale field ford gate ham holme hurst leigh mere more stead "
+                 "thorpe ton well wick worth").split()
+# Trades start with a consonant ("was a {answer}").
+QA_TRADES = ("bellfounder bookbinder brewer cartographer cheesemonger clockmaker cobbler "
+             "falconer ferryman furrier glassblower glazier lacemaker lamplighter locksmith "
+             "ropemaker shipwright stonemason tanner thatcher tinsmith watchmaker weaver "
+             "wheelwright").split()
+QA_COLOURS = ("burgundy cerulean chartreuse cobalt emerald heliotrope indigo lilac magenta "
+              "maroon mauve ochre primrose russet sepia turquoise vermilion violet").split()
+# kind: (fact, question, answer pool); {name} and {answer} are filled in.
+QA_KINDS = {
+    "birthplace": ("{name} was born in the town of {answer}.",
+                   "In which town was {name} born?", "towns"),
+    "trade": ("By trade, {name} was a {answer}.", "What was the trade of {name}?", "trades"),
+    "voyage_year": ("{name} set out on a long sea voyage in the year {answer}.",
+                    "In which year did {name} set out on a long sea voyage?", "years"),
+    "house_colour": ("{name} lived in a house that was painted {answer}.",
+                     "What colour was the house of {name} painted?", "colours"),
+}
+QA_INSTRUCTION = ("Answer the question based on the given text. Only give me the answer and do "
+                  "not output any other words.")
+QA_PREFIX = " Answer:"
+
+
+_AUSTEN_LOWER = None
+
+
+def austen_lower():
+    global _AUSTEN_LOWER
+    if _AUSTEN_LOWER is None:
+        if not os.path.exists(PROSE):
+            raise SystemExit(f"prose haystack missing: run tools/fetch_prose.py (expects {PROSE})")
+        with open(PROSE, encoding="utf-8") as f:
+            _AUSTEN_LOWER = f.read().lower()
+    return _AUSTEN_LOWER
+
+
+_QA_POOLS = None
+
+
+def qa_pools():
+    """The name and answer pools, less every entry that occurs anywhere in Austen (case-
+    insensitive substring: "Eleanor" is in Northanger Abbey, "Tammere" in "stammered")."""
+    global _QA_POOLS
+    if _QA_POOLS is None:
+        text = austen_lower()
+        absent = lambda xs: [x for x in xs if x.lower() not in text]  # noqa: E731
+        _QA_POOLS = {
+            "first": absent(QA_FIRST), "last": absent(QA_LAST),
+            "towns": absent(h + t for h in QA_TOWN_HEADS for t in QA_TOWN_TAILS),
+            "trades": absent(QA_TRADES), "colours": absent(QA_COLOURS),
+            "years": absent(str(y) for y in range(1600, 1900)),
+        }
+        for k, v in _QA_POOLS.items():
+            assert len(v) >= 8, (k, v)
+    return _QA_POOLS
+
+
+def qa_prose(rng, haystack_units):
+    """4-8 facts of one kind about distinct people at seeded sentence boundaries; the question
+    asks for one of them. Every name and answer occurs once in the facts (and nowhere in the
+    haystack, by qa_pools), so string_match_all on the one answer is unambiguous."""
+    pools = qa_pools()
+    kind = rng.choice(sorted(QA_KINDS))
+    fact_t, question_t, pool = QA_KINDS[kind]
+    n = rng.randint(4, 8)
+    while True:  # redraw until no answer or name is part of another fact (e.g. town = surname)
+        names = [f"{f} {l}" for f, l in zip(rng.sample(pools["first"], n),
+                                            rng.sample(pools["last"], n))]
+        answers = rng.sample(pools[pool], n)
+        facts = [fact_t.format(name=m, answer=a) for m, a in zip(names, answers)]
+        asked = rng.randrange(n)
+        question = "Question: " + question_t.format(name=names[asked])
+        joined = " ".join(facts).lower()
+        fixed = f"{QA_INSTRUCTION} {question}{QA_PREFIX}".lower()
+        if (all(joined.count(a.lower()) == 1 and a.lower() not in fixed for a in answers)
+                and all(joined.count(w.lower()) == 1 for m in names for w in m.split())):
+            break
+    order = list(range(n))
+    rng.shuffle(order)
+    depth_seed = rng.random()
+    answer = answers[asked]
+
+    def build(k):
+        units = insert_at_depths(haystack_units[:k], [facts[i] for i in order],
+                                 random.Random(depth_seed))
+        context = " ".join(units)
+        return {"instruction": QA_INSTRUCTION, "context": context, "question": question,
+                "answer_prefix": QA_PREFIX, "outputs": [answer], "reference": f" {answer}.",
+                "fact_kind": kind, "facts": facts, "asked": names[asked],
+                "prompt_text": f"{QA_INSTRUCTION}\n{context}\n{question}{QA_PREFIX}"}
+    return build
+
+
 def word_vocabulary():
     """Common English words for cwe: lower-case words of the prose haystack, 4-9 letters."""
     with open(PROSE, encoding="utf-8") as f:
@@ -284,7 +429,7 @@ def word_vocabulary():
     return sorted(seen)
 
 
-def make_sample(task, length, index, seed, count):
+def make_sample(task, length, index, seed, count, fitted_for=None):
     rng = random.Random(f"{seed}:{task}:{length}:{index}")
     max_new = MAX_NEW[task]
     budget = length - max_new - TEMPLATE_RESERVE
@@ -298,11 +443,15 @@ def make_sample(task, length, index, seed, count):
         build = cwe(rng, word_vocabulary(), length)
     elif task == "fwe":
         build = fwe(rng)
+    elif task == "qa_prose":
+        build = qa_prose(rng, prose_units(rng))
     else:
         raise SystemExit(f"unknown task {task!r}: one of {', '.join(TASKS)}")
     s = fit(build, budget, count)
     s.update({"id": f"{task}-{length}-{index}", "task": task, "length": length, "index": index,
               "max_new_tokens": max_new, "input_tokens_estimate": count(s["prompt_text"])})
+    if fitted_for:
+        s["fitted_for"] = fitted_for
     del s["prompt_text"]
     return s
 
@@ -321,16 +470,22 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ctxcache", default=os.path.join(ROOT, "build", "server", "ctxcache"),
                     help="the ctxcache CLI (its tokenizer counts tokens)")
+    ap.add_argument("--model", default=os.environ.get("CTXCACHE_MODEL") or DEFAULT_MODEL,
+                    help="GGUF whose tokenizer fits the lengths: the model ctxcache-eval will "
+                    "run (default: $CTXCACHE_MODEL, as for ctxcache-eval, else %(default)s)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    count = TokenCounter(args.ctxcache)
+    if not os.path.exists(args.model):
+        ap.error(f"--model {args.model} not found (tools/fetch_model.sh fetches the models)")
+    count = TokenCounter(args.ctxcache, args.model)
+    fitted_for = os.path.splitext(os.path.basename(args.model))[0]
     tasks = args.tasks.split(",")
     lengths = [int(x) for x in args.lengths.split(",")]
     jobs = [(t, L, i) for i in range(args.n) for L in lengths for t in tasks]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".part", "w", encoding="utf-8") as f:
         for j, (t, L, i) in enumerate(jobs):
-            s = make_sample(t, L, i, args.seed, count)
+            s = make_sample(t, L, i, args.seed, count, fitted_for)
             f.write(json.dumps(s) + "\n")
             print(f"\r[{j + 1}/{len(jobs)}] {s['id']}: ~{s['input_tokens_estimate']} tokens   ",
                   end="", file=sys.stderr, flush=True)

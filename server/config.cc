@@ -91,7 +91,7 @@ const std::vector<Setting>& Settings() {
        String(&ServerConfig::listen)},
       {"metrics_listen", "HOST:PORT for Prometheus /metrics, e.g. 127.0.0.1:9464 (default: off)",
        String(&ServerConfig::metrics_listen)},
-      {"model", "GGUF model path (default: models/SmolLM2-135M-Instruct.Q4_1.gguf)",
+      {"model", "GGUF model path (default: $CTXCACHE_MODEL, else models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)",
        String(&ServerConfig::model)},
       {"memory_cache_bytes", "memory tier budget in resident bytes, e.g. 1GiB (default 1GiB)",
        Bytes(&ServerConfig::memory_cache_bytes)},

@@ -36,6 +36,7 @@ CompressInput CompressFromProto(const pb::CompressRequest& req) {
   if (p.has_n_future()) s.n_future = p.n_future();
   if (p.has_max_positions()) s.max_positions = p.max_positions();
   if (p.has_separators()) s.separators = p.separators();
+  if (p.has_kv_dtype()) s.kv_dtype = p.kv_dtype();
   s.question = req.question();
   return in;
 }

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -19,6 +20,7 @@
 #include "common/cpu_features.h"
 #include "common/half.h"
 #include "common/thread_pool.h"
+#include "engine/kv_cache.h"
 
 namespace ctxcache {
 namespace {
@@ -97,10 +99,13 @@ std::vector<float> Reference(const KvCache& cache, int layer, int n_heads, int32
   std::vector<float> out(static_cast<size_t>(n_heads) * hd, 0.f);
   for (int h = 0; h < n_heads; ++h) {
     const KvHead& kv = cache.head(layer, h / group);
+    // K/V as fp32 through the plain reference reader (fp16 rows, or dequantized segments).
+    std::vector<float> k(kv.n() * hd), v(kv.n() * hd);
+    kv.LoadRows(0, kv.n(), hd, k.data(), v.data());
     std::vector<double> s;
     for (int64_t j = 0; j < kv.n() && kv.pos[j] <= query_pos; ++j) {
       double dot = 0;
-      for (int i = 0; i < hd; ++i) dot += double{q[h * hd + i]} * Fp16ToFp32(kv.k[j * hd + i]);
+      for (int i = 0; i < hd; ++i) dot += double{q[h * hd + i]} * k[j * hd + i];
       s.push_back(dot * scale);
     }
     if (s.empty()) continue;
@@ -109,7 +114,7 @@ std::vector<float> Reference(const KvCache& cache, int layer, int n_heads, int32
     for (double& x : s) sum += (x = std::exp(x - mx));
     for (int i = 0; i < hd; ++i) {
       double o = 0;
-      for (size_t j = 0; j < s.size(); ++j) o += s[j] / sum * Fp16ToFp32(kv.v[j * hd + i]);
+      for (size_t j = 0; j < s.size(); ++j) o += s[j] / sum * v[j * hd + i];
       out[h * hd + i] = static_cast<float>(o);
     }
   }
@@ -177,6 +182,72 @@ TEST_P(AttentionTest, DecodeMatchesReference) {
           ASSERT_NEAR(got[i], want[i], 2e-5f) << "head " << i / shape.head_dim << " dim "
                                               << i % shape.head_dim;
         }
+      }
+    }
+  }
+}
+
+// A stored context read in place: each head's first entries in frozen segments (int8, int4,
+// then fp16 rows in a segment, as ComposeContexts leaves them) and the request's own tokens
+// as fp16 rows after them. The kernels dequantize a tile at a time; the reference dequantizes
+// with KvSegment::LoadRows, so this checks the SIMD dequantization and the split of chunks at
+// segment ends.
+KvCache Segmented(const KvCache& plain) {
+  const int hd = plain.head_dim();
+  KvCache out(1, plain.n_kv_heads(), hd);
+  out.next_position = plain.next_position;
+  for (int g = 0; g < plain.n_kv_heads(); ++g) {
+    const KvHead& src = plain.head(0, g);
+    KvHead& dst = out.head(0, g);
+    dst.pos = src.pos;
+    const int64_t n = src.n();
+    // Cuts that no tile, chunk or key group divides.
+    const int64_t cuts[4] = {0, n * 3 / 7, n * 5 / 7, n * 6 / 7};
+    const KvDtype dtypes[3] = {KvDtype::kInt8, KvDtype::kInt4, KvDtype::kF16};
+    std::vector<float> k(n * hd), v(n * hd);
+    src.LoadRows(0, n, hd, k.data(), v.data());
+    for (int i = 0; i < 3; ++i) {
+      const int64_t b = cuts[i], e = cuts[i + 1];
+      if (e == b) continue;
+      absl::StatusOr<KvSegment> seg =
+          QuantizeRows(k.data() + b * hd, v.data() + b * hd, e - b, hd, dtypes[i]);
+      EXPECT_TRUE(seg.ok()) << seg.status();
+      dst.segments.push_back(std::make_shared<const KvSegment>(*std::move(seg)));
+    }
+    dst.k.assign(src.k.begin() + cuts[3] * hd, src.k.end());
+    dst.v.assign(src.v.begin() + cuts[3] * hd, src.v.end());
+  }
+  return out;
+}
+
+TEST_P(AttentionTest, DecodeReadsQuantizedSegmentsInPlace) {
+  std::mt19937 rng(23);
+  const std::vector<Shape> shapes = {
+      {9, 3, 64, {2049, 700, 1}},    // SmolLM2's heads; ragged
+      {14, 2, 64, {3001, 95}},       // Qwen2.5-0.5B's heads
+      {16, 2, 128, {1000, 33}},      // wide heads
+      {4, 4, 32, {17, 15, 64, 1025}},  // the narrowest head quantization allows
+  };
+  ThreadPool pool(2);
+  DecodeAttention attention;
+  for (size_t si = 0; si < shapes.size(); ++si) {
+    const Shape& shape = shapes[si];
+    const KvCache cache = Segmented(MakeCache(shape, rng));
+    ASSERT_EQ(cache.StoredDtype(), KvDtype::kInt8);
+    const int64_t dq = int64_t{shape.n_heads} * shape.head_dim;
+    std::normal_distribution<float> dist(0.f, 1.f);
+    std::vector<float> q(dq);
+    for (float& x : q) x = dist(rng);
+    const float scale = 1.f / std::sqrt(static_cast<float>(shape.head_dim));
+    for (int32_t query_pos : {cache.next_position, cache.next_position / 2, 3}) {
+      SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " shape " << si
+                                      << " query_pos " << query_pos);
+      std::vector<float> got(dq, std::nanf(""));
+      attention.Run(cache, 0, shape.n_heads, query_pos, q.data(), scale, got.data(), &pool);
+      const std::vector<float> want = Reference(cache, 0, shape.n_heads, query_pos, q, scale);
+      for (int64_t i = 0; i < dq; ++i) {
+        ASSERT_NEAR(got[i], want[i], 2e-5f) << "head " << i / shape.head_dim << " dim "
+                                            << i % shape.head_dim;
       }
     }
   }

@@ -44,7 +44,7 @@ expect no_args 2 "usage" -- "$bin"
 expect vocab_only_tokenize 0 "15496" -- "$bin" tokenize --model "$src/tests/data/tokenizer/suite/ggml-vocab-gpt-2.gguf" --ids-only "Hello world"
 expect vocab_only_generate 1 "is not supported" -- "$bin" generate --model "$src/tests/data/tokenizer/suite/ggml-vocab-gpt-2.gguf" --prompt hi
 
-model="$("$src/tools/fetch_model.sh" 2>/dev/null || true)"
+model="$("$src/tools/fetch_model.sh" smollm2 2>/dev/null || true)"
 if [[ -s "$model" ]]; then
   expect bad_temperature 1 "temperature" -- "$bin" generate --model "$model" --prompt hi --temperature -1
   expect bad_top_p 1 "top_p" -- "$bin" generate --model "$model" --prompt hi --top-p 0
@@ -86,7 +86,44 @@ if [[ -s "$model" ]]; then
   expect empty_doc 1 "empty" -- "$bin" compress --model "$model" --doc "$tmp/empty.txt" --method streaming --ratio 4 --out "$tmp/x.ctx"
   [[ ! -e "$tmp/x.ctx" ]] || { echo "FAIL a failed compress left $tmp/x.ctx behind"; fail=$((fail + 1)); }
 else
-  echo "skip model checks: default model not fetched (tools/fetch_model.sh)"
+  echo "skip model checks: test model not fetched (tools/fetch_model.sh smollm2)"
+fi
+
+# The served default, found with no flags: Qwen2.5-Coder-0.5B, a model that answers a question
+# about a document from the document -- in full, and from a context kept at 8x.
+qwen="$src/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+if [[ -s "$qwen" ]]; then
+  noflags=(env -u CTXCACHE_MODEL -C "$src" "$bin")
+  expect default_is_qwen 0 "qwen2" -- "${noflags[@]}" info
+  people=("Eleanor Whitcombe:Ashford" "Thomas Pembury:Larkhill" "Margaret Onslow:Dunmere")
+  for i in $(seq 1 60); do
+    case $((i % 5)) in
+      0) s="The morning was grey, and the road to the village was muddy after the rain." ;;
+      1) s="Nobody in the house could remember a winter as long as that one had been." ;;
+      2) s="The letters arrived on Tuesdays, carried up the hill by a boy on a pony." ;;
+      3) s="Dinner was served late, and the conversation turned to the price of corn." ;;
+      *) s="In the evenings the family read aloud by the fire until the candles ran low." ;;
+    esac
+    if ((i % 20 == 10)); then
+      p="${people[$((i / 20))]}"
+      s="$s ${p%%:*} was born in the town of ${p##*:}."
+    fi
+    printf '%s ' "$s"
+  done > "$tmp/facts.txt"
+  ask=" Question: In which town was Thomas Pembury born? Answer:"
+  expect qwen_compress_full 0 "1.0x compression" -- "${noflags[@]}" compress --doc "$tmp/facts.txt" \
+    --method none --out "$tmp/facts_full.ctx"
+  expect qwen_answers_full 0 "Larkhill" -- "${noflags[@]}" generate --context "$tmp/facts_full.ctx" \
+    --prompt "$ask" --temperature 0 --max-tokens 8 --quiet
+  expect qwen_compress_snapkv 0 "kept per head" -- "${noflags[@]}" compress --doc "$tmp/facts.txt" \
+    --method snapkv --ratio 8 --question "In which town was Thomas Pembury born?" \
+    --out "$tmp/facts_8x.ctx" --quiet
+  expect qwen_answers_8x 0 "Larkhill" -- "${noflags[@]}" generate --context "$tmp/facts_8x.ctx" \
+    --prompt "$ask" --temperature 0 --max-tokens 8 --quiet
+elif [[ "${CTXCACHE_REQUIRE_MODEL:-}" == 1 ]]; then
+  echo "FAIL the default model $qwen is missing (tools/fetch_model.sh)"; fail=$((fail + 1))
+else
+  echo "skip default-model checks: $qwen not fetched (tools/fetch_model.sh)"
 fi
 echo "$pass passed, $fail failed"
 [[ $fail -eq 0 ]]

@@ -167,7 +167,7 @@ void ExpectBitExact(const CompressedContext& a, const CompressedContext& b) {
   EXPECT_TRUE(SameBits(a.digest, b.digest));
 }
 
-CompressedContext RoundTrip(const CompressedContext& c, KvDtype dtype) {
+CompressedContext RoundTrip(const CompressedContext& c, BlobDtype dtype) {
   auto bytes = EncodeContext(c, dtype);
   EXPECT_TRUE(bytes.ok()) << bytes.status();
   if (!bytes.ok()) return {};
@@ -222,7 +222,7 @@ TEST(Crc32cTest, HardwareAndPortablePathsAgreeAtEveryLengthAndAlignment) {
 
 TEST(CodecTest, Fp16RoundTripIsBitExactOnEngineValues) {
   const CompressedContext c = MakeKvContext();
-  ExpectBitExact(c, RoundTrip(c, KvDtype::kF16));
+  ExpectBitExact(c, RoundTrip(c, BlobDtype::kF16));
 }
 
 TEST(CodecTest, Fp32RoundTripIsBitExactOnAnyValues) {
@@ -235,7 +235,7 @@ TEST(CodecTest, Fp32RoundTripIsBitExactOnAnyValues) {
   c.digest_tokens = 2;
   c.digest = {std::numeric_limits<float>::infinity(), -0.0f, 1e-40f /* fp32 subnormal */,
               0.1f, 1e6f, -3.3333333f};
-  ExpectBitExact(c, RoundTrip(c, KvDtype::kF32));
+  ExpectBitExact(c, RoundTrip(c, BlobDtype::kF32));
 }
 
 TEST(CodecTest, Fp16KeepsSpecialValues) {
@@ -245,12 +245,12 @@ TEST(CodecTest, Fp16KeepsSpecialValues) {
   k[1] = Fp32ToFp16(std::numeric_limits<float>::infinity());
   k[2] = Fp32ToFp16(3e-7f);  // fp16 subnormal
   k[3] = Fp32ToFp16(65504.0f);  // fp16 max
-  ExpectBitExact(c, RoundTrip(c, KvDtype::kF16));
+  ExpectBitExact(c, RoundTrip(c, BlobDtype::kF16));
 }
 
 TEST(CodecTest, Bf16RoundTripEqualsBf16Rounding) {
   const CompressedContext c = MakeKvContext();
-  const CompressedContext back = RoundTrip(c, KvDtype::kBf16);
+  const CompressedContext back = RoundTrip(c, BlobDtype::kBf16);
   ExpectSameShape(c, back);
   ForEachPayload(c, back, [](const std::vector<float>& a, const std::vector<float>& b, int) {
     ASSERT_EQ(a.size(), b.size());
@@ -265,7 +265,7 @@ TEST(CodecTest, Bf16RoundTripEqualsBf16Rounding) {
 
 TEST(CodecTest, Int8RoundTripErrsByAtMostHalfAStepPerRow) {
   const CompressedContext c = MakeKvContext();
-  const CompressedContext back = RoundTrip(c, KvDtype::kInt8);
+  const CompressedContext back = RoundTrip(c, BlobDtype::kInt8);
   ExpectSameShape(c, back);
   ForEachPayload(c, back, [](const std::vector<float>& a, const std::vector<float>& b, int cols) {
     ASSERT_EQ(a.size(), b.size());
@@ -285,10 +285,10 @@ TEST(CodecTest, Int8RoundTripErrsByAtMostHalfAStepPerRow) {
 
 TEST(CodecTest, DigestFormRoundTripsInEveryDtype) {
   const CompressedContext c = MakeDigestContext();
-  ExpectBitExact(c, RoundTrip(c, KvDtype::kF16));
-  ExpectBitExact(c, RoundTrip(c, KvDtype::kF32));
-  ExpectSameShape(c, RoundTrip(c, KvDtype::kBf16));
-  ExpectSameShape(c, RoundTrip(c, KvDtype::kInt8));
+  ExpectBitExact(c, RoundTrip(c, BlobDtype::kF16));
+  ExpectBitExact(c, RoundTrip(c, BlobDtype::kF32));
+  ExpectSameShape(c, RoundTrip(c, BlobDtype::kBf16));
+  ExpectSameShape(c, RoundTrip(c, BlobDtype::kInt8));
 }
 
 TEST(CodecTest, EmptyContextsRoundTrip) {
@@ -298,8 +298,8 @@ TEST(CodecTest, EmptyContextsRoundTrip) {
   }
   CompressedContext no_shape;
   no_shape.model_fingerprint = kFingerprint;
-  for (KvDtype dtype : {KvDtype::kF16, KvDtype::kBf16, KvDtype::kF32, KvDtype::kInt8}) {
-    SCOPED_TRACE(KvDtypeName(dtype));
+  for (BlobDtype dtype : {BlobDtype::kF16, BlobDtype::kBf16, BlobDtype::kF32, BlobDtype::kInt8}) {
+    SCOPED_TRACE(BlobDtypeName(dtype));
     ExpectBitExact(empty_heads, RoundTrip(empty_heads, dtype));
     ExpectBitExact(no_shape, RoundTrip(no_shape, dtype));
   }
@@ -308,7 +308,7 @@ TEST(CodecTest, EmptyContextsRoundTrip) {
 TEST(CodecTest, ModelSizedContextRoundTripsAndSizeMatchesTheFormat) {
   // SmolLM2-135M's shape (30 layers, 3 KV heads, head_dim 64), 1..9 entries per head.
   CompressedContext c = MakeKvContext(30, 3, 64);
-  auto bytes = EncodeContext(c, KvDtype::kF16);
+  auto bytes = EncodeContext(c, BlobDtype::kF16);
   ASSERT_TRUE(bytes.ok()) << bytes.status();
   const size_t expected = kContextHeaderBytes + 2 + c.method.size() + 4 + c.params.size() +
                           30 * 3 * 4 + c.kv.TotalEntries() * (4 + 2 * 64 * 2) + 4;
@@ -320,7 +320,7 @@ TEST(CodecTest, ModelSizedContextRoundTripsAndSizeMatchesTheFormat) {
 
 TEST(CodecTest, HeaderLayoutIsVersionOne) {
   // Pins the documented layout (codec.h): changing it needs a new format version.
-  auto bytes = EncodeContext(MakeKvContext(), KvDtype::kBf16);
+  auto bytes = EncodeContext(MakeKvContext(), BlobDtype::kBf16);
   ASSERT_TRUE(bytes.ok());
   const std::string& b = *bytes;
   EXPECT_EQ(b.substr(0, 4), "CTXC");
@@ -347,7 +347,7 @@ TEST(CodecTest, HeaderLayoutIsVersionOne) {
 
 // ---- Damaged input -------------------------------------------------------------------------
 
-std::string ValidBlob(KvDtype dtype = KvDtype::kF16) {
+std::string ValidBlob(BlobDtype dtype = BlobDtype::kF16) {
   CompressedContext c = MakeKvContext(2, 2, 3);
   c.digest_tokens = 2;
   c.digest = {1, 2, 3, 4, 5, 6};
@@ -362,7 +362,7 @@ absl::Status DecodeError(std::string_view bytes, std::string_view fingerprint = 
 }
 
 TEST(CodecTest, EveryTruncationFailsCleanly) {
-  for (KvDtype dtype : {KvDtype::kF16, KvDtype::kInt8}) {
+  for (BlobDtype dtype : {BlobDtype::kF16, BlobDtype::kInt8}) {
     const std::string valid = ValidBlob(dtype);
     for (size_t cut = 0; cut < valid.size(); ++cut) {
       const absl::Status s = DecodeError(std::string_view(valid).substr(0, cut));
@@ -398,9 +398,9 @@ TEST(CodecTest, EnvelopeErrorsSayWhatIsWrong) {
   EXPECT_THAT(std::string(DecodeError("").message()), HasSubstr("truncated"));
 
   std::string newer = valid;
-  newer[4] = 2;
+  newer[4] = 3;
   EXPECT_THAT(std::string(DecodeError(newer).message()),
-              AllOf(HasSubstr("unsupported context format version 2"), HasSubstr("newer")));
+              AllOf(HasSubstr("unsupported context format version 3"), HasSubstr("newer")));
 
   EXPECT_THAT(std::string(DecodeError(valid + "x").message()), HasSubstr("trailing bytes"));
   EXPECT_THAT(std::string(DecodeError(valid.substr(0, 100)).message()),
@@ -479,7 +479,7 @@ std::vector<ForgedCase> ForgedCases() {
       {"trailing", Reseal(v.substr(0, v.size() - 4) + "abcd" + "crc!"), "4 unparsed bytes"});
   // An int8 row whose scale is NaN: the first K row of layer 0 head 0 (after the count and
   // the positions of its entries).
-  std::string i8 = ValidBlob(KvDtype::kInt8);
+  std::string i8 = ValidBlob(BlobDtype::kInt8);
   uint32_t n0;
   std::memcpy(&n0, i8.data() + heads_at, 4);
   Poke<float>(i8, heads_at + 4 + 4 * n0, std::nanf(""));
@@ -495,6 +495,87 @@ TEST(CodecTest, ForgedFieldsFailWithClearErrors) {
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr(c.message)) << s;
   }
+}
+
+// ---- Quantized contexts (kv_dtype int8 / int4: format version 2) ----------------------------
+
+CompressedContext QuantizedContext(KvDtype dtype) {
+  CompressedContext c = MakeKvContext(3, 2, 64);
+  c.params += std::string(";kv_dtype=") + KvDtypeName(dtype);
+  EXPECT_TRUE(c.kv.Freeze(dtype).ok());
+  return c;
+}
+
+class QuantizedCodecTest : public ::testing::TestWithParam<KvDtype> {};
+
+TEST_P(QuantizedCodecTest, RoundTripIsBitExactSegmentForSegment) {
+  const CompressedContext c = QuantizedContext(GetParam());
+  auto bytes = EncodeContext(c);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  uint16_t version;
+  std::memcpy(&version, bytes->data() + 4, 2);
+  EXPECT_EQ(version, 2);
+  EXPECT_EQ(static_cast<uint8_t>((*bytes)[7]), GetParam() == KvDtype::kInt8 ? 5 : 6);
+  auto back = DecodeContext(*bytes, kFingerprint);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ExpectSameShape(c, *back);
+  EXPECT_EQ(back->kv.StoredDtype(), GetParam());
+  EXPECT_EQ(back->KvBytes(), c.KvBytes());
+  for (int l = 0; l < 3; ++l) {
+    for (int h = 0; h < 2; ++h) {
+      const KvHead& a = c.kv.head(l, h);
+      const KvHead& b = back->kv.head(l, h);
+      ASSERT_EQ(a.segments.size(), b.segments.size());
+      if (a.segments.empty()) continue;
+      const KvSegment &x = *a.segments[0], &y = *b.segments[0];
+      EXPECT_EQ(x.kq, y.kq);
+      EXPECT_EQ(x.vq, y.vq);
+      EXPECT_EQ(x.k_scale, y.k_scale);
+      EXPECT_EQ(x.k_min, y.k_min);
+      EXPECT_EQ(x.v_scale, y.v_scale);
+      EXPECT_EQ(x.v_min, y.v_min);
+    }
+  }
+  // The blob is the codes and scales (KvBytes) plus the header, strings, counts, positions
+  // and checksum: nothing is expanded on the way.
+  const int64_t entries = c.kv.TotalEntries();
+  EXPECT_EQ(static_cast<int64_t>(bytes->size()),
+            static_cast<int64_t>(kContextHeaderBytes + 2 + c.method.size() + 4 + c.params.size() +
+                                 4 * 6 + 4 * entries + 4) + c.KvBytes());
+}
+
+TEST_P(QuantizedCodecTest, DamageAndForgeriesAreRefused) {
+  const std::string v = *EncodeContext(QuantizedContext(GetParam()));
+  // Every truncation and every flipped byte: refused, never a crash.
+  for (size_t n = 0; n < v.size(); n += 7) EXPECT_FALSE(DecodeContext(v.substr(0, n)).ok()) << n;
+  for (size_t i = 0; i < v.size(); i += 5) {
+    std::string b = v;
+    b[i] ^= 0x20;
+    EXPECT_FALSE(DecodeContext(b).ok()) << i;
+  }
+  // A NaN scale behind a valid checksum: the last fp16 of the blob is a V minimum; the one
+  // before the V minima block is a V scale. Poke the last value (a minimum) to NaN.
+  std::string nan_min = v;
+  Poke<uint16_t>(nan_min, v.size() - 4 - 2, 0x7E00);
+  const absl::Status s = DecodeError(Reseal(nan_min));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("V minima: value nan"));
+  // Segment dtypes exist only in version 2: a version-1 header with one is unknown.
+  std::string v1 = v;
+  Poke<uint16_t>(v1, 4, 1);
+  EXPECT_THAT(std::string(DecodeError(Reseal(v1)).message()), HasSubstr("unknown KV dtype"));
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, QuantizedCodecTest,
+                         ::testing::Values(KvDtype::kInt8, KvDtype::kInt4),
+                         [](const auto& info) { return std::string(KvDtypeName(info.param)); });
+
+TEST(CodecTest, Fp16ContextsStayVersionOne) {
+  // Older replicas read what this build writes, unless it is quantized.
+  const std::string b = *EncodeContext(MakeKvContext());
+  uint16_t version;
+  std::memcpy(&version, b.data() + 4, 2);
+  EXPECT_EQ(version, 1);
 }
 
 TEST(CodecTest, HugeCountsFailWithoutHugeAllocations) {
@@ -535,19 +616,19 @@ TEST(CodecTest, HugeCountsFailWithoutHugeAllocations) {
 // ---- Encoder refusals ----------------------------------------------------------------------
 
 TEST(CodecTest, EncoderRefusesInconsistentContexts) {
-  auto error = [](const CompressedContext& c, KvDtype dtype = KvDtype::kF16) {
+  auto error = [](const CompressedContext& c, BlobDtype dtype = BlobDtype::kF16) {
     auto b = EncodeContext(c, dtype);
     return b.ok() ? absl::OkStatus() : b.status();
   };
   struct Case {
     std::string name;
     CompressedContext context;
-    KvDtype dtype;
+    BlobDtype dtype;
     std::string message;
   };
   std::vector<Case> cases;
   auto add = [&](std::string name, auto mutate, std::string message,
-                 KvDtype dtype = KvDtype::kF16) {
+                 BlobDtype dtype = BlobDtype::kF16) {
     CompressedContext c = MakeKvContext();
     mutate(c);
     cases.push_back({std::move(name), std::move(c), dtype, std::move(message)});
@@ -578,7 +659,7 @@ TEST(CodecTest, EncoderRefusesInconsistentContexts) {
   add(
       "int8_nan",
       [](CompressedContext& c) { c.kv.head(1, 0).k[7] = Fp32ToFp16(std::nanf("")); },
-      "layer 1 head 0 K: non-finite value at row 1", KvDtype::kInt8);
+      "layer 1 head 0 K: non-finite value at row 1", BlobDtype::kInt8);
   add(
       "digest_shape",
       [](CompressedContext& c) {
@@ -590,7 +671,7 @@ TEST(CodecTest, EncoderRefusesInconsistentContexts) {
       "digest_without_tokens", [](CompressedContext& c) { c.digest.resize(4); },
       "digest_tokens is 0");
   add(
-      "dtype", [](CompressedContext&) {}, "unknown KV dtype 9", static_cast<KvDtype>(9));
+      "dtype", [](CompressedContext&) {}, "unknown KV dtype 9", static_cast<BlobDtype>(9));
   add(
       "method", [](CompressedContext& c) { c.method = std::string(300, 'm'); },
       "method name is 300 bytes");
@@ -604,8 +685,8 @@ TEST(CodecTest, EncoderRefusesInconsistentContexts) {
   CompressedContext big = MakeKvContext();
   big.digest_tokens = 1;
   big.digest = {1.0f, 2.0f, 1e6f};
-  EXPECT_TRUE(error(big, KvDtype::kBf16).ok());
-  EXPECT_TRUE(error(big, KvDtype::kF32).ok());
+  EXPECT_TRUE(error(big, BlobDtype::kBf16).ok());
+  EXPECT_TRUE(error(big, BlobDtype::kF32).ok());
 }
 
 // ---- Files ---------------------------------------------------------------------------------
@@ -638,7 +719,7 @@ class ContextFileTest : public ::testing::Test {
 
 TEST_F(ContextFileTest, WritesReadsAndReplaces) {
   const std::string path = dir_ + "/doc.ctxc";
-  const std::string first = ValidBlob(), second = ValidBlob(KvDtype::kF32);
+  const std::string first = ValidBlob(), second = ValidBlob(BlobDtype::kF32);
   ASSERT_TRUE(WriteContextFile(path, first).ok());
   auto read = ReadContextFile(path);
   ASSERT_TRUE(read.ok()) << read.status();

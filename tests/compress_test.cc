@@ -209,6 +209,10 @@ TEST(SpecTest, ValidationCodesAndMessages) {
   bad = s;
   bad.ratio = std::nan("");
   EXPECT_EQ(code_of(bad).code(), absl::StatusCode::kInvalidArgument);
+  bad = s;
+  bad.kv_dtype = "int2";
+  EXPECT_EQ(code_of(bad).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(code_of(bad).message()), HasSubstr("fp16, int8 or int4"));
 }
 
 TEST(SpecTest, CanonicalParamsAreSortedAndMethodSpecific) {
@@ -226,6 +230,11 @@ TEST(SpecTest, CanonicalParamsAreSortedAndMethodSpecific) {
   CompressionSpec none;
   none.method = "none";
   EXPECT_EQ(none.CanonicalParams(), "");
+  // kv_dtype only when not the default, so fp16 contexts keep the keys they always had.
+  none.kv_dtype = "int4";
+  EXPECT_EQ(none.CanonicalParams(), "kv_dtype=int4");
+  s.kv_dtype = "int8";
+  EXPECT_EQ(s.CanonicalParams(), "kernel=5;kv_dtype=int8;n_sink=4;per_layer=0;pooling=avg;ratio=8");
 }
 
 // ---- RoPE re-rotation and query recovery -------------------------------------------------------
@@ -848,6 +857,97 @@ TEST_P(CompressModelTest, CompressedContextsComposeAndDecode) {
               GetParam(), static_cast<long long>(n1), static_cast<long long>(n2),
               static_cast<long long>(b1), static_cast<long long>(b2),
               absl::CEscape(full.text).c_str(), absl::CEscape(recycled_small.text).c_str());
+}
+
+// KL(p || q) of two logit rows' softmax distributions.
+double KlOfLogits(const float* p_logits, const float* q_logits, int64_t n) {
+  const float mp = *std::max_element(p_logits, p_logits + n);
+  const float mq = *std::max_element(q_logits, q_logits + n);
+  double zp = 0, zq = 0;
+  for (int64_t i = 0; i < n; ++i) zp += std::exp(double{p_logits[i]} - mp), zq += std::exp(double{q_logits[i]} - mq);
+  double kl = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double lp = p_logits[i] - mp - std::log(zp), lq = q_logits[i] - mq - std::log(zq);
+    kl += std::exp(lp) * (lp - lq);
+  }
+  return kl;
+}
+
+// kv_dtype int8 / int4: the same kept entries in fewer bytes, next-token distributions close
+// to the fp16 context's, and composition that reads the first context's segments in place
+// (shared, not copied) and requantizes a shifted second one; Recycled Attention's row gather
+// over quantized entries matches full attention when its top-K covers every key.
+TEST_P(CompressModelTest, QuantizedContextsStayCloseAndComposeInPlace) {
+  const std::vector<int32_t> doc =
+      Tokens(Filler(14) + "Alice keeps a red notebook in her desk. " + Filler(14), true);
+  const std::vector<int32_t> doc2 =
+      Tokens(Filler(9) + "Bob has a green bicycle in his garage. " + Filler(9), false);
+  const std::string prompt = "\nQuestion: What does Alice keep in her desk?\nAnswer:";
+  const std::vector<int32_t> question = Tokens(prompt, false);
+  CompressionSpec spec;
+  spec.method = "snapkv";
+  spec.ratio = 2;
+  spec.question = "\nWhat does Alice keep in her desk?";
+  const int64_t n_vocab = model().config().n_vocab;
+  auto last_logits = [&](const KvCache& cache) {
+    KvCache work = cache;
+    std::vector<float> logits;
+    EXPECT_TRUE(runner().Forward(question, work, {}, &logits).ok());
+    return logits;
+  };
+  absl::StatusOr<CompressedContext> fp16 = Compress(runner(), doc, spec);
+  ASSERT_TRUE(fp16.ok()) << fp16.status();
+  const std::vector<float> want = last_logits(fp16->kv);
+  for (const char* dtype : {"int8", "int4"}) {
+    SCOPED_TRACE(dtype);
+    CompressionSpec q = spec;
+    q.kv_dtype = dtype;
+    absl::StatusOr<CompressedContext> c = Compress(runner(), doc, q);
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ(KvDtypeName(c->kv.StoredDtype()), std::string(dtype));
+    EXPECT_EQ(c->KeptEntries(), fp16->KeptEntries());
+    for (int l = 0; l < c->kv.n_layers(); ++l) {
+      EXPECT_EQ(c->kv.head(l, 1).pos, fp16->kv.head(l, 1).pos) << "layer " << l;
+    }
+    // Bytes per entry at head_dim 64: fp16 256; int8 128 + 16 of scales (+ key groups);
+    // int4 64 + 16.
+    const double bytes = static_cast<double>(c->KvBytes()) / fp16->KvBytes();
+    EXPECT_LT(bytes, std::string(dtype) == "int8" ? 0.6 : 0.35);
+    EXPECT_NEAR(c->BytesRatio(), 2.0 / bytes, 0.1);
+    const std::vector<float> got = last_logits(c->kv);
+    ExpectFinite(got, dtype);
+    const double kl = KlOfLogits(want.data(), got.data(), n_vocab);
+    std::printf("%s %s: %.3f of the fp16 bytes, KL(fp16 || %s) of the next token %.5f\n",
+                GetParam(), dtype, bytes, dtype, kl);
+    // Measured: int8 1.2e-3 / 1.2e-4, int4 1.3e-2 / 2.3e-3 (SmolLM2 / Qwen). The bounds leave
+    // room for other machines' fp32 summation orders, not for a wrong dequantization (KL > 1).
+    EXPECT_LT(kl, std::string(dtype) == "int8" ? 0.01 : 0.2);
+  }
+  CompressionSpec s4 = spec, s8 = spec;
+  s4.kv_dtype = "int4";
+  s8.kv_dtype = "int8";
+  s8.question = "\nWhat does Bob have in his garage?";
+  absl::StatusOr<CompressedContext> c1 = Compress(runner(), doc, s4);
+  absl::StatusOr<CompressedContext> c2 = Compress(runner(), doc2, s8);
+  ASSERT_TRUE(c1.ok() && c2.ok());
+  const CompressedContext* parts[] = {&*c1, &*c2};
+  absl::StatusOr<KvCache> composed = ComposeContexts(parts, model());
+  ASSERT_TRUE(composed.ok()) << composed.status();
+  const int64_t n1 = static_cast<int64_t>(doc.size());
+  EXPECT_EQ(composed->next_position, n1 + static_cast<int64_t>(doc2.size()));
+  const KvHead& h = composed->head(2, 0);
+  ASSERT_EQ(h.segments.size(), 2u);
+  EXPECT_EQ(h.segments[0].get(), c1->kv.head(2, 0).segments[0].get()) << "not read in place";
+  EXPECT_EQ(h.segments[1]->dtype, KvDtype::kInt8);
+  EXPECT_EQ(h.pos.back(), n1 + c2->kv.head(2, 0).pos.back());
+  const std::string bob = "\nQuestion: What colour is Bob's bicycle?\nAnswer:";
+  const GenerateResult full = Greedy(*composed, bob, 10);
+  DecodePolicy every_key;
+  every_key.kind = DecodePolicy::Kind::kRecycled;
+  every_key.stride = 4;
+  every_key.top_k = 100000;
+  EXPECT_EQ(Greedy(*composed, bob, 10, every_key).tokens, full.tokens) << full.text;
+  std::printf("%s: int4 + int8 composed: \"%s\"\n", GetParam(), absl::CEscape(full.text).c_str());
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CompressModelTest, testing::TestModelNames(),

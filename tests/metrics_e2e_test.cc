@@ -184,7 +184,7 @@ TEST(MetricsHttpTest, ServesMetricsOnly) {
 
 // ---- the server end to end ----------------------------------------------------------------
 
-class MetricsE2ETest : public DefaultModelTest {
+class MetricsE2ETest : public FastModelTest {
  protected:
   static void SetUpTestSuite() { (void)server::ConfigureLogging("plain", "warn"); }
 };

@@ -84,7 +84,7 @@ void ExpectSameContext(const CompressedContext& a, const CompressedContext& b) {
   EXPECT_EQ(a.digest, b.digest);
 }
 
-int64_t BlobBytes(const CompressedContext& c) { return EncodeContext(c, KvDtype::kF16)->size(); }
+int64_t BlobBytes(const CompressedContext& c) { return EncodeContext(c, BlobDtype::kF16)->size(); }
 
 struct ReplyDeleter {
   void operator()(redisReply* r) const { freeReplyObject(r); }

@@ -168,7 +168,7 @@ int HealthStatus(const std::shared_ptr<grpc::Channel>& channel, const std::strin
   return bytes[1];
 }
 
-class ServerE2ETest : public DefaultModelTest {
+class ServerE2ETest : public FastModelTest {
  protected:
   struct Running {
     std::unique_ptr<ServerInstance> server;

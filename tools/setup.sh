@@ -63,10 +63,11 @@ import numpy, gguf, matplotlib, llama_cpp
 PY
 fi
 
-"$root/tools/fetch_model.sh" >/dev/null
-# The second real model (Qwen2.5-Coder-0.5B Q4_K_M, 491 MB): the model, compress and llama.cpp
-# parity tests run on it as well (qwen2: QKV biases, NEOX RoPE, K-quants).
+# The default served model (Qwen2.5-Coder-0.5B Q4_K_M, 491 MB), and SmolLM2-135M, the fast
+# model most tests run on (ctest points CTXCACHE_MODEL at it); the model, compress and
+# llama.cpp parity tests run on both.
 "$root/tools/fetch_model.sh" qwen2.5-0.5b >/dev/null
+"$root/tools/fetch_model.sh" smollm2 >/dev/null
 "$root/tools/fetch_vocabs.sh"
 # The quality harness's prose haystack (Jane Austen, from Debian's r-cran-janeaustenr).
 "$root/tools/fetch_prose.py" >/dev/null

@@ -52,6 +52,14 @@ absl::Status Prefill(Runner& runner, absl::Span<const int32_t> doc, KvCache& cac
   return absl::OkStatus();
 }
 
+// The last step of every method: the kept entries in the spec's kv_dtype. fp16 stays plain
+// rows (what the codec has always stored); int8 / int4 become one frozen segment per head.
+absl::Status StoreAs(const CompressionSpec& spec, KvCache& kv) {
+  ASSIGN_OR_RETURN(const KvDtype dtype, ParseKvDtype(spec.kv_dtype));
+  if (dtype == KvDtype::kF16) return absl::OkStatus();
+  return kv.Freeze(dtype);
+}
+
 }  // namespace
 
 std::vector<int32_t> WindowTokens(const Model& model, const CompressionSpec& spec) {
@@ -170,6 +178,7 @@ absl::StatusOr<CompressedContext> SelectScored(const Model& model, const KvCache
   select.recent_from = scores.recent_from;
   ASSIGN_OR_RETURN(out.kv, Select(prefill, scores.scores, select));
   out.kv.next_position = static_cast<int32_t>(n);
+  RETURN_IF_ERROR(StoreAs(spec, out.kv));
   return out;
 }
 
@@ -185,11 +194,13 @@ absl::StatusOr<CompressedContext> Compress(Runner& runner, absl::Span<const int3
   if (spec.method == "finch") {
     CompressedContext out = ContextHeader(model, spec, n);
     ASSIGN_OR_RETURN(out.kv, RunFinch(runner, doc_tokens, spec, budget, progress));
+    RETURN_IF_ERROR(StoreAs(spec, out.kv));
     return out;
   }
   if (spec.method == "none" || budget >= n) {  // nothing to prune
     CompressedContext out = ContextHeader(model, spec, n);
     ASSIGN_OR_RETURN(out.kv, PrefillDocument(runner, doc_tokens, progress));
+    RETURN_IF_ERROR(StoreAs(spec, out.kv));
     return out;
   }
   // Fail on the window before spending a prefill.
@@ -233,8 +244,15 @@ absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* cons
           absl::StrCat("composed contexts need ", offset + kv.next_position, " positions (context ",
                        i, "), more than the model's ", c.n_ctx_train, "-token window"));
     }
+    // The first context is read in place (its frozen segments shared, not copied). A later
+    // one's keys are re-rotated to follow the previous ones, through fp32, and a quantized
+    // context is quantized again at its dtype (its keys rounded a second time).
     KvCache shifted = kv;
-    ShiftPositions(shifted, static_cast<int32_t>(offset), rope);
+    if (offset != 0) {
+      const KvDtype dtype = shifted.StoredDtype();
+      ShiftPositions(shifted, static_cast<int32_t>(offset), rope);
+      if (dtype != KvDtype::kF16) RETURN_IF_ERROR(shifted.Freeze(dtype));
+    }
     for (int l = 0; l < c.n_layers; ++l) {
       for (int h = 0; h < c.n_kv_heads; ++h) {
         const KvHead& src = shifted.head(l, h);
@@ -243,8 +261,17 @@ absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* cons
           return absl::InvalidArgumentError(absl::StrCat(
               "context ", i, " holds positions before its next_position of the previous ones"));
         }
-        dst.k.insert(dst.k.end(), src.k.begin(), src.k.end());
-        dst.v.insert(dst.v.end(), src.v.begin(), src.v.end());
+        // Every context becomes frozen segments of the result, so the request's own tokens
+        // (appended as fp16 rows) come after all of them. fp16 rows are copied once here.
+        dst.segments.insert(dst.segments.end(), src.segments.begin(), src.segments.end());
+        if (!src.k.empty()) {
+          KvSegment seg;
+          seg.n = src.n() - src.n_frozen();
+          seg.head_dim = c.head_dim;
+          seg.k16 = src.k;
+          seg.v16 = src.v;
+          dst.segments.push_back(std::make_shared<const KvSegment>(std::move(seg)));
+        }
         dst.pos.insert(dst.pos.end(), src.pos.begin(), src.pos.end());
       }
     }

@@ -52,6 +52,9 @@ struct CompressionSpec {
   int64_t max_positions = 0;
   // anchor: bytes that make a token a separator when the token is made of them (plus spaces).
   std::string separators = ".,?!;:\n";
+  // How the kept entries are stored (every method): "fp16", or KIVI-style "int8" / "int4"
+  // (kv_cache.h), which the cache tiers and decode attention read without expanding.
+  std::string kv_dtype = "fp16";
 
   // InvalidArgument, with a message a person can act on, for unknown methods, a missing or
   // doubled budget, and knobs out of range.

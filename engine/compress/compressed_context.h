@@ -35,10 +35,17 @@ struct CompressedContext {
   int64_t FullEntries() const {
     return source_tokens * kv.n_layers() * kv.n_kv_heads();
   }
-  // KV bytes at fp16: what is used, and what the uncompressed context would need.
-  int64_t KvBytes() const { return kv.Bytes(2); }
+  // KV bytes: what the kept entries take as stored (fp16 rows, or int8 / int4 codes with
+  // their scales), and what the uncompressed context would need at fp16. Positions (4 bytes
+  // per kept entry) are counted in neither.
+  int64_t KvBytes() const { return kv.StoredBytes(); }
   int64_t FullKvBytes() const {
     return FullEntries() * 2 * kv.head_dim() * 2;
+  }
+  // The compression every report states: fp16 bytes of the full KV / bytes stored.
+  double BytesRatio() const {
+    const int64_t used = KvBytes();
+    return used > 0 ? static_cast<double>(FullKvBytes()) / static_cast<double>(used) : 0.0;
   }
 };
 

@@ -53,13 +53,23 @@ void ShiftKeys(uint16_t* k, int64_t n_rows, int hd, int32_t delta, const RopePar
   Fp32ToFp16Row(buf.data(), k, n_rows * hd);
 }
 
+// The kept entries as fp16 rows; entries of a frozen segment (a stored context selected per
+// query) are dequantized one row at a time.
 void Gather(const KvHead& src, const std::vector<int64_t>& idx, int hd, KvHead& dst) {
   dst.k.resize(idx.size() * hd);
   dst.v.resize(idx.size() * hd);
   dst.pos.resize(idx.size());
+  const int64_t frozen = src.n_frozen();
+  std::vector<float> row(2 * hd);
   for (size_t i = 0; i < idx.size(); ++i) {
-    std::copy_n(src.k.data() + idx[i] * hd, hd, dst.k.data() + i * hd);
-    std::copy_n(src.v.data() + idx[i] * hd, hd, dst.v.data() + i * hd);
+    if (idx[i] < frozen) {
+      src.LoadRows(idx[i], idx[i] + 1, hd, row.data(), row.data() + hd);
+      Fp32ToFp16Row(row.data(), dst.k.data() + i * hd, hd);
+      Fp32ToFp16Row(row.data() + hd, dst.v.data() + i * hd, hd);
+    } else {
+      std::copy_n(src.k.data() + (idx[i] - frozen) * hd, hd, dst.k.data() + i * hd);
+      std::copy_n(src.v.data() + (idx[i] - frozen) * hd, hd, dst.v.data() + i * hd);
+    }
     dst.pos[i] = src.pos[idx[i]];
   }
 }
@@ -137,15 +147,18 @@ void TruncateHeads(KvCache& cache, absl::Span<const int64_t> lengths) {
   for (int l = 0; l < cache.n_layers(); ++l) {
     for (int h = 0; h < cache.n_kv_heads(); ++h) {
       KvHead& kh = cache.head(l, h);
-      const int64_t n = std::min(kh.n(), lengths[l * cache.n_kv_heads() + h]);
+      // Frozen entries stay (only appended rows are dropped).
+      const int64_t frozen = kh.n_frozen();
+      const int64_t n = std::max(frozen, std::min(kh.n(), lengths[l * cache.n_kv_heads() + h]));
       kh.pos.resize(n);
-      kh.k.resize(n * hd);
-      kh.v.resize(n * hd);
+      kh.k.resize((n - frozen) * hd);
+      kh.v.resize((n - frozen) * hd);
     }
   }
 }
 
 void CompactPositions(KvCache& cache, const RopeParams& rope) {
+  cache.Thaw();
   const int hd = cache.head_dim();
   std::vector<float> buf;
   for (int l = 0; l < cache.n_layers(); ++l) {
@@ -163,6 +176,7 @@ void CompactPositions(KvCache& cache, const RopeParams& rope) {
 
 void ShiftPositions(KvCache& cache, int32_t delta, const RopeParams& rope) {
   if (delta == 0) return;
+  cache.Thaw();
   std::vector<float> buf;
   for (int l = 0; l < cache.n_layers(); ++l) {
     for (int h = 0; h < cache.n_kv_heads(); ++h) {

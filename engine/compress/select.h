@@ -38,12 +38,13 @@ struct SelectOptions {
 absl::StatusOr<KvCache> Select(const KvCache& cache, const HeadScores& scores,
                                const SelectOptions& options);
 
-// Drops each head's entries past lengths[layer * n_kv_heads + head].
+// Drops each head's entries past lengths[layer * n_kv_heads + head] (never frozen ones).
 void TruncateHeads(KvCache& cache, absl::Span<const int64_t> lengths);
 std::vector<int64_t> HeadLengths(const KvCache& cache);
 
 // Both re-rotations round the keys back to fp16 like the Runner's cache writes, so a context
-// stays fp16-representable (the codec stores it losslessly).
+// stays fp16-representable (the codec stores it losslessly). Frozen (possibly quantized)
+// entries are thawed to fp16 first: the result holds fp16 rows only.
 // Re-rotates every head's entry i from its position to position i (Finch's compact layout,
 // kvpress KeyRerotationPress) and sets next_position to the longest head's length.
 void CompactPositions(KvCache& cache, const RopeParams& rope);

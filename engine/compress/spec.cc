@@ -76,6 +76,7 @@ absl::Status CompressionSpec::Validate() const {
   }
   if (max_positions < 0) return absl::InvalidArgumentError("max_positions must be >= 0");
   if (n_future < 1) return absl::InvalidArgumentError("n_future must be >= 1");
+  if (absl::StatusOr<KvDtype> d = ParseKvDtype(kv_dtype); !d.ok()) return d.status();
   if (method == "anchor" && separators.empty()) {
     return absl::InvalidArgumentError("anchor needs at least one separator character");
   }
@@ -99,6 +100,8 @@ std::string CompressionSpec::CanonicalParams() const {
   }
   if (method == "expected_attention") kv["n_future"] = absl::StrCat(n_future);
   if (method == "anchor") kv["separators"] = Escaped(separators);
+  // Only when not the default, so that every fp16 context keeps the key it always had.
+  if (kv_dtype != "fp16") kv["kv_dtype"] = kv_dtype;
   return absl::StrJoin(kv, ";", absl::PairFormatter("="));
 }
 

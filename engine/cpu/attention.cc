@@ -17,17 +17,15 @@ namespace {
 
 // Per key: s = q . k, then the online-softmax update (rescale what is accumulated when the
 // running max grows). Readable rather than fast: the reference the SIMD kernels are tested
-// against, and the path of CPUs without AVX2.
-void ScalarDecodeChunk(const float* q, int group, const uint16_t* k, const uint16_t* v,
-                       int64_t n, int hd, float* tile, float* m, float* l, float* acc) {
+// against, and the path of CPUs without AVX2. load(j, kf, vf) puts key j's K and V in fp32.
+template <class Load>
+void ScalarDecode(const float* q, int group, const Load& load, int64_t n, int hd, float* tile,
+                  float* m, float* l, float* acc) {
   float* kf = tile;
   float* vf = tile + hd;
   ResetState(group, hd, m, l, acc);
   for (int64_t j = 0; j < n; ++j) {
-    for (int i = 0; i < hd; ++i) {
-      kf[i] = Fp16ToFp32(k[j * hd + i]);
-      vf[i] = Fp16ToFp32(v[j * hd + i]);
-    }
+    load(j, kf, vf);
     for (int r = 0; r < group; ++r) {
       float s = 0.f;
       for (int i = 0; i < hd; ++i) s += q[r * hd + i] * kf[i];
@@ -46,6 +44,25 @@ void ScalarDecodeChunk(const float* q, int group, const uint16_t* k, const uint1
   }
 }
 
+void ScalarDecodeChunk(const float* q, int group, const uint16_t* k, const uint16_t* v,
+                       int64_t n, int hd, float* tile, float* m, float* l, float* acc) {
+  auto load = [&](int64_t j, float* kf, float* vf) {
+    for (int i = 0; i < hd; ++i) {
+      kf[i] = Fp16ToFp32(k[j * hd + i]);
+      vf[i] = Fp16ToFp32(v[j * hd + i]);
+    }
+  };
+  ScalarDecode(q, group, load, n, hd, tile, m, l, acc);
+}
+
+void ScalarDecodeSegmentChunk(const float* q, int group, const KvSegment& seg, int64_t begin,
+                              int64_t n, int hd, float* tile, float* m, float* l, float* acc) {
+  auto load = [&](int64_t j, float* kf, float* vf) {
+    seg.LoadRows(begin + j, begin + j + 1, kf, vf);
+  };
+  ScalarDecode(q, group, load, n, hd, tile, m, l, acc);
+}
+
 void ScalarFp16ToFp32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = Fp16ToFp32(src[i]);
 }
@@ -57,7 +74,8 @@ void ScalarFp32ToFp16(const float* src, uint16_t* dst, int64_t n) {
 }  // namespace
 
 const KernelTable& ScalarKernels() {
-  static constexpr KernelTable kTable = {"scalar", 1, ScalarDecodeChunk, ScalarFp16ToFp32,
+  static constexpr KernelTable kTable = {"scalar", 1, ScalarDecodeChunk,
+                                         ScalarDecodeSegmentChunk, ScalarFp16ToFp32,
                                          ScalarFp32ToFp16};
   return kTable;
 }
@@ -117,7 +135,20 @@ void DecodeAttention::Run(const KvCache& cache, int layer, int n_heads, int32_t 
   chunks_.clear();
   for (int g = 0; g < n_kv; ++g) {
     first_chunk_[g] = static_cast<int>(chunks_.size());
-    for (int64_t b = 0; b < vis[g]; b += chunk) chunks_.push_back({g, b, std::min(vis[g], b + chunk)});
+    // Chunks never straddle a frozen segment's end: each run (segment, then the fp16 rows)
+    // is read by its own kernel.
+    const KvHead& kv = cache.head(layer, g);
+    int64_t base = 0;
+    for (const auto& seg : kv.segments) {
+      const int64_t run = std::min(seg->n, vis[g] - base);
+      for (int64_t b = 0; b < run; b += chunk) {
+        chunks_.push_back({g, seg.get(), b, std::min(run, b + chunk)});
+      }
+      base += seg->n;
+    }
+    for (int64_t b = 0; b < vis[g] - base; b += chunk) {
+      chunks_.push_back({g, nullptr, b, std::min(vis[g] - base, b + chunk)});
+    }
   }
   first_chunk_[n_kv] = static_cast<int>(chunks_.size());
 
@@ -136,9 +167,14 @@ void DecodeAttention::Run(const KvCache& cache, int layer, int n_heads, int32_t 
       const Chunk& ch = chunks_[c];
       const KvHead& kv = cache.head(layer, ch.kv_head);
       float* st = state_.data() + c * state_size;
-      kt->decode_chunk(q_.data() + int64_t{ch.kv_head} * group * hd, group,
-                       kv.k.data() + ch.begin * hd, kv.v.data() + ch.begin * hd,
-                       ch.end - ch.begin, hd, tile, st, st + group, st + 2 * group);
+      const float* qh = q_.data() + int64_t{ch.kv_head} * group * hd;
+      if (ch.segment != nullptr) {
+        kt->decode_segment_chunk(qh, group, *ch.segment, ch.begin, ch.end - ch.begin, hd, tile,
+                                 st, st + group, st + 2 * group);
+      } else {
+        kt->decode_chunk(qh, group, kv.k.data() + ch.begin * hd, kv.v.data() + ch.begin * hd,
+                         ch.end - ch.begin, hd, tile, st, st + group, st + 2 * group);
+      }
     }
   });
 

@@ -1,5 +1,5 @@
-// Kernels over the fp16 KV cache (engine/kv_cache.h): fp16 <-> fp32 row conversion, and the
-// fused attention of a decode step.
+// Kernels over the KV cache (engine/kv_cache.h): fp16 <-> fp32 row conversion, and the fused
+// attention of a decode step, which reads frozen int8 / int4 segments in place.
 //
 // Decode at long contexts is bound by reading the KV cache, so DecodeAttention reads each K/V
 // row once per KV head: the `group` query heads that share it are scored together. Keys are
@@ -36,7 +36,8 @@ class DecodeAttention {
  private:
   struct Chunk {
     int kv_head;
-    int64_t begin, end;  // entries of the head
+    const KvSegment* segment;  // the frozen segment read, or nullptr: the fp16 rows after them
+    int64_t begin, end;        // rows of that segment (or of the fp16 rows)
   };
   std::vector<Chunk> chunks_;
   std::vector<int> first_chunk_;  // [n_kv_heads + 1]: the head's chunks in chunks_

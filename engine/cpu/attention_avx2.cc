@@ -66,8 +66,9 @@ CTX_AVX2 inline __m256 Sum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-CTX_AVX2 void DecodeChunkAvx2(const float* q, int group, const uint16_t* k, const uint16_t* v,
-                              int64_t n, int hd, float* tile, float* m, float* l, float* acc) {
+template <class Load>
+CTX_AVX2 inline void DecodeTiles(const float* q, int group, const Load& load, int64_t n, int hd,
+                                 float* tile, float* m, float* l, float* acc) {
   float* kf = tile;
   float* vf = tile + kTile * hd;
   const int nc = hd / 8;
@@ -77,8 +78,7 @@ CTX_AVX2 void DecodeChunkAvx2(const float* q, int group, const uint16_t* k, cons
   const __m256i lane = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLane));
   for (int64_t j0 = 0; j0 < n; j0 += 8) {
     const int t = static_cast<int>(std::min<int64_t>(8, n - j0));
-    Fp16ToFp32Avx2(k + j0 * hd, kf, int64_t{t} * hd);
-    Fp16ToFp32Avx2(v + j0 * hd, vf, int64_t{t} * hd);
+    load(j0, t, kf, vf);
     if (t < 8) std::fill(kf + t * hd, kf + 8 * hd, 0.f);  // scores of absent keys: masked
     const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(t), lane));
     for (int r = 0; r < group; ++r) {
@@ -110,11 +110,47 @@ CTX_AVX2 void DecodeChunkAvx2(const float* q, int group, const uint16_t* k, cons
   }
 }
 
+struct Fp16Load {
+  const uint16_t* k;
+  const uint16_t* v;
+  int hd;
+  CTX_AVX2 void operator()(int64_t j0, int t, float* kf, float* vf) const {
+    Fp16ToFp32Avx2(k + j0 * hd, kf, int64_t{t} * hd);
+    Fp16ToFp32Avx2(v + j0 * hd, vf, int64_t{t} * hd);
+  }
+};
+
+// int8 / int4 rows through the reference dequantization: CPUs without AVX-512 are not where
+// quantized contexts are served fast, only correctly.
+struct SegmentLoad {
+  const KvSegment& seg;
+  int64_t begin;
+  void operator()(int64_t j0, int t, float* kf, float* vf) const {
+    seg.LoadRows(begin + j0, begin + j0 + t, kf, vf);
+  }
+};
+
+CTX_AVX2 void DecodeChunkAvx2(const float* q, int group, const uint16_t* k, const uint16_t* v,
+                              int64_t n, int hd, float* tile, float* m, float* l, float* acc) {
+  DecodeTiles(q, group, Fp16Load{k, v, hd}, n, hd, tile, m, l, acc);
+}
+
+CTX_AVX2 void DecodeSegmentChunkAvx2(const float* q, int group, const KvSegment& seg,
+                                     int64_t begin, int64_t n, int hd, float* tile, float* m,
+                                     float* l, float* acc) {
+  if (seg.dtype == KvDtype::kF16) {
+    DecodeChunkAvx2(q, group, seg.k16.data() + begin * hd, seg.v16.data() + begin * hd, n, hd,
+                    tile, m, l, acc);
+  } else {
+    DecodeTiles(q, group, SegmentLoad{seg, begin}, n, hd, tile, m, l, acc);
+  }
+}
+
 }  // namespace
 
 const KernelTable& Avx2Kernels() {
-  static constexpr KernelTable kTable = {"avx2", 8, DecodeChunkAvx2, Fp16ToFp32Avx2,
-                                         Fp32ToFp16Avx2};
+  static constexpr KernelTable kTable = {"avx2", 8, DecodeChunkAvx2, DecodeSegmentChunkAvx2,
+                                         Fp16ToFp32Avx2, Fp32ToFp16Avx2};
   return kTable;
 }
 

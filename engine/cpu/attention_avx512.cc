@@ -91,12 +91,12 @@ CTX_AVX512 inline __m512 Sum16(const __m512* a) {
   return _mm512_permutexvar_ps(order, w);
 }
 
-// Tiles of 16 keys: K and V converted to fp32 once (into `tile`, L1) for all `group` query
+// Tiles of 16 keys: K and V converted (or dequantized, by `load`) to fp32 once (into `tile`, L1) for all `group` query
 // rows; per row, 16 scores at once (16 dot accumulators reduced by Sum16), the online-softmax
 // update, and the weighted V sum.
-CTX_AVX512 void DecodeChunkAvx512(const float* q, int group, const uint16_t* k,
-                                  const uint16_t* v, int64_t n, int hd, float* tile, float* m,
-                                  float* l, float* acc) {
+template <class Load>
+CTX_AVX512 inline void DecodeTiles(const float* q, int group, const Load& load, int64_t n, int hd,
+                                   float* tile, float* m, float* l, float* acc) {
   float* kf = tile;
   float* vf = tile + kTile * hd;
   const int nc = hd / 16;
@@ -104,8 +104,7 @@ CTX_AVX512 void DecodeChunkAvx512(const float* q, int group, const uint16_t* k,
   alignas(64) float p[16];
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int t = static_cast<int>(std::min<int64_t>(16, n - j0));
-    Fp16ToFp32Avx512(k + j0 * hd, kf, int64_t{t} * hd);
-    Fp16ToFp32Avx512(v + j0 * hd, vf, int64_t{t} * hd);
+    load(j0, t, kf, vf);
     if (t < 16) std::fill(kf + t * hd, kf + 16 * hd, 0.f);  // scores of absent keys: masked
     const __mmask16 valid = static_cast<__mmask16>((1u << t) - 1);
     for (int r = 0; r < group; ++r) {
@@ -137,10 +136,85 @@ CTX_AVX512 void DecodeChunkAvx512(const float* q, int group, const uint16_t* k,
   }
 }
 
+// Loads of a tile of fp16 rows.
+struct Fp16Load {
+  const uint16_t* k;
+  const uint16_t* v;
+  int hd;
+  CTX_AVX512 void operator()(int64_t j0, int t, float* kf, float* vf) const {
+    Fp16ToFp32Avx512(k + j0 * hd, kf, int64_t{t} * hd);
+    Fp16ToFp32Avx512(v + j0 * hd, vf, int64_t{t} * hd);
+  }
+};
+
+// 16 codes of a row as fp32: int8 bytes at p, or the low (high) nibbles of the bytes at p.
+CTX_AVX512 inline __m512 Codes8(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+CTX_AVX512 inline __m512 Codes4(const uint8_t* p, bool high) {
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  b = high ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(0xF));
+  return _mm512_cvtepi32_ps(b);
+}
+CTX_AVX512 inline __m512 Half16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Loads of a tile of an int8 / int4 segment's rows, dequantized (KvSegment::LoadRows is the
+// reference): keys code * scale + min with per-channel vectors of the row's key group,
+// values with the row's per-32-channel scalars.
+struct SegmentLoad {
+  const KvSegment& seg;
+  int64_t begin;
+  CTX_AVX512 void operator()(int64_t j0, int t, float* kf, float* vf) const {
+    const int hd = seg.head_dim, half = hd / 2, vg = hd / kValueGroup;
+    const int64_t rb = seg.RowCodeBytes();
+    const bool int4 = seg.dtype == KvDtype::kInt4;
+    for (int r = 0; r < t; ++r) {
+      const int64_t j = begin + j0 + r;
+      const uint8_t* kr = seg.kq.data() + j * rb;
+      const uint8_t* vr = seg.vq.data() + j * rb;
+      const uint16_t* ks = seg.k_scale.data() + (j / kKeyGroup) * hd;
+      const uint16_t* km = seg.k_min.data() + (j / kKeyGroup) * hd;
+      float* ko = kf + int64_t{r} * hd;
+      float* vo = vf + int64_t{r} * hd;
+      for (int c = 0; c < hd; c += 16) {
+        // int4: channel c < half sits in the low nibbles of bytes c.., c >= half in the high
+        // nibbles of bytes c - half..
+        const __m512 kc = int4 ? Codes4(kr + (c < half ? c : c - half), c >= half) : Codes8(kr + c);
+        const __m512 vc = int4 ? Codes4(vr + (c < half ? c : c - half), c >= half) : Codes8(vr + c);
+        _mm512_storeu_ps(ko + c, _mm512_fmadd_ps(kc, Half16(ks + c), Half16(km + c)));
+        const int g = c / kValueGroup;
+        const __m512 vs = _mm512_set1_ps(_cvtsh_ss(seg.v_scale[j * vg + g]));
+        const __m512 vm = _mm512_set1_ps(_cvtsh_ss(seg.v_min[j * vg + g]));
+        _mm512_storeu_ps(vo + c, _mm512_fmadd_ps(vc, vs, vm));
+      }
+    }
+  }
+};
+
+CTX_AVX512 void DecodeChunkAvx512(const float* q, int group, const uint16_t* k,
+                                  const uint16_t* v, int64_t n, int hd, float* tile, float* m,
+                                  float* l, float* acc) {
+  DecodeTiles(q, group, Fp16Load{k, v, hd}, n, hd, tile, m, l, acc);
+}
+
+CTX_AVX512 void DecodeSegmentChunkAvx512(const float* q, int group, const KvSegment& seg,
+                                         int64_t begin, int64_t n, int hd, float* tile, float* m,
+                                         float* l, float* acc) {
+  if (seg.dtype == KvDtype::kF16) {
+    DecodeChunkAvx512(q, group, seg.k16.data() + begin * hd, seg.v16.data() + begin * hd, n, hd,
+                      tile, m, l, acc);
+  } else {
+    DecodeTiles(q, group, SegmentLoad{seg, begin}, n, hd, tile, m, l, acc);
+  }
+}
+
 }  // namespace
 
 const KernelTable& Avx512Kernels() {
-  static constexpr KernelTable kTable = {"avx512", 16, DecodeChunkAvx512, Fp16ToFp32Avx512,
+  static constexpr KernelTable kTable = {"avx512", 16, DecodeChunkAvx512,
+                                         DecodeSegmentChunkAvx512, Fp16ToFp32Avx512,
                                          Fp32ToFp16Avx512};
   return kTable;
 }

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "engine/kv_cache.h"
+
 namespace ctxcache::attention_internal {
 
 // Most keys a kernel converts to fp32 at once (the tile scratch below): AVX-512 scores 16 keys
@@ -23,6 +25,11 @@ constexpr int kTile = 16;
 // sum_j exp(s_rj - m[r]) v_ji, with s_rj = q_r . k_j. tile: scratch of 2 * kTile * hd floats.
 using DecodeChunkFn = void (*)(const float* q, int group, const uint16_t* k, const uint16_t* v,
                                int64_t n, int hd, float* tile, float* m, float* l, float* acc);
+// The same over rows [begin, begin + n) of a frozen segment of any dtype (int8 / int4 are
+// dequantized a tile at a time, in L1; the segment is never expanded whole).
+using DecodeSegmentChunkFn = void (*)(const float* q, int group, const KvSegment& seg,
+                                      int64_t begin, int64_t n, int hd, float* tile, float* m,
+                                      float* l, float* acc);
 // fp16 <-> fp32 rows (round to nearest even, as Fp32ToFp16).
 using Fp16ToFp32Fn = void (*)(const uint16_t* src, float* dst, int64_t n);
 using Fp32ToFp16Fn = void (*)(const float* src, uint16_t* dst, int64_t n);
@@ -31,6 +38,7 @@ struct KernelTable {
   const char* name;
   int hd_multiple;  // decode_chunk needs head_dim % hd_multiple == 0
   DecodeChunkFn decode_chunk;
+  DecodeSegmentChunkFn decode_segment_chunk;
   Fp16ToFp32Fn fp16_to_fp32;
   Fp32ToFp16Fn fp32_to_fp16;
 };

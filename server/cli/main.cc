@@ -3,7 +3,7 @@
 //   ctxcache info [--model PATH]
 //   ctxcache tokenize [--model PATH] [--ids-only] [--no-bos] [--parse-special] TEXT|-
 //   ctxcache bench --n-prompt N --n-gen M [--threads T] [--observe ROWS] [--json]
-// The model defaults to the fetched SmolLM2 (FindDefaultModel); --model / CTXCACHE_MODEL
+// The model defaults to the fetched Qwen2.5-Coder-0.5B (FindDefaultModel); --model / CTXCACHE_MODEL
 // override. Errors go to stderr with exit code 1 (2 for usage errors).
 #include <algorithm>
 #include <chrono>
@@ -47,7 +47,7 @@ commands:
   bench      time prefill and decode (for bench/bench_engine.py)
 
 common flags:
-  --model PATH        GGUF model (default: $CTXCACHE_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf)
+  --model PATH        GGUF model (default: $CTXCACHE_MODEL, else models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)
   --threads N         worker threads (default: all usable cores)
 
 generate flags:
@@ -69,7 +69,10 @@ compress flags:
   --doc FILE (- for stdin)   --method M   (--ratio R | --budget N)   --out FILE
   --question TEXT     for prompt-guided methods (finch, snapkv)
   --per-layer         one kept set per layer instead of per KV head
-  --dtype fp16|bf16|fp32|int8 (default fp16)   --chunk N (finch/kvzip, default 512)
+  --kv-dtype fp16|int8|int4  how the kept entries are stored (default fp16; int8/int4 are
+                      KIVI-style quantized, read as they are: 0.56x / 0.31x the bytes)
+  --dtype fp16|bf16|fp32|int8  file encoding of an fp16 context (default fp16)
+  --chunk N (finch/kvzip, default 512)
   methods: none streaming snapkv finch expected_attention kvzip anchor
 
 remote (against a running ctxcache-server; compress, generate, info):
@@ -262,7 +265,7 @@ absl::Status CmdGenerate(const Flags& flags) {
       const int64_t budget =
           std::max<int64_t>(1, static_cast<int64_t>(std::ceil(cache.MaxEntries() / select_ratio)));
       ASSIGN_OR_RETURN(cache, SelectForQuery(runner, cache, ids, budget));
-      kv_bytes = cache.Bytes(2);
+      kv_bytes = cache.StoredBytes();
     }
     if (!quiet) {
       std::fprintf(stderr,
@@ -367,11 +370,11 @@ absl::Status CmdTokenize(const Flags& flags) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<KvDtype> ParseDtype(const std::string& name) {
-  if (name == "fp16") return KvDtype::kF16;
-  if (name == "bf16") return KvDtype::kBf16;
-  if (name == "fp32") return KvDtype::kF32;
-  if (name == "int8") return KvDtype::kInt8;
+absl::StatusOr<BlobDtype> ParseDtype(const std::string& name) {
+  if (name == "fp16") return BlobDtype::kF16;
+  if (name == "bf16") return BlobDtype::kBf16;
+  if (name == "fp32") return BlobDtype::kF32;
+  if (name == "int8") return BlobDtype::kInt8;
   return absl::InvalidArgumentError(absl::StrCat("--dtype '", name, "': use fp16, bf16, fp32 or int8"));
 }
 
@@ -384,9 +387,10 @@ absl::Status CmdCompress(const Flags& flags) {
   RETURN_IF_ERROR(flags.Number("chunk", &spec.chunk));
   spec.per_layer = flags.Bool("per-layer");
   spec.question = flags.Get("question").value_or("");
+  spec.kv_dtype = flags.Get("kv-dtype").value_or("fp16");
   const auto doc_file = flags.Get("doc");
   const auto out = flags.Get("out");
-  ASSIGN_OR_RETURN(KvDtype dtype, ParseDtype(flags.Get("dtype").value_or("fp16")));
+  ASSIGN_OR_RETURN(BlobDtype dtype, ParseDtype(flags.Get("dtype").value_or("fp16")));
   const bool quiet = flags.Bool("quiet"), json = flags.Bool("json");
   const int threads = Threads(flags);
   RETURN_IF_ERROR(flags.CheckAllUsed());
@@ -427,25 +431,22 @@ absl::Status CmdCompress(const Flags& flags) {
   if (json) {
     std::printf("{\"method\":\"%s\",\"source_tokens\":%lld,\"kept_entries\":%lld,"
                 "\"full_entries\":%lld,\"kv_bytes\":%lld,\"full_kv_bytes\":%lld,"
-                "\"file_bytes\":%zu,\"seconds\":%.6f}\n",
+                "\"bytes_ratio\":%.4f,\"kv_dtype\":\"%s\",\"file_bytes\":%zu,"
+                "\"seconds\":%.6f}\n",
                 spec.method.c_str(), static_cast<long long>(ctx.source_tokens),
                 static_cast<long long>(ctx.KeptEntries()), static_cast<long long>(ctx.FullEntries()),
                 static_cast<long long>(ctx.KvBytes()), static_cast<long long>(ctx.FullKvBytes()),
-                bytes.size(), seconds);
+                ctx.BytesRatio(), spec.kv_dtype.c_str(), bytes.size(), seconds);
     return absl::OkStatus();
   }
-  std::printf(
-      "document tokens:   %lld\n"
-      "kept per head:     %.1f (%.2f%%, %.1fx compression)\n"
-      "KV bytes (fp16):   %lld full -> %lld kept (saved %lld)\n"
-      "file:              %s (%zu bytes, %s)\n"
-      "time:              %.2f s\n",
-      static_cast<long long>(ctx.source_tokens), double(ctx.KeptEntries()) / heads,
-      100.0 * ctx.KeptEntries() / std::max<int64_t>(1, ctx.FullEntries()),
-      double(ctx.FullEntries()) / std::max<int64_t>(1, ctx.KeptEntries()),
-      static_cast<long long>(ctx.FullKvBytes()), static_cast<long long>(ctx.KvBytes()),
-      static_cast<long long>(ctx.FullKvBytes() - ctx.KvBytes()), out->c_str(), bytes.size(),
-      KvDtypeName(dtype), seconds);
+  cli::PrintContextSummary(ctx.source_tokens, double(ctx.KeptEntries()) / heads, ctx.KeptEntries(),
+                           ctx.FullEntries(), ctx.FullKvBytes(), ctx.KvBytes(), spec.kv_dtype);
+  std::printf("file:              %s (%zu bytes, %s)\n"
+              "time:              %.2f s\n",
+              out->c_str(), bytes.size(),
+              ctx.kv.StoredDtype() == KvDtype::kF16 ? BlobDtypeName(dtype)
+                                                    : KvDtypeName(ctx.kv.StoredDtype()),
+              seconds);
   return absl::OkStatus();
 }
 

@@ -15,6 +15,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "common/status.h"
 #include "ctxcache/v1/ctxcache.grpc.pb.h"
 
@@ -139,6 +141,7 @@ class Remote {
     p->set_budget(budget);
     p->set_per_layer(Bool("per-layer"));
     RETURN_IF_ERROR(Optional<int>("chunk", [&](int v) { p->set_chunk(v); }));
+    if (auto d = flags_.get("kv-dtype")) p->set_kv_dtype(*d);
     req.set_question(flags_.get("question").value_or(""));
     const bool json = Bool("json");
     RETURN_IF_ERROR(flags_.check_all_used());
@@ -154,27 +157,22 @@ class Remote {
     if (json) {
       std::printf("{\"context_id\":\"%s\",\"tier\":\"%s\",\"method\":\"%s\",\"source_tokens\":%lld,"
                   "\"kept_entries\":%lld,\"full_entries\":%lld,\"kv_bytes\":%lld,"
-                  "\"full_kv_bytes\":%lld,\"compute_ms\":%.3f,\"total_ms\":%.3f}\n",
+                  "\"full_kv_bytes\":%lld,\"bytes_ratio\":%.4f,\"compute_ms\":%.3f,"
+                  "\"total_ms\":%.3f}\n",
                   c.context_id().c_str(), TierName(c.tier()), c.method().c_str(),
                   static_cast<long long>(c.original_tokens()),
                   static_cast<long long>(c.kept_entries()), static_cast<long long>(c.full_entries()),
                   static_cast<long long>(c.kv_bytes()), static_cast<long long>(c.full_kv_bytes()),
-                  resp.compute_ms(), resp.total_ms());
+                  double(c.full_kv_bytes()) / std::max<int64_t>(1, c.kv_bytes()), resp.compute_ms(),
+                  resp.total_ms());
       return absl::OkStatus();
     }
-    std::printf(
-        "context id:        %s\n"
-        "document tokens:   %lld\n"
-        "kept per head:     %.1f (%.2f%%, %.1fx compression)\n"
-        "KV bytes (fp16):   %lld full -> %lld kept (saved %lld)\n"
-        "tier:              %s\n"
-        "time:              %.1f ms compute, %.1f ms total, %.1f ms queued\n",
-        c.context_id().c_str(), static_cast<long long>(c.original_tokens()), c.kept_tokens(),
-        100.0 * c.kept_entries() / std::max<int64_t>(1, c.full_entries()),
-        double(c.full_entries()) / std::max<int64_t>(1, c.kept_entries()),
-        static_cast<long long>(c.full_kv_bytes()), static_cast<long long>(c.kv_bytes()),
-        static_cast<long long>(c.full_kv_bytes() - c.kv_bytes()), TierName(c.tier()),
-        resp.compute_ms(), resp.total_ms(), resp.queue_ms());
+    std::printf("context id:        %s\n", c.context_id().c_str());
+    PrintContextSummary(c.original_tokens(), c.kept_tokens(), c.kept_entries(), c.full_entries(),
+                        c.full_kv_bytes(), c.kv_bytes(), KvDtypeOfParams(c.params()));
+    std::printf("tier:              %s\n"
+                "time:              %.1f ms compute, %.1f ms total, %.1f ms queued\n",
+                TierName(c.tier()), resp.compute_ms(), resp.total_ms(), resp.queue_ms());
     return absl::OkStatus();
   }
 
@@ -297,6 +295,27 @@ absl::Status RunRemote(const std::string& command, const FlagSource& flags) {
   if (s.ok()) return s;
   // Name the code: "NOT_FOUND: no context ..." tells a script and a person what to do.
   return absl::Status(s.code(), absl::StrCat(absl::StatusCodeToString(s.code()), ": ", s.message()));
+}
+
+void PrintContextSummary(int64_t source_tokens, double kept_per_head, int64_t kept_entries,
+                         int64_t full_entries, int64_t full_kv_bytes, int64_t kv_bytes,
+                         const std::string& kv_dtype) {
+  std::printf(
+      "document tokens:   %lld\n"
+      "kept per head:     %.1f (%.2f%% of the entries)\n"
+      "KV bytes:          %lld full (fp16) -> %lld stored as %s (%.1fx compression, saved %lld)\n",
+      static_cast<long long>(source_tokens), kept_per_head,
+      100.0 * kept_entries / std::max<int64_t>(1, full_entries),
+      static_cast<long long>(full_kv_bytes), static_cast<long long>(kv_bytes), kv_dtype.c_str(),
+      double(full_kv_bytes) / std::max<int64_t>(1, kv_bytes),
+      static_cast<long long>(full_kv_bytes - kv_bytes));
+}
+
+std::string KvDtypeOfParams(const std::string& params) {
+  for (absl::string_view kv : absl::StrSplit(params, ';')) {
+    if (absl::ConsumePrefix(&kv, "kv_dtype=")) return std::string(kv);
+  }
+  return "fp16";
 }
 
 absl::StatusOr<std::string> ReadFileOrStdin(const std::string& path) {

@@ -6,6 +6,7 @@
 // --timeout SECONDS sets the call's deadline.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
@@ -27,6 +28,14 @@ struct FlagSource {
 
 // The whole of a file, or of stdin when path is "-" (documents and prompts, local or remote).
 absl::StatusOr<std::string> ReadFileOrStdin(const std::string& path);
+
+// What compress prints about a context, local or remote: tokens, entries kept, and the
+// compression in bytes (fp16 bytes of the full KV / bytes stored at kv_dtype).
+void PrintContextSummary(int64_t source_tokens, double kept_per_head, int64_t kept_entries,
+                         int64_t full_entries, int64_t full_kv_bytes, int64_t kv_bytes,
+                         const std::string& kv_dtype);
+// The kv_dtype named in canonical params ("...;kv_dtype=int4;..."), "fp16" when absent.
+std::string KvDtypeOfParams(const std::string& params);
 
 // Runs `command` against flags' --server. Errors carry the server's status code name.
 absl::Status RunRemote(const std::string& command, const FlagSource& flags);

@@ -28,11 +28,11 @@ void DecodeOne(std::string_view bytes) {
   (void)ctxcache::DecodeContext(bytes, kFingerprint);
   if (!c.ok()) return;
   // A decoded context is always a valid one, and fp32 stores every float exactly.
-  auto once = ctxcache::EncodeContext(*c, ctxcache::KvDtype::kF32);
+  auto once = ctxcache::EncodeContext(*c, ctxcache::BlobDtype::kF32);
   Check(once.ok());
   auto back = ctxcache::DecodeContext(*once, c->model_fingerprint);
   Check(back.ok());
-  auto twice = ctxcache::EncodeContext(*back, ctxcache::KvDtype::kF32);
+  auto twice = ctxcache::EncodeContext(*back, ctxcache::BlobDtype::kF32);
   Check(twice.ok() && *twice == *once);
 }
 

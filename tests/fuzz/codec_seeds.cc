@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "cache/codec.h"
@@ -46,6 +47,30 @@ ctxcache::CompressedContext DigestContext() {
   return c;
 }
 
+// A KV context stored at kv_dtype (format version 2): head_dim 32, the narrowest that
+// quantizes, with heads of 0, 1, 33 and 2 entries (two key groups in one of them).
+ctxcache::CompressedContext QuantContext(ctxcache::KvDtype dtype) {
+  ctxcache::CompressedContext c = KvContext();
+  c.params = std::string("budget=0.5;kv_dtype=") + ctxcache::KvDtypeName(dtype);
+  c.source_tokens = 40;
+  c.kv = ctxcache::KvCache(2, 2, 32);
+  c.kv.next_position = 40;
+  const int counts[4] = {0, 1, 33, 2};
+  for (int l = 0; l < 2; ++l) {
+    for (int h = 0; h < 2; ++h) {
+      ctxcache::KvHead& kh = c.kv.head(l, h);
+      const int n = counts[2 * l + h];
+      for (int i = 0; i < n; ++i) kh.pos.push_back(i + h);
+      for (int i = 0; i < n * 32; ++i) {
+        kh.k.push_back(ctxcache::Fp32ToFp16(0.125f * static_cast<float>(i % 37 - l)));
+        kh.v.push_back(ctxcache::Fp32ToFp16(-0.25f * static_cast<float>(i % 11 + h)));
+      }
+    }
+  }
+  if (!c.kv.Freeze(dtype).ok()) std::abort();
+  return c;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -63,13 +88,15 @@ int main(int argc, char** argv) {
   const struct {
     const char* name;
     ctxcache::CompressedContext context;
-    ctxcache::KvDtype dtype;
+    ctxcache::BlobDtype dtype;
   } seeds[] = {
-      {"kv_f16.ctxc", KvContext(), ctxcache::KvDtype::kF16},
-      {"kv_bf16.ctxc", KvContext(), ctxcache::KvDtype::kBf16},
-      {"kv_int8.ctxc", KvContext(), ctxcache::KvDtype::kInt8},
-      {"digest_f32.ctxc", DigestContext(), ctxcache::KvDtype::kF32},
-      {"empty_f16.ctxc", empty, ctxcache::KvDtype::kF16},
+      {"kv_f16.ctxc", KvContext(), ctxcache::BlobDtype::kF16},
+      {"kv_bf16.ctxc", KvContext(), ctxcache::BlobDtype::kBf16},
+      {"kv_int8.ctxc", KvContext(), ctxcache::BlobDtype::kInt8},
+      {"digest_f32.ctxc", DigestContext(), ctxcache::BlobDtype::kF32},
+      {"empty_f16.ctxc", empty, ctxcache::BlobDtype::kF16},
+      {"kv_seg_int8.ctxc", QuantContext(ctxcache::KvDtype::kInt8), ctxcache::BlobDtype::kF16},
+      {"kv_seg_int4.ctxc", QuantContext(ctxcache::KvDtype::kInt4), ctxcache::BlobDtype::kF16},
   };
   for (const auto& seed : seeds) {
     auto bytes = ctxcache::EncodeContext(seed.context, seed.dtype);
