@@ -56,6 +56,7 @@ absl::StatusOr<GenerateInput> FromProto(const pb::GenerateRequest& req) {
     } else {
       c.context_id = ref.context_id();
     }
+    if (ref.has_select()) c.select = QuerySelect{ref.select().ratio(), ref.select().budget()};
     in.contexts.push_back(std::move(c));
   }
   if (req.prompt_case() == pb::GenerateRequest::kChat) {
@@ -166,12 +167,15 @@ void ToProto(const GenerateOutcome& o, double queue_seconds, pb::Usage* u) {
     cu->set_kv_bytes(ctx.KvBytes());
     cu->set_full_kv_bytes(ctx.FullKvBytes());
     cu->set_compute_ms(c.compute_seconds * 1e3);
+    cu->set_attended_entries(c.attended().KeptEntries());
+    cu->set_kv_bytes_attended(c.attended().KvBytes());
   }
   u->set_context_tokens_original(original);
   u->set_context_tokens_kept(kept);
   u->set_kv_bytes_full(o.kv_bytes_full);
   u->set_kv_bytes_used(o.kv_bytes_used);
   u->set_kv_bytes_saved(o.kv_bytes_full - o.kv_bytes_used);
+  u->set_kv_bytes_attended(o.kv_bytes_attended);
   u->set_queue_ms(queue_seconds * 1e3);
   u->set_context_ms(o.context_seconds * 1e3);
   u->set_ttft_ms((o.context_seconds + r.prefill_seconds) * 1e3);

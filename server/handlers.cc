@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status.h"
@@ -24,6 +26,53 @@ absl::Status NotFoundContext(const std::string& id) {
       "no context ", id, " for this tenant: it was never compressed, was evicted or expired, "
       "or was made by another tenant or model; send the document again (Compress, or an inline "
       "context in Generate)"));
+}
+
+// ContextRef.select: ratio and budget follow CompressionParams' rules.
+absl::Status ValidateSelect(const QuerySelect& select, const std::string& field) {
+  if (select.ratio != 0 && select.budget != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": give either ratio or budget, not both"));
+  }
+  if (select.ratio == 0 && select.budget == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field,
+                     " needs a ratio > 1 (4 keeps 1/4 of each head's entries) or a budget > 0 "
+                     "(entries per head)"));
+  }
+  if (select.ratio != 0 && !(select.ratio > 1 && std::isfinite(select.ratio))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".ratio must be a finite number > 1 (4 keeps 1/4 of each head's entries), got ",
+        select.ratio));
+  }
+  if (select.budget < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".budget must be > 0 entries per head, got ", select.budget));
+  }
+  return absl::OkStatus();
+}
+
+// A chat prompt's messages as rendered: `system` first unless the messages have their own.
+std::vector<ChatMessage> Conversation(const GenerateInput& in) {
+  std::vector<ChatMessage> messages;
+  const bool has_system = std::any_of(in.messages.begin(), in.messages.end(),
+                                      [](const ChatMessage& m) { return m.role == "system"; });
+  if (!in.system.empty() && !has_system) messages.push_back({"system", in.system});
+  messages.insert(messages.end(), in.messages.begin(), in.messages.end());
+  return messages;
+}
+
+// `full`'s header with `kv` as its entries: one request's selection, composed like a context.
+std::shared_ptr<const CompressedContext> WithEntries(const CompressedContext& full, KvCache kv) {
+  auto out = std::make_shared<CompressedContext>();
+  out->kind = full.kind;
+  out->model_fingerprint = full.model_fingerprint;
+  out->method = full.method;
+  out->params = full.params;
+  out->method_version = full.method_version;
+  out->source_tokens = full.source_tokens;
+  out->kv = std::move(kv);
+  return out;
 }
 
 }  // namespace
@@ -142,6 +191,17 @@ absl::Status Handlers::ValidateGenerate(const GenerateInput& in) const {
       }
       RETURN_IF_ERROR(ValidateContextId(c.context_id));
     }
+    if (c.select) {
+      const std::string field = absl::StrCat("contexts[", i, "].select");
+      RETURN_IF_ERROR(ValidateSelect(*c.select, field));
+      // Known before any work: refuse it before spending a compression.
+      if (c.inline_doc && c.inline_doc->spec.method != "none") {
+        return absl::InvalidArgumentError(
+            absl::StrCat(field, " selects from a context stored whole, but contexts[", i,
+                         "].inline.compression.method is \"", c.inline_doc->spec.method,
+                         "\": use method \"none\" (no ratio or budget), or drop select"));
+      }
+    }
   }
   if (in.chat) {
     if (in.messages.empty()) {
@@ -254,16 +314,73 @@ absl::StatusOr<std::vector<int32_t>> Handlers::PromptTokens(const GenerateInput&
   const Tokenizer& tok = model_.tokenizer();
   if (!in.chat) return tok.Encode(in.text, tok.add_bos_default(), /*parse_special=*/false);
   RETURN_IF_ERROR(chat_template_status_);
-  std::vector<ChatMessage> messages;
-  const bool has_system = std::any_of(in.messages.begin(), in.messages.end(),
-                                      [](const ChatMessage& m) { return m.role == "system"; });
-  if (!in.system.empty() && !has_system) messages.push_back({"system", in.system});
-  messages.insert(messages.end(), in.messages.begin(), in.messages.end());
-  absl::StatusOr<std::string> text = ApplyChatTemplate(chat_template_, messages, true);
+  absl::StatusOr<std::string> text = ApplyChatTemplate(chat_template_, Conversation(in), true);
   if (!text.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("chat: ", text.status().message()));
   }
   return tok.Encode(*text, tok.add_bos_default(), /*parse_special=*/true);
+}
+
+// The preamble (BOS, and a chat prompt's system turn) is the same for every request: it says
+// nothing about which entries this one needs, and its rows would weigh in every request's
+// scores like the question's. The rest is what the model reads as this request: for chat, the
+// conversation's turns as templated, through the assistant header.
+absl::Span<const int32_t> Handlers::SelectionQuery(const GenerateInput& in,
+                                                   absl::Span<const int32_t> prompt) const {
+  std::string preamble;
+  if (in.chat) {
+    // The prompt's text less the turns after the system turn, rendered without a default one.
+    const std::vector<ChatMessage> messages = Conversation(in);
+    const size_t first = messages.front().role == "system" ? 1 : 0;
+    ChatTemplate bare = chat_template_;
+    bare.default_system.clear();
+    absl::StatusOr<std::string> text = ApplyChatTemplate(chat_template_, messages, true);
+    absl::StatusOr<std::string> turns =
+        ApplyChatTemplate(bare, {messages.begin() + first, messages.end()}, true);
+    if (text.ok() && turns.ok() && absl::EndsWith(*text, *turns)) {
+      preamble = text->substr(0, text->size() - turns->size());
+    }
+  }
+  const Tokenizer& tok = model_.tokenizer();
+  const std::vector<int32_t> head = tok.Encode(preamble, tok.add_bos_default(), in.chat);
+  // A preamble that does not end on a token boundary of the prompt: select by all of it.
+  if (head.size() >= prompt.size() || !std::equal(head.begin(), head.end(), prompt.begin())) {
+    return prompt;
+  }
+  return prompt.subspan(head.size());
+}
+
+absl::Status Handlers::SelectByPrompt(Runner& runner, Reservation& reservation, int64_t own_bytes,
+                                      const GenerateInput& in, absl::Span<const int32_t> prompt,
+                                      const StopCheck& stop,
+                                      std::vector<ContextOutcome>& contexts) const {
+  const absl::Span<const int32_t> query = SelectionQuery(in, prompt);
+  int64_t held = 0;  // entries the composed cache will hold
+  for (const ContextOutcome& o : contexts) held += o.context->KeptEntries();
+  for (size_t i = 0; i < contexts.size(); ++i) {
+    if (!in.contexts[i].select) continue;
+    const QuerySelect& select = *in.contexts[i].select;
+    ContextOutcome& o = contexts[i];
+    const int64_t n = o.context->kv.MaxEntries();
+    const int64_t budget =
+        select.budget > 0 ? select.budget
+                          : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(n / select.ratio)));
+    if (budget >= n) continue;  // nothing to prune
+    // One forward pass of the query over a copy of the context, as long as a prefill.
+    RETURN_IF_ERROR(stop());
+    RETURN_IF_ERROR(reservation.Resize((held + o.context->KeptEntries()) * WorkingBytesPerEntry() +
+                                       static_cast<int64_t>(query.size()) * WorkingBytesPerToken() +
+                                       own_bytes));
+    absl::StatusOr<KvCache> kv = SelectForQuery(runner, o.context->kv, query, budget);
+    if (!kv.ok()) {
+      return absl::Status(kv.status().code(),
+                          absl::StrCat("contexts[", i, "].select: ", kv.status().message()));
+    }
+    o.selected = WithEntries(*o.context, *std::move(kv));
+    held -= o.context->KeptEntries() - o.selected->KeptEntries();
+  }
+  // Decoding holds only the selected entries: give the rest back to admission.
+  return reservation.Resize(held * WorkingBytesPerEntry() + own_bytes);
 }
 
 absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& reservation,
@@ -273,8 +390,6 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
   const auto t0 = Clock::now();
   GenerateOutcome out;
   const ModelConfig& mc = model_.config();
-  // fp32 bytes of one kept entry (K and V rows) in the working cache.
-  const int64_t entry_bytes = int64_t{2} * mc.head_dim * static_cast<int64_t>(sizeof(float));
   int64_t contexts_bytes = 0;
   for (size_t i = 0; i < in.contexts.size(); ++i) {
     const ContextInput& c = in.contexts[i];
@@ -289,21 +404,33 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
       ASSIGN_OR_RETURN(ContextOutcome o, GetContext(tenant, c.context_id));
       out.contexts.push_back(std::move(o));
     }
-    contexts_bytes += out.contexts.back().context->KeptEntries() * entry_bytes;
+    const CompressedContext& ctx = *out.contexts.back().context;
+    if (c.select && ctx.method != "none") {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "contexts[", i, "]: context ", out.contexts.back().context_id,
+          " was stored compressed with ", ctx.method,
+          "; per-query selection needs a context stored whole: compress the document with "
+          "method \"none\" and select from that id, or drop select"));
+    }
+    contexts_bytes += ctx.KeptEntries() * WorkingBytesPerEntry();
   }
   ASSIGN_OR_RETURN(const std::vector<int32_t> prompt, PromptTokens(in));
   const int64_t gen = std::min<int64_t>(in.params.max_tokens, mc.n_ctx_train);
-  RETURN_IF_ERROR(reservation.Resize(
-      contexts_bytes + (static_cast<int64_t>(prompt.size()) + gen) * WorkingBytesPerToken()));
+  const int64_t own_bytes = (static_cast<int64_t>(prompt.size()) + gen) * WorkingBytesPerToken();
+  RETURN_IF_ERROR(reservation.Resize(contexts_bytes + own_bytes));
+  if (std::any_of(in.contexts.begin(), in.contexts.end(),
+                  [](const ContextInput& c) { return c.select.has_value(); })) {
+    RETURN_IF_ERROR(SelectByPrompt(runner, reservation, own_bytes, in, prompt, stop, out.contexts));
+  }
 
   KvCache cache = model_.NewKvCache();
   if (!out.contexts.empty()) {
     std::vector<const CompressedContext*> ptrs;
-    for (const ContextOutcome& o : out.contexts) ptrs.push_back(o.context.get());
+    for (const ContextOutcome& o : out.contexts) ptrs.push_back(&o.attended());
     ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, model_));
   }
   out.context_seconds = Since(t0);
-  RETURN_IF_ERROR(stop());
+  RETURN_IF_ERROR(stop());  // also the check after a selection
 
   absl::Status stopped;
   auto guarded = [&](std::string_view delta) {
@@ -327,9 +454,11 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
   for (const ContextOutcome& o : out.contexts) {
     out.kv_bytes_full += o.context->FullKvBytes();
     out.kv_bytes_used += o.context->KvBytes();
+    out.kv_bytes_attended += o.attended().KvBytes();
   }
   out.kv_bytes_full += own_tokens * per_token;
   out.kv_bytes_used += own_tokens * per_token;
+  out.kv_bytes_attended += own_tokens * per_token;
   return out;
 }
 

@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "cache/context_store.h"
 #include "engine/chat_template.h"
 #include "engine/compress/compress.h"
@@ -40,11 +41,19 @@ struct CompressInput {
   CompressionSpec spec;  // spec.question: the question, for the methods that use it
 };
 
+// "Prefill once, select per query" (ContextRef.select): exactly one of ratio (> 1) and
+// budget (> 0 entries per KV head).
+struct QuerySelect {
+  double ratio = 0;
+  int64_t budget = 0;
+};
+
 // A context to place before the prompt: by id (context_id set) or inline (compressed and
-// cached on the way).
+// cached on the way); with select, only the entries this request's prompt selects from it.
 struct ContextInput {
   std::string context_id;
   std::optional<CompressInput> inline_doc;
+  std::optional<QuerySelect> select;
 };
 
 struct GenerateInput {
@@ -61,6 +70,11 @@ struct ContextOutcome {
   std::shared_ptr<const CompressedContext> context;
   CacheTier tier = CacheTier::kComputed;
   double compute_seconds = 0;
+  // Generate with select: the entries the prompt selected from `context` (null otherwise).
+  std::shared_ptr<const CompressedContext> selected;
+
+  // What a generation attends over: the selected entries, else the whole stored context.
+  const CompressedContext& attended() const { return selected ? *selected : *context; }
 };
 
 struct CompressOutcome {
@@ -73,7 +87,9 @@ struct GenerateOutcome {
   std::vector<ContextOutcome> contexts;
   int64_t kv_bytes_full = 0;  // fp16 K+V: contexts uncompressed + prompt + generated tokens
   int64_t kv_bytes_used = 0;  // fp16 K+V: kept context entries + prompt + generated tokens
-  double context_seconds = 0;  // loading/compressing and composing the contexts
+  // fp16 K+V: the composed cache's entries (attended()) + prompt + generated tokens.
+  int64_t kv_bytes_attended = 0;
+  double context_seconds = 0;  // loading/compressing, selecting and composing the contexts
 };
 
 // Why a generation stopped early, asked between steps: OK to continue, else the status the
@@ -112,6 +128,13 @@ class Handlers {
                                             const std::string& context_id) const;
   absl::Status DeleteContext(const std::string& tenant, const std::string& context_id) const;
 
+  // The prompt's tokens as the model reads them after the contexts, and the part of them
+  // that per-query selection (ContextRef.select) scores the contexts by: all but the preamble
+  // every request shares (BOS, and a chat prompt's system turn).
+  absl::StatusOr<std::vector<int32_t>> PromptTokens(const GenerateInput& in) const;
+  absl::Span<const int32_t> SelectionQuery(const GenerateInput& in,
+                                           absl::Span<const int32_t> prompt) const;
+
   const Model& model() const { return model_; }
   const RequestLimits& limits() const { return limits_; }
 
@@ -124,8 +147,16 @@ class Handlers {
                                                 const CompressInput& in, const std::string& field,
                                                 Reservation& reservation, int64_t reserved_base,
                                                 const StopCheck& stop) const;
-  absl::StatusOr<std::vector<int32_t>> PromptTokens(const GenerateInput& in) const;
+  // Sets `selected` of every context the request selects from (ContextRef.select), and the
+  // reservation to the selected cache plus `own_bytes` (prompt and answer).
+  absl::Status SelectByPrompt(Runner& runner, Reservation& reservation, int64_t own_bytes,
+                              const GenerateInput& in, absl::Span<const int32_t> prompt,
+                              const StopCheck& stop, std::vector<ContextOutcome>& contexts) const;
   int64_t WorkingBytesPerToken() const { return model_.KvBytesPerToken(sizeof(float)); }
+  // One kept entry (K and V rows of one layer and KV head) in the working cache.
+  int64_t WorkingBytesPerEntry() const {
+    return int64_t{2} * model_.config().head_dim * static_cast<int64_t>(sizeof(float));
+  }
 
   const Model& model_;
   ContextStore& store_;

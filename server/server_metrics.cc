@@ -98,6 +98,11 @@ ServerMetrics::ServerMetrics(const std::string& version)
                          .AddCounter("ctxcache_kv_bytes_used_total",
                                      "Generate: fp16 K+V bytes the request's cache held.")
                          .Get()),
+      kv_bytes_attended_(registry_
+                             .AddCounter("ctxcache_kv_bytes_attended_total",
+                                         "Generate: fp16 K+V bytes the generation attended "
+                                         "over (less than used when selected per query).")
+                             .Get()),
       kv_bytes_saved_(registry_
                           .AddHistogram("ctxcache_kv_bytes_saved_per_request",
                                         "Generate: KV bytes saved per successful request "
@@ -207,6 +212,7 @@ void ServerMetrics::RecordGenerate(const GenerateOutcome& out, const std::string
   context_tokens_kept_.Add(kept);
   kv_bytes_full_.Add(static_cast<double>(out.kv_bytes_full));
   kv_bytes_used_.Add(static_cast<double>(out.kv_bytes_used));
+  kv_bytes_attended_.Add(static_cast<double>(out.kv_bytes_attended));
   const double saved = static_cast<double>(out.kv_bytes_full - out.kv_bytes_used);
   kv_bytes_saved_.Observe(saved);
   tenant_saved_.WithLabels({tenant}).Add(saved);

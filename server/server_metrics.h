@@ -81,7 +81,7 @@ class ServerMetrics {
   metrics::HistogramFamily& compression_duration_;
   metrics::HistogramFamily& compression_ratio_;
   metrics::Counter &prompt_tokens_, &context_tokens_original_, &context_tokens_kept_,
-      &generated_tokens_, &kv_bytes_full_, &kv_bytes_used_;
+      &generated_tokens_, &kv_bytes_full_, &kv_bytes_used_, &kv_bytes_attended_;
   metrics::Histogram& kv_bytes_saved_;
   metrics::CounterFamily& tenant_saved_;
   std::array<metrics::Counter*, kRedisOpCount> redis_ops_{}, redis_errors_{};

@@ -408,9 +408,10 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
       absl::StrAppend(&tiers, tiers.empty() ? "" : ",", CacheTierName(c.tier));
     }
     const std::string extra = absl::StrFormat(
-        "contexts=%d tiers=%s prompt_tokens=%d completion_tokens=%d kv_saved=%d finish=%s",
+        "contexts=%d tiers=%s prompt_tokens=%d completion_tokens=%d kv_saved=%d "
+        "kv_attended=%d finish=%s",
         out->contexts.size(), tiers.empty() ? "-" : tiers, out->result.prompt_tokens,
-        out->result.tokens.size(), out->kv_bytes_full - out->kv_bytes_used,
+        out->result.tokens.size(), out->kv_bytes_full - out->kv_bytes_used, out->kv_bytes_attended,
         std::string(FinishReasonName(out->result.finish)));
     reactor->Complete(absl::OkStatus(), std::move(last), extra);
   };

@@ -71,7 +71,7 @@ if [[ -s "$model" ]]; then
   expect select_per_query 0 "4729" -- "$bin" generate --model "$model" --context "$tmp/full.ctx" \
     --select-ratio 4 --prompt " Question: What is the secret code? Answer: The secret code is" \
     --temperature 0 --max-tokens 6
-  expect select_reports_bytes 0 "used by this request" -- "$bin" generate --model "$model" \
+  expect select_reports_bytes 0 "MB attended, selected for this prompt at 4x" -- "$bin" generate --model "$model" \
     --context "$tmp/full.ctx" --select-ratio 4 --prompt " Question: What is the secret code?" \
     --max-tokens 1
   expect select_ratio_one 1 "must be > 1" -- "$bin" generate --model "$model" --context "$tmp/full.ctx" \

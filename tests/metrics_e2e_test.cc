@@ -7,7 +7,8 @@
 //  * ctxcache_kv_bytes_saved_per_request_sum is the sum of Usage.kv_bytes_saved over the
 //    Generate responses and its _count the number of successful Generate calls;
 //  * ctxcache_requests_total matches the calls made, by method and code, INVALID_ARGUMENT and
-//    NOT_FOUND included; token and byte counters match the responses' usage.
+//    NOT_FOUND included; token and byte counters match the responses' usage (bytes attended
+//    included, below bytes used for the document selected per query).
 // A second case runs with a real redis-server (skips without one unless
 // CTXCACHE_REQUIRE_REDIS=1) and checks the Redis tier's lookups, operations, errors and
 // ctxcache_redis_up, before and after the redis-server is killed.
@@ -264,7 +265,8 @@ TEST_F(MetricsE2ETest, ScrapeMatchesTheCallsMade) {
     pb::CompressResponse resp;
     EXPECT_EQ(stub->Compress(&ctx, bad, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   }
-  // Three successful Generates: by id, with an inline document (computed), with no context.
+  // Three successful Generates: by id, with an inline document (computed, stored whole and
+  // selected per query), with no context.
   std::vector<StreamResult> generated;
   {
     pb::GenerateRequest by_id = Ask("Who founded the library?");
@@ -272,8 +274,8 @@ TEST_F(MetricsE2ETest, ScrapeMatchesTheCallsMade) {
     pb::GenerateRequest inline_doc = Ask("How many people live in Vellmar?");
     pb::CompressRequest* in = inline_doc.add_contexts()->mutable_inline_();
     in->mutable_document()->set_text(kSecondDocument);
-    in->mutable_compression()->set_method("snapkv");
-    in->mutable_compression()->set_ratio(2);
+    in->mutable_compression()->set_method("none");
+    inline_doc.mutable_contexts(0)->mutable_select()->set_ratio(2);
     pb::GenerateRequest plain = Ask("Say hello.");
     for (const pb::GenerateRequest* req : {&by_id, &inline_doc, &plain}) {
       generated.push_back(RunGenerate(*stub, *req));
@@ -346,11 +348,12 @@ TEST_F(MetricsE2ETest, ScrapeMatchesTheCallsMade) {
   }
 
   // (b) bytes saved: the histogram holds exactly what the responses reported.
-  double saved = 0, full = 0, used = 0, prompt = 0, completion = 0, original = 0;
+  double saved = 0, full = 0, used = 0, attended = 0, prompt = 0, completion = 0, original = 0;
   for (const StreamResult& g : generated) {
     saved += static_cast<double>(g.usage.kv_bytes_saved());
     full += static_cast<double>(g.usage.kv_bytes_full());
     used += static_cast<double>(g.usage.kv_bytes_used());
+    attended += static_cast<double>(g.usage.kv_bytes_attended());
     prompt += static_cast<double>(g.usage.prompt_tokens());
     completion += static_cast<double>(g.usage.completion_tokens());
     original += static_cast<double>(g.usage.context_tokens_original());
@@ -362,6 +365,8 @@ TEST_F(MetricsE2ETest, ScrapeMatchesTheCallsMade) {
   EXPECT_EQ(value("ctxcache_tenant_kv_bytes_saved_total{tenant=\"default\"}"), saved);
   EXPECT_EQ(value("ctxcache_kv_bytes_full_total"), full);
   EXPECT_EQ(value("ctxcache_kv_bytes_used_total"), used);
+  EXPECT_LT(attended, used);
+  EXPECT_EQ(value("ctxcache_kv_bytes_attended_total"), attended);
   EXPECT_EQ(value("ctxcache_prompt_tokens_total"), prompt);
   EXPECT_EQ(value("ctxcache_generated_tokens_total"), completion);
   EXPECT_EQ(value("ctxcache_context_tokens_original_total"), original);
@@ -384,9 +389,11 @@ TEST_F(MetricsE2ETest, ScrapeMatchesTheCallsMade) {
   EXPECT_EQ(value("ctxcache_request_duration_seconds_count{rpc=\"Generate\"}"), 4);
 
   // Compressions actually computed: the first Compress and the inline document.
-  EXPECT_EQ(value("ctxcache_compression_duration_seconds_count{method=\"snapkv\"}"), 2);
-  EXPECT_EQ(value("ctxcache_compression_ratio_count{method=\"snapkv\"}"), 2);
-  EXPECT_GE(value("ctxcache_compression_ratio_sum{method=\"snapkv\"}"), 2 * 1.5);
+  EXPECT_EQ(value("ctxcache_compression_duration_seconds_count{method=\"snapkv\"}"), 1);
+  EXPECT_EQ(value("ctxcache_compression_duration_seconds_count{method=\"none\"}"), 1);
+  EXPECT_EQ(value("ctxcache_compression_ratio_count{method=\"snapkv\"}"), 1);
+  EXPECT_GE(value("ctxcache_compression_ratio_sum{method=\"snapkv\"}"), 1.5);
+  EXPECT_EQ(value("ctxcache_compression_ratio_sum{method=\"none\"}"), 1);
   // The second Compress and the Generate by id hit the memory tier; no Redis tier here.
   EXPECT_GE(value("ctxcache_cache_lookups_total{tier=\"memory\",result=\"hit\"}"), 2);
   EXPECT_EQ(value("ctxcache_cache_entries{tier=\"memory\"}"), 2);

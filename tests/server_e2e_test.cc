@@ -10,7 +10,8 @@
 // Redis value (detected, recomputed, replaced); multi-document generation; 16 concurrent
 // streams; cancellation and deadlines (and that the work stops and its memory is released);
 // tenant isolation with bearer tokens; malformed requests and their codes; admission;
-// health while loading and draining.
+// health while loading and draining; prefill once, select per query (ContextRef.select: the
+// answer over the selected entries, bytes attended, several contexts, the errors, a deadline).
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
@@ -87,6 +88,14 @@ pb::CompressRequest CompressRequest(const std::string& doc) {
   req.mutable_document()->set_text(doc);
   req.mutable_compression()->set_method("snapkv");
   req.mutable_compression()->set_ratio(4);
+  return req;
+}
+
+// Method "none": the context stored whole, for per-query selection.
+pb::CompressRequest WholeRequest(const std::string& doc) {
+  pb::CompressRequest req;
+  req.mutable_document()->set_text(doc);
+  req.mutable_compression()->set_method("none");
   return req;
 }
 
@@ -233,7 +242,12 @@ class ServerE2ETest : public FastModelTest {
     EXPECT_TRUE(tmpl.ok()) << tmpl.status();
     absl::StatusOr<std::string> text = ApplyChatTemplate(*tmpl, {{"user", question}}, true);
     EXPECT_TRUE(text.ok()) << text.status();
-    const std::vector<int32_t> ids = tok.Encode(*text, tok.add_bos_default(), true);
+    return LocalAnswerTo(contexts, tok.Encode(*text, tok.add_bos_default(), true), max_tokens);
+  }
+
+  // The same for a prompt given as token ids.
+  static std::string LocalAnswerTo(const std::vector<const CompressedContext*>& contexts,
+                                   const std::vector<int32_t>& ids, int max_tokens = kMaxTokens) {
     ThreadPool pool(1);
     Runner runner(model(), &pool);
     KvCache cache = model().NewKvCache();
@@ -248,6 +262,22 @@ class ServerE2ETest : public FastModelTest {
     absl::StatusOr<GenerateResult> r = Generate(runner, cache, ids, params, nullptr);
     EXPECT_TRUE(r.ok()) << r.status();
     return r.ok() ? r->text : "";
+  }
+
+  // `full` (stored whole) as this request selects it: SelectForQuery by `query`, `budget`
+  // entries per head.
+  static CompressedContext LocalSelection(const CompressedContext& full,
+                                          const std::vector<int32_t>& query, int64_t budget) {
+    ThreadPool pool(1);
+    Runner runner(model(), &pool);
+    CompressedContext out;
+    out.model_fingerprint = full.model_fingerprint;
+    out.method = full.method;
+    out.source_tokens = full.source_tokens;
+    absl::StatusOr<KvCache> kv = SelectForQuery(runner, full.kv, query, budget);
+    EXPECT_TRUE(kv.ok()) << kv.status();
+    if (kv.ok()) out.kv = *std::move(kv);
+    return out;
   }
 
   static void ExpectUsageConsistent(const pb::Usage& u) {
@@ -910,6 +940,44 @@ TEST_F(ServerE2ETest, MalformedRequestsGetTheRightCodeAndAClearMessage) {
       {"unknown chat role",
        [](pb::GenerateRequest& q) { q.mutable_chat()->mutable_messages(0)->set_role("robot"); },
        grpc::StatusCode::INVALID_ARGUMENT, "robot"},
+      // Per-query selection: checked before the (unknown) context is looked up.
+      {"select ratio 1",
+       [&](pb::GenerateRequest& q) {
+         pb::ContextRef* c = q.add_contexts();
+         c->set_context_id(unknown_id);
+         c->mutable_select()->set_ratio(1);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "contexts[0].select.ratio must be a finite number > 1"},
+      {"select without ratio or budget",
+       [&](pb::GenerateRequest& q) {
+         pb::ContextRef* c = q.add_contexts();
+         c->set_context_id(unknown_id);
+         c->mutable_select();
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "contexts[0].select needs a ratio > 1"},
+      {"select with ratio and budget",
+       [&](pb::GenerateRequest& q) {
+         pb::ContextRef* c = q.add_contexts();
+         c->set_context_id(unknown_id);
+         c->mutable_select()->set_ratio(4);
+         c->mutable_select()->set_budget(32);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "either ratio or budget, not both"},
+      {"select with a negative budget",
+       [&](pb::GenerateRequest& q) {
+         pb::ContextRef* c = q.add_contexts();
+         c->set_context_id(unknown_id);
+         c->mutable_select()->set_budget(-3);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "contexts[0].select.budget must be > 0"},
+      {"select from an inline document compressed",
+       [](pb::GenerateRequest& q) {
+         pb::ContextRef* c = q.add_contexts();
+         *c->mutable_inline_() = CompressRequest(kSecondDocument);
+         c->mutable_select()->set_ratio(4);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT,
+       "contexts[0].inline.compression.method is \"snapkv\": use method \"none\""},
   };
   for (const GenerateCase& c : generate_cases) {
     SCOPED_TRACE(c.name);
@@ -935,6 +1003,212 @@ TEST_F(ServerE2ETest, MalformedRequestsGetTheRightCodeAndAClearMessage) {
   EXPECT_EQ(r.stub->DeleteContext(&dctx, dreq, &dresp).error_code(), grpc::StatusCode::NOT_FOUND);
   // Nothing above reached an engine worker's reservation or stayed in flight.
   EXPECT_TRUE(r.server->WaitIdle(5));
+  EXPECT_EQ(r.server->scheduler()->Stats().reserved_kv_bytes, 0);
+}
+
+TEST_F(ServerE2ETest, SelectPerQueryFromAFullContextAttendsToFewerBytes) {
+  Running r = Start(BaseConfig());
+  ASSERT_NE(r.stub, nullptr);
+  pb::CompressResponse c;
+  {
+    grpc::ClientContext ctx;
+    grpc::Status s = r.stub->Compress(&ctx, WholeRequest(kDocument), &c);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  EXPECT_EQ(c.context().method(), "none");
+  EXPECT_EQ(c.context().kept_entries(), c.context().full_entries());
+  const std::string id = c.context().context_id();
+  std::shared_ptr<const CompressedContext> full = Cached(*r.server, id);
+  ASSERT_NE(full, nullptr);
+
+  // The answer is early in the document, outside the always-kept first 4 and last 64 tokens.
+  const std::string& q = Questions()[0];
+  pb::GenerateRequest req = AskAbout(id, q);
+  req.mutable_contexts(0)->mutable_select()->set_ratio(4);
+  StreamResult s = RunGenerate(*r.stub, req);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  ASSERT_TRUE(s.has_usage);
+  EXPECT_FALSE(s.text.empty());
+  const pb::Usage& u = s.usage;
+  ASSERT_EQ(u.contexts_size(), 1);
+  const pb::ContextUsage& cu = u.contexts(0);
+  // Stored whole: the request used the full context, and attended over a quarter of it.
+  const ModelConfig& mc = model().config();
+  const int64_t n = full->source_tokens, budget = (n + 3) / 4;
+  EXPECT_EQ(cu.kept_entries(), cu.full_entries());
+  EXPECT_EQ(u.kv_bytes_used(), u.kv_bytes_full());
+  EXPECT_EQ(u.kv_bytes_saved(), 0);
+  EXPECT_EQ(cu.attended_entries(), budget * mc.n_layers * mc.n_kv_heads);
+  EXPECT_EQ(cu.kv_bytes_attended(), cu.attended_entries() * 2 * mc.head_dim * 2);
+  const int64_t own = (u.prompt_tokens() + u.completion_tokens()) * model().KvBytesPerToken(2);
+  EXPECT_EQ(u.kv_bytes_attended(), cu.kv_bytes_attended() + own);
+  EXPECT_LT(u.kv_bytes_attended(), u.kv_bytes_full());
+  EXPECT_LT(cu.kv_bytes_attended() * 3, cu.kv_bytes());
+
+  // Byte for byte the engine's answer over the same selection. The query is the conversation
+  // after the (default) system turn, as SmolLM2's ChatML template renders it.
+  const Tokenizer& tok = model().tokenizer();
+  const std::vector<int32_t> query =
+      tok.Encode(absl::StrCat("<|im_start|>user\n", q, "<|im_end|>\n<|im_start|>assistant\n"),
+                 /*add_bos=*/false, /*parse_special=*/true);
+  const CompressedContext selected = LocalSelection(*full, query, budget);
+  EXPECT_EQ(selected.KeptEntries(), cu.attended_entries());
+  const std::string over_selected = LocalAnswer({&selected}, q);
+  const std::string over_full = LocalAnswer({full.get()}, q);
+  // Else the comparisons could not tell a selected cache from the whole one.
+  ASSERT_NE(over_selected, over_full) << "pick a question whose answer the selection changes";
+  EXPECT_EQ(s.text, over_selected);
+
+  // Without select the same context is attended whole: attended equals used.
+  StreamResult plain = RunGenerate(*r.stub, AskAbout(id, q));
+  ASSERT_TRUE(plain.status.ok()) << plain.status.error_message();
+  EXPECT_EQ(plain.usage.kv_bytes_attended(), plain.usage.kv_bytes_used());
+  EXPECT_EQ(plain.usage.contexts(0).attended_entries(), plain.usage.contexts(0).kept_entries());
+  EXPECT_EQ(plain.text, over_full);
+  // Admission got every reservation back, the selection's copy included.
+  EXPECT_TRUE(r.server->WaitIdle(5));
+  EXPECT_EQ(r.server->scheduler()->Stats().reserved_kv_bytes, 0);
+}
+
+// What per-query selection scores by: the prompt less the preamble every request shares.
+TEST_F(ServerE2ETest, SelectionQueryIsThePromptLessItsPreamble) {
+  Running r = Start(BaseConfig());
+  ASSERT_NE(r.server, nullptr);
+  const server::Handlers handlers(model(), *r.server->store(), server::RequestLimits{});
+  const Tokenizer& tok = model().tokenizer();
+  auto query_of = [&](const server::GenerateInput& in) {
+    absl::StatusOr<std::vector<int32_t>> prompt = handlers.PromptTokens(in);
+    EXPECT_TRUE(prompt.ok()) << prompt.status();
+    if (!prompt.ok()) return std::vector<int32_t>{};
+    const absl::Span<const int32_t> q = handlers.SelectionQuery(in, *prompt);
+    EXPECT_TRUE(std::equal(q.rbegin(), q.rend(), prompt->rbegin())) << "not the prompt's tail";
+    return std::vector<int32_t>(q.begin(), q.end());
+  };
+  auto special = [&](const std::string& text) { return tok.Encode(text, false, true); };
+
+  // Text: the text's tokens (without BOS when the model adds one).
+  server::GenerateInput text;
+  text.text = " Question: Who founded the library? Answer:";
+  EXPECT_EQ(query_of(text), tok.Encode(text.text, false, false));
+
+  // Chat (SmolLM2's ChatML): the template's default system turn is left out ...
+  server::GenerateInput chat;
+  chat.chat = true;
+  chat.messages = {{"user", "Who founded it?"}};
+  const std::string turn = "<|im_start|>user\nWho founded it?<|im_end|>\n<|im_start|>assistant\n";
+  EXPECT_EQ(query_of(chat), special(turn));
+  // ... and so is a given one, from the request's system field or a first system message,
+  // while the conversation after it stays, through the assistant header.
+  chat.system = "Answer in one word.";
+  EXPECT_EQ(query_of(chat), special(turn));
+  chat.system.clear();
+  chat.messages = {
+      {"system", "Be brief."}, {"user", "Who?"}, {"assistant", "Margaret."}, {"user", "When?"}};
+  EXPECT_EQ(query_of(chat),
+            special("<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\nMargaret.<|im_end|>"
+                    "\n<|im_start|>user\nWhen?<|im_end|>\n<|im_start|>assistant\n"));
+}
+
+TEST_F(ServerE2ETest, SelectPerQueryComposesSeveralContexts) {
+  Running r = Start(BaseConfig());
+  ASSERT_NE(r.stub, nullptr);
+  std::string whole_id;
+  {
+    grpc::ClientContext ctx;
+    pb::CompressResponse c;
+    grpc::Status s = r.stub->Compress(&ctx, WholeRequest(kDocument), &c);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    whole_id = c.context().context_id();
+  }
+  // A text prompt; contexts: the first document whole, selected to a budget; the second
+  // compressed (snapkv), as is; the second again, inline and whole, selected at a ratio.
+  constexpr int64_t kBudget = 96;
+  const std::string prompt =
+      "\nQuestion: Who founded the library, and when is the regatta?\nAnswer: The library was "
+      "founded by";
+  pb::GenerateRequest req = Ask("unused");
+  req.set_text(prompt);
+  pb::ContextRef* first = req.add_contexts();
+  first->set_context_id(whole_id);
+  first->mutable_select()->set_budget(kBudget);
+  *req.add_contexts()->mutable_inline_() = CompressRequest(kSecondDocument);
+  pb::ContextRef* third = req.add_contexts();
+  *third->mutable_inline_() = WholeRequest(kSecondDocument);
+  third->mutable_select()->set_ratio(3);
+  StreamResult s = RunGenerate(*r.stub, req);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  ASSERT_EQ(s.usage.contexts_size(), 3);
+  std::vector<std::shared_ptr<const CompressedContext>> stored;
+  for (int i = 0; i < 3; ++i) {
+    stored.push_back(Cached(*r.server, s.usage.contexts(i).context_id()));
+    ASSERT_NE(stored.back(), nullptr) << i;
+  }
+  const ModelConfig& mc = model().config();
+  const int64_t heads = int64_t{mc.n_layers} * mc.n_kv_heads;
+  EXPECT_EQ(s.usage.contexts(0).attended_entries(), kBudget * heads);
+  EXPECT_EQ(s.usage.contexts(1).attended_entries(), s.usage.contexts(1).kept_entries());
+  EXPECT_EQ(s.usage.contexts(2).attended_entries(), (stored[2]->source_tokens + 2) / 3 * heads);
+  int64_t attended = 0;
+  for (const pb::ContextUsage& c : s.usage.contexts()) attended += c.kv_bytes_attended();
+  EXPECT_EQ(s.usage.kv_bytes_attended(),
+            attended + (s.usage.prompt_tokens() + s.usage.completion_tokens()) *
+                           model().KvBytesPerToken(2));
+
+  // Each selected by the same query (a text prompt's tokens, less BOS), then composed in
+  // order: each keeps its original positions, so the usual RoPE shift places it.
+  const Tokenizer& tok = model().tokenizer();
+  const std::vector<int32_t> query = tok.Encode(prompt, /*add_bos=*/false, false);
+  const CompressedContext a = LocalSelection(*stored[0], query, kBudget);
+  const CompressedContext c = LocalSelection(*stored[2], query, (stored[2]->source_tokens + 2) / 3);
+  EXPECT_EQ(a.kv.next_position, stored[0]->kv.next_position);
+  const std::vector<int32_t> ids = tok.Encode(prompt, tok.add_bos_default(), false);
+  const std::string over_selected = LocalAnswerTo({&a, stored[1].get(), &c}, ids);
+  ASSERT_NE(over_selected, LocalAnswerTo({stored[0].get(), stored[1].get(), stored[2].get()}, ids))
+      << "pick a prompt whose answer the selection changes";
+  EXPECT_EQ(s.text, over_selected);
+}
+
+TEST_F(ServerE2ETest, SelectPerQueryNeedsAContextStoredWhole) {
+  Running r = Start(BaseConfig());
+  ASSERT_NE(r.stub, nullptr);
+  const std::string id = MustCompress(*r.stub, kDocument).context().context_id();  // snapkv
+  pb::GenerateRequest req = AskAbout(id, Questions()[0]);
+  req.mutable_contexts(0)->mutable_select()->set_ratio(2);
+  StreamResult s = RunGenerate(*r.stub, req);
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+      << s.status.error_message();
+  EXPECT_NE(s.status.error_message().find(
+                absl::StrCat("context ", id, " was stored compressed with snapkv")),
+            std::string::npos)
+      << s.status.error_message();
+  EXPECT_NE(s.status.error_message().find("method \"none\""), std::string::npos)
+      << s.status.error_message();
+  EXPECT_EQ(s.messages, 0);
+  EXPECT_TRUE(r.server->WaitIdle(5));
+  EXPECT_EQ(r.server->scheduler()->Stats().reserved_kv_bytes, 0);
+}
+
+TEST_F(ServerE2ETest, SelectPerQueryHonoursTheDeadline) {
+  ServerConfig config = BaseConfig();
+  config.workers = 1;
+  Running r = Start(config);
+  ASSERT_NE(r.stub, nullptr);
+  std::string id;
+  {
+    grpc::ClientContext ctx;
+    pb::CompressResponse c;
+    grpc::Status s = r.stub->Compress(&ctx, WholeRequest(kDocument), &c);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    id = c.context().context_id();
+  }
+  pb::GenerateRequest req = Endless(id);
+  req.mutable_contexts(0)->mutable_select()->set_ratio(4);
+  StreamResult s = RunGenerate(*r.stub, req, [](grpc::ClientContext& ctx) {
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(700));
+  });
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.status.error_message();
+  EXPECT_FALSE(s.has_usage);
+  EXPECT_TRUE(r.server->WaitIdle(5)) << "the selected generation outlived its deadline";
   EXPECT_EQ(r.server->scheduler()->Stats().reserved_kv_bytes, 0);
 }
 
@@ -1061,6 +1335,29 @@ TEST_F(ServerE2ETest, BinaryServesTheCliAndDrainsOnSigterm) {
   run(std::string(CTXCACHE_CLI_BIN) + " generate --server " + address + " --context " +
           std::string(64, 'b') + " --prompt x 2>&1", &rc);
   EXPECT_EQ(WEXITSTATUS(rc), 1);  // NOT_FOUND is an error exit
+  // Prefill once, select per query: the savings line reports fewer bytes attended than used.
+  const std::string whole = run(std::string(CTXCACHE_CLI_BIN) + " compress --server " + address +
+                                    " --doc " + doc + " --method none --json",
+                                &rc);
+  EXPECT_EQ(rc, 0) << whole;
+  const size_t whole_at = whole.find("\"context_id\":\"");
+  ASSERT_NE(whole_at, std::string::npos) << whole;
+  const std::string selected = run(std::string(CTXCACHE_CLI_BIN) + " generate --server " + address +
+                                       " --context " + whole.substr(whole_at + 14, 64) +
+                                       " --select-ratio 4 --chat --prompt 'Who founded the "
+                                       "library?' --temperature 0 --max-tokens 4 2>&1",
+                                   &rc);
+  EXPECT_EQ(rc, 0) << selected;
+  double used = 0, full = 0, saved = 0, attended = 0;
+  const size_t kv_at = selected.find("[KV ");
+  ASSERT_NE(kv_at, std::string::npos) << selected;
+  ASSERT_EQ(std::sscanf(selected.c_str() + kv_at,
+                        "[KV %lf MB used vs %lf MB full: saved %lf MB; %lf MB attended]", &used,
+                        &full, &saved, &attended),
+            4)
+      << selected;
+  EXPECT_EQ(used, full) << selected;
+  EXPECT_LT(attended * 2, used) << selected;
 
   // SIGTERM with a stream in flight: the stream completes, then the process exits 0.
   auto stub = pb::ContextCache::NewStub(channel);

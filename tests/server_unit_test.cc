@@ -366,7 +366,9 @@ TEST(ConvertTest, UnsetOptionalFieldsKeepTheEngineDefaults) {
   ref->mutable_inline_()->mutable_compression()->set_budget(64);
   ref->mutable_inline_()->mutable_compression()->set_chunk(128);
   ref->mutable_inline_()->set_question("Who?");
-  req.add_contexts()->set_context_id("abc");
+  ctxcache::v1::ContextRef* by_id = req.add_contexts();
+  by_id->set_context_id("abc");
+  by_id->mutable_select()->set_ratio(4);
   in = FromProto(req);
   ASSERT_TRUE(in.ok());
   EXPECT_EQ(in->params.sampling.temperature, 0.f);
@@ -385,7 +387,11 @@ TEST(ConvertTest, UnsetOptionalFieldsKeepTheEngineDefaults) {
   EXPECT_EQ(c.spec.chunk, 128);
   EXPECT_EQ(c.spec.n_sink, CompressionSpec().n_sink);  // unset: default
   EXPECT_EQ(c.spec.question, "Who?");
+  EXPECT_FALSE(in->contexts[0].select.has_value());  // no select: the context as stored
   EXPECT_EQ(in->contexts[1].context_id, "abc");
+  ASSERT_TRUE(in->contexts[1].select.has_value());
+  EXPECT_EQ(in->contexts[1].select->ratio, 4);
+  EXPECT_EQ(in->contexts[1].select->budget, 0);
 
   req.mutable_decode()->set_kind(static_cast<ctxcache::v1::DecodePolicy::Kind>(9));
   EXPECT_EQ(FromProto(req).status().code(), absl::StatusCode::kInvalidArgument);

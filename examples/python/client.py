@@ -4,6 +4,8 @@
     python3 examples/python/client.py --server 127.0.0.1:50051 info
     python3 examples/python/client.py compress --doc report.txt --method snapkv --ratio 4
     python3 examples/python/client.py ask --context ID --question "Who signed it?"
+    python3 examples/python/client.py compress --doc report.txt --method none --ratio 0
+    python3 examples/python/client.py ask --context ID --select-ratio 8 --question "Who?"
     python3 examples/python/client.py demo --doc report.txt "Who signed it?" "When?"
 
 The Python stubs are generated at start-up from proto/ctxcache/v1/ctxcache.proto with
@@ -82,10 +84,18 @@ class Client:
         )
         return self.stub.Compress(req, metadata=self.metadata, timeout=self.timeout)
 
-    def ask(self, context_ids, question, max_tokens=128, temperature=0.0, on_text=None):
-        """Streams the answer (on_text per piece); returns (text, usage)."""
+    def ask(self, context_ids, question, max_tokens=128, temperature=0.0, on_text=None,
+            select_ratio=0.0):
+        """Streams the answer (on_text per piece); returns (text, usage).
+
+        select_ratio > 1 selects from each context (stored whole: method "none") the 1/ratio
+        of its entries this question attends to most, for this request only."""
+        refs = [self.pb2.ContextRef(context_id=c) for c in context_ids]
+        for ref in refs:
+            if select_ratio:
+                ref.select.ratio = select_ratio
         req = self.pb2.GenerateRequest(
-            contexts=[self.pb2.ContextRef(context_id=c) for c in context_ids],
+            contexts=refs,
             chat=self.pb2.ChatPrompt(
                 messages=[self.pb2.ChatMessage(role="user", content=question.encode("utf-8"))]
             ),
@@ -115,7 +125,8 @@ def print_usage(u):
     tiers = ", ".join(f"{c.context_id[:12]}… {TIERS.get(c.tier, c.tier)}" for c in u.contexts)
     print(
         f"  [{tiers or 'no context'}] KV {u.kv_bytes_used / 1e6:.2f} MB used vs "
-        f"{u.kv_bytes_full / 1e6:.2f} MB full, saved {u.kv_bytes_saved / 1e6:.2f} MB; "
+        f"{u.kv_bytes_full / 1e6:.2f} MB full, saved {u.kv_bytes_saved / 1e6:.2f} MB, "
+        f"{u.kv_bytes_attended / 1e6:.2f} MB attended; "
         f"TTFT {u.ttft_ms:.0f} ms, {u.decode_tokens_per_second:.1f} tok/s, "
         f"finish {FINISH.get(u.finish_reason, u.finish_reason)}",
         file=sys.stderr,
@@ -138,6 +149,8 @@ def main():
     a.add_argument("--context", action="append", default=[], help="context id (repeatable)")
     a.add_argument("--question", required=True)
     a.add_argument("--max-tokens", type=int, default=128)
+    a.add_argument("--select-ratio", type=float, default=0.0,
+                   help="select per query from contexts stored whole (method none)")
     d = sub.add_parser("demo", help="compress once, then ask each question over it")
     d.add_argument("--doc", required=True)
     d.add_argument("--method", default="snapkv")
@@ -156,7 +169,8 @@ def main():
             r = client.compress(read(args.doc), args.method, args.ratio, question=args.question)
             print_context(r.context, r.compute_ms)
         elif args.command == "ask":
-            _, usage = client.ask(args.context, args.question, args.max_tokens, on_text=stream)
+            _, usage = client.ask(args.context, args.question, args.max_tokens, on_text=stream,
+                                  select_ratio=args.select_ratio)
             print()
             print_usage(usage)
         elif args.command == "demo":

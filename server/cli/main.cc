@@ -63,7 +63,8 @@ generate flags:
 
   --context FILE      a compressed context (repeatable; composed in order before the prompt)
   --select-ratio R    per-request selection: keep the 1/R of the contexts' entries per head
-                      that this prompt attends to most (prefill once, select per query)
+                      that this prompt attends to most (prefill once, select per query;
+                      with --server, from each context id, which must be stored whole)
 
 compress flags:
   --doc FILE (- for stdin)   --method M   (--ratio R | --budget N)   --out FILE
@@ -265,14 +266,14 @@ absl::Status CmdGenerate(const Flags& flags) {
       const int64_t budget =
           std::max<int64_t>(1, static_cast<int64_t>(std::ceil(cache.MaxEntries() / select_ratio)));
       ASSIGN_OR_RETURN(cache, SelectForQuery(runner, cache, ids, budget));
-      kv_bytes = cache.StoredBytes();
     }
     if (!quiet) {
+      // As the server's Usage: used = the contexts loaded, attended = what decoding reads.
       std::fprintf(stderr,
                    "[%zu context(s): KV %.2f MB used by this request vs %.2f MB full (saved "
-                   "%.2f MB)%s]\n",
+                   "%.2f MB), %.2f MB attended%s]\n",
                    contexts.size(), kv_bytes / 1e6, full_bytes / 1e6,
-                   (full_bytes - kv_bytes) / 1e6,
+                   (full_bytes - kv_bytes) / 1e6, cache.StoredBytes() / 1e6,
                    select_ratio > 0 ? absl::StrCat(", selected for this prompt at ",
                                                    select_ratio, "x").c_str()
                                     : "");

@@ -194,7 +194,17 @@ class Remote {
     } else {
       req.set_text(prompt);
     }
-    for (const std::string& id : flags_.get_all("context")) req.add_contexts()->set_context_id(id);
+    double select_ratio = 0;
+    RETURN_IF_ERROR(Number("select-ratio", &select_ratio));
+    for (const std::string& id : flags_.get_all("context")) {
+      pb::ContextRef* ref = req.add_contexts();
+      ref->set_context_id(id);
+      // The server checks the ratio and that each context is stored whole.
+      if (flags_.has("select-ratio")) ref->mutable_select()->set_ratio(select_ratio);
+    }
+    if (flags_.has("select-ratio") && req.contexts().empty()) {
+      return absl::InvalidArgumentError("--select-ratio selects from --context ids: give one");
+    }
     pb::SamplingParams* s = req.mutable_sampling();
     RETURN_IF_ERROR(Optional<float>("temperature", [&](float v) { s->set_temperature(v); }));
     RETURN_IF_ERROR(Optional<int>("top-k", [&](int v) { s->set_top_k(v); }));
@@ -243,13 +253,14 @@ class Remote {
       }
       std::fprintf(stderr,
                    "\n[%d context(s)%s%s%s: %lld tokens -> %.1f kept per head]\n"
-                   "[KV %.2f MB used vs %.2f MB full: saved %.2f MB]\n"
+                   "[KV %.2f MB used vs %.2f MB full: saved %.2f MB; %.2f MB attended]\n"
                    "[%lld prompt tokens, %lld generated, TTFT %.1f ms, %.1f tok/s decode, "
                    "finish: %s]\n",
                    usage.contexts_size(), tiers.empty() ? "" : " (", tiers.c_str(),
                    tiers.empty() ? "" : ")", static_cast<long long>(usage.context_tokens_original()),
                    usage.context_tokens_kept(), usage.kv_bytes_used() / 1e6,
                    usage.kv_bytes_full() / 1e6, usage.kv_bytes_saved() / 1e6,
+                   usage.kv_bytes_attended() / 1e6,
                    static_cast<long long>(usage.prompt_tokens()),
                    static_cast<long long>(usage.completion_tokens()), usage.ttft_ms(),
                    usage.decode_tokens_per_second(), FinishName(usage.finish_reason()));
