@@ -14,7 +14,7 @@ bool MethodUsesQuestion(std::string_view method) {
 
 uint32_t ExpectedMethodVersion(std::string_view method) {
   // engine/compress/compress.cc: MethodVersion.
-  return method == "expected_attention" ? 2 : 1;
+  return method == "expected_attention" || method == "finch" ? 2 : 1;
 }
 
 std::string ContextId(std::string_view tenant, std::string_view model_fingerprint,

@@ -203,6 +203,22 @@ void Pool1d(std::vector<float>& scores, int kernel, bool max_pool) {
   scores.swap(out);
 }
 
+void PoolByPosition(std::vector<float>& scores, absl::Span<const int32_t> pos, int kernel) {
+  if (kernel <= 1 || scores.empty()) return;
+  const int32_t half = kernel / 2;
+  const size_t n = scores.size();
+  std::vector<float> out(n);
+  size_t lo = 0, hi = 0;  // entries [lo, hi) lie within `half` positions of entry i
+  for (size_t i = 0; i < n; ++i) {
+    while (pos[lo] < pos[i] - half) ++lo;
+    while (hi < n && pos[hi] <= pos[i] + half) ++hi;
+    float acc = 0.f;  // summed in Pool1d's order, so contiguous positions give its floats
+    for (size_t j = lo; j < hi; ++j) acc += scores[j];
+    out[i] = acc / static_cast<float>(kernel);
+  }
+  scores.swap(out);
+}
+
 void AccumulateGroupMean(const float* probs, int n_heads, int n_rows, int64_t max_keys,
                          absl::Span<const float> row_weight, absl::Span<const int64_t> n_keys,
                          std::vector<float>* out) {

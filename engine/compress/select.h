@@ -56,6 +56,13 @@ void ShiftPositions(KvCache& cache, int32_t delta, const RopeParams& rope);
 // the kernel as PyTorch's avg_pool1d(count_include_pad=True) that SnapKV and kvpress use.
 void Pool1d(std::vector<float>& scores, int kernel, bool max_pool);
 
+// The same average pooling over one head's entries by their positions: entry i's score becomes
+// the sum of the scores of the entries within kernel/2 positions of pos[i], divided by the
+// kernel. Positions the head does not hold count as zeros, like Pool1d's padding, so on
+// contiguous positions the two agree. `pos` is ascending (a KvHead's pos). Used by finch, whose
+// candidates are the sparse survivors of earlier chunks plus a contiguous new chunk.
+void PoolByPosition(std::vector<float>& scores, absl::Span<const int32_t> pos, int kernel);
+
 // Adds observed attention to per-KV-head scores: for each query head h (KV head h / group),
 // row r and key j < n_keys(head): out[h / group][j] += row_weight[r] * probs[h, r, j] / group
 // (a GQA mean when row weights sum to 1). probs is the observer's [n_heads, n_rows, max_keys].
