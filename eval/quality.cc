@@ -7,7 +7,9 @@
 // The work is shared the way a cache shares it: the document is prefilled once per sample;
 // each single-pass method scores that prefill once and selects at every ratio
 // (ScoreDocument / SelectScored); only finch, which selects while it prefills, runs once per
-// ratio. Output lines are appended per finished sample, so an interrupted run resumes where
+// ratio. Method "query_select" is "prefill once, select per query" (ContextRef.select): the
+// full prefill scored by the request's own tokens (SelectForQuery) at every ratio. Output
+// lines are appended per finished sample, so an interrupted run resumes where
 // it stopped (samples already in --out are skipped).
 //
 //   ctxcache-eval --samples eval/work/samples.jsonl --out eval/work/raw.jsonl
@@ -363,6 +365,18 @@ absl::Status Run(const Options& opt) {
       spec.method = method;
       spec.question = s.question;
       spec.ratio = opt.ratios.front();
+      if (method == "query_select") {
+        // Prefill once, select per query (ContextRef.select): this request's own tokens
+        // (question and answer prefix) score the stored full context at every ratio.
+        for (double ratio : opt.ratios) {
+          const auto t0 = Clock::now();
+          const int64_t budget = static_cast<int64_t>(
+              std::ceil(static_cast<double>(s.doc.size()) / ratio));
+          ASSIGN_OR_RETURN(KvCache kv, SelectForQuery(runner, prefill, s.suffix, budget));
+          RETURN_IF_ERROR(add_dtypes(method, ratio, kv, Since(t0)));
+        }
+        continue;
+      }
       if (method == "finch") {
         for (double ratio : opt.ratios) {
           spec.ratio = ratio;
