@@ -8,11 +8,13 @@
 // each single-pass method scores that prefill once and selects at every ratio
 // (ScoreDocument / SelectScored); only finch, which selects while it prefills, runs once per
 // ratio. Output lines are appended per finished sample, so an interrupted run resumes where
-// it stopped (samples already in --out are skipped).
+// it stopped (samples already in --out are skipped). --head-budget runs every method with each
+// listed head budget (CompressionSpec::head_budget; methods that do not take one skip it),
+// from the same scores; rows say which ("head_budget").
 //
 //   ctxcache-eval --samples eval/work/samples.jsonl --out eval/work/raw.jsonl
 //                 [--methods streaming,snapkv,...] [--ratios 2,4,8,16,32] [--recycled]
-//                 [--threads N] [--model PATH] [--limit N]
+//                 [--head-budget uniform,adaptive] [--threads N] [--model PATH] [--limit N]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -52,6 +54,7 @@ struct Options {
   std::vector<std::string> methods = {"streaming", "snapkv",   "finch",
                                       "expected_attention", "kvzip", "anchor"};
   std::vector<double> ratios = {2, 4, 8, 16, 32};
+  std::vector<std::string> head_budgets = {"uniform"};
   bool recycled = false;
   int threads = 0;
   int limit = 0;
@@ -59,7 +62,17 @@ struct Options {
 
 constexpr char kUsage[] =
     "usage: ctxcache-eval --samples FILE --out FILE [--methods a,b,...] [--ratios 2,4,...]\n"
-    "                     [--recycled] [--threads N] [--model PATH] [--limit N]\n";
+    "                     [--head-budget uniform,adaptive] [--recycled] [--threads N]\n"
+    "                     [--model PATH] [--limit N]\n";
+
+// Whether `method` takes `head_budget` (streaming and anchor take only "uniform").
+absl::Status CheckHeadBudget(const std::string& method, const std::string& head_budget) {
+  CompressionSpec spec;
+  spec.method = method;
+  spec.ratio = 2;
+  spec.head_budget = head_budget;
+  return spec.Validate();
+}
 
 absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
   Options o;
@@ -87,6 +100,17 @@ absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
           return absl::InvalidArgumentError(absl::StrCat("--ratios: '", r, "' is not a ratio > 1"));
         }
         o.ratios.push_back(x);
+      }
+    } else if (a == "--head-budget") {
+      ASSIGN_OR_RETURN(std::string v, value());
+      o.head_budgets = absl::StrSplit(v, ',', absl::SkipEmpty());
+      for (const std::string& b : o.head_budgets) {
+        if (absl::Status st = CheckHeadBudget("snapkv", b); !st.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat("--head-budget: ", st.message()));
+        }
+      }
+      if (o.head_budgets.empty()) {
+        return absl::InvalidArgumentError("--head-budget needs uniform and/or adaptive");
       }
     } else if (a == "--recycled") {
       o.recycled = true;
@@ -265,6 +289,14 @@ absl::Status Run(const Options& opt) {
   if (opt.limit > 0 && static_cast<int>(todo.size()) > opt.limit) todo.resize(opt.limit);
   std::fprintf(stderr, "ctxcache-eval: %zu samples to run (%zu already in %s)\n", todo.size(),
                done.size(), opt.out.c_str());
+  for (const std::string& method : opt.methods) {
+    for (const std::string& b : opt.head_budgets) {
+      if (!CheckHeadBudget(method, b).ok()) {
+        std::fprintf(stderr, "ctxcache-eval: %s takes no head budget %s; skipped\n", method.c_str(),
+                     b.c_str());
+      }
+    }
+  }
   ThreadPool pool(opt.threads > 0 ? opt.threads : ThreadPool::HardwareThreads());
   Runner runner(*model, &pool);
   std::ofstream out(opt.out, std::ios::app);
@@ -288,9 +320,10 @@ absl::Status Run(const Options& opt) {
     ASSIGN_OR_RETURN(Outcome full, Evaluate(runner, prefill, s, DecodePolicy{}, nullptr));
     const int64_t heads = int64_t{prefill.n_layers()} * prefill.n_kv_heads();
     const int64_t full_bytes = prefill.Bytes(2);
-    auto add = [&](const std::string& method, double ratio, const KvCache& kv, const Outcome& o,
+    auto add = [&](const CompressionSpec& spec, const KvCache& kv, const Outcome& o,
                    double seconds) {
-      json r = base(method, ratio);
+      json r = base(spec.method, spec.ratio);
+      r["head_budget"] = spec.head_budget;
       r["score"] = o.score;
       r["full_score"] = full.score;
       r["ll"] = o.ll;
@@ -303,8 +336,10 @@ absl::Status Run(const Options& opt) {
       r["prediction"] = o.prediction;
       r["full_prediction"] = full.prediction;
       rows.push_back(std::move(r));
+      const std::string label =
+          spec.head_budget == "uniform" ? spec.method : spec.method + " " + spec.head_budget;
       std::fprintf(stderr, "  %-18s x%-4g score %.2f (full %.2f)  kl %.3f  ll %.2f (full %.2f)\n",
-                   method.c_str(), ratio, o.score, full.score, o.kl, o.ll, full.ll);
+                   label.c_str(), spec.ratio, o.score, full.score, o.kl, o.ll, full.ll);
     };
     std::fprintf(stderr, "[%zu/%zu] %s: %zu document tokens, full answer %s\n", i + 1, todo.size(),
                  s.id.c_str(), s.doc.size(), json(full.prediction).dump().c_str());
@@ -324,29 +359,40 @@ absl::Status Run(const Options& opt) {
                    o.prediction == full.prediction ? "same text as" : "differs from");
     }
     for (const std::string& method : opt.methods) {
-      CompressionSpec spec;
-      spec.method = method;
-      spec.question = s.question;
-      spec.ratio = opt.ratios.front();
+      std::vector<CompressionSpec> specs;  // one per head budget the method takes
+      for (const std::string& b : opt.head_budgets) {
+        if (!CheckHeadBudget(method, b).ok()) continue;
+        CompressionSpec& spec = specs.emplace_back();
+        spec.method = method;
+        spec.question = s.question;
+        spec.ratio = opt.ratios.front();
+        spec.head_budget = b;
+      }
+      if (specs.empty()) continue;
       if (method == "finch") {
-        for (double ratio : opt.ratios) {
-          spec.ratio = ratio;
-          const auto t0 = Clock::now();
-          ASSIGN_OR_RETURN(CompressedContext ctx, Compress(runner, s.doc, spec));
-          const double seconds = Since(t0);
-          ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, ctx.kv, s, DecodePolicy{}, &full.logp));
-          add(method, ratio, ctx.kv, o, seconds);
+        for (CompressionSpec& spec : specs) {
+          for (double ratio : opt.ratios) {
+            spec.ratio = ratio;
+            const auto t0 = Clock::now();
+            ASSIGN_OR_RETURN(CompressedContext ctx, Compress(runner, s.doc, spec));
+            const double seconds = Since(t0);
+            ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, ctx.kv, s, DecodePolicy{}, &full.logp));
+            add(spec, ctx.kv, o, seconds);
+          }
         }
         continue;
       }
+      // The scores do not depend on the head budget: score once, select with each.
       const auto t0 = Clock::now();
-      ASSIGN_OR_RETURN(DocumentScores scores, ScoreDocument(runner, s.doc, prefill, spec));
+      ASSIGN_OR_RETURN(DocumentScores scores, ScoreDocument(runner, s.doc, prefill, specs[0]));
       const double score_seconds = Since(t0);
-      for (double ratio : opt.ratios) {
-        spec.ratio = ratio;
-        ASSIGN_OR_RETURN(CompressedContext ctx, SelectScored(*model, prefill, scores, spec));
-        ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, ctx.kv, s, DecodePolicy{}, &full.logp));
-        add(method, ratio, ctx.kv, o, score_seconds);
+      for (CompressionSpec& spec : specs) {
+        for (double ratio : opt.ratios) {
+          spec.ratio = ratio;
+          ASSIGN_OR_RETURN(CompressedContext ctx, SelectScored(*model, prefill, scores, spec));
+          ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, ctx.kv, s, DecodePolicy{}, &full.logp));
+          add(spec, ctx.kv, o, score_seconds);
+        }
       }
     }
     for (const json& r : rows) out << r.dump() << "\n";

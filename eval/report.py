@@ -10,7 +10,8 @@ quality.json is a list of {"task", "length", "method", "ratio", "n", "score", "f
 compression factor, 8 = 1/8 kept; kept_tokens is per (layer, KV head); kv_bytes at fp16),
 plus "ll", "full_ll" (teacher-forced log-likelihood of the reference answer) and
 "full_kv_bytes". Decoding with Recycled Attention over the full context is reported
-separately in the same file's sibling recycled.json.
+separately in the same file's sibling recycled.json. Rows of other head budgets than
+"uniform" (ctxcache-eval --head-budget) are left out: these tables are the uniform budgets'.
 """
 import argparse
 import collections
@@ -43,7 +44,7 @@ def mean(xs):
 def aggregate(rows):
     cells = collections.defaultdict(list)
     for r in rows:
-        if r.get("decode") == "recycled":
+        if r.get("decode") == "recycled" or r.get("head_budget", "uniform") != "uniform":
             continue
         cells[(r["task"], r["length"], r["method"], r["ratio"])].append(r)
     out = []

@@ -36,6 +36,8 @@ CompressInput CompressFromProto(const pb::CompressRequest& req) {
   if (p.has_n_future()) s.n_future = p.n_future();
   if (p.has_max_positions()) s.max_positions = p.max_positions();
   if (p.has_separators()) s.separators = p.separators();
+  if (p.has_head_budget()) s.head_budget = p.head_budget();
+  if (p.has_head_budget_alpha()) s.head_budget_alpha = p.head_budget_alpha();
   s.question = req.question();
   return in;
 }

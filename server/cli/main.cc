@@ -69,6 +69,9 @@ compress flags:
   --doc FILE (- for stdin)   --method M   (--ratio R | --budget N)   --out FILE
   --question TEXT     for prompt-guided methods (finch, snapkv)
   --per-layer         one kept set per layer instead of per KV head
+  --head-budget uniform|adaptive   adaptive: Ada-KV, a layer's KV heads share its budget by
+                      score (snapkv finch expected_attention kvzip)   --head-budget-alpha A
+                      (adaptive: share of its budget every head keeps, default 0.2)
   --dtype fp16|bf16|fp32|int8 (default fp16)   --chunk N (finch/kvzip, default 512)
   methods: none streaming snapkv finch expected_attention kvzip anchor
 
@@ -383,6 +386,8 @@ absl::Status CmdCompress(const Flags& flags) {
   RETURN_IF_ERROR(flags.Number("budget", &spec.budget));
   RETURN_IF_ERROR(flags.Number("chunk", &spec.chunk));
   spec.per_layer = flags.Bool("per-layer");
+  spec.head_budget = flags.Get("head-budget").value_or(spec.head_budget);
+  RETURN_IF_ERROR(flags.Number("head-budget-alpha", &spec.head_budget_alpha));
   spec.question = flags.Get("question").value_or("");
   const auto doc_file = flags.Get("doc");
   const auto out = flags.Get("out");
