@@ -64,6 +64,17 @@ if [[ -s "$model" ]]; then
   expect generate_from_context 0 "4729" -- "$bin" generate --model "$model" --context "$tmp/doc.ctx" \
     --prompt " Question: What is the secret code? Answer: The secret code is" --temperature 0 \
     --max-tokens 6 --quiet
+  # Ada-KV head budgets: the heads keep different numbers of entries, stored and answered from.
+  expect compress_adaptive 0 "head_budget=adaptive" -- "$bin" compress --model "$model" \
+    --doc "$tmp/doc.txt" --method snapkv --ratio 8 --head-budget adaptive \
+    --question "What is the secret code?" --out "$tmp/ada.ctx"
+  expect generate_from_adaptive 0 "4729" -- "$bin" generate --model "$model" --context "$tmp/ada.ctx" \
+    --prompt " Question: What is the secret code? Answer: The secret code is" --temperature 0 \
+    --max-tokens 6 --quiet
+  expect bad_head_budget 1 "head_budget must be \"uniform\"" -- "$bin" compress --model "$model" \
+    --doc "$tmp/doc.txt" --method snapkv --ratio 8 --head-budget ada --out "$tmp/x.ctx"
+  expect adaptive_streaming 1 "scores by position" -- "$bin" compress --model "$model" \
+    --doc "$tmp/doc.txt" --method streaming --ratio 8 --head-budget adaptive --out "$tmp/x.ctx"
   # Prefill once (method none keeps everything), select per query: 4x fewer entries for this
   # request, the answer still found, the per-request bytes reported.
   expect compress_none 0 "1.0x compression" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" \
