@@ -445,6 +445,7 @@ TEST(SpecTest, CanonicalParamsAreSortedAndMethodSpecific) {
   EXPECT_EQ(none.CanonicalParams(), "kv_dtype=int4");
   s.kv_dtype = "int8";
   EXPECT_EQ(s.CanonicalParams(), "kernel=5;kv_dtype=int8;n_sink=4;per_layer=0;pooling=avg;ratio=8");
+  s.kv_dtype = "fp16";
   // head_budget only when not the default: every uniform key above stays what it was.
   s.head_budget = "adaptive";
   EXPECT_EQ(s.CanonicalParams(),

@@ -323,12 +323,23 @@ class RunnerTest(unittest.TestCase):
             self.assertEqual(json.loads(open(samples).readline())["fitted_for"],
                              "SmolLM2-135M-Instruct.Q4_1")
             cmd = [EVAL, "--samples", samples, "--out", raw, "--methods", "streaming,finch,snapkv",
-                   "--ratios", "2,16", "--head-budget", "uniform,adaptive", "--recycled",
-                   "--threads", "2", "--model", SMOLLM]
+                   "--ratios", "2,16", "--head-budget", "uniform,adaptive", "--kv-dtypes",
+                   "fp16,int4", "--recycled", "--threads", "2", "--model", SMOLLM]
             r = subprocess.run(cmd, capture_output=True, text=True)
             self.assertEqual(r.returncode, 0, r.stderr)
             rows = [json.loads(l) for l in open(raw)]
-            comp = [x for x in rows if x.get("decode") != "recycled"]
+            every_dtype = [x for x in rows if x.get("decode") != "recycled"]
+            comp = [x for x in every_dtype if x["kv_dtype"] == "fp16"]
+            # Every selection stored both ways: the same entries, int4 in 0.31x the bytes.
+            int4 = {(x["method"], x["ratio"], x["head_budget"]): x
+                    for x in every_dtype if x["kv_dtype"] == "int4"}
+            self.assertEqual(len(int4), len(comp))
+            for x in comp:
+                q = int4[(x["method"], x["ratio"], x["head_budget"])]
+                self.assertEqual(q["kept_tokens"], x["kept_tokens"])
+                self.assertAlmostEqual(q["kv_bytes"] / x["kv_bytes"], 80 / 256, delta=0.02)
+                self.assertAlmostEqual(q["bytes_ratio"], x["full_kv_bytes"] / q["kv_bytes"])
+                self.assertEqual(q["model"], "SmolLM2-135M-Instruct.Q4_1")
             uniform = [x for x in comp if x["head_budget"] == "uniform"]
             adaptive = {(x["method"], x["ratio"]): x for x in comp if x["head_budget"] == "adaptive"}
             self.assertEqual(sorted((x["method"], x["ratio"]) for x in uniform),
@@ -364,12 +375,13 @@ class RunnerTest(unittest.TestCase):
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertIn("0 samples to run", r.stderr)
             self.assertEqual(len(open(raw).readlines()), len(rows))
-            # The report aggregates the uniform rows into the published schema.
+            # The report: one cell per (method, ratio, head budget, kv_dtype): 6 uniform and 4
+            # adaptive selections, each at fp16 and int4.
             out = os.path.join(tmp, "quality.json")
             subprocess.run([sys.executable, os.path.join(ROOT, "eval", "report.py"), "--raw", raw,
                             "--out", out], check=True, capture_output=True)
             cells = json.load(open(out))
-            self.assertEqual(len(cells), 6)
+            self.assertEqual(len(cells), 20)
             for c in cells:
                 self.assertEqual(set(c) >= {"task", "length", "method", "ratio", "n", "score",
                                             "full_score", "kl", "kept_tokens", "kv_bytes",
@@ -377,7 +389,7 @@ class RunnerTest(unittest.TestCase):
                                             "ci_low", "ci_high"}, True)
                 self.assertEqual(c["n"], 1)
                 self.assertEqual(c["model"], "SmolLM2-135M-Instruct.Q4_1")
-                self.assertEqual(c["kv_dtype"], "fp16")
+                self.assertIn(c["kv_dtype"], ("fp16", "int4"))
                 self.assertAlmostEqual(c["bytes_ratio"], c["full_kv_bytes"] / c["kv_bytes"],
                                        delta=0.01)
                 self.assertTrue(c["ci_low"] <= c["score"] <= c["ci_high"], c)

@@ -234,6 +234,7 @@ TEST_F(RedisTierTest, QuantizedContextRoundTripsAsStored) {
   ASSERT_NE(tier, nullptr);
   CompressedContext c = MakeContext(2.0f, kFingerprint, 70);
   c.kv = KvCache(2, 2, 32);
+  c.kv.next_position = 8 * 70;
   for (int l = 0; l < 2; ++l) {
     for (int h = 0; h < 2; ++h) {
       KvHead& kh = c.kv.head(l, h);
@@ -245,7 +246,8 @@ TEST_F(RedisTierTest, QuantizedContextRoundTripsAsStored) {
     }
   }
   ASSERT_TRUE(c.kv.Freeze(KvDtype::kInt4).ok());
-  ASSERT_TRUE(tier->Put("acme", "q1", c).ok());
+  const absl::Status put = tier->Put("acme", "q1", c);
+  ASSERT_TRUE(put.ok()) << put;
   absl::StatusOr<CompressedContext> back = tier->Get("acme", "q1");
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->kv.StoredDtype(), KvDtype::kInt4);
