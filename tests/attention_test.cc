@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <random>
@@ -148,6 +149,30 @@ KvCache MakeCache(const Shape& shape, std::mt19937& rng) {
   return cache;
 }
 
+// Runs `attention` for a random query at each of `query_positions` and checks every output
+// against Reference.
+void ExpectDecodeMatchesReference(DecodeAttention& attention, const KvCache& cache, int n_heads,
+                                  std::initializer_list<int32_t> query_positions,
+                                  std::mt19937& rng, ThreadPool& pool) {
+  const int hd = cache.head_dim();
+  const int64_t dq = int64_t{n_heads} * hd;
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<float> q(dq);
+  for (float& x : q) x = dist(rng);
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  for (int32_t query_pos : query_positions) {
+    SCOPED_TRACE(testing::Message() << "query_pos " << query_pos);
+    std::vector<float> got(dq, std::nanf(""));
+    attention.Run(cache, 0, n_heads, query_pos, q.data(), scale, got.data(), &pool);
+    const std::vector<float> want = Reference(cache, 0, n_heads, query_pos, q, scale);
+    for (int64_t i = 0; i < dq; ++i) {
+      // fp32 accumulation over up to 5000 keys of |v| ~ 1 values, against double: the
+      // outputs are convex combinations of V (|out| <= ~4), so an absolute bound.
+      ASSERT_NEAR(got[i], want[i], 2e-5f) << "head " << i / hd << " dim " << i % hd;
+    }
+  }
+}
+
 TEST_P(AttentionTest, DecodeMatchesReference) {
   std::mt19937 rng(11);
   const std::vector<Shape> shapes = {
@@ -164,25 +189,11 @@ TEST_P(AttentionTest, DecodeMatchesReference) {
     for (size_t si = 0; si < shapes.size(); ++si) {
       const Shape& shape = shapes[si];
       const KvCache cache = MakeCache(shape, rng);
-      const int64_t dq = int64_t{shape.n_heads} * shape.head_dim;
-      std::normal_distribution<float> dist(0.f, 1.f);
-      std::vector<float> q(dq);
-      for (float& x : q) x = dist(rng);
-      const float scale = 1.f / std::sqrt(static_cast<float>(shape.head_dim));
+      SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " threads " << threads
+                                      << " shape " << si);
       // Every position visible; then a cut that hides a tail of each head (and all of some).
-      for (int32_t query_pos : {cache.next_position, cache.next_position / 3, 0}) {
-        SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " threads " << threads
-                                        << " shape " << si << " query_pos " << query_pos);
-        std::vector<float> got(dq, std::nanf(""));
-        attention.Run(cache, 0, shape.n_heads, query_pos, q.data(), scale, got.data(), &pool);
-        const std::vector<float> want = Reference(cache, 0, shape.n_heads, query_pos, q, scale);
-        for (int64_t i = 0; i < dq; ++i) {
-          // fp32 accumulation over up to 5000 keys of |v| ~ 1 values, against double: the
-          // outputs are convex combinations of V (|out| <= ~4), so an absolute bound.
-          ASSERT_NEAR(got[i], want[i], 2e-5f) << "head " << i / shape.head_dim << " dim "
-                                              << i % shape.head_dim;
-        }
-      }
+      ExpectDecodeMatchesReference(attention, cache, shape.n_heads,
+                                   {cache.next_position, cache.next_position / 3, 0}, rng, pool);
     }
   }
 }
@@ -234,22 +245,9 @@ TEST_P(AttentionTest, DecodeReadsQuantizedSegmentsInPlace) {
     const Shape& shape = shapes[si];
     const KvCache cache = Segmented(MakeCache(shape, rng));
     ASSERT_EQ(cache.StoredDtype(), KvDtype::kInt8);
-    const int64_t dq = int64_t{shape.n_heads} * shape.head_dim;
-    std::normal_distribution<float> dist(0.f, 1.f);
-    std::vector<float> q(dq);
-    for (float& x : q) x = dist(rng);
-    const float scale = 1.f / std::sqrt(static_cast<float>(shape.head_dim));
-    for (int32_t query_pos : {cache.next_position, cache.next_position / 2, 3}) {
-      SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " shape " << si
-                                      << " query_pos " << query_pos);
-      std::vector<float> got(dq, std::nanf(""));
-      attention.Run(cache, 0, shape.n_heads, query_pos, q.data(), scale, got.data(), &pool);
-      const std::vector<float> want = Reference(cache, 0, shape.n_heads, query_pos, q, scale);
-      for (int64_t i = 0; i < dq; ++i) {
-        ASSERT_NEAR(got[i], want[i], 2e-5f) << "head " << i / shape.head_dim << " dim "
-                                            << i % shape.head_dim;
-      }
-    }
+    SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " shape " << si);
+    ExpectDecodeMatchesReference(attention, cache, shape.n_heads,
+                                 {cache.next_position, cache.next_position / 2, 3}, rng, pool);
   }
 }
 
