@@ -239,10 +239,22 @@ absl::StatusOr<Outcome> Evaluate(Runner& runner, const KvCache& context, const S
   GenerateParams params;
   params.sampling = SamplingParams::Greedy();
   params.max_tokens = s.max_new;
-  params.stop = {"\n\n", "<|im_end|>"};
+  params.stop = {"<|im_end|>"};
   params.decode = decode;
-  ASSIGN_OR_RETURN(GenerateResult r, Generate(runner, work, s.suffix, params, nullptr));
-  o.prediction = r.text;
+  // The answer ends at the first blank line after it has begun (a letter or digit): models
+  // that open with ":\n\n1. ..." (Qwen on the multi-value tasks) are not cut before they
+  // answer, and small models that ramble on after one are.
+  std::string seen;
+  size_t end = std::string::npos;
+  auto on_text = [&](std::string_view delta) {
+    seen += delta;
+    const size_t begun = seen.find_first_of(
+        "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz");
+    if (begun != std::string::npos) end = seen.find("\n\n", begun);
+    return end == std::string::npos;
+  };
+  ASSIGN_OR_RETURN(GenerateResult r, Generate(runner, work, s.suffix, params, on_text));
+  o.prediction = r.text.substr(0, end);
   o.score = StringMatchAll(r.text, s.outputs);
   if (decode.kind != DecodePolicy::Kind::kFull) return o;  // fidelity: full-attention decoding
   ASSIGN_OR_RETURN(o.logp, AnswerLogProbs(runner, context, s));
@@ -381,6 +393,24 @@ absl::Status Run(const Options& opt) {
     };
     std::fprintf(stderr, "[%zu/%zu] %s: %zu document tokens, full answer %s\n", i + 1, todo.size(),
                  s.id.c_str(), s.doc.size(), json(full.prediction).dump().c_str());
+    // The whole document at each quantized kv_dtype: what quantization alone costs.
+    if (std::any_of(opt.kv_dtypes.begin(), opt.kv_dtypes.end(),
+                    [](const std::string& d) { return d != "fp16"; })) {
+      CompressionSpec none;
+      none.method = "none";
+      none.ratio = 1;
+      std::vector<std::string> quantized;
+      for (const std::string& d : opt.kv_dtypes) {
+        if (d != "fp16") quantized.push_back(d);
+      }
+      for (const std::string& d : quantized) {
+        ASSIGN_OR_RETURN(const KvDtype dtype, ParseKvDtype(d));
+        KvCache stored = prefill;
+        RETURN_IF_ERROR(stored.Freeze(dtype));
+        ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, stored, s, DecodePolicy{}, &full.logp));
+        add(none, d, stored, o, 0);
+      }
+    }
     if (opt.recycled) {
       DecodePolicy recycled;
       recycled.kind = DecodePolicy::Kind::kRecycled;
