@@ -3,11 +3,12 @@
 //
 // Prefill and decode share one path: a batch of T tokens (T == 1 for decode). Weight products
 // go through MatMul/MatVec (quantized weights, matmul.h). The KV cache holds fp16 (kv_cache.h).
-// A plain decode step attends with the fused fp16 kernel (DecodeAttention, cpu/attention.h:
-// each K/V row read once per KV head, keys split over the pool). Prefill, observed rows and
-// Recycled Attention's full steps convert each KV head's visible K/V to fp32 once per layer
-// and run per (query head, block of query rows) on OpenBLAS with one BLAS thread per pool
-// thread, so the two pools never fight over the cores.
+// A decode step, Recycled Attention's full steps included, attends with the fused kernel
+// (DecodeAttention, cpu/attention.h: each K/V row read once per KV head, keys split over the
+// pool; fp16 rows or int8/int4 segments read in place). Prefill and observed rows convert each
+// KV head's visible K/V to fp32 once per layer and run per (query head, block of query rows)
+// on OpenBLAS with one BLAS thread per pool thread, so the two pools never fight over the
+// cores.
 #include <cblas.h>
 
 #include <algorithm>
@@ -189,18 +190,27 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
   int64_t max_keys = 0;
   for (int g = 0; g < c.n_kv_heads; ++g) max_keys = std::max(max_keys, cache.head(layer, g).n());
   if (n_obs > 0) s.obs.assign(static_cast<size_t>(c.n_heads) * n_obs * max_keys, 0.f);
-  RecycledAttentionState* rec = n == 1 ? options.recycled : nullptr;
+  // Recycled Attention applies to plain decode steps (one row, nothing observed).
+  RecycledAttentionState* rec = n == 1 && n_obs == 0 ? options.recycled : nullptr;
   const bool recycled_step = rec != nullptr && !rec->WantsFullStep(layer, s.q.data());
   if (recycled_step) {
     RecycledAttention(layer, cache, *rec);
     rec->RecordRecycledStep(layer);
     return;
   }
-  if (n == 1 && n_obs == 0 && rec == nullptr) {
-    s.decode.Run(cache, layer, c.n_heads, s.pos[0], s.q.data(), scale, s.attn.data(), pool_);
+  if (rec != nullptr) s.full_probs.assign(static_cast<size_t>(c.n_heads) * max_keys, 0.f);
+  if (n == 1 && n_obs == 0) {
+    // A plain decode step, or Recycled Attention's full step: the fused kernel, which also
+    // hands the full step its attention probabilities.
+    s.decode.Run(cache, layer, c.n_heads, s.pos[0], s.q.data(), scale, s.attn.data(), pool_,
+                 rec != nullptr ? s.full_probs.data() : nullptr, max_keys);
+    if (rec != nullptr) {
+      std::vector<int64_t> n_keys(c.n_kv_heads);
+      for (int g = 0; g < c.n_kv_heads; ++g) n_keys[g] = cache.head(layer, g).n();
+      rec->RecordFullStep(layer, s.q.data(), s.full_probs.data(), max_keys, n_keys);
+    }
     return;
   }
-  if (rec != nullptr) s.full_probs.assign(static_cast<size_t>(c.n_heads) * max_keys, 0.f);
 
   // The K/V every row of the batch may see (fp16 rows, or frozen int8 / int4 segments), as
   // fp32 for sgemm: converted once per layer (not per query block), one task per (KV head,
@@ -256,7 +266,6 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
         if (const int oi = s.obs_index[t0 + r]; oi >= 0) {
           std::copy_n(row, n_vis, s.obs.data() + (int64_t{h} * n_obs + oi) * max_keys);
         }
-        if (rec != nullptr) std::copy_n(row, n_vis, s.full_probs.data() + int64_t{h} * max_keys);
       }
       if (rows == 1) {
         cblas_sgemv(CblasRowMajor, CblasTrans, n_vis, hd, 1.f, vf, hd, sc.data(), 1, 0.f, out,
@@ -268,11 +277,6 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
     }
   });
   if (n_obs > 0) options.observer(layer, s.obs.data(), n_obs, max_keys);
-  if (rec != nullptr) {
-    std::vector<int64_t> n_keys(c.n_kv_heads);
-    for (int g = 0; g < c.n_kv_heads; ++g) n_keys[g] = cache.head(layer, g).n();
-    rec->RecordFullStep(layer, s.q.data(), s.full_probs.data(), max_keys, n_keys);
-  }
 }
 
 void Runner::RecycledAttention(int layer, const KvCache& cache,

@@ -251,6 +251,55 @@ TEST_P(AttentionTest, DecodeReadsQuantizedSegmentsInPlace) {
   }
 }
 
+// Recycled Attention's full step asks the fused kernel for every head's probabilities as
+// well: they must be the softmax full attention computes (double reference), over fp16 rows
+// and quantized segments, with positions past the query left as the caller set them.
+TEST_P(AttentionTest, DecodeAlsoReturnsTheAttentionProbabilities) {
+  std::mt19937 rng(31);
+  const Shape shape = {14, 2, 64, {3001, 95}};
+  ThreadPool pool(2);
+  DecodeAttention attention;
+  for (const bool segmented : {false, true}) {
+    const KvCache plain = MakeCache(shape, rng);
+    const KvCache cache = segmented ? Segmented(plain) : plain;
+    const int hd = 64, n_heads = 14, group = 7;
+    std::vector<float> q(n_heads * hd);
+    std::normal_distribution<float> dist(0.f, 1.f);
+    for (float& x : q) x = dist(rng);
+    const float scale = 0.125f;
+    const int64_t stride = 3001;
+    for (int32_t query_pos : {cache.next_position, cache.next_position / 2}) {
+      SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " segmented " << segmented
+                                      << " query_pos " << query_pos);
+      std::vector<float> probs(n_heads * stride, -1.f), out(n_heads * hd), plain_out(n_heads * hd);
+      attention.Run(cache, 0, n_heads, query_pos, q.data(), scale, out.data(), &pool,
+                    probs.data(), stride);
+      attention.Run(cache, 0, n_heads, query_pos, q.data(), scale, plain_out.data(), &pool);
+      EXPECT_EQ(out, plain_out) << "asking for probabilities changed the output";
+      for (int h = 0; h < n_heads; ++h) {
+        const KvHead& kv = cache.head(0, h / group);
+        std::vector<float> k(kv.n() * hd), v(kv.n() * hd);
+        kv.LoadRows(0, kv.n(), hd, k.data(), v.data());
+        std::vector<double> sc;
+        for (int64_t j = 0; j < kv.n() && kv.pos[j] <= query_pos; ++j) {
+          double dot = 0;
+          for (int i = 0; i < hd; ++i) dot += double{q[h * hd + i]} * k[j * hd + i];
+          sc.push_back(dot * scale);
+        }
+        const double mx = *std::max_element(sc.begin(), sc.end());
+        double sum = 0;
+        for (double x : sc) sum += std::exp(x - mx);
+        for (size_t j = 0; j < sc.size(); ++j) {
+          ASSERT_NEAR(probs[h * stride + j], std::exp(sc[j] - mx) / sum, 1e-6) << h << "," << j;
+        }
+        for (int64_t j = static_cast<int64_t>(sc.size()); j < kv.n(); ++j) {
+          ASSERT_EQ(probs[h * stride + j], -1.f) << "past the query: " << h << "," << j;
+        }
+      }
+    }
+  }
+}
+
 TEST_P(AttentionTest, OneVisibleKeyReturnsItsValueExactly) {
   // softmax over one key is exactly 1, whatever the score: out = v bit for bit.
   std::mt19937 rng(5);
