@@ -254,6 +254,11 @@ absl::Status CmdGenerate(const Flags& flags) {
       if (!ctx.ok()) {
         return absl::Status(ctx.status().code(), absl::StrCat(file, ": ", ctx.status().message()));
       }
+      if (select_ratio > 0 && ctx->method != "none") {
+        return absl::FailedPreconditionError(absl::StrCat(
+            file, " was compressed with ", ctx->method, "; --select-ratio selects from contexts "
+            "stored whole: compress the document with --method none"));
+      }
       contexts.push_back(*std::move(ctx));
     }
     std::vector<const CompressedContext*> ptrs;
