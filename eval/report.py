@@ -269,13 +269,15 @@ def plot(cells, path, rows=None):
     styles = {"fp16": "-", "int8": "--", "int4": ":"}
     markers = {"uniform": "o", "adaptive": "^"}
     full = full_context(rows) if rows is not None else full_from_cells(cells)
-    ncol = len(lengths) + 1
-    fig, axes = plt.subplots(2 * len(models), ncol, figsize=(4 * ncol, 3.9 * 2 * len(models)),
+    # One column per length, plus "all lengths" when there are several.
+    columns = [None] + [[L] for L in lengths] if len(lengths) > 1 else [lengths]
+    ncol = len(columns)
+    fig, axes = plt.subplots(2 * len(models), ncol, figsize=(max(8, 4 * ncol), 3.9 * 2 * len(models)),
                              squeeze=False)
     xs = []  # every plotted bytes ratio, for the ticks
     for mi, model in enumerate(models):
         mcells = [c for c in cells if c["model"] == model]
-        for col, ls in enumerate([None] + [[L] for L in lengths]):
+        for col, ls in enumerate(columns):
             title = "all lengths" if ls is None else f"{kfmt(ls[0])} tokens"
             sel = [c for c in mcells if ls is None or c["length"] in ls]
             ax_s, ax_k = axes[2 * mi][col], axes[2 * mi + 1][col]
@@ -329,7 +331,8 @@ def plot(cells, path, rows=None):
     h = fig.get_figheight()
     fig.suptitle("ctxcache KV compression: RULER score and KL against bytes stored "
                  "(eval/report.py)", y=1 - 0.1 / h, va="top")
-    ncol = min(len(handles), 8)
+    # As many legend columns as the figure's width holds (about 1.7 inches each).
+    ncol = max(1, min(len(handles), int(fig.get_figwidth() / 1.7)))
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.4 / h),
                ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.5 + 0.2 * math.ceil(len(handles) / ncol)) / h))
