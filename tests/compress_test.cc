@@ -1218,6 +1218,17 @@ TEST_P(CompressModelTest, QuantizedContextsStayCloseAndComposeInPlace) {
     // room for other machines' fp32 summation orders, not for a wrong dequantization (KL > 1).
     EXPECT_LT(kl, std::string(dtype) == "int8" ? 0.01 : 0.2);
   }
+  // Prefill once at int4, select per query: the selection reads the quantized entries.
+  CompressionSpec whole;
+  whole.method = "none";
+  whole.kv_dtype = "int4";
+  absl::StatusOr<CompressedContext> full4 = Compress(runner(), doc, whole);
+  ASSERT_TRUE(full4.ok()) << full4.status();
+  const int64_t budget = static_cast<int64_t>(doc.size()) / 4;
+  absl::StatusOr<KvCache> selected = SelectForQuery(runner(), full4->kv, question, budget);
+  ASSERT_TRUE(selected.ok()) << selected.status();
+  EXPECT_EQ(selected->MaxEntries(), budget);
+  ExpectFinite(last_logits(*selected), "selected from int4");
   CompressionSpec s4 = spec, s8 = spec;
   s4.kv_dtype = "int4";
   s8.kv_dtype = "int8";
