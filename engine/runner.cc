@@ -63,6 +63,7 @@ struct Runner::Scratch {
   std::vector<float> full_probs;  // [n_heads, max_keys]: a recycled policy's full step
   std::vector<std::vector<float>> kf, vf;  // per KV head: visible K/V as fp32 [n_vis, hd]
   std::vector<std::vector<float>> rows;    // per thread: gathered K and V rows as fp32
+  KvCache recycled_view;                   // a recycled step's keys: recycled + new rows
   DecodeAttention decode;
 };
 
@@ -208,6 +209,23 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
       std::vector<int64_t> n_keys(c.n_kv_heads);
       for (int g = 0; g < c.n_kv_heads; ++g) n_keys[g] = cache.head(layer, g).n();
       rec->RecordFullStep(layer, s.q.data(), s.full_probs.data(), max_keys, n_keys);
+      // The recycled keys' rows, gathered once for the steps until the next full one.
+      std::vector<float> k, v;
+      for (int g = 0; g < c.n_kv_heads; ++g) {
+        const KvHead& kv = cache.head(layer, g);
+        const std::vector<int64_t>& idx = rec->recycled(layer, g);
+        const int64_t m = static_cast<int64_t>(idx.size());
+        k.resize(m * hd);
+        v.resize(m * hd);
+        for (int64_t j = 0; j < m; ++j) {
+          kv.LoadRows(idx[j], idx[j] + 1, static_cast<int>(hd), k.data() + j * hd,
+                      v.data() + j * hd);
+        }
+        // fp16 rows in, fp16 rows out: exact (dequantized int rows round to nearest).
+        absl::StatusOr<KvSegment> rows =
+            QuantizeRows(k.data(), v.data(), m, static_cast<int>(hd), KvDtype::kF16);
+        rec->set_recycled_rows(layer, g, std::make_shared<const KvSegment>(*std::move(rows)));
+      }
     }
     return;
   }
@@ -281,47 +299,36 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
 
 void Runner::RecycledAttention(int layer, const KvCache& cache,
                                const RecycledAttentionState& rec) {
-  // One query row against the recycled keys plus everything appended since the full step:
-  // a gather of their K/V rows (converted, or dequantized, row by row), so cost scales with
-  // top_k, not with the context.
+  // One query row against the recycled keys (their rows gathered at the full step) plus
+  // everything appended since: a small cache of those, attended with the fused decode kernel,
+  // so a recycled step reads top_k + new rows once per KV head.
   const ModelConfig& c = model_.config();
   Scratch& s = *scratch_;
   const int64_t hd = c.head_dim;
-  const int group = c.n_heads / c.n_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  pool_->ParallelFor(c.n_heads, [&](int64_t begin, int64_t end, int tid) {
-    std::vector<float>& sc = s.scores[tid];
-    std::vector<float>& rows = s.rows[tid];
-    for (int64_t h = begin; h < end; ++h) {
-      const int g = static_cast<int>(h) / group;
-      const KvHead& kv = cache.head(layer, g);
-      const std::vector<int64_t>& idx = rec.recycled(layer, g);
-      const int64_t first_new = rec.first_new(layer, g);
-      const int64_t n_idx = static_cast<int64_t>(idx.size());
-      const int64_t n_sel = n_idx + (kv.n() - first_new);
-      sc.resize(std::max<size_t>(sc.size(), n_sel));
-      rows.resize(std::max<size_t>(rows.size(), 2 * n_sel * hd));
-      float* kr = rows.data();
-      float* vr = rows.data() + n_sel * hd;
-      for (int64_t j = 0; j < n_idx; ++j) {
-        kv.LoadRows(idx[j], idx[j] + 1, static_cast<int>(hd), kr + j * hd, vr + j * hd);
-      }
-      kv.LoadRows(first_new, kv.n(), static_cast<int>(hd), kr + n_idx * hd, vr + n_idx * hd);
-      const float* q = s.q.data() + h * hd;
-      for (int64_t j = 0; j < n_sel; ++j) {
-        float dot = 0.f;
-        for (int64_t i = 0; i < hd; ++i) dot += q[i] * kr[j * hd + i];
-        sc[j] = dot * scale;
-      }
-      Softmax(sc.data(), n_sel);
-      float* out = s.attn.data() + h * hd;
-      std::fill(out, out + hd, 0.f);
-      for (int64_t j = 0; j < n_sel; ++j) {
-        const float p = sc[j];
-        for (int64_t i = 0; i < hd; ++i) out[i] += p * vr[j * hd + i];
-      }
-    }
-  });
+  KvCache& view = s.recycled_view;
+  if (view.n_kv_heads() != c.n_kv_heads || view.head_dim() != c.head_dim) {
+    view = KvCache(1, c.n_kv_heads, c.head_dim);
+  }
+  std::vector<float>& buf = s.rows[0];
+  for (int g = 0; g < c.n_kv_heads; ++g) {
+    const KvHead& kv = cache.head(layer, g);
+    const std::vector<int64_t>& idx = rec.recycled(layer, g);
+    const int64_t first_new = rec.first_new(layer, g);
+    const int64_t n_new = kv.n() - first_new;
+    KvHead& h = view.head(0, g);
+    h.segments = {rec.recycled_rows(layer, g)};
+    h.pos.resize(idx.size() + n_new);
+    for (size_t j = 0; j < idx.size(); ++j) h.pos[j] = kv.pos[idx[j]];
+    std::copy(kv.pos.begin() + first_new, kv.pos.end(), h.pos.begin() + idx.size());
+    buf.resize(2 * n_new * hd);
+    kv.LoadRows(first_new, kv.n(), static_cast<int>(hd), buf.data(), buf.data() + n_new * hd);
+    h.k.resize(n_new * hd);
+    h.v.resize(n_new * hd);
+    Fp32ToFp16Row(buf.data(), h.k.data(), n_new * hd);
+    Fp32ToFp16Row(buf.data() + n_new * hd, h.v.data(), n_new * hd);
+  }
+  s.decode.Run(view, 0, c.n_heads, s.pos[0], s.q.data(), scale, s.attn.data(), pool_);
 }
 
 }  // namespace ctxcache
