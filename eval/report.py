@@ -24,6 +24,7 @@ SmolLM2-135M-Instruct.Q4_1, fp16, uniform (DEFAULTS): that is what produced them
 """
 import argparse
 import collections
+import gzip
 import json
 import math
 import os
@@ -78,8 +79,11 @@ def bytes_ratio(full_kv_bytes, kv_bytes):
 
 
 def load(path):
+    """Raw rows of one JSONL file (gzip-compressed when it ends in .gz, as the raw rows kept
+    in eval/results/raw/ are)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if line:
@@ -538,14 +542,23 @@ def markdown(cells, rec, rows=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--raw", required=True)
+    ap.add_argument("--raw", required=True, nargs="+",
+                    help="raw JSONL files (.gz too); a row for the same sample and setting in "
+                    "several counts once")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot")
     ap.add_argument("--markdown", action="store_true", help="print the tables")
     ap.add_argument("--doc", help="also replace the tables between the markers in this file "
                     "(docs/quality.md)")
     args = ap.parse_args()
-    rows = load(args.raw)
+    rows, seen = [], set()
+    for path in args.raw:
+        for r in load(path):
+            key = (r["model"], r["id"], r["method"], r.get("ratio"), r["kv_dtype"],
+                   r["head_budget"], r.get("decode"))
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
     cells = aggregate(rows)
     rec = recycled(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
