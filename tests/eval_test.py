@@ -329,10 +329,14 @@ class RunnerTest(unittest.TestCase):
             self.assertEqual(r.returncode, 0, r.stderr)
             rows = [json.loads(l) for l in open(raw)]
             every_dtype = [x for x in rows if x.get("decode") != "recycled"]
-            comp = [x for x in every_dtype if x["kv_dtype"] == "fp16"]
+            comp = [x for x in every_dtype if x["kv_dtype"] == "fp16" and x["method"] != "none"]
             # Every selection stored both ways: the same entries, int4 in 0.31x the bytes.
             int4 = {(x["method"], x["ratio"], x["head_budget"]): x
-                    for x in every_dtype if x["kv_dtype"] == "int4"}
+                    for x in every_dtype if x["kv_dtype"] == "int4" and x["method"] != "none"}
+            # ... and the whole document at int4: what quantization alone costs.
+            whole = [x for x in every_dtype if x["method"] == "none"]
+            self.assertEqual([(x["kv_dtype"], x["ratio"]) for x in whole], [("int4", 1)])
+            self.assertAlmostEqual(whole[0]["bytes_ratio"], 256 / 80, delta=0.1)
             self.assertEqual(len(int4), len(comp))
             for x in comp:
                 q = int4[(x["method"], x["ratio"], x["head_budget"])]
@@ -376,12 +380,12 @@ class RunnerTest(unittest.TestCase):
             self.assertIn("0 samples to run", r.stderr)
             self.assertEqual(len(open(raw).readlines()), len(rows))
             # The report: one cell per (method, ratio, head budget, kv_dtype): 6 uniform and 4
-            # adaptive selections, each at fp16 and int4.
+            # adaptive selections, each at fp16 and int4, and the whole document at int4.
             out = os.path.join(tmp, "quality.json")
             subprocess.run([sys.executable, os.path.join(ROOT, "eval", "report.py"), "--raw", raw,
                             "--out", out], check=True, capture_output=True)
             cells = json.load(open(out))
-            self.assertEqual(len(cells), 20)
+            self.assertEqual(len(cells), 21)
             for c in cells:
                 self.assertEqual(set(c) >= {"task", "length", "method", "ratio", "n", "score",
                                             "full_score", "kl", "kept_tokens", "kv_bytes",
