@@ -34,6 +34,7 @@ RecycledAttentionState::RecycledAttentionState(const DecodePolicy& policy, int n
   for (Layer& l : layers_) {
     l.indices.resize(n_kv_heads);
     l.first_new.assign(n_kv_heads, 0);
+    l.rows.resize(n_kv_heads);
   }
 }
 

@@ -12,9 +12,11 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "engine/kv_cache.h"
 
 namespace ctxcache {
 
@@ -53,6 +55,14 @@ class RecycledAttentionState {
     return layers_[layer].indices[kv_head];
   }
   int64_t first_new(int layer, int kv_head) const { return layers_[layer].first_new[kv_head]; }
+  // The recycled keys' K/V rows as one fp16 segment, gathered once at the full step (runner.cc)
+  // so that each recycled step reads them with the fused decode kernel, once per KV head.
+  const std::shared_ptr<const KvSegment>& recycled_rows(int layer, int kv_head) const {
+    return layers_[layer].rows[kv_head];
+  }
+  void set_recycled_rows(int layer, int kv_head, std::shared_ptr<const KvSegment> rows) {
+    layers_[layer].rows[kv_head] = std::move(rows);
+  }
 
  private:
   struct Layer {
@@ -61,6 +71,7 @@ class RecycledAttentionState {
     std::vector<float> q_mean;                 // [head_dim] head-averaged query of the full step
     std::vector<std::vector<int64_t>> indices;  // [n_kv_heads][K]
     std::vector<int64_t> first_new;            // [n_kv_heads] cache size at the full step
+    std::vector<std::shared_ptr<const KvSegment>> rows;  // [n_kv_heads] recycled K/V rows
   };
   std::vector<float> MeanQuery(const float* q) const;
 

@@ -3,11 +3,12 @@
 //
 // Prefill and decode share one path: a batch of T tokens (T == 1 for decode). Weight products
 // go through MatMul/MatVec (quantized weights, matmul.h). The KV cache holds fp16 (kv_cache.h).
-// A plain decode step attends with the fused fp16 kernel (DecodeAttention, cpu/attention.h:
-// each K/V row read once per KV head, keys split over the pool). Prefill, observed rows and
-// Recycled Attention's full steps convert each KV head's visible K/V to fp32 once per layer
-// and run per (query head, block of query rows) on OpenBLAS with one BLAS thread per pool
-// thread, so the two pools never fight over the cores.
+// A decode step, Recycled Attention's full steps included, attends with the fused kernel
+// (DecodeAttention, cpu/attention.h: each K/V row read once per KV head, keys split over the
+// pool; fp16 rows or int8/int4 segments read in place). Prefill and observed rows convert each
+// KV head's visible K/V to fp32 once per layer and run per (query head, block of query rows)
+// on OpenBLAS with one BLAS thread per pool thread, so the two pools never fight over the
+// cores.
 #include <cblas.h>
 
 #include <algorithm>
@@ -62,6 +63,7 @@ struct Runner::Scratch {
   std::vector<float> full_probs;  // [n_heads, max_keys]: a recycled policy's full step
   std::vector<std::vector<float>> kf, vf;  // per KV head: visible K/V as fp32 [n_vis, hd]
   std::vector<std::vector<float>> rows;    // per thread: gathered K and V rows as fp32
+  KvCache recycled_view;                   // a recycled step's keys: recycled + new rows
   DecodeAttention decode;
 };
 
@@ -189,18 +191,44 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
   int64_t max_keys = 0;
   for (int g = 0; g < c.n_kv_heads; ++g) max_keys = std::max(max_keys, cache.head(layer, g).n());
   if (n_obs > 0) s.obs.assign(static_cast<size_t>(c.n_heads) * n_obs * max_keys, 0.f);
-  RecycledAttentionState* rec = n == 1 ? options.recycled : nullptr;
+  // Recycled Attention applies to plain decode steps (one row, nothing observed).
+  RecycledAttentionState* rec = n == 1 && n_obs == 0 ? options.recycled : nullptr;
   const bool recycled_step = rec != nullptr && !rec->WantsFullStep(layer, s.q.data());
   if (recycled_step) {
     RecycledAttention(layer, cache, *rec);
     rec->RecordRecycledStep(layer);
     return;
   }
-  if (n == 1 && n_obs == 0 && rec == nullptr) {
-    s.decode.Run(cache, layer, c.n_heads, s.pos[0], s.q.data(), scale, s.attn.data(), pool_);
+  if (rec != nullptr) s.full_probs.assign(static_cast<size_t>(c.n_heads) * max_keys, 0.f);
+  if (n == 1 && n_obs == 0) {
+    // A plain decode step, or Recycled Attention's full step: the fused kernel, which also
+    // hands the full step its attention probabilities.
+    s.decode.Run(cache, layer, c.n_heads, s.pos[0], s.q.data(), scale, s.attn.data(), pool_,
+                 rec != nullptr ? s.full_probs.data() : nullptr, max_keys);
+    if (rec != nullptr) {
+      std::vector<int64_t> n_keys(c.n_kv_heads);
+      for (int g = 0; g < c.n_kv_heads; ++g) n_keys[g] = cache.head(layer, g).n();
+      rec->RecordFullStep(layer, s.q.data(), s.full_probs.data(), max_keys, n_keys);
+      // The recycled keys' rows, gathered once for the steps until the next full one.
+      std::vector<float> k, v;
+      for (int g = 0; g < c.n_kv_heads; ++g) {
+        const KvHead& kv = cache.head(layer, g);
+        const std::vector<int64_t>& idx = rec->recycled(layer, g);
+        const int64_t m = static_cast<int64_t>(idx.size());
+        k.resize(m * hd);
+        v.resize(m * hd);
+        for (int64_t j = 0; j < m; ++j) {
+          kv.LoadRows(idx[j], idx[j] + 1, static_cast<int>(hd), k.data() + j * hd,
+                      v.data() + j * hd);
+        }
+        // fp16 rows in, fp16 rows out: exact (dequantized int rows round to nearest).
+        absl::StatusOr<KvSegment> rows =
+            QuantizeRows(k.data(), v.data(), m, static_cast<int>(hd), KvDtype::kF16);
+        rec->set_recycled_rows(layer, g, std::make_shared<const KvSegment>(*std::move(rows)));
+      }
+    }
     return;
   }
-  if (rec != nullptr) s.full_probs.assign(static_cast<size_t>(c.n_heads) * max_keys, 0.f);
 
   // The K/V every row of the batch may see (fp16 rows, or frozen int8 / int4 segments), as
   // fp32 for sgemm: converted once per layer (not per query block), one task per (KV head,
@@ -256,7 +284,6 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
         if (const int oi = s.obs_index[t0 + r]; oi >= 0) {
           std::copy_n(row, n_vis, s.obs.data() + (int64_t{h} * n_obs + oi) * max_keys);
         }
-        if (rec != nullptr) std::copy_n(row, n_vis, s.full_probs.data() + int64_t{h} * max_keys);
       }
       if (rows == 1) {
         cblas_sgemv(CblasRowMajor, CblasTrans, n_vis, hd, 1.f, vf, hd, sc.data(), 1, 0.f, out,
@@ -268,56 +295,40 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
     }
   });
   if (n_obs > 0) options.observer(layer, s.obs.data(), n_obs, max_keys);
-  if (rec != nullptr) {
-    std::vector<int64_t> n_keys(c.n_kv_heads);
-    for (int g = 0; g < c.n_kv_heads; ++g) n_keys[g] = cache.head(layer, g).n();
-    rec->RecordFullStep(layer, s.q.data(), s.full_probs.data(), max_keys, n_keys);
-  }
 }
 
 void Runner::RecycledAttention(int layer, const KvCache& cache,
                                const RecycledAttentionState& rec) {
-  // One query row against the recycled keys plus everything appended since the full step:
-  // a gather of their K/V rows (converted, or dequantized, row by row), so cost scales with
-  // top_k, not with the context.
+  // One query row against the recycled keys (their rows gathered at the full step) plus
+  // everything appended since: a small cache of those, attended with the fused decode kernel,
+  // so a recycled step reads top_k + new rows once per KV head.
   const ModelConfig& c = model_.config();
   Scratch& s = *scratch_;
   const int64_t hd = c.head_dim;
-  const int group = c.n_heads / c.n_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  pool_->ParallelFor(c.n_heads, [&](int64_t begin, int64_t end, int tid) {
-    std::vector<float>& sc = s.scores[tid];
-    std::vector<float>& rows = s.rows[tid];
-    for (int64_t h = begin; h < end; ++h) {
-      const int g = static_cast<int>(h) / group;
-      const KvHead& kv = cache.head(layer, g);
-      const std::vector<int64_t>& idx = rec.recycled(layer, g);
-      const int64_t first_new = rec.first_new(layer, g);
-      const int64_t n_idx = static_cast<int64_t>(idx.size());
-      const int64_t n_sel = n_idx + (kv.n() - first_new);
-      sc.resize(std::max<size_t>(sc.size(), n_sel));
-      rows.resize(std::max<size_t>(rows.size(), 2 * n_sel * hd));
-      float* kr = rows.data();
-      float* vr = rows.data() + n_sel * hd;
-      for (int64_t j = 0; j < n_idx; ++j) {
-        kv.LoadRows(idx[j], idx[j] + 1, static_cast<int>(hd), kr + j * hd, vr + j * hd);
-      }
-      kv.LoadRows(first_new, kv.n(), static_cast<int>(hd), kr + n_idx * hd, vr + n_idx * hd);
-      const float* q = s.q.data() + h * hd;
-      for (int64_t j = 0; j < n_sel; ++j) {
-        float dot = 0.f;
-        for (int64_t i = 0; i < hd; ++i) dot += q[i] * kr[j * hd + i];
-        sc[j] = dot * scale;
-      }
-      Softmax(sc.data(), n_sel);
-      float* out = s.attn.data() + h * hd;
-      std::fill(out, out + hd, 0.f);
-      for (int64_t j = 0; j < n_sel; ++j) {
-        const float p = sc[j];
-        for (int64_t i = 0; i < hd; ++i) out[i] += p * vr[j * hd + i];
-      }
-    }
-  });
+  KvCache& view = s.recycled_view;
+  if (view.n_kv_heads() != c.n_kv_heads || view.head_dim() != c.head_dim) {
+    view = KvCache(1, c.n_kv_heads, c.head_dim);
+  }
+  std::vector<float>& buf = s.rows[0];
+  for (int g = 0; g < c.n_kv_heads; ++g) {
+    const KvHead& kv = cache.head(layer, g);
+    const std::vector<int64_t>& idx = rec.recycled(layer, g);
+    const int64_t first_new = rec.first_new(layer, g);
+    const int64_t n_new = kv.n() - first_new;
+    KvHead& h = view.head(0, g);
+    h.segments = {rec.recycled_rows(layer, g)};
+    h.pos.resize(idx.size() + n_new);
+    for (size_t j = 0; j < idx.size(); ++j) h.pos[j] = kv.pos[idx[j]];
+    std::copy(kv.pos.begin() + first_new, kv.pos.end(), h.pos.begin() + idx.size());
+    buf.resize(2 * n_new * hd);
+    kv.LoadRows(first_new, kv.n(), static_cast<int>(hd), buf.data(), buf.data() + n_new * hd);
+    h.k.resize(n_new * hd);
+    h.v.resize(n_new * hd);
+    Fp32ToFp16Row(buf.data(), h.k.data(), n_new * hd);
+    Fp32ToFp16Row(buf.data() + n_new * hd, h.v.data(), n_new * hd);
+  }
+  s.decode.Run(view, 0, c.n_heads, s.pos[0], s.q.data(), scale, s.attn.data(), pool_);
 }
 
 }  // namespace ctxcache

@@ -7,13 +7,18 @@
 // The work is shared the way a cache shares it: the document is prefilled once per sample;
 // each single-pass method scores that prefill once and selects at every ratio
 // (ScoreDocument / SelectScored); only finch, which selects while it prefills, runs once per
-// ratio. Output lines are appended per finished sample, so an interrupted run resumes where
-// it stopped (samples already in --out are skipped).
+// ratio. Method "query_select" is "prefill once, select per query" (ContextRef.select): the
+// full prefill scored by the request's own tokens (SelectForQuery) at every ratio. Output
+// lines are appended per finished sample, so an interrupted run resumes where it stopped
+// (samples this model already has in --out are skipped). --head-budget runs every method with
+// each listed head budget (CompressionSpec::head_budget; methods that do not take one skip
+// it), from the same scores; --kv-dtypes stores each selection every listed way (quantizing
+// the selected fp16 entries, as Compress does); rows say which ("head_budget", "kv_dtype").
 //
 //   ctxcache-eval --samples eval/work/samples.jsonl --out eval/work/raw.jsonl
-//                 [--methods streaming,snapkv,...] [--ratios 2,4,8,16,32] [--recycled]
-//                 [--kv-dtypes fp16,int8,int4]   (each selection stored every listed way)
-//                 [--threads N] [--model PATH] [--limit N]
+//                 [--methods streaming,snapkv,...,query_select] [--ratios 2,4,8,16,32]
+//                 [--kv-dtypes fp16,int8,int4] [--head-budget uniform,adaptive]
+//                 [--recycled] [--threads N] [--model PATH] [--limit N]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -55,6 +60,7 @@ struct Options {
                                       "expected_attention", "kvzip", "anchor"};
   std::vector<double> ratios = {2, 4, 8, 16, 32};
   std::vector<std::string> kv_dtypes = {"fp16"};
+  std::vector<std::string> head_budgets = {"uniform"};
   bool recycled = false;
   int threads = 0;
   int limit = 0;
@@ -62,8 +68,17 @@ struct Options {
 
 constexpr char kUsage[] =
     "usage: ctxcache-eval --samples FILE --out FILE [--methods a,b,...] [--ratios 2,4,...]\n"
-    "                     [--kv-dtypes fp16,int8,int4] [--recycled] [--threads N]\n"
-    "                     [--model PATH] [--limit N]\n";
+    "                     [--kv-dtypes fp16,int8,int4] [--head-budget uniform,adaptive]\n"
+    "                     [--recycled] [--threads N] [--model PATH] [--limit N]\n";
+
+// Whether `method` takes `head_budget` (streaming and anchor take only "uniform").
+absl::Status CheckHeadBudget(const std::string& method, const std::string& head_budget) {
+  CompressionSpec spec;
+  spec.method = method;
+  spec.ratio = 2;
+  spec.head_budget = head_budget;
+  return spec.Validate();
+}
 
 absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
   Options o;
@@ -96,6 +111,17 @@ absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
         }
         o.ratios.push_back(x);
       }
+    } else if (a == "--head-budget") {
+      ASSIGN_OR_RETURN(std::string v, value());
+      o.head_budgets = absl::StrSplit(v, ',', absl::SkipEmpty());
+      for (const std::string& b : o.head_budgets) {
+        if (absl::Status st = CheckHeadBudget("snapkv", b); !st.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat("--head-budget: ", st.message()));
+        }
+      }
+      if (o.head_budgets.empty()) {
+        return absl::InvalidArgumentError("--head-budget needs uniform and/or adaptive");
+      }
     } else if (a == "--recycled") {
       o.recycled = true;
     } else if (a == "--threads" || a == "--limit") {
@@ -112,7 +138,8 @@ absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
   if (o.samples.empty() || o.out.empty()) return absl::InvalidArgumentError(kUsage);
   for (const std::string& m : o.methods) {
     const auto known = CompressionMethods();
-    if (std::find(known.begin(), known.end(), m) == known.end() || m == "none") {
+    const bool compress = std::find(known.begin(), known.end(), m) != known.end() && m != "none";
+    if (!compress && m != "query_select") {
       return absl::InvalidArgumentError(absl::StrCat("--methods: unknown method '", m, "'"));
     }
   }
@@ -213,10 +240,22 @@ absl::StatusOr<Outcome> Evaluate(Runner& runner, const KvCache& context, const S
   GenerateParams params;
   params.sampling = SamplingParams::Greedy();
   params.max_tokens = s.max_new;
-  params.stop = {"\n\n", "<|im_end|>"};
+  params.stop = {"<|im_end|>"};
   params.decode = decode;
-  ASSIGN_OR_RETURN(GenerateResult r, Generate(runner, work, s.suffix, params, nullptr));
-  o.prediction = r.text;
+  // The answer ends at the first blank line after it has begun (a letter or digit): models
+  // that open with ":\n\n1. ..." (Qwen on the multi-value tasks) are not cut before they
+  // answer, and small models that ramble on after one are.
+  std::string seen;
+  size_t end = std::string::npos;
+  auto on_text = [&](std::string_view delta) {
+    seen += delta;
+    const size_t begun = seen.find_first_of(
+        "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz");
+    if (begun != std::string::npos) end = seen.find("\n\n", begun);
+    return end == std::string::npos;
+  };
+  ASSIGN_OR_RETURN(GenerateResult r, Generate(runner, work, s.suffix, params, on_text));
+  o.prediction = r.text.substr(0, end);
   o.score = StringMatchAll(r.text, s.outputs);
   if (decode.kind != DecodePolicy::Kind::kFull) return o;  // fidelity: full-attention decoding
   ASSIGN_OR_RETURN(o.logp, AnswerLogProbs(runner, context, s));
@@ -279,6 +318,15 @@ absl::Status Run(const Options& opt) {
   if (opt.limit > 0 && static_cast<int>(todo.size()) > opt.limit) todo.resize(opt.limit);
   std::fprintf(stderr, "ctxcache-eval: %zu samples to run (%zu already in %s)\n", todo.size(),
                done.size(), opt.out.c_str());
+  for (const std::string& method : opt.methods) {
+    if (method == "query_select") continue;  // selects per request; no head budget
+    for (const std::string& b : opt.head_budgets) {
+      if (!CheckHeadBudget(method, b).ok()) {
+        std::fprintf(stderr, "ctxcache-eval: %s takes no head budget %s; skipped\n", method.c_str(),
+                     b.c_str());
+      }
+    }
+  }
   ThreadPool pool(opt.threads > 0 ? opt.threads : ThreadPool::HardwareThreads());
   Runner runner(*model, &pool);
   std::ofstream out(opt.out, std::ios::app);
@@ -303,9 +351,10 @@ absl::Status Run(const Options& opt) {
     ASSIGN_OR_RETURN(Outcome full, Evaluate(runner, prefill, s, DecodePolicy{}, nullptr));
     const int64_t heads = int64_t{prefill.n_layers()} * prefill.n_kv_heads();
     const int64_t full_bytes = prefill.Bytes(2);
-    auto add = [&](const std::string& method, double ratio, const std::string& kv_dtype,
-                   const KvCache& kv, const Outcome& o, double seconds) {
-      json r = base(method, ratio);
+    auto add = [&](const CompressionSpec& spec, const std::string& kv_dtype, const KvCache& kv,
+                   const Outcome& o, double seconds) {
+      json r = base(spec.method, spec.ratio);
+      r["head_budget"] = spec.head_budget;
       r["kv_dtype"] = kv_dtype;
       r["score"] = o.score;
       r["full_score"] = full.score;
@@ -322,27 +371,47 @@ absl::Status Run(const Options& opt) {
       r["prediction"] = o.prediction;
       r["full_prediction"] = full.prediction;
       rows.push_back(std::move(r));
+      const std::string label =
+          spec.head_budget == "uniform" ? spec.method : spec.method + " " + spec.head_budget;
       std::fprintf(stderr,
                    "  %-18s x%-4g %s (%4.1fx bytes) score %.2f (full %.2f)  kl %.3f  ll %.2f "
                    "(full %.2f)\n",
-                   method.c_str(), ratio, kv_dtype.c_str(), bytes_ratio,
-                   o.score, full.score, o.kl, o.ll, full.ll);
+                   label.c_str(), spec.ratio, kv_dtype.c_str(), bytes_ratio, o.score, full.score,
+                   o.kl, o.ll, full.ll);
     };
     // One selection, evaluated at every --kv-dtypes: quantizing the selected fp16 entries is
     // what Compress does for that kv_dtype.
-    auto add_dtypes = [&](const std::string& method, double ratio, const KvCache& kv,
+    auto add_dtypes = [&](const CompressionSpec& spec, const KvCache& kv,
                           double seconds) -> absl::Status {
       for (const std::string& d : opt.kv_dtypes) {
         ASSIGN_OR_RETURN(const KvDtype dtype, ParseKvDtype(d));
         KvCache stored = kv;
         if (dtype != KvDtype::kF16) RETURN_IF_ERROR(stored.Freeze(dtype));
         ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, stored, s, DecodePolicy{}, &full.logp));
-        add(method, ratio, d, stored, o, seconds);
+        add(spec, d, stored, o, seconds);
       }
       return absl::OkStatus();
     };
     std::fprintf(stderr, "[%zu/%zu] %s: %zu document tokens, full answer %s\n", i + 1, todo.size(),
                  s.id.c_str(), s.doc.size(), json(full.prediction).dump().c_str());
+    // The whole document at each quantized kv_dtype: what quantization alone costs.
+    if (std::any_of(opt.kv_dtypes.begin(), opt.kv_dtypes.end(),
+                    [](const std::string& d) { return d != "fp16"; })) {
+      CompressionSpec none;
+      none.method = "none";
+      none.ratio = 1;
+      std::vector<std::string> quantized;
+      for (const std::string& d : opt.kv_dtypes) {
+        if (d != "fp16") quantized.push_back(d);
+      }
+      for (const std::string& d : quantized) {
+        ASSIGN_OR_RETURN(const KvDtype dtype, ParseKvDtype(d));
+        KvCache stored = prefill;
+        RETURN_IF_ERROR(stored.Freeze(dtype));
+        ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, stored, s, DecodePolicy{}, &full.logp));
+        add(none, d, stored, o, 0);
+      }
+    }
     if (opt.recycled) {
       DecodePolicy recycled;
       recycled.kind = DecodePolicy::Kind::kRecycled;
@@ -359,26 +428,52 @@ absl::Status Run(const Options& opt) {
                    o.prediction == full.prediction ? "same text as" : "differs from");
     }
     for (const std::string& method : opt.methods) {
-      CompressionSpec spec;
-      spec.method = method;
-      spec.question = s.question;
-      spec.ratio = opt.ratios.front();
-      if (method == "finch") {
+      if (method == "query_select") {
+        // Prefill once, select per query (ContextRef.select): this request's own tokens
+        // (question and answer prefix) score the stored full context at every ratio.
+        CompressionSpec spec;
+        spec.method = method;
         for (double ratio : opt.ratios) {
           spec.ratio = ratio;
           const auto t0 = Clock::now();
-          ASSIGN_OR_RETURN(CompressedContext ctx, Compress(runner, s.doc, spec));
-          RETURN_IF_ERROR(add_dtypes(method, ratio, ctx.kv, Since(t0)));
+          const int64_t budget = static_cast<int64_t>(
+              std::ceil(static_cast<double>(s.doc.size()) / ratio));
+          ASSIGN_OR_RETURN(KvCache kv, SelectForQuery(runner, prefill, s.suffix, budget));
+          RETURN_IF_ERROR(add_dtypes(spec, kv, Since(t0)));
         }
         continue;
       }
+      std::vector<CompressionSpec> specs;  // one per head budget the method takes
+      for (const std::string& b : opt.head_budgets) {
+        if (!CheckHeadBudget(method, b).ok()) continue;
+        CompressionSpec& spec = specs.emplace_back();
+        spec.method = method;
+        spec.question = s.question;
+        spec.ratio = opt.ratios.front();
+        spec.head_budget = b;
+      }
+      if (specs.empty()) continue;
+      if (method == "finch") {
+        for (CompressionSpec& spec : specs) {
+          for (double ratio : opt.ratios) {
+            spec.ratio = ratio;
+            const auto t0 = Clock::now();
+            ASSIGN_OR_RETURN(CompressedContext ctx, Compress(runner, s.doc, spec));
+            RETURN_IF_ERROR(add_dtypes(spec, ctx.kv, Since(t0)));
+          }
+        }
+        continue;
+      }
+      // The scores do not depend on the head budget: score once, select with each.
       const auto t0 = Clock::now();
-      ASSIGN_OR_RETURN(DocumentScores scores, ScoreDocument(runner, s.doc, prefill, spec));
+      ASSIGN_OR_RETURN(DocumentScores scores, ScoreDocument(runner, s.doc, prefill, specs[0]));
       const double score_seconds = Since(t0);
-      for (double ratio : opt.ratios) {
-        spec.ratio = ratio;
-        ASSIGN_OR_RETURN(CompressedContext ctx, SelectScored(*model, prefill, scores, spec));
-        RETURN_IF_ERROR(add_dtypes(method, ratio, ctx.kv, score_seconds));
+      for (CompressionSpec& spec : specs) {
+        for (double ratio : opt.ratios) {
+          spec.ratio = ratio;
+          ASSIGN_OR_RETURN(CompressedContext ctx, SelectScored(*model, prefill, scores, spec));
+          RETURN_IF_ERROR(add_dtypes(spec, ctx.kv, score_seconds));
+        }
       }
     }
     for (const json& r : rows) out << r.dump() << "\n";

@@ -24,6 +24,7 @@ SmolLM2-135M-Instruct.Q4_1, fp16, uniform (DEFAULTS): that is what produced them
 """
 import argparse
 import collections
+import gzip
 import json
 import math
 import os
@@ -78,8 +79,11 @@ def bytes_ratio(full_kv_bytes, kv_bytes):
 
 
 def load(path):
+    """Raw rows of one JSONL file (gzip-compressed when it ends in .gz, as the raw rows kept
+    in eval/results/raw/ are)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if line:
@@ -269,13 +273,15 @@ def plot(cells, path, rows=None):
     styles = {"fp16": "-", "int8": "--", "int4": ":"}
     markers = {"uniform": "o", "adaptive": "^"}
     full = full_context(rows) if rows is not None else full_from_cells(cells)
-    ncol = len(lengths) + 1
-    fig, axes = plt.subplots(2 * len(models), ncol, figsize=(4 * ncol, 3.9 * 2 * len(models)),
+    # One column per length, plus "all lengths" when there are several.
+    columns = [None] + [[L] for L in lengths] if len(lengths) > 1 else [lengths]
+    ncol = len(columns)
+    fig, axes = plt.subplots(2 * len(models), ncol, figsize=(max(8, 4 * ncol), 3.9 * 2 * len(models)),
                              squeeze=False)
     xs = []  # every plotted bytes ratio, for the ticks
     for mi, model in enumerate(models):
         mcells = [c for c in cells if c["model"] == model]
-        for col, ls in enumerate([None] + [[L] for L in lengths]):
+        for col, ls in enumerate(columns):
             title = "all lengths" if ls is None else f"{kfmt(ls[0])} tokens"
             sel = [c for c in mcells if ls is None or c["length"] in ls]
             ax_s, ax_k = axes[2 * mi][col], axes[2 * mi + 1][col]
@@ -329,7 +335,8 @@ def plot(cells, path, rows=None):
     h = fig.get_figheight()
     fig.suptitle("ctxcache KV compression: RULER score and KL against bytes stored "
                  "(eval/report.py)", y=1 - 0.1 / h, va="top")
-    ncol = min(len(handles), 8)
+    # As many legend columns as the figure's width holds (about 1.7 inches each).
+    ncol = max(1, min(len(handles), int(fig.get_figwidth() / 1.7)))
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.4 / h),
                ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.5 + 0.2 * math.ceil(len(handles) / ncol)) / h))
@@ -535,14 +542,23 @@ def markdown(cells, rec, rows=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--raw", required=True)
+    ap.add_argument("--raw", required=True, nargs="+",
+                    help="raw JSONL files (.gz too); a row for the same sample and setting in "
+                    "several counts once")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot")
     ap.add_argument("--markdown", action="store_true", help="print the tables")
     ap.add_argument("--doc", help="also replace the tables between the markers in this file "
                     "(docs/quality.md)")
     args = ap.parse_args()
-    rows = load(args.raw)
+    rows, seen = [], set()
+    for path in args.raw:
+        for r in load(path):
+            key = (r["model"], r["id"], r["method"], r.get("ratio"), r["kv_dtype"],
+                   r["head_budget"], r.get("decode"))
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
     cells = aggregate(rows)
     rec = recycled(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

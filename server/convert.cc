@@ -37,6 +37,8 @@ CompressInput CompressFromProto(const pb::CompressRequest& req) {
   if (p.has_max_positions()) s.max_positions = p.max_positions();
   if (p.has_separators()) s.separators = p.separators();
   if (p.has_kv_dtype()) s.kv_dtype = p.kv_dtype();
+  if (p.has_head_budget()) s.head_budget = p.head_budget();
+  if (p.has_head_budget_alpha()) s.head_budget_alpha = p.head_budget_alpha();
   s.question = req.question();
   return in;
 }

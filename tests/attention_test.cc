@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <random>
@@ -148,6 +149,30 @@ KvCache MakeCache(const Shape& shape, std::mt19937& rng) {
   return cache;
 }
 
+// Runs `attention` for a random query at each of `query_positions` and checks every output
+// against Reference.
+void ExpectDecodeMatchesReference(DecodeAttention& attention, const KvCache& cache, int n_heads,
+                                  std::initializer_list<int32_t> query_positions,
+                                  std::mt19937& rng, ThreadPool& pool) {
+  const int hd = cache.head_dim();
+  const int64_t dq = int64_t{n_heads} * hd;
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<float> q(dq);
+  for (float& x : q) x = dist(rng);
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  for (int32_t query_pos : query_positions) {
+    SCOPED_TRACE(testing::Message() << "query_pos " << query_pos);
+    std::vector<float> got(dq, std::nanf(""));
+    attention.Run(cache, 0, n_heads, query_pos, q.data(), scale, got.data(), &pool);
+    const std::vector<float> want = Reference(cache, 0, n_heads, query_pos, q, scale);
+    for (int64_t i = 0; i < dq; ++i) {
+      // fp32 accumulation over up to 5000 keys of |v| ~ 1 values, against double: the
+      // outputs are convex combinations of V (|out| <= ~4), so an absolute bound.
+      ASSERT_NEAR(got[i], want[i], 2e-5f) << "head " << i / hd << " dim " << i % hd;
+    }
+  }
+}
+
 TEST_P(AttentionTest, DecodeMatchesReference) {
   std::mt19937 rng(11);
   const std::vector<Shape> shapes = {
@@ -164,25 +189,11 @@ TEST_P(AttentionTest, DecodeMatchesReference) {
     for (size_t si = 0; si < shapes.size(); ++si) {
       const Shape& shape = shapes[si];
       const KvCache cache = MakeCache(shape, rng);
-      const int64_t dq = int64_t{shape.n_heads} * shape.head_dim;
-      std::normal_distribution<float> dist(0.f, 1.f);
-      std::vector<float> q(dq);
-      for (float& x : q) x = dist(rng);
-      const float scale = 1.f / std::sqrt(static_cast<float>(shape.head_dim));
+      SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " threads " << threads
+                                      << " shape " << si);
       // Every position visible; then a cut that hides a tail of each head (and all of some).
-      for (int32_t query_pos : {cache.next_position, cache.next_position / 3, 0}) {
-        SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " threads " << threads
-                                        << " shape " << si << " query_pos " << query_pos);
-        std::vector<float> got(dq, std::nanf(""));
-        attention.Run(cache, 0, shape.n_heads, query_pos, q.data(), scale, got.data(), &pool);
-        const std::vector<float> want = Reference(cache, 0, shape.n_heads, query_pos, q, scale);
-        for (int64_t i = 0; i < dq; ++i) {
-          // fp32 accumulation over up to 5000 keys of |v| ~ 1 values, against double: the
-          // outputs are convex combinations of V (|out| <= ~4), so an absolute bound.
-          ASSERT_NEAR(got[i], want[i], 2e-5f) << "head " << i / shape.head_dim << " dim "
-                                              << i % shape.head_dim;
-        }
-      }
+      ExpectDecodeMatchesReference(attention, cache, shape.n_heads,
+                                   {cache.next_position, cache.next_position / 3, 0}, rng, pool);
     }
   }
 }
@@ -234,20 +245,56 @@ TEST_P(AttentionTest, DecodeReadsQuantizedSegmentsInPlace) {
     const Shape& shape = shapes[si];
     const KvCache cache = Segmented(MakeCache(shape, rng));
     ASSERT_EQ(cache.StoredDtype(), KvDtype::kInt8);
-    const int64_t dq = int64_t{shape.n_heads} * shape.head_dim;
+    SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " shape " << si);
+    ExpectDecodeMatchesReference(attention, cache, shape.n_heads,
+                                 {cache.next_position, cache.next_position / 2, 3}, rng, pool);
+  }
+}
+
+// Recycled Attention's full step asks the fused kernel for every head's probabilities as
+// well: they must be the softmax full attention computes (double reference), over fp16 rows
+// and quantized segments, with positions past the query left as the caller set them.
+TEST_P(AttentionTest, DecodeAlsoReturnsTheAttentionProbabilities) {
+  std::mt19937 rng(31);
+  const Shape shape = {14, 2, 64, {3001, 95}};
+  ThreadPool pool(2);
+  DecodeAttention attention;
+  for (const bool segmented : {false, true}) {
+    const KvCache plain = MakeCache(shape, rng);
+    const KvCache cache = segmented ? Segmented(plain) : plain;
+    const int hd = 64, n_heads = 14, group = 7;
+    std::vector<float> q(n_heads * hd);
     std::normal_distribution<float> dist(0.f, 1.f);
-    std::vector<float> q(dq);
     for (float& x : q) x = dist(rng);
-    const float scale = 1.f / std::sqrt(static_cast<float>(shape.head_dim));
-    for (int32_t query_pos : {cache.next_position, cache.next_position / 2, 3}) {
-      SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " shape " << si
+    const float scale = 0.125f;
+    const int64_t stride = 3001;
+    for (int32_t query_pos : {cache.next_position, cache.next_position / 2}) {
+      SCOPED_TRACE(testing::Message() << LevelName(GetParam()) << " segmented " << segmented
                                       << " query_pos " << query_pos);
-      std::vector<float> got(dq, std::nanf(""));
-      attention.Run(cache, 0, shape.n_heads, query_pos, q.data(), scale, got.data(), &pool);
-      const std::vector<float> want = Reference(cache, 0, shape.n_heads, query_pos, q, scale);
-      for (int64_t i = 0; i < dq; ++i) {
-        ASSERT_NEAR(got[i], want[i], 2e-5f) << "head " << i / shape.head_dim << " dim "
-                                            << i % shape.head_dim;
+      std::vector<float> probs(n_heads * stride, -1.f), out(n_heads * hd), plain_out(n_heads * hd);
+      attention.Run(cache, 0, n_heads, query_pos, q.data(), scale, out.data(), &pool,
+                    probs.data(), stride);
+      attention.Run(cache, 0, n_heads, query_pos, q.data(), scale, plain_out.data(), &pool);
+      EXPECT_EQ(out, plain_out) << "asking for probabilities changed the output";
+      for (int h = 0; h < n_heads; ++h) {
+        const KvHead& kv = cache.head(0, h / group);
+        std::vector<float> k(kv.n() * hd), v(kv.n() * hd);
+        kv.LoadRows(0, kv.n(), hd, k.data(), v.data());
+        std::vector<double> sc;
+        for (int64_t j = 0; j < kv.n() && kv.pos[j] <= query_pos; ++j) {
+          double dot = 0;
+          for (int i = 0; i < hd; ++i) dot += double{q[h * hd + i]} * k[j * hd + i];
+          sc.push_back(dot * scale);
+        }
+        const double mx = *std::max_element(sc.begin(), sc.end());
+        double sum = 0;
+        for (double x : sc) sum += std::exp(x - mx);
+        for (size_t j = 0; j < sc.size(); ++j) {
+          ASSERT_NEAR(probs[h * stride + j], std::exp(sc[j] - mx) / sum, 1e-6) << h << "," << j;
+        }
+        for (int64_t j = static_cast<int64_t>(sc.size()); j < kv.n(); ++j) {
+          ASSERT_EQ(probs[h * stride + j], -1.f) << "past the query: " << h << "," << j;
+        }
       }
     }
   }

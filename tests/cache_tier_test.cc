@@ -68,6 +68,18 @@ TEST(MemoryTierTest, ChargesKvDigestAndKeyBytes) {
   EXPECT_EQ(MemoryTier::EntryBytes("t", "key", c), resident + 40 + 4);
 }
 
+TEST(MemoryTierTest, ChargesAQuantizedContextItsStoredBytes) {
+  CompressedContext c = MakeContext(40, 1.0f, 2, 2, 64);
+  const int64_t fp16 = MemoryTier::EntryBytes("t", "key", c);
+  ASSERT_TRUE(c.kv.Freeze(KvDtype::kInt4).ok());
+  // Per head: 40 x 32 bytes of codes for K and for V; fp16 scale and minimum per key group
+  // (2 groups of 32 tokens) x 64 channels, and per token x 2 value groups.
+  const int64_t per_head = 2 * 40 * 32 + 2 * 2 * 2 * 64 + 2 * 2 * 40 * 2;
+  EXPECT_EQ(c.KvBytes(), 4 * per_head);
+  EXPECT_EQ(MemoryTier::EntryBytes("t", "key", c), c.KvBytes() + 4 * 40 * 4 + 4);
+  EXPECT_LT(MemoryTier::EntryBytes("t", "key", c), fp16 * 0.35);  // positions stay 4 bytes
+}
+
 TEST(MemoryTierTest, EvictsLeastRecentlyUsedWithinByteBound) {
   const int64_t entry = MemoryTier::EntryBytes("t", "a", MakeContext(4));
   MemoryTier tier(3 * entry);

@@ -64,6 +64,17 @@ if [[ -s "$model" ]]; then
   expect generate_from_context 0 "4729" -- "$bin" generate --model "$model" --context "$tmp/doc.ctx" \
     --prompt " Question: What is the secret code? Answer: The secret code is" --temperature 0 \
     --max-tokens 6 --quiet
+  # Ada-KV head budgets: the heads keep different numbers of entries, stored and answered from.
+  expect compress_adaptive 0 "head_budget=adaptive" -- "$bin" compress --model "$model" \
+    --doc "$tmp/doc.txt" --method snapkv --ratio 8 --head-budget adaptive \
+    --question "What is the secret code?" --out "$tmp/ada.ctx"
+  expect generate_from_adaptive 0 "4729" -- "$bin" generate --model "$model" --context "$tmp/ada.ctx" \
+    --prompt " Question: What is the secret code? Answer: The secret code is" --temperature 0 \
+    --max-tokens 6 --quiet
+  expect bad_head_budget 1 "head_budget must be \"uniform\"" -- "$bin" compress --model "$model" \
+    --doc "$tmp/doc.txt" --method snapkv --ratio 8 --head-budget ada --out "$tmp/x.ctx"
+  expect adaptive_streaming 1 "scores by position" -- "$bin" compress --model "$model" \
+    --doc "$tmp/doc.txt" --method streaming --ratio 8 --head-budget adaptive --out "$tmp/x.ctx"
   # Prefill once (method none keeps everything), select per query: 4x fewer entries for this
   # request, the answer still found, the per-request bytes reported.
   expect compress_none 0 "1.0x compression" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" \
@@ -76,6 +87,16 @@ if [[ -s "$model" ]]; then
     --max-tokens 1
   expect select_ratio_one 1 "must be > 1" -- "$bin" generate --model "$model" --context "$tmp/full.ctx" \
     --select-ratio 1 --prompt hi
+  expect select_needs_whole 1 "stored whole" -- "$bin" generate --model "$model" --context "$tmp/doc.ctx" \
+    --select-ratio 4 --prompt hi
+  expect unknown_kv_dtype 1 "unknown kv_dtype \"int3\"" -- "$bin" compress --model "$model" \
+    --doc "$tmp/doc.txt" --method snapkv --ratio 8 --kv-dtype int3 --out "$tmp/x.ctx"
+  expect compress_int4 0 "stored as int4" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" \
+    --method snapkv --ratio 8 --kv-dtype int4 --question "What is the secret code?" \
+    --out "$tmp/doc4.ctx" --quiet
+  expect generate_from_int4 0 "4729" -- "$bin" generate --model "$model" --context "$tmp/doc4.ctx" \
+    --prompt " Question: What is the secret code? Answer: The secret code is" --temperature 0 \
+    --max-tokens 6 --quiet
   head -c 100 "$tmp/doc.ctx" > "$tmp/trunc.ctx"
   expect truncated_context 1 "truncated" -- "$bin" generate --model "$model" --context "$tmp/trunc.ctx" --prompt hi
   expect missing_context 1 "cannot open" -- "$bin" generate --model "$model" --context "$tmp/none.ctx" --prompt hi

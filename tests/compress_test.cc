@@ -162,6 +162,175 @@ TEST(SelectTest, BudgetAboveLengthKeepsAllAndBadInputsFail) {
   EXPECT_EQ(Select(cache, wrong, opt).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Ada-KV: per layer the same total as uniform, shared by the heads' scores together.
+SelectOptions Adaptive(int64_t budget, double alpha) {
+  SelectOptions opt;
+  opt.budget = budget;
+  opt.adaptive = true;
+  opt.alpha_safeguard = alpha;
+  return opt;
+}
+
+TEST(SelectTest, AdaptiveMovesBudgetFromConcentratedToSpreadHeads) {
+  KvCache cache = SyntheticCache(2, 2, 4, 20);
+  HeadScores scores = ZeroScores(cache);
+  // In layer 0 head 0 puts its mass on two entries and head 1 spreads it; layer 1 the reverse.
+  for (int l = 0; l < 2; ++l) {
+    std::vector<float>& peaked = scores[l * 2 + l];
+    std::vector<float>& spread = scores[l * 2 + 1 - l];
+    for (int t = 0; t < 20; ++t) {
+      peaked[t] = 0.001f * static_cast<float>(t);  // all below every spread score
+      spread[t] = 0.05f + 0.001f * static_cast<float>(t);
+    }
+    peaked[3] = 0.5f;
+    peaked[11] = 0.4f;
+  }
+  // budget 6, alpha 0.5: each head is guaranteed its top 3; the other 6 of the layer's 12
+  // go to the best remaining scores of both heads: all of the spread head's.
+  absl::StatusOr<KvCache> out = Select(cache, scores, Adaptive(6, 0.5));
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (int l = 0; l < 2; ++l) {
+    const KvHead& peaked = out->head(l, l);
+    const KvHead& spread = out->head(l, 1 - l);
+    EXPECT_THAT(peaked.pos, ::testing::ElementsAre(3, 11, 19)) << "layer " << l;
+    EXPECT_THAT(spread.pos, ::testing::ElementsAre(11, 12, 13, 14, 15, 16, 17, 18, 19))
+        << "layer " << l;
+    for (int h = 0; h < 2; ++h) {  // rows moved with their positions
+      const KvHead& kh = out->head(l, h);
+      for (int64_t i = 0; i < kh.n(); ++i) {
+        EXPECT_EQ(Fp16ToFp32(kh.k[i * 4]), Code(l, h, kh.pos[i]));
+        EXPECT_EQ(Fp16ToFp32(kh.v[i * 4 + 3]), -Code(l, h, kh.pos[i]));
+      }
+    }
+  }
+  EXPECT_EQ(out->TotalEntries(), 2 * 2 * 6);  // the uniform total
+  EXPECT_EQ(out->next_position, 20);
+}
+
+TEST(SelectTest, AdaptiveSafeguardKeepsEveryHeadItsShare) {
+  KvCache cache = SyntheticCache(1, 2, 2, 30);
+  HeadScores scores = ZeroScores(cache);
+  for (int t = 0; t < 30; ++t) {
+    scores[0][t] = 1e-4f * static_cast<float>(t);  // head 0 loses every comparison
+    scores[1][t] = 1.f + static_cast<float>(t);
+  }
+  // kvpress: at least max(1, floor(alpha * budget)) per head; the rest is the layer's total.
+  for (const auto& [alpha, want0] :
+       std::vector<std::pair<double, int64_t>>{{0.0, 0}, {0.01, 1}, {0.2, 2}, {0.55, 5}}) {
+    absl::StatusOr<KvCache> out = Select(cache, scores, Adaptive(10, alpha));
+    ASSERT_TRUE(out.ok()) << out.status();
+    ASSERT_EQ(out->head(0, 0).n(), want0) << "alpha " << alpha;
+    EXPECT_EQ(out->head(0, 1).n(), 20 - want0) << "alpha " << alpha;
+    if (want0 > 0) {
+      EXPECT_EQ(out->head(0, 0).pos.back(), 29);  // its own best entries
+    }
+  }
+  // alpha 1 guarantees every head its whole budget: exactly the uniform selection.
+  SelectOptions uniform;
+  uniform.budget = 10;
+  absl::StatusOr<KvCache> a = Select(cache, scores, Adaptive(10, 1.0));
+  absl::StatusOr<KvCache> u = Select(cache, scores, uniform);
+  ASSERT_TRUE(a.ok() && u.ok());
+  for (int h = 0; h < 2; ++h) EXPECT_EQ(a->head(0, h).pos, u->head(0, h).pos);
+}
+
+TEST(SelectTest, AdaptiveKeepsForcedEntriesAndCountsThem) {
+  KvCache cache = SyntheticCache(1, 2, 2, 24);
+  HeadScores scores = ZeroScores(cache);
+  for (int t = 0; t < 24; ++t) {
+    scores[0][t] = -1.f - static_cast<float>(t);  // head 0's scores lose, sinks' included
+    scores[1][t] = static_cast<float>(t % 7);
+  }
+  SelectOptions opt = Adaptive(8, 0.2);
+  opt.n_sink = 2;
+  opt.recent_from = 22;
+  // Forced: 0, 1, 22, 23 in both heads. Head 0: those plus max(1, floor(0.2 * 4)) = 1 of its
+  // own (its best, position 2); head 1 the layer's other 16 - 5 - 4 = 7 by score.
+  absl::StatusOr<KvCache> out = Select(cache, scores, opt);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_THAT(out->head(0, 0).pos, ::testing::ElementsAre(0, 1, 2, 22, 23));
+  // Head 1's best unforced: score 6 at 6, 13, 20; score 5 at 5, 12, 19; score 4 at 18.
+  EXPECT_THAT(out->head(0, 1).pos, ::testing::ElementsAre(0, 1, 5, 6, 12, 13, 18, 19, 20, 22, 23));
+  EXPECT_EQ(out->TotalEntries(), 16);
+  // Forced entries over the budget: each head keeps what uniform keeps, nothing moves.
+  opt.budget = 3;
+  SelectOptions uniform = opt;
+  uniform.adaptive = false;
+  out = Select(cache, scores, opt);
+  absl::StatusOr<KvCache> u = Select(cache, scores, uniform);
+  ASSERT_TRUE(out.ok() && u.ok());
+  for (int h = 0; h < 2; ++h) {
+    EXPECT_EQ(out->head(0, h).pos, u->head(0, h).pos);
+    EXPECT_EQ(out->head(0, h).n(), 3);
+  }
+}
+
+TEST(SelectTest, AdaptiveTotalsOverUnevenHeadsAndNeverKeptEntries) {
+  KvCache cache = SyntheticCache(1, 3, 2, 20);
+  TruncateHeads(cache, std::vector<int64_t>{20, 3, 20});
+  HeadScores scores = ZeroScores(cache);
+  for (int t = 0; t < 20; ++t) {
+    scores[0][t] = -std::numeric_limits<float>::infinity();
+    scores[2][t] = static_cast<float>(t);
+  }
+  scores[0][4] = 100.f;  // head 0 wants one entry only
+  scores[0][5] = std::nanf("");
+  // Total min(3 * 8, 20 + 3 + 20) = 24: head 0 its one finite entry, head 1 all 3, head 2 20.
+  absl::StatusOr<KvCache> out = Select(cache, scores, Adaptive(8, 0.2));
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_THAT(out->head(0, 0).pos, ::testing::ElementsAre(4));
+  EXPECT_EQ(out->head(0, 1).n(), 3);
+  EXPECT_EQ(out->head(0, 2).n(), 20);
+}
+
+TEST(SelectTest, AdaptiveRandomScoresKeepTheUniformTotalPerLayer) {
+  std::mt19937 rng(5);
+  std::exponential_distribution<float> ed(1.f);
+  KvCache cache = SyntheticCache(3, 4, 2, 50);
+  HeadScores scores = ZeroScores(cache);
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const float scale = static_cast<float>(1 + i % 4);  // heads of different concentration
+    for (float& x : scores[i]) x = std::pow(ed(rng), scale);
+  }
+  SelectOptions opt = Adaptive(12, 0.2);
+  opt.n_sink = 4;
+  opt.recent_from = 46;
+  absl::StatusOr<KvCache> out = Select(cache, scores, opt);
+  ASSERT_TRUE(out.ok()) << out.status();
+  bool uneven = false;
+  for (int l = 0; l < 3; ++l) {
+    int64_t total = 0;
+    for (int h = 0; h < 4; ++h) {
+      const KvHead& kh = out->head(l, h);
+      total += kh.n();
+      uneven = uneven || kh.n() != 12;
+      // Floor: 8 forced + max(1, floor(0.2 * 4)) = 9.
+      EXPECT_GE(kh.n(), 9) << "layer " << l << " head " << h;
+      ASSERT_TRUE(std::is_sorted(kh.pos.begin(), kh.pos.end()));
+      ASSERT_TRUE(std::adjacent_find(kh.pos.begin(), kh.pos.end()) == kh.pos.end());
+      for (int32_t p : {0, 1, 2, 3, 46, 47, 48, 49}) {
+        EXPECT_TRUE(std::binary_search(kh.pos.begin(), kh.pos.end(), p)) << "forced " << p;
+      }
+    }
+    EXPECT_EQ(total, 4 * 12) << "layer " << l;
+  }
+  EXPECT_TRUE(uneven) << "adaptive selection kept exactly the budget in every head";
+}
+
+TEST(SelectTest, AdaptiveRejectsPerLayerAndAlphaOutOfRange) {
+  KvCache cache = SyntheticCache(1, 2, 2, 6);
+  SelectOptions opt = Adaptive(2, 0.2);
+  opt.per_layer = true;
+  absl::Status st = Select(cache, ZeroScores(cache), opt).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(st.message()), HasSubstr("per_layer"));
+  for (double alpha : {-0.1, 1.5, std::nan("")}) {
+    st = Select(cache, ZeroScores(cache), Adaptive(2, alpha)).status();
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << alpha;
+    EXPECT_THAT(std::string(st.message()), HasSubstr("alpha_safeguard")) << alpha;
+  }
+}
+
 TEST(SelectTest, PoolingMatchesPyTorchZeroPadding) {
   std::vector<float> s = {0, 0, 5, 0, 0, 0, 1};
   std::vector<float> avg = s;
@@ -230,6 +399,47 @@ TEST(SpecTest, ValidationCodesAndMessages) {
   EXPECT_THAT(std::string(code_of(bad).message()), HasSubstr("fp16, int8 or int4"));
 }
 
+TEST(SpecTest, HeadBudgetValidation) {
+  CompressionSpec s;
+  s.method = "snapkv";
+  s.ratio = 4;
+  s.head_budget = "adaptive";
+  for (const char* m : {"snapkv", "finch", "expected_attention", "kvzip"}) {
+    s.method = m;
+    EXPECT_TRUE(s.Validate().ok()) << m << ": " << s.Validate();
+  }
+  auto message = [](const CompressionSpec& spec) {
+    const absl::Status st = spec.Validate();
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+    return std::string(st.message());
+  };
+  CompressionSpec bad = s;
+  bad.head_budget = "ada";
+  EXPECT_THAT(message(bad), HasSubstr("\"uniform\""));
+  EXPECT_THAT(message(bad), HasSubstr("\"adaptive\""));
+  EXPECT_THAT(message(bad), HasSubstr("\"ada\""));
+  for (const char* m : {"streaming", "anchor"}) {
+    bad = s;
+    bad.method = m;
+    EXPECT_THAT(message(bad), HasSubstr("by position")) << m;
+  }
+  bad = s;
+  bad.method = "none";
+  bad.ratio = 0;
+  EXPECT_THAT(message(bad), HasSubstr("keeps everything"));
+  bad = s;
+  bad.per_layer = true;
+  EXPECT_THAT(message(bad), HasSubstr("per_layer"));
+  bad = s;
+  bad.head_budget_alpha = 1.5;
+  EXPECT_THAT(message(bad), HasSubstr("[0, 1]"));
+  bad = s;
+  bad.head_budget_alpha = 0;  // no safeguard: allowed
+  EXPECT_TRUE(bad.Validate().ok());
+  bad.head_budget = "uniform";  // an alpha that would do nothing is refused
+  EXPECT_THAT(message(bad), HasSubstr("only with head_budget \"adaptive\""));
+}
+
 TEST(SpecTest, CanonicalParamsAreSortedAndMethodSpecific) {
   CompressionSpec s;
   s.method = "snapkv";
@@ -250,6 +460,14 @@ TEST(SpecTest, CanonicalParamsAreSortedAndMethodSpecific) {
   EXPECT_EQ(none.CanonicalParams(), "kv_dtype=int4");
   s.kv_dtype = "int8";
   EXPECT_EQ(s.CanonicalParams(), "kernel=5;kv_dtype=int8;n_sink=4;per_layer=0;pooling=avg;ratio=8");
+  s.kv_dtype = "fp16";
+  // head_budget only when not the default: every uniform key above stays what it was.
+  s.head_budget = "adaptive";
+  EXPECT_EQ(s.CanonicalParams(),
+            "head_budget=adaptive;head_budget_alpha=0.2;kernel=5;n_sink=4;per_layer=0;pooling=avg;"
+            "ratio=8");
+  s.head_budget_alpha = 0.35;
+  EXPECT_THAT(s.CanonicalParams(), HasSubstr("head_budget_alpha=0.35;"));
 }
 
 // ---- RoPE re-rotation and query recovery -------------------------------------------------------
@@ -461,6 +679,83 @@ TEST_P(CompressModelTest, EveryMethodKeepsTheBudgetAndSinksDeterministically) {
       EXPECT_EQ(p->kv.head(7, 0).pos, p->kv.head(7, model().config().n_kv_heads - 1).pos);
     }
   }
+}
+
+// head_budget "adaptive" on every method that takes it: each layer keeps exactly the uniform
+// total, every head at least its sinks plus the safeguard, the heads differ, the params say
+// so, and the result is usable; finch also beyond its window (compact positions).
+TEST_P(DefaultCompressModelTest, AdaptiveHeadBudgetKeepsTheUniformTotalForEveryScoringMethod) {
+  const std::vector<int32_t> doc = Tokens(Filler(40), true);
+  const int64_t n = static_cast<int64_t>(doc.size());
+  const ModelConfig& c = model().config();
+  for (const char* method : {"snapkv", "finch", "expected_attention", "kvzip"}) {
+    CompressionSpec spec;
+    spec.method = method;
+    spec.ratio = 4;
+    spec.chunk = 128;
+    spec.question = "What does the farmer sell?";
+    const int64_t budget = (n + 3) / 4;
+    absl::StatusOr<CompressedContext> uniform = Compress(runner(), doc, spec);
+    spec.head_budget = "adaptive";
+    absl::StatusOr<CompressedContext> a = Compress(runner(), doc, spec);
+    ASSERT_TRUE(uniform.ok() && a.ok()) << method << ": " << a.status();
+    EXPECT_THAT(a->params, HasSubstr("head_budget=adaptive;head_budget_alpha=0.2;")) << method;
+    EXPECT_EQ(a->kv.next_position, n) << method;
+    EXPECT_EQ(a->kv.TotalEntries(), uniform->kv.TotalEntries()) << method;
+    const int64_t floor = spec.n_sink + static_cast<int64_t>(0.2 * (budget - spec.n_sink));
+    int uneven = 0;
+    for (int l = 0; l < c.n_layers; ++l) {
+      int64_t total = 0;
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        const KvHead& kh = a->kv.head(l, h);
+        total += kh.n();
+        uneven += kh.n() != budget;
+        ASSERT_GE(kh.n(), floor) << method << " layer " << l << " head " << h;
+        ASSERT_TRUE(std::is_sorted(kh.pos.begin(), kh.pos.end())) << method;
+        ASSERT_TRUE(std::adjacent_find(kh.pos.begin(), kh.pos.end()) == kh.pos.end()) << method;
+        for (int s = 0; s < spec.n_sink; ++s) ASSERT_EQ(kh.pos[s], s) << method << " sink " << s;
+      }
+      ASSERT_EQ(total, budget * c.n_kv_heads) << method << " layer " << l;
+    }
+    EXPECT_GT(uneven, 0) << method << ": every head kept exactly the uniform budget";
+    std::printf("%s adaptive: %d of %d heads differ from the uniform %lld\n", method, uneven,
+                c.n_layers * c.n_kv_heads, static_cast<long long>(budget));
+    KvCache work = a->kv;
+    std::vector<float> logits;
+    ASSERT_TRUE(runner().Forward(Tokens("\nAnswer:", false), work, {}, &logits).ok()) << method;
+    ExpectFinite(logits, method);
+  }
+  // Finch beyond a 768-position window: heads of different lengths at compact positions.
+  std::vector<int32_t> long_doc = Tokens(Filler(300), true);
+  ASSERT_GT(long_doc.size(), 2000u);
+  long_doc.resize(2000);
+  CompressionSpec finch;
+  finch.method = "finch";
+  finch.ratio = 16;
+  finch.chunk = 256;
+  finch.max_positions = 768;
+  finch.head_budget = "adaptive";
+  finch.question = "\nWhat does the farmer sell?";
+  absl::StatusOr<CompressedContext> f = Compress(runner(), long_doc, finch);
+  ASSERT_TRUE(f.ok()) << f.status();
+  for (int l = 0; l < c.n_layers; ++l) {
+    int64_t total = 0;
+    for (int h = 0; h < c.n_kv_heads; ++h) {
+      const KvHead& kh = f->kv.head(l, h);
+      total += kh.n();
+      for (int64_t i = 0; i < kh.n(); ++i) ASSERT_EQ(kh.pos[i], i) << "layer " << l;
+    }
+    ASSERT_EQ(total, 125 * c.n_kv_heads) << "layer " << l;
+  }
+  EXPECT_EQ(f->kv.next_position, f->kv.MaxEntries());
+  KvCache work = f->kv;
+  std::vector<float> logits;
+  ASSERT_TRUE(runner().Forward(Tokens("\nAnswer:", false), work, {}, &logits).ok());
+  ExpectFinite(logits, "finch adaptive beyond its window");
+  finch.ratio = 4;  // 500 x 3 heads + chunk + question > 768: refused up front
+  absl::Status st = Compress(runner(), long_doc, finch).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(std::string(st.message()), HasSubstr("budget x KV heads"));
 }
 
 // The quality harness prefills a document once and scores it once per method, then selects
@@ -991,6 +1286,17 @@ TEST_P(CompressModelTest, QuantizedContextsStayCloseAndComposeInPlace) {
     // room for other machines' fp32 summation orders, not for a wrong dequantization (KL > 1).
     EXPECT_LT(kl, std::string(dtype) == "int8" ? 0.01 : 0.2);
   }
+  // Prefill once at int4, select per query: the selection reads the quantized entries.
+  CompressionSpec whole;
+  whole.method = "none";
+  whole.kv_dtype = "int4";
+  absl::StatusOr<CompressedContext> full4 = Compress(runner(), doc, whole);
+  ASSERT_TRUE(full4.ok()) << full4.status();
+  const int64_t budget = static_cast<int64_t>(doc.size()) / 4;
+  absl::StatusOr<KvCache> selected = SelectForQuery(runner(), full4->kv, question, budget);
+  ASSERT_TRUE(selected.ok()) << selected.status();
+  EXPECT_EQ(selected->MaxEntries(), budget);
+  ExpectFinite(last_logits(*selected), "selected from int4");
   CompressionSpec s4 = spec, s8 = spec;
   s4.kv_dtype = "int4";
   s8.kv_dtype = "int8";

@@ -323,13 +323,40 @@ class RunnerTest(unittest.TestCase):
             self.assertEqual(json.loads(open(samples).readline())["fitted_for"],
                              "SmolLM2-135M-Instruct.Q4_1")
             cmd = [EVAL, "--samples", samples, "--out", raw, "--methods", "streaming,finch,snapkv",
-                   "--ratios", "2,16", "--recycled", "--threads", "2", "--model", SMOLLM]
+                   "--ratios", "2,16", "--head-budget", "uniform,adaptive", "--kv-dtypes",
+                   "fp16,int4", "--recycled", "--threads", "2", "--model", SMOLLM]
             r = subprocess.run(cmd, capture_output=True, text=True)
             self.assertEqual(r.returncode, 0, r.stderr)
             rows = [json.loads(l) for l in open(raw)]
-            comp = [x for x in rows if x.get("decode") != "recycled"]
-            self.assertEqual(sorted((x["method"], x["ratio"]) for x in comp),
+            every_dtype = [x for x in rows if x.get("decode") != "recycled"]
+            comp = [x for x in every_dtype if x["kv_dtype"] == "fp16" and x["method"] != "none"]
+            # Every selection stored both ways: the same entries, int4 in 0.31x the bytes.
+            int4 = {(x["method"], x["ratio"], x["head_budget"]): x
+                    for x in every_dtype if x["kv_dtype"] == "int4" and x["method"] != "none"}
+            # ... and the whole document at int4: what quantization alone costs.
+            whole = [x for x in every_dtype if x["method"] == "none"]
+            self.assertEqual([(x["kv_dtype"], x["ratio"]) for x in whole], [("int4", 1)])
+            self.assertAlmostEqual(whole[0]["bytes_ratio"], 256 / 80, delta=0.1)
+            self.assertEqual(len(int4), len(comp))
+            for x in comp:
+                q = int4[(x["method"], x["ratio"], x["head_budget"])]
+                self.assertEqual(q["kept_tokens"], x["kept_tokens"])
+                self.assertAlmostEqual(q["kv_bytes"] / x["kv_bytes"], 80 / 256, delta=0.02)
+                self.assertAlmostEqual(q["bytes_ratio"], x["full_kv_bytes"] / q["kv_bytes"])
+                self.assertEqual(q["model"], "SmolLM2-135M-Instruct.Q4_1")
+            uniform = [x for x in comp if x["head_budget"] == "uniform"]
+            adaptive = {(x["method"], x["ratio"]): x for x in comp if x["head_budget"] == "adaptive"}
+            self.assertEqual(sorted((x["method"], x["ratio"]) for x in uniform),
                              sorted((m, r) for m in ("streaming", "finch", "snapkv") for r in (2, 16)))
+            # Adaptive head budgets: the same total as uniform; streaming takes none.
+            self.assertEqual(sorted(adaptive), sorted((m, r) for m in ("finch", "snapkv")
+                                                      for r in (2, 16)))
+            self.assertIn("streaming takes no head budget adaptive; skipped", r.stderr)
+            for x in uniform:
+                if x["method"] != "streaming":
+                    a = adaptive[(x["method"], x["ratio"])]
+                    self.assertEqual((a["kept_tokens"], a["kv_bytes"]),
+                                     (x["kept_tokens"], x["kv_bytes"]), a)
             for x in comp:
                 self.assertGreaterEqual(x["kl"], 0)
                 self.assertLessEqual(x["ll"], 0)
@@ -340,24 +367,25 @@ class RunnerTest(unittest.TestCase):
             # methods at 2x, with answer distributions close to the full context's (the
             # question-agnostic streaming may drop the needle, depending on its depth).
             self.assertEqual(comp[0]["full_score"], 1.0, comp[0]["full_prediction"])
-            guided = [x for x in comp if x["method"] in ("snapkv", "finch") and x["ratio"] == 2]
+            guided = [x for x in uniform if x["method"] in ("snapkv", "finch") and x["ratio"] == 2]
             self.assertEqual(len(guided), 2)
             for x in guided:
                 self.assertEqual(x["score"], 1.0, x)
                 self.assertLess(x["kl"], 0.5, x)
-            self.assertTrue(all(x["kl"] > 0.5 for x in comp if x["ratio"] == 16), comp)
+            self.assertTrue(all(x["kl"] > 0.5 for x in uniform if x["ratio"] == 16), uniform)
             self.assertEqual(len([x for x in rows if x.get("decode") == "recycled"]), 1)
             # Resuming skips finished samples.
             r = subprocess.run(cmd, capture_output=True, text=True)
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertIn("0 samples to run", r.stderr)
             self.assertEqual(len(open(raw).readlines()), len(rows))
-            # The report aggregates them into the published schema.
+            # The report: one cell per (method, ratio, head budget, kv_dtype): 6 uniform and 4
+            # adaptive selections, each at fp16 and int4, and the whole document at int4.
             out = os.path.join(tmp, "quality.json")
             subprocess.run([sys.executable, os.path.join(ROOT, "eval", "report.py"), "--raw", raw,
                             "--out", out], check=True, capture_output=True)
             cells = json.load(open(out))
-            self.assertEqual(len(cells), 6)
+            self.assertEqual(len(cells), 21)
             for c in cells:
                 self.assertEqual(set(c) >= {"task", "length", "method", "ratio", "n", "score",
                                             "full_score", "kl", "kept_tokens", "kv_bytes",
@@ -365,7 +393,7 @@ class RunnerTest(unittest.TestCase):
                                             "ci_low", "ci_high"}, True)
                 self.assertEqual(c["n"], 1)
                 self.assertEqual(c["model"], "SmolLM2-135M-Instruct.Q4_1")
-                self.assertEqual(c["kv_dtype"], "fp16")
+                self.assertIn(c["kv_dtype"], ("fp16", "int4"))
                 self.assertAlmostEqual(c["bytes_ratio"], c["full_kv_bytes"] / c["kv_bytes"],
                                        delta=0.01)
                 self.assertTrue(c["ci_low"] <= c["score"] <= c["ci_high"], c)
@@ -387,6 +415,10 @@ class RunnerTest(unittest.TestCase):
                            capture_output=True, text=True)
         self.assertEqual(r.returncode, 2)
         self.assertIn("unknown method 'magic'", r.stderr)
+        r = subprocess.run([EVAL, "--samples", "x", "--out", "y", "--head-budget", "uniform,ada"],
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--head-budget: head_budget must be \"uniform\"", r.stderr)
         r = subprocess.run([EVAL, "--samples", "/nonexistent", "--out", "/tmp/ctx-eval-none"],
                            capture_output=True, text=True)
         self.assertEqual(r.returncode, 1)

@@ -227,6 +227,42 @@ TEST_F(RedisTierTest, MultiPartRoundTrip) {
   ExpectSameContext(*back, c);
 }
 
+// A quantized context travels as its codes and scales (codec format 2) and comes back as the
+// same segments: what one replica stored at int4 another reads at int4, in place.
+TEST_F(RedisTierTest, QuantizedContextRoundTripsAsStored) {
+  std::unique_ptr<RedisTier> tier = NewTier(Options().redis);
+  ASSERT_NE(tier, nullptr);
+  CompressedContext c = MakeContext(2.0f, kFingerprint, 70);
+  c.kv = KvCache(2, 2, 32);
+  c.kv.next_position = 8 * 70;
+  for (int l = 0; l < 2; ++l) {
+    for (int h = 0; h < 2; ++h) {
+      KvHead& kh = c.kv.head(l, h);
+      for (int i = 0; i < 70; ++i) kh.pos.push_back(8 * i + h);
+      for (int i = 0; i < 70 * 32; ++i) {
+        kh.k.push_back(Fp32ToFp16(0.01f * static_cast<float>(i % 97) - l));
+        kh.v.push_back(Fp32ToFp16(0.02f * static_cast<float>(i % 53) + h));
+      }
+    }
+  }
+  ASSERT_TRUE(c.kv.Freeze(KvDtype::kInt4).ok());
+  const absl::Status put = tier->Put("acme", "q1", c);
+  ASSERT_TRUE(put.ok()) << put;
+  absl::StatusOr<CompressedContext> back = tier->Get("acme", "q1");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->kv.StoredDtype(), KvDtype::kInt4);
+  EXPECT_EQ(back->KvBytes(), c.KvBytes());
+  for (int l = 0; l < 2; ++l) {
+    for (int h = 0; h < 2; ++h) {
+      const KvSegment& a = *c.kv.head(l, h).segments.at(0);
+      const KvSegment& b = *back->kv.head(l, h).segments.at(0);
+      EXPECT_EQ(a.kq, b.kq);
+      EXPECT_EQ(a.v_scale, b.v_scale);
+      EXPECT_EQ(c.kv.head(l, h).pos, back->kv.head(l, h).pos);
+    }
+  }
+}
+
 TEST_F(RedisTierTest, MetadataIsWrittenLastAndAHalfWrittenEntryIsAMiss) {
   ContextStoreOptions o = Options();
   std::unique_ptr<RedisTier> tier = NewTier(o.redis);

@@ -347,6 +347,38 @@ TEST_F(ServerE2ETest, CompressOnceThenThreeQuestionsFromMemory) {
   EXPECT_NE(gs.error_message().find("send the document again"), std::string::npos);
 }
 
+// kv_dtype int4 through the API: the context id differs from the fp16 one, the bytes stored
+// (and reported) are about 0.31x, the memory tier holds the quantized segments, and answers
+// come from them.
+TEST_F(ServerE2ETest, Int4ContextIsStoredQuantizedAndReportsBytes) {
+  Running r = Start(BaseConfig());
+  ASSERT_NE(r.stub, nullptr);
+  const pb::CompressResponse fp16 = MustCompress(*r.stub, kDocument);
+  pb::CompressRequest req = CompressRequest(kDocument);
+  req.mutable_compression()->set_kv_dtype("int4");
+  grpc::ClientContext cctx;
+  pb::CompressResponse int4;
+  const grpc::Status st = r.stub->Compress(&cctx, req, &int4);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  const pb::ContextInfo& a = fp16.context();
+  const pb::ContextInfo& b = int4.context();
+  EXPECT_NE(a.context_id(), b.context_id());
+  EXPECT_NE(b.params().find("kv_dtype=int4"), std::string::npos) << b.params();
+  EXPECT_EQ(b.kept_entries(), a.kept_entries());
+  EXPECT_EQ(b.full_kv_bytes(), a.full_kv_bytes());
+  const double share = static_cast<double>(b.kv_bytes()) / static_cast<double>(a.kv_bytes());
+  EXPECT_NEAR(share, 80.0 / 256.0, 0.02);  // per entry at head_dim 64: 64 + 16 of 256 bytes
+  std::shared_ptr<const CompressedContext> ctx = Cached(*r.server, b.context_id());
+  ASSERT_NE(ctx, nullptr);
+  EXPECT_EQ(ctx->kv.StoredDtype(), KvDtype::kInt4);
+  const std::string& q = Questions()[0];
+  StreamResult s = RunGenerate(*r.stub, AskAbout(b.context_id(), q));
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  ExpectUsageConsistent(s.usage);
+  EXPECT_FALSE(s.text.empty());
+  EXPECT_EQ(s.text, LocalAnswer({ctx.get()}, q)) << q;
+}
+
 TEST_F(ServerE2ETest, RedisTierServesASecondServerAndAClearedMemoryTier) {
   CTXCACHE_REDIS_SERVER_OR_SKIP(binary);
   RedisServer redis(binary);
@@ -883,6 +915,8 @@ TEST_F(ServerE2ETest, MalformedRequestsGetTheRightCodeAndAClearMessage) {
        grpc::StatusCode::INVALID_ARGUMENT, "compression.method is empty"},
       {"ratio below 1", [](pb::CompressRequest& q) { q.mutable_compression()->set_ratio(0.5); },
        grpc::StatusCode::INVALID_ARGUMENT, "ratio must be > 1"},
+      {"unknown kv_dtype", [](pb::CompressRequest& q) { q.mutable_compression()->set_kv_dtype("fp8"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "unknown kv_dtype \"fp8\"; expected fp16, int8 or int4"},
       {"token out of vocabulary",
        [](pb::CompressRequest& q) {
          q.mutable_document()->mutable_tokens()->add_ids(1);

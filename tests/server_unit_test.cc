@@ -211,6 +211,11 @@ TEST(ContextIdTest, EveryInputThatChangesTheBytesChangesTheId) {
   add(ContextId("t", fp, Spec("snapkv", 4), 2, tokens), "method version");
   add(ContextId("t", fp, Spec("snapkv", 4), 1, {1, 2, 3, 5, 4}), "token order");
   add(ContextId("t", fp, Spec("snapkv", 4), 1, {1, 2, 3, 4}), "token count");
+  CompressionSpec adaptive = Spec("snapkv", 4);
+  adaptive.head_budget = "adaptive";
+  add(ContextId("t", fp, adaptive, 1, tokens), "head_budget");
+  adaptive.head_budget_alpha = 0.3;
+  add(ContextId("t", fp, adaptive, 1, tokens), "head_budget_alpha");
   CompressionSpec asked = Spec("snapkv", 4);
   asked.question = "Who?";
   add(ContextId("t", fp, asked, 1, tokens), "question (snapkv)");
@@ -338,6 +343,32 @@ TEST(LoggingTest, RequestIdsAndJsonEscaping) {
 }
 
 // ---- proto -> native ---------------------------------------------------------------------------
+
+TEST(ConvertTest, HeadBudgetReachesTheSpecAndDefaultsToUniform) {
+  ctxcache::v1::CompressRequest req;
+  req.mutable_document()->set_text("doc");
+  ctxcache::v1::CompressionParams* p = req.mutable_compression();
+  p->set_method("kvzip");
+  p->set_ratio(4);
+  absl::StatusOr<CompressInput> in = FromProto(req);
+  ASSERT_TRUE(in.ok());
+  EXPECT_EQ(in->spec.head_budget, "uniform");
+  EXPECT_EQ(in->spec.head_budget_alpha, CompressionSpec().head_budget_alpha);
+  EXPECT_EQ(in->spec.CanonicalParams(), "chunk=512;n_sink=4;per_layer=0;ratio=4");
+  p->set_head_budget("adaptive");
+  p->set_head_budget_alpha(0.25);
+  in = FromProto(req);
+  ASSERT_TRUE(in.ok());
+  EXPECT_EQ(in->spec.head_budget, "adaptive");
+  EXPECT_EQ(in->spec.head_budget_alpha, 0.25);
+  EXPECT_TRUE(in->spec.Validate().ok());
+  EXPECT_EQ(in->spec.CanonicalParams(),
+            "chunk=512;head_budget=adaptive;head_budget_alpha=0.25;n_sink=4;per_layer=0;ratio=4");
+  p->set_head_budget("Adaptive");  // passed through as given; Validate names the choices
+  in = FromProto(req);
+  ASSERT_TRUE(in.ok());
+  EXPECT_EQ(in->spec.Validate().code(), absl::StatusCode::kInvalidArgument);
+}
 
 TEST(ConvertTest, UnsetOptionalFieldsKeepTheEngineDefaults) {
   ctxcache::v1::GenerateRequest req;

@@ -366,8 +366,11 @@ def reference_finch_chunked(model, ids_doc, ids_win, budget, chunk):
     """ctxcache's Finch (engine/compress/finch.cc) re-implemented on transformers with kvpress's
     SnapKVPress.compute_window_attention: for each chunk run [chunk ; window] on the compressed
     cache (keys keep their original positions), weight window row j by (m_j)/(keys last row sees)
-    / w, average over rows and the GQA group, keep the top ceil(budget * e / n) of survivors +
-    chunk (sinks forced, ties to the later position), drop the window. Returns [L][h] positions."""
+    / w, average over rows and the GQA group, average-pool the scores over positions (kernel 5,
+    positions a head does not hold count as zeros), keep the top budget + deferred of survivors +
+    chunk, where the chunk itself is deferred (forced, judged in the next pass) unless it is the
+    last one (finch method version 2; sinks forced, ties to the later position), drop the
+    window. Returns [L][h] positions."""
     import torch
     from transformers import DynamicCache
     from kvpress import SnapKVPress
@@ -390,7 +393,8 @@ def reference_finch_chunked(model, ids_doc, ids_win, budget, chunk):
         target = state["target"]
         if target < m:
             keep = np.stack([
-                select_by_pos(s[h], pos[h], target) for h in range(n_kv)])
+                select_by_pos(pool_by_pos(s[h], pos[h], POOL_KERNEL), pos[h], target,
+                              state["recent_from"]) for h in range(n_kv)])
         else:
             keep = np.tile(np.arange(m), (n_kv, 1))
         idx = torch.from_numpy(keep)[None, :, :, None].expand(-1, -1, -1, k.shape[3])
@@ -402,7 +406,9 @@ def reference_finch_chunked(model, ids_doc, ids_win, budget, chunk):
         for b in range(0, n, chunk):
             e = min(n, b + chunk)
             state["chunk_pos"] = np.arange(b, e)
-            state["target"] = int(math.ceil(budget * e / n))
+            deferred = e - b if e < n else 0  # the last chunk is judged in its own pass
+            state["target"] = budget + deferred
+            state["recent_from"] = e - deferred
             past = cache.get_seq_length()
             toks = ids_doc[b:e] + ids_win
             model(torch.tensor([toks]), past_key_values=cache, use_cache=True,
@@ -411,11 +417,29 @@ def reference_finch_chunked(model, ids_doc, ids_win, budget, chunk):
     return [[positions[L][h] for h in range(n_kv)] for L in range(cfg.num_hidden_layers)]
 
 
-def select_by_pos(scores, pos, budget):
-    """Indices into scores (ascending) kept by ctxcache's Select, sinks by original position."""
+POOL_KERNEL = 5  # finch.cc kPoolKernel
+
+
+def pool_by_pos(scores, pos, kernel):
+    """select.cc PoolByPosition: entry i's score becomes the sum of the scores of the entries
+    within kernel // 2 positions of pos[i], over kernel (missing positions count as zeros)."""
+    half = kernel // 2
+    s = scores.astype(np.float64)
+    lo = np.searchsorted(pos, pos - half, side="left")
+    hi = np.searchsorted(pos, pos + half, side="right")
+    c = np.concatenate([[0.0], np.cumsum(s)])
+    return (c[hi] - c[lo]) / kernel
+
+
+def select_by_pos(scores, pos, budget, recent_from=None):
+    """Indices into scores (ascending) kept by ctxcache's Select: sinks (by original position)
+    first, then entries at positions >= recent_from, then the best scores, ties to the later
+    position."""
     s = scores.astype(np.float64).copy()
-    s[pos < N_SINK] = np.inf
-    order = np.lexsort((-pos, -s))
+    tier = np.where(pos < N_SINK, 2, 0)
+    if recent_from is not None:
+        tier = np.where((tier == 0) & (pos >= recent_from), 1, tier)
+    order = np.lexsort((-pos, -s, -tier))
     return np.sort(order[:budget])
 
 

@@ -176,6 +176,8 @@ absl::StatusOr<CompressedContext> SelectScored(const Model& model, const KvCache
   SelectOptions select;
   select.budget = BudgetFor(spec, n);
   select.per_layer = spec.per_layer;
+  select.adaptive = spec.head_budget == "adaptive";
+  select.alpha_safeguard = spec.head_budget_alpha;
   select.n_sink = spec.n_sink;
   select.recent_from = scores.recent_from;
   ASSIGN_OR_RETURN(out.kv, Select(prefill, scores.scores, select));

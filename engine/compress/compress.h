@@ -36,6 +36,18 @@ struct CompressionSpec {
   int64_t budget = 0;
   // Select one token set per layer (shared by its KV heads) instead of one per KV head.
   bool per_layer = false;
+  // How a layer's budget is split over its KV heads: "uniform" (each keeps the budget) or
+  // "adaptive" (Ada-KV, select.h SelectOptions::adaptive: the same total per layer, each head
+  // guaranteed its forced entries plus head_budget_alpha of the rest of its budget, the
+  // remainder to the best scores of all heads together). Adaptive compares raw scores across
+  // heads, which every method it accepts produces in common units: snapkv and finch score
+  // attention probabilities (AdaKV's own input), kvzip the max attention probability (KVzip
+  // thresholds these across heads itself), expected_attention expected probability times
+  // ||v|| (each entry's term of the bound on its head's output error). streaming and anchor
+  // score by position alike in every head (adaptive would change nothing) and none selects
+  // nothing: they reject it. Not with per_layer.
+  std::string head_budget = "uniform";
+  double head_budget_alpha = 0.2;  // adaptive only: kvpress AdaKVPress's alpha_safeguard
   int n_sink = 4;   // first tokens always kept (attention sinks)
   int window = 64;  // recent tokens always kept (anchor; streaming keeps budget - n_sink)
   // The question for prompt-guided methods (snapkv, finch); empty means a generic

@@ -54,6 +54,11 @@
 // next_position is then the kept count. spec.max_positions can make the window smaller than
 // the model's (bounded working memory; also how the tests exercise this path cheaply).
 // Sinks are always kept (shared selector).
+//
+// head_budget "adaptive" makes every chunk's selection Ada-KV's (select.h): the heads then
+// carry different numbers of survivors into the next chunk, so the row weights above are per
+// KV head, and a compacted head may span up to budget * n_kv_heads positions (plus the
+// deferred chunk, which every head keeps).
 #include <algorithm>
 #include <numeric>
 
@@ -81,15 +86,22 @@ absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
       spec.max_positions > 0 ? std::min<int64_t>(spec.max_positions, c.n_ctx_train) : c.n_ctx_train;
   const bool compact = n + nq > n_ctx;
   const int64_t chunk = spec.chunk;
-  if (compact && budget + chunk + nq > n_ctx) {
-    return absl::OutOfRangeError(
-        absl::StrCat("finch on a ", n, "-token document needs budget (", budget, ") + chunk (",
-                     chunk, ") + question (", nq, ") <= the ", n_ctx,
-                     "-position window; raise the ratio or lower the chunk"));
+  // The most survivors one head can hold (adaptive: a whole layer's budget, when alpha is 0).
+  const bool adaptive = spec.head_budget == "adaptive";
+  const int64_t span = adaptive ? budget * c.n_kv_heads : budget;
+  if (compact && span + chunk + nq > n_ctx) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "finch on a ", n, "-token document needs ",
+        adaptive ? absl::StrCat("budget x KV heads (", budget, " x ", c.n_kv_heads, ")")
+                 : absl::StrCat("budget (", budget, ")"),
+        " + chunk (", chunk, ") + question (", nq, ") <= the ", n_ctx,
+        "-position window; raise the ratio or lower the chunk"));
   }
   // Entries of a chunk kept unjudged until the next pass (2. above): the whole chunk, or in
   // compact mode what fits beside budget + chunk + question (the working cache's peak).
-  const int64_t defer = compact ? std::min(chunk, n_ctx - budget - chunk - nq) : chunk;
+  // Adaptive: a head may hold span + deferred entries (the other heads keep their deferred
+  // chunks), so the deferral is what fits beside span + chunk + question.
+  const int64_t defer = compact ? std::min(chunk, n_ctx - span - chunk - nq) : chunk;
   KvCache cache = model.NewKvCache();
   if (budget >= n) return PrefillDocument(runner, doc, progress);  // nothing to prune (fits)
   const RopeParams rope = RopeParamsFor(c);
@@ -98,12 +110,15 @@ absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
     const int64_t e = std::min(n, b + chunk);
     const int64_t clen = e - b;
     std::vector<int64_t> lengths = HeadLengths(cache);
-    for (int64_t& len : lengths) len += clen;   // the entries to score: survivors + chunk
-    const int64_t keys_last = lengths[0] + nq;  // keys the last question row sees
-    std::vector<float> weights(nq);
-    for (int64_t j = 0; j < nq; ++j) {
-      weights[j] = static_cast<float>(lengths[0] + j + 1) / static_cast<float>(keys_last) /
-                   static_cast<float>(nq);
+    for (int64_t& len : lengths) len += clen;  // the entries to score: survivors + chunk
+    // Per KV head: after adaptive selection the heads hold different numbers of survivors.
+    std::vector<std::vector<float>> weights(lengths.size(), std::vector<float>(nq));
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      const int64_t keys_last = lengths[i] + nq;  // keys the last question row sees
+      for (int64_t j = 0; j < nq; ++j) {
+        weights[i][j] = static_cast<float>(lengths[i] + j + 1) / static_cast<float>(keys_last) /
+                        static_cast<float>(nq);
+      }
     }
     std::vector<int32_t> tokens(doc.begin() + b, doc.begin() + e);
     tokens.insert(tokens.end(), question.begin(), question.end());
@@ -112,10 +127,14 @@ absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
     ForwardOptions options;
     options.observe_rows.resize(nq);
     std::iota(options.observe_rows.begin(), options.observe_rows.end(), static_cast<int>(clen));
+    const int group = c.n_heads / c.n_kv_heads;
     options.observer = [&](int layer, const float* probs, int n_rows, int64_t max_keys) {
-      const size_t base = static_cast<size_t>(layer) * c.n_kv_heads;
-      AccumulateGroupMean(probs, c.n_heads, n_rows, max_keys, weights,
-                          absl::MakeConstSpan(lengths).subspan(base, c.n_kv_heads), &scores[base]);
+      for (int g = 0; g < c.n_kv_heads; ++g) {  // one GQA group at a time, with its weights
+        const size_t i = static_cast<size_t>(layer) * c.n_kv_heads + g;
+        AccumulateGroupMean(probs + static_cast<int64_t>(g) * group * n_rows * max_keys, group,
+                            n_rows, max_keys, weights[i],
+                            absl::MakeConstSpan(lengths).subspan(i, 1), &scores[i]);
+      }
     };
     const int32_t chunk_end_position = cache.next_position + static_cast<int32_t>(clen);
     RETURN_IF_ERROR(runner.Forward(tokens, cache, options, nullptr));
@@ -123,7 +142,7 @@ absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
     cache.next_position = chunk_end_position;
     // The last chunk is judged now, next to the question as the document's end will be.
     const int64_t deferred = e < n ? std::min(defer, clen) : 0;
-    if (budget + deferred < lengths[0]) {
+    if (budget + deferred < cache.MaxEntries()) {
       for (int l = 0; l < c.n_layers; ++l) {
         for (int h = 0; h < c.n_kv_heads; ++h) {
           PoolByPosition(scores[static_cast<size_t>(l) * c.n_kv_heads + h], cache.head(l, h).pos,
@@ -133,6 +152,8 @@ absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
       SelectOptions select;
       select.budget = budget + deferred;
       select.per_layer = spec.per_layer;
+      select.adaptive = adaptive;
+      select.alpha_safeguard = spec.head_budget_alpha;
       select.n_sink = spec.n_sink;
       select.recent_from = chunk_end_position - static_cast<int32_t>(deferred);
       ASSIGN_OR_RETURN(cache, Select(cache, scores, select));

@@ -27,6 +27,11 @@ bool Better(const Rank& a, const Rank& b) {
 
 float Clean(float s) { return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s; }
 
+// Unforced entries scored -inf are never kept: the method asked for fewer than the budget.
+bool NeverKept(const Rank& r) {
+  return r.tier == 0 && r.score == -std::numeric_limits<float>::infinity();
+}
+
 // Indices (ascending) of the entries to keep among `ranks`.
 std::vector<int64_t> TopBudget(const std::vector<Rank>& ranks, int64_t budget) {
   std::vector<int64_t> idx(ranks.size());
@@ -35,12 +40,56 @@ std::vector<int64_t> TopBudget(const std::vector<Rank>& ranks, int64_t budget) {
   std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
                     [&](int64_t a, int64_t b) { return Better(ranks[a], ranks[b]); });
   idx.resize(k);
-  // Unforced entries scored -inf are never kept: the method asked for fewer than the budget.
-  std::erase_if(idx, [&](int64_t i) {
-    return ranks[i].tier == 0 && ranks[i].score == -std::numeric_limits<float>::infinity();
-  });
+  std::erase_if(idx, [&](int64_t i) { return NeverKept(ranks[i]); });
   std::sort(idx.begin(), idx.end());
   return idx;
+}
+
+// Ada-KV over one layer's heads (select.h, SelectOptions::adaptive): the indices (ascending)
+// each head keeps.
+std::vector<std::vector<int64_t>> AdaptiveTopBudget(const std::vector<std::vector<Rank>>& ranks,
+                                                    int64_t budget, double alpha) {
+  int64_t total = 0;
+  for (const std::vector<Rank>& r : ranks) total += static_cast<int64_t>(r.size());
+  total = std::min(total, budget * static_cast<int64_t>(ranks.size()));
+  struct Candidate {
+    int head;
+    int64_t i;
+  };
+  std::vector<Candidate> pool;
+  std::vector<std::vector<int64_t>> kept(ranks.size());
+  for (size_t h = 0; h < ranks.size(); ++h) {
+    const std::vector<Rank>& r = ranks[h];
+    std::vector<int64_t> order(r.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::erase_if(order, [&](int64_t i) { return NeverKept(r[i]); });
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return Better(r[a], r[b]); });
+    // The head's floor: its forced entries (the best `budget` of them, as uniform keeps) and
+    // the safeguard share of what the budget leaves, like AdaKV's floor_alpha on the capacity
+    // after its window; kvpress (no forced entries) rounds down to at least 1.
+    const int64_t forced = std::min<int64_t>(
+        budget, std::count_if(r.begin(), r.end(), [](const Rank& x) { return x.tier > 0; }));
+    const int64_t rest = budget - forced;
+    const int64_t safe =
+        alpha > 0 && rest > 0 ? std::max<int64_t>(1, static_cast<int64_t>(alpha * rest)) : 0;
+    const int64_t floor = std::min<int64_t>(static_cast<int64_t>(order.size()), forced + safe);
+    kept[h].assign(order.begin(), order.begin() + floor);
+    total -= floor;  // floor <= min(budget, entries): never below 0
+    for (size_t j = floor; j < order.size(); ++j) pool.push_back({static_cast<int>(h), order[j]});
+  }
+  // The rest of the layer's total: the best of all heads' remaining entries together (ties to
+  // the lower head, so the result is deterministic).
+  const int64_t k = std::min<int64_t>(total, static_cast<int64_t>(pool.size()));
+  std::nth_element(pool.begin(), pool.begin() + k, pool.end(),
+                   [&](const Candidate& a, const Candidate& b) {
+                     const Rank& x = ranks[a.head][a.i];
+                     const Rank& y = ranks[b.head][b.i];
+                     if (Better(x, y) || Better(y, x)) return Better(x, y);
+                     return a.head < b.head;
+                   });
+  for (int64_t j = 0; j < k; ++j) kept[pool[j].head].push_back(pool[j].i);
+  for (std::vector<int64_t>& idx : kept) std::sort(idx.begin(), idx.end());
+  return kept;
 }
 
 // Re-rotates n_rows fp16 key rows by `delta` in place: through fp32, rounded back to fp16 as
@@ -94,6 +143,15 @@ absl::StatusOr<KvCache> Select(const KvCache& cache, const HeadScores& scores,
         "scores cover ", scores.size(), " heads, the cache has ", cache.n_layers() * n_kv));
   }
   if (options.budget <= 0) return absl::InvalidArgumentError("selection budget must be > 0");
+  if (options.adaptive && options.per_layer) {
+    return absl::InvalidArgumentError(
+        "adaptive head budgets give each KV head its own share of the layer's budget, "
+        "per_layer keeps one set shared by the heads: use one or the other");
+  }
+  if (options.adaptive && !(options.alpha_safeguard >= 0 && options.alpha_safeguard <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("alpha_safeguard must be in [0, 1], got ", options.alpha_safeguard));
+  }
   auto tier = [&](int32_t pos) {
     return pos < options.n_sink ? 2 : (pos >= options.recent_from ? 1 : 0);
   };
@@ -118,6 +176,7 @@ absl::StatusOr<KvCache> Select(const KvCache& cache, const HeadScores& scores,
         Gather(cache.head(l, h), idx, cache.head_dim(), out.head(l, h));
       continue;
     }
+    std::vector<std::vector<Rank>> ranks(n_kv);
     for (int h = 0; h < n_kv; ++h) {
       const KvHead& kh = cache.head(l, h);
       const std::vector<float>& s = scores[l * n_kv + h];
@@ -125,9 +184,20 @@ absl::StatusOr<KvCache> Select(const KvCache& cache, const HeadScores& scores,
         return absl::InvalidArgumentError(absl::StrCat("layer ", l, " head ", h, " has ", kh.n(),
                                                        " entries but ", s.size(), " scores"));
       }
-      std::vector<Rank> ranks(kh.n());
-      for (int64_t i = 0; i < kh.n(); ++i) ranks[i] = {tier(kh.pos[i]), Clean(s[i]), kh.pos[i]};
-      Gather(kh, TopBudget(ranks, options.budget), cache.head_dim(), out.head(l, h));
+      ranks[h].resize(kh.n());
+      for (int64_t i = 0; i < kh.n(); ++i) ranks[h][i] = {tier(kh.pos[i]), Clean(s[i]), kh.pos[i]};
+    }
+    if (options.adaptive) {
+      const std::vector<std::vector<int64_t>> kept =
+          AdaptiveTopBudget(ranks, options.budget, options.alpha_safeguard);
+      for (int h = 0; h < n_kv; ++h) {
+        Gather(cache.head(l, h), kept[h], cache.head_dim(), out.head(l, h));
+      }
+      continue;
+    }
+    for (int h = 0; h < n_kv; ++h) {
+      Gather(cache.head(l, h), TopBudget(ranks[h], options.budget), cache.head_dim(),
+             out.head(l, h));
     }
   }
   return out;

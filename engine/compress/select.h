@@ -26,6 +26,16 @@ HeadScores ZeroScores(const KvCache& cache);
 struct SelectOptions {
   int64_t budget = 0;      // entries kept per head (all when a head has fewer)
   bool per_layer = false;  // one set per layer: heads' scores averaged, heads must agree
+  // Ada-KV (Feng et al., arXiv 2407.11550; kvpress AdaKVPress): a layer keeps
+  // min(budget * n_kv_heads, its entries) in all, shared unevenly by its heads. Each head first
+  // gets its forced entries (at most budget) plus its top alpha_safeguard of the rest of its
+  // budget (at least one entry when alpha > 0); the layer's remaining total then goes to the
+  // best-scored entries of all heads together, so heads whose scores concentrate on few
+  // entries give budget to heads whose scores are spread. Raw scores are compared across the
+  // heads of a layer, so they must be in common units (compress.h head_budget). Not with
+  // per_layer (one shared set cannot differ per head).
+  bool adaptive = false;
+  double alpha_safeguard = 0.2;  // kvpress AdaKVPress default; AdaKV's floor_alpha
   int32_t n_sink = 0;      // entries at positions < n_sink are always kept ...
   // ... and so are entries at positions >= recent_from. Forced entries count against the
   // budget; when they alone exceed it, sinks win, then the most recent.
@@ -33,8 +43,8 @@ struct SelectOptions {
 };
 
 // The kept entries of `cache`, in their original (position) order; next_position unchanged.
-// InvalidArgument when scores do not match the cache, or per_layer heads hold different
-// positions.
+// InvalidArgument when scores do not match the cache, per_layer heads hold different
+// positions, or adaptive is combined with per_layer or an alpha outside [0, 1].
 absl::StatusOr<KvCache> Select(const KvCache& cache, const HeadScores& scores,
                                const SelectOptions& options);
 

@@ -18,7 +18,8 @@
 //   reconstruction so far) instead of KVzip's subset [sinks, chunk c, repeat]; the max over
 //   chunk c's keys is then scaled by a per-row constant, which moves scores between rows
 //   but keeps the order within one row; (2) selection is uniform per head (the shared
-//   selector's budget) rather than KVzip's global threshold across heads and layers;
+//   selector's budget) rather than KVzip's global threshold across heads and layers, unless
+//   head_budget is "adaptive" (the threshold idea within each layer: Ada-KV);
 //   (3) chunks are 512 tokens by default (KVzip: 2048) to bound the observed attention
 //   ([n_heads, chunk, n_keys] floats) on CPU memory; (4) no chat template around the prompt.
 #include <algorithm>

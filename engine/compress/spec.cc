@@ -17,6 +17,11 @@ constexpr const char* kMethods[] = {"none",  "streaming", "snapkv", "finch", "ex
 
 bool UsesWindow(const std::string& m) { return m == "anchor"; }
 
+// Methods whose scores differ between heads in comparable units (compress.h head_budget).
+bool ScoresHeadsApart(const std::string& m) {
+  return m == "snapkv" || m == "finch" || m == "expected_attention" || m == "kvzip";
+}
+
 // Escapes the separator list so that the params string stays one printable line.
 std::string Escaped(const std::string& s) {
   std::string out;
@@ -77,6 +82,37 @@ absl::Status CompressionSpec::Validate() const {
   if (max_positions < 0) return absl::InvalidArgumentError("max_positions must be >= 0");
   if (n_future < 1) return absl::InvalidArgumentError("n_future must be >= 1");
   if (absl::StatusOr<KvDtype> d = ParseKvDtype(kv_dtype); !d.ok()) return d.status();
+  if (head_budget != "uniform" && head_budget != "adaptive") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "head_budget must be \"uniform\" (every KV head keeps the budget) or \"adaptive\" "
+        "(Ada-KV: the heads of a layer share its budget by score), got \"",
+        head_budget, "\""));
+  }
+  if (head_budget == "adaptive") {
+    if (!ScoresHeadsApart(method)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "head_budget \"adaptive\" needs a method that scores each KV head's entries "
+          "(snapkv, finch, expected_attention, kvzip); \"",
+          method,
+          method == "none" ? "\" keeps everything"
+                           : "\" scores by position, the same in every head, so it would "
+                             "change nothing"));
+    }
+    if (per_layer) {
+      return absl::InvalidArgumentError(
+          "head_budget \"adaptive\" gives each KV head its own share of the layer's budget, "
+          "per_layer keeps one set shared by the heads: use one or the other");
+    }
+    if (!(head_budget_alpha >= 0 && head_budget_alpha <= 1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("head_budget_alpha must be in [0, 1] (the share of its unforced budget "
+                       "every head keeps), got ",
+                       head_budget_alpha));
+    }
+  } else if (head_budget_alpha != CompressionSpec().head_budget_alpha) {
+    return absl::InvalidArgumentError(
+        "head_budget_alpha applies only with head_budget \"adaptive\"");
+  }
   if (method == "anchor" && separators.empty()) {
     return absl::InvalidArgumentError("anchor needs at least one separator character");
   }
@@ -90,6 +126,11 @@ std::string CompressionSpec::CanonicalParams() const {
     if (budget != 0) kv["budget"] = absl::StrCat(budget);
     kv["per_layer"] = absl::StrCat(per_layer ? 1 : 0);
     kv["n_sink"] = absl::StrCat(n_sink);
+  }
+  // Only when not the default, so that the keys of uniform contexts stay what they were.
+  if (head_budget != "uniform") {
+    kv["head_budget"] = head_budget;
+    kv["head_budget_alpha"] = absl::StrCat(head_budget_alpha);
   }
   if (UsesWindow(method)) kv["window"] = absl::StrCat(window);
   if (method == "finch" || method == "kvzip") kv["chunk"] = absl::StrCat(chunk);

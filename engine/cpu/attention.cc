@@ -20,7 +20,7 @@ namespace {
 // against, and the path of CPUs without AVX2. load(j, kf, vf) puts key j's K and V in fp32.
 template <class Load>
 void ScalarDecode(const float* q, int group, const Load& load, int64_t n, int hd, float* tile,
-                  float* m, float* l, float* acc) {
+                  float* m, float* l, float* acc, float* scores, int64_t score_stride) {
   float* kf = tile;
   float* vf = tile + hd;
   ResetState(group, hd, m, l, acc);
@@ -29,6 +29,7 @@ void ScalarDecode(const float* q, int group, const Load& load, int64_t n, int hd
     for (int r = 0; r < group; ++r) {
       float s = 0.f;
       for (int i = 0; i < hd; ++i) s += q[r * hd + i] * kf[i];
+      if (scores != nullptr) scores[r * score_stride + j] = s;
       float* a = acc + int64_t{r} * hd;
       if (s > m[r]) {
         const float corr = l[r] > 0.f ? std::exp(m[r] - s) : 0.f;
@@ -45,22 +46,24 @@ void ScalarDecode(const float* q, int group, const Load& load, int64_t n, int hd
 }
 
 void ScalarDecodeChunk(const float* q, int group, const uint16_t* k, const uint16_t* v,
-                       int64_t n, int hd, float* tile, float* m, float* l, float* acc) {
+                       int64_t n, int hd, float* tile, float* m, float* l, float* acc,
+                       float* scores, int64_t score_stride) {
   auto load = [&](int64_t j, float* kf, float* vf) {
     for (int i = 0; i < hd; ++i) {
       kf[i] = Fp16ToFp32(k[j * hd + i]);
       vf[i] = Fp16ToFp32(v[j * hd + i]);
     }
   };
-  ScalarDecode(q, group, load, n, hd, tile, m, l, acc);
+  ScalarDecode(q, group, load, n, hd, tile, m, l, acc, scores, score_stride);
 }
 
 void ScalarDecodeSegmentChunk(const float* q, int group, const KvSegment& seg, int64_t begin,
-                              int64_t n, int hd, float* tile, float* m, float* l, float* acc) {
+                              int64_t n, int hd, float* tile, float* m, float* l, float* acc,
+                              float* scores, int64_t score_stride) {
   auto load = [&](int64_t j, float* kf, float* vf) {
     seg.LoadRows(begin + j, begin + j + 1, kf, vf);
   };
-  ScalarDecode(q, group, load, n, hd, tile, m, l, acc);
+  ScalarDecode(q, group, load, n, hd, tile, m, l, acc, scores, score_stride);
 }
 
 void ScalarFp16ToFp32(const uint16_t* src, float* dst, int64_t n) {
@@ -113,7 +116,8 @@ void Fp32ToFp16Row(const float* src, uint16_t* dst, int64_t n) {
 }
 
 void DecodeAttention::Run(const KvCache& cache, int layer, int n_heads, int32_t query_pos,
-                          const float* q, float scale, float* out, ThreadPool* pool) {
+                          const float* q, float scale, float* out, ThreadPool* pool,
+                          float* probs, int64_t probs_stride) {
   const int n_kv = cache.n_kv_heads(), hd = cache.head_dim();
   const int group = n_heads / n_kv;
   const KernelTable* kt = &ActiveKernels();
@@ -142,12 +146,12 @@ void DecodeAttention::Run(const KvCache& cache, int layer, int n_heads, int32_t 
     for (const auto& seg : kv.segments) {
       const int64_t run = std::min(seg->n, vis[g] - base);
       for (int64_t b = 0; b < run; b += chunk) {
-        chunks_.push_back({g, seg.get(), b, std::min(run, b + chunk)});
+        chunks_.push_back({g, seg.get(), b, std::min(run, b + chunk), base + b});
       }
       base += seg->n;
     }
     for (int64_t b = 0; b < vis[g] - base; b += chunk) {
-      chunks_.push_back({g, nullptr, b, std::min(vis[g] - base, b + chunk)});
+      chunks_.push_back({g, nullptr, b, std::min(vis[g] - base, b + chunk), base + b});
     }
   }
   first_chunk_[n_kv] = static_cast<int>(chunks_.size());
@@ -168,12 +172,18 @@ void DecodeAttention::Run(const KvCache& cache, int layer, int n_heads, int32_t 
       const KvHead& kv = cache.head(layer, ch.kv_head);
       float* st = state_.data() + c * state_size;
       const float* qh = q_.data() + int64_t{ch.kv_head} * group * hd;
+      // The scores of the group's query heads for this chunk's entries (first: the chunk's
+      // first entry in the head).
+      float* sc = probs == nullptr
+                      ? nullptr
+                      : probs + int64_t{ch.kv_head} * group * probs_stride + ch.first;
       if (ch.segment != nullptr) {
         kt->decode_segment_chunk(qh, group, *ch.segment, ch.begin, ch.end - ch.begin, hd, tile,
-                                 st, st + group, st + 2 * group);
+                                 st, st + group, st + 2 * group, sc, probs_stride);
       } else {
         kt->decode_chunk(qh, group, kv.k.data() + ch.begin * hd, kv.v.data() + ch.begin * hd,
-                         ch.end - ch.begin, hd, tile, st, st + group, st + 2 * group);
+                         ch.end - ch.begin, hd, tile, st, st + group, st + 2 * group, sc,
+                         probs_stride);
       }
     }
   });
@@ -198,6 +208,12 @@ void DecodeAttention::Run(const KvCache& cache, int layer, int n_heads, int32_t 
     }
     const float inv = 1.f / sum;
     for (int i = 0; i < hd; ++i) o[i] *= inv;
+    if (probs != nullptr) {
+      // Scores to probabilities with the merged maximum and sum: the softmax full attention
+      // computed, without a second pass over K.
+      float* p = probs + int64_t{h} * probs_stride;
+      for (int64_t j = 0; j < vis[g]; ++j) p[j] = std::exp(p[j] - mx) * inv;
+    }
   }
 }
 

@@ -30,14 +30,18 @@ class DecodeAttention {
   // p = softmax_j(scale * q_h . k_j), over the entries j of KV head h / (n_heads / n_kv_heads)
   // of `layer` whose position is <= query_pos (causal by position, as in prefill). A head
   // that sees no entry gets zeros. q and out are [n_heads * head_dim].
+  // When probs is not null, it also gets every head's attention probabilities: row h (at
+  // h * probs_stride) holds p_j for the visible entries j (Recycled Attention's full step).
   void Run(const KvCache& cache, int layer, int n_heads, int32_t query_pos, const float* q,
-           float scale, float* out, ThreadPool* pool);
+           float scale, float* out, ThreadPool* pool, float* probs = nullptr,
+           int64_t probs_stride = 0);
 
  private:
   struct Chunk {
     int kv_head;
     const KvSegment* segment;  // the frozen segment read, or nullptr: the fp16 rows after them
     int64_t begin, end;        // rows of that segment (or of the fp16 rows)
+    int64_t first;             // the entry index (in the head) of row `begin`
   };
   std::vector<Chunk> chunks_;
   std::vector<int> first_chunk_;  // [n_kv_heads + 1]: the head's chunks in chunks_

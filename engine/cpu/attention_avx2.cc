@@ -68,7 +68,8 @@ CTX_AVX2 inline __m256 Sum8(const __m256* a) {
 
 template <class Load>
 CTX_AVX2 inline void DecodeTiles(const float* q, int group, const Load& load, int64_t n, int hd,
-                                 float* tile, float* m, float* l, float* acc) {
+                                 float* tile, float* m, float* l, float* acc, float* scores,
+                                 int64_t score_stride) {
   float* kf = tile;
   float* vf = tile + kTile * hd;
   const int nc = hd / 8;
@@ -93,6 +94,9 @@ CTX_AVX2 inline void DecodeTiles(const float* q, int group, const Load& load, in
       }
       const __m256 s = _mm256_blendv_ps(
           _mm256_set1_ps(-std::numeric_limits<float>::infinity()), Sum8(dot), valid);
+      if (scores != nullptr) {
+        _mm256_maskstore_ps(scores + r * score_stride + j0, _mm256_castps_si256(valid), s);
+      }
       const float corr = RaiseMax(m[r], l[r], HMax(s));
       const __m256 pv = _mm256_and_ps(valid, Exp(_mm256_sub_ps(s, _mm256_set1_ps(m[r]))));
       _mm256_store_ps(p, pv);
@@ -131,18 +135,19 @@ struct SegmentLoad {
 };
 
 CTX_AVX2 void DecodeChunkAvx2(const float* q, int group, const uint16_t* k, const uint16_t* v,
-                              int64_t n, int hd, float* tile, float* m, float* l, float* acc) {
-  DecodeTiles(q, group, Fp16Load{k, v, hd}, n, hd, tile, m, l, acc);
+                              int64_t n, int hd, float* tile, float* m, float* l, float* acc,
+                              float* scores, int64_t score_stride) {
+  DecodeTiles(q, group, Fp16Load{k, v, hd}, n, hd, tile, m, l, acc, scores, score_stride);
 }
 
 CTX_AVX2 void DecodeSegmentChunkAvx2(const float* q, int group, const KvSegment& seg,
                                      int64_t begin, int64_t n, int hd, float* tile, float* m,
-                                     float* l, float* acc) {
+                                     float* l, float* acc, float* scores, int64_t score_stride) {
   if (seg.dtype == KvDtype::kF16) {
     DecodeChunkAvx2(q, group, seg.k16.data() + begin * hd, seg.v16.data() + begin * hd, n, hd,
-                    tile, m, l, acc);
+                    tile, m, l, acc, scores, score_stride);
   } else {
-    DecodeTiles(q, group, SegmentLoad{seg, begin}, n, hd, tile, m, l, acc);
+    DecodeTiles(q, group, SegmentLoad{seg, begin}, n, hd, tile, m, l, acc, scores, score_stride);
   }
 }
 

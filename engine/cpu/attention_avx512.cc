@@ -96,7 +96,8 @@ CTX_AVX512 inline __m512 Sum16(const __m512* a) {
 // update, and the weighted V sum.
 template <class Load>
 CTX_AVX512 inline void DecodeTiles(const float* q, int group, const Load& load, int64_t n, int hd,
-                                   float* tile, float* m, float* l, float* acc) {
+                                   float* tile, float* m, float* l, float* acc, float* scores,
+                                   int64_t score_stride) {
   float* kf = tile;
   float* vf = tile + kTile * hd;
   const int nc = hd / 16;
@@ -119,6 +120,7 @@ CTX_AVX512 inline void DecodeTiles(const float* q, int group, const Load& load, 
       }
       const __m512 s = _mm512_mask_mov_ps(
           _mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, Sum16(dot));
+      if (scores != nullptr) _mm512_mask_storeu_ps(scores + r * score_stride + j0, valid, s);
       const float corr = RaiseMax(m[r], l[r], _mm512_reduce_max_ps(s));
       const __m512 pv = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(s, _mm512_set1_ps(m[r]))));
       _mm512_store_ps(p, pv);
@@ -195,18 +197,19 @@ struct SegmentLoad {
 
 CTX_AVX512 void DecodeChunkAvx512(const float* q, int group, const uint16_t* k,
                                   const uint16_t* v, int64_t n, int hd, float* tile, float* m,
-                                  float* l, float* acc) {
-  DecodeTiles(q, group, Fp16Load{k, v, hd}, n, hd, tile, m, l, acc);
+                                  float* l, float* acc, float* scores, int64_t score_stride) {
+  DecodeTiles(q, group, Fp16Load{k, v, hd}, n, hd, tile, m, l, acc, scores, score_stride);
 }
 
 CTX_AVX512 void DecodeSegmentChunkAvx512(const float* q, int group, const KvSegment& seg,
                                          int64_t begin, int64_t n, int hd, float* tile, float* m,
-                                         float* l, float* acc) {
+                                         float* l, float* acc, float* scores,
+                                         int64_t score_stride) {
   if (seg.dtype == KvDtype::kF16) {
     DecodeChunkAvx512(q, group, seg.k16.data() + begin * hd, seg.v16.data() + begin * hd, n, hd,
-                      tile, m, l, acc);
+                      tile, m, l, acc, scores, score_stride);
   } else {
-    DecodeTiles(q, group, SegmentLoad{seg, begin}, n, hd, tile, m, l, acc);
+    DecodeTiles(q, group, SegmentLoad{seg, begin}, n, hd, tile, m, l, acc, scores, score_stride);
   }
 }
 

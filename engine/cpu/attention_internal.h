@@ -23,13 +23,17 @@ constexpr int kTile = 16;
 // already multiplied by the softmax scale. Per query row r, writes the chunk's online-softmax
 // state: m[r] = max_j s_rj, l[r] = sum_j exp(s_rj - m[r]) and acc[r * hd + i] =
 // sum_j exp(s_rj - m[r]) v_ji, with s_rj = q_r . k_j. tile: scratch of 2 * kTile * hd floats.
+// When scores is not null it also gets s_rj at scores[r * score_stride + j] (Recycled
+// Attention's full step ranks keys by them).
 using DecodeChunkFn = void (*)(const float* q, int group, const uint16_t* k, const uint16_t* v,
-                               int64_t n, int hd, float* tile, float* m, float* l, float* acc);
+                               int64_t n, int hd, float* tile, float* m, float* l, float* acc,
+                               float* scores, int64_t score_stride);
 // The same over rows [begin, begin + n) of a frozen segment of any dtype (int8 / int4 are
 // dequantized a tile at a time, in L1; the segment is never expanded whole).
 using DecodeSegmentChunkFn = void (*)(const float* q, int group, const KvSegment& seg,
                                       int64_t begin, int64_t n, int hd, float* tile, float* m,
-                                      float* l, float* acc);
+                                      float* l, float* acc, float* scores,
+                                      int64_t score_stride);
 // fp16 <-> fp32 rows (round to nearest even, as Fp32ToFp16).
 using Fp16ToFp32Fn = void (*)(const uint16_t* src, float* dst, int64_t n);
 using Fp32ToFp16Fn = void (*)(const float* src, uint16_t* dst, int64_t n);

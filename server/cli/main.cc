@@ -72,6 +72,9 @@ compress flags:
   --per-layer         one kept set per layer instead of per KV head
   --kv-dtype fp16|int8|int4  how the kept entries are stored (default fp16; int8/int4 are
                       KIVI-style quantized, read as they are: 0.56x / 0.31x the bytes)
+  --head-budget uniform|adaptive   adaptive: Ada-KV, a layer's KV heads share its budget by
+                      score (snapkv finch expected_attention kvzip)   --head-budget-alpha A
+                      (adaptive: share of its budget every head keeps, default 0.2)
   --dtype fp16|bf16|fp32|int8  file encoding of an fp16 context (default fp16)
   --chunk N (finch/kvzip, default 512)
   methods: none streaming snapkv finch expected_attention kvzip anchor
@@ -251,6 +254,11 @@ absl::Status CmdGenerate(const Flags& flags) {
       if (!ctx.ok()) {
         return absl::Status(ctx.status().code(), absl::StrCat(file, ": ", ctx.status().message()));
       }
+      if (select_ratio > 0 && ctx->method != "none") {
+        return absl::FailedPreconditionError(absl::StrCat(
+            file, " was compressed with ", ctx->method, "; --select-ratio selects from contexts "
+            "stored whole: compress the document with --method none"));
+      }
       contexts.push_back(*std::move(ctx));
     }
     std::vector<const CompressedContext*> ptrs;
@@ -387,6 +395,8 @@ absl::Status CmdCompress(const Flags& flags) {
   RETURN_IF_ERROR(flags.Number("budget", &spec.budget));
   RETURN_IF_ERROR(flags.Number("chunk", &spec.chunk));
   spec.per_layer = flags.Bool("per-layer");
+  spec.head_budget = flags.Get("head-budget").value_or(spec.head_budget);
+  RETURN_IF_ERROR(flags.Number("head-budget-alpha", &spec.head_budget_alpha));
   spec.question = flags.Get("question").value_or("");
   spec.kv_dtype = flags.Get("kv-dtype").value_or("fp16");
   const auto doc_file = flags.Get("doc");

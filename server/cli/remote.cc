@@ -140,6 +140,9 @@ class Remote {
     p->set_ratio(ratio);
     p->set_budget(budget);
     p->set_per_layer(Bool("per-layer"));
+    if (const auto v = flags_.get("head-budget")) p->set_head_budget(*v);
+    RETURN_IF_ERROR(
+        Optional<double>("head-budget-alpha", [&](double v) { p->set_head_budget_alpha(v); }));
     RETURN_IF_ERROR(Optional<int>("chunk", [&](int v) { p->set_chunk(v); }));
     if (auto d = flags_.get("kv-dtype")) p->set_kv_dtype(*d);
     req.set_question(flags_.get("question").value_or(""));
