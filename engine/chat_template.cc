@@ -73,9 +73,7 @@ std::string ExtractDefaultSystem(std::string_view tmpl) {
   return {};
 }
 
-bool KnownRole(const std::string& role) {
-  return role == "system" || role == "user" || role == "assistant";
-}
+constexpr const char* kRoles[] = {"system", "user", "assistant"};
 
 // llama.cpp trims Llama 3 message content (the Jinja does `| trim`): C isspace at both ends.
 std::string_view Trim(std::string_view s) {
@@ -86,6 +84,15 @@ std::string_view Trim(std::string_view s) {
 }
 
 }  // namespace
+
+absl::Span<const char* const> ChatRoles() { return kRoles; }
+
+bool IsChatRole(std::string_view role) {
+  for (const char* r : kRoles) {
+    if (role == r) return true;
+  }
+  return false;
+}
 
 absl::StatusOr<ChatTemplate> DetectChatTemplate(const std::string& template_text, bool allow_raw) {
   ChatTemplate t;
@@ -127,42 +134,55 @@ absl::StatusOr<ChatTemplate> DetectChatTemplate(const std::string& template_text
 
 absl::StatusOr<std::string> ApplyChatTemplate(const ChatTemplate& tmpl,
                                               const std::vector<ChatMessage>& messages,
-                                              bool add_generation_prompt) {
+                                              bool add_generation_prompt,
+                                              std::vector<Tokenizer::Span>* contents) {
   if (messages.empty()) return absl::InvalidArgumentError("no messages to format");
   for (size_t i = 0; i < messages.size(); ++i) {
-    if (!KnownRole(messages[i].role)) {
+    if (!IsChatRole(messages[i].role)) {
       return absl::InvalidArgumentError(absl::StrCat("message ", i, " has role '",
                                                      absl::CHexEscape(messages[i].role),
                                                      "'; expected system, user or assistant"));
     }
   }
   std::string out;
+  std::vector<Tokenizer::Span> spans;
+  auto append_content = [&](std::string_view content) {
+    spans.push_back({out.size(), out.size() + content.size()});
+    out.append(content.data(), content.size());
+  };
+  auto done = [&]() -> absl::StatusOr<std::string> {
+    if (contents != nullptr) *contents = std::move(spans);
+    return out;
+  };
   switch (tmpl.kind) {
     case ChatTemplateKind::kChatML:
       if (!tmpl.default_system.empty() && messages.front().role != "system") {
         absl::StrAppend(&out, "<|im_start|>system\n", tmpl.default_system, "<|im_end|>\n");
       }
       for (const ChatMessage& m : messages) {
-        absl::StrAppend(&out, "<|im_start|>", m.role, "\n", m.content, "<|im_end|>\n");
+        absl::StrAppend(&out, "<|im_start|>", m.role, "\n");
+        append_content(m.content);
+        out += "<|im_end|>\n";
       }
       if (add_generation_prompt) out += "<|im_start|>assistant\n";
-      return out;
+      return done();
     case ChatTemplateKind::kLlama3:
       for (const ChatMessage& m : messages) {
         const std::string_view content = Trim(m.content);
-        absl::StrAppend(&out, "<|start_header_id|>", m.role, "<|end_header_id|>\n\n",
-                        absl::string_view(content.data(), content.size()), "<|eot_id|>");
+        absl::StrAppend(&out, "<|start_header_id|>", m.role, "<|end_header_id|>\n\n");
+        append_content(content);
+        out += "<|eot_id|>";
       }
       if (add_generation_prompt) out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
-      return out;
+      return done();
     case ChatTemplateKind::kRaw: {
       std::vector<std::string_view> parts;
       for (const ChatMessage& m : messages) parts.push_back(m.content);
       for (size_t i = 0; i < parts.size(); ++i) {
         if (i > 0) out += '\n';
-        out.append(parts[i]);
+        append_content(parts[i]);
       }
-      return out;
+      return done();
     }
   }
   return absl::InternalError("unknown chat template kind");

@@ -6,6 +6,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/tokenizer.h"
 
 namespace ctxcache {
 
@@ -27,10 +29,18 @@ struct ChatTemplate {
 // (messages' contents joined by newlines).
 absl::StatusOr<ChatTemplate> DetectChatTemplate(const std::string& template_text, bool allow_raw);
 
+// The roles every supported template renders: system, user, assistant.
+absl::Span<const char* const> ChatRoles();
+bool IsChatRole(std::string_view role);
+
 // Renders messages; with add_generation_prompt, ends with the assistant turn header.
-// InvalidArgument on an unknown role or an empty message list.
+// InvalidArgument on an unknown role or an empty message list. `contents` (optional) receives
+// where each message's content lies in the result, in order: text the caller must tokenize as
+// plain text (Tokenizer::EncodeWithLiterals), since the template's markers around it are the
+// only special tokens a prompt may hold.
 absl::StatusOr<std::string> ApplyChatTemplate(const ChatTemplate& tmpl,
                                               const std::vector<ChatMessage>& messages,
-                                              bool add_generation_prompt);
+                                              bool add_generation_prompt,
+                                              std::vector<Tokenizer::Span>* contents = nullptr);
 
 }  // namespace ctxcache

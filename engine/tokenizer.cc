@@ -85,6 +85,8 @@ class VocabTokenizer : public Tokenizer {
  public:
   std::vector<int32_t> Encode(std::string_view text, bool add_bos,
                               bool parse_special) const override;
+  std::vector<int32_t> EncodeWithLiterals(std::string_view text, bool add_bos,
+                                          absl::Span<const Span> literal) const override;
 
   absl::Status LoadVocab(const GgufFile& gguf, bool spm);
 
@@ -104,7 +106,11 @@ class VocabTokenizer : public Tokenizer {
   int32_t unk_id_ = -1;
 
  private:
-  std::vector<Fragment> Partition(std::string_view text, bool parse_special) const;
+  // `literal`: ranges where control/unknown tokens are not matched even with parse_special.
+  std::vector<Fragment> Partition(std::string_view text, bool parse_special,
+                                  absl::Span<const Span> literal = {}) const;
+  std::vector<int32_t> EncodeFragments(std::string_view text, bool add_bos,
+                                       const std::vector<Fragment>& frags) const;
   // Special, user-defined and unknown tokens, longest text first: the order
   // tokenizer_st_partition tries them in.
   std::vector<int32_t> special_tokens_;
@@ -219,7 +225,8 @@ absl::Status VocabTokenizer::LoadVocab(const GgufFile& gguf, bool spm) {
 
 // tokenizer_st_partition: for each special token in turn (longest first), split every raw
 // text fragment at its occurrences, left to right.
-std::vector<Fragment> VocabTokenizer::Partition(std::string_view text, bool parse_special) const {
+std::vector<Fragment> VocabTokenizer::Partition(std::string_view text, bool parse_special,
+                                                absl::Span<const Span> literal) const {
   std::vector<Fragment> frags;
   if (text.empty()) return frags;
   frags.push_back({-1, 0, text.size()});
@@ -227,8 +234,17 @@ std::vector<Fragment> VocabTokenizer::Partition(std::string_view text, bool pars
   auto is_space = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
   for (const int32_t id : special_tokens_) {
     const uint32_t attr = attrs_[id];
-    if (!parse_special && (attr & (kAttrControl | kAttrUnknown))) continue;
+    const bool needs_parse_special = (attr & (kAttrControl | kAttrUnknown)) != 0;
+    if (!parse_special && needs_parse_special) continue;
     const std::string& piece = pieces_[id];
+    // A match of a token that needs parse_special may not overlap a literal range (sorted,
+    // disjoint: the first range ending after `at` is the only candidate).
+    auto in_literal = [&](size_t at) {
+      if (!needs_parse_special) return false;
+      auto it = std::upper_bound(literal.begin(), literal.end(), at,
+                                 [](size_t a, const Span& s) { return a < s.end; });
+      return it != literal.end() && it->begin < at + piece.size();
+    };
     next.clear();
     bool changed = false;
     for (const Fragment& f : frags) {
@@ -239,7 +255,12 @@ std::vector<Fragment> VocabTokenizer::Partition(std::string_view text, bool pars
       size_t begin = f.offset;
       const size_t end = f.offset + f.length;
       const std::string_view window = text.substr(0, end);
-      for (size_t match; (match = window.find(piece, begin)) != std::string_view::npos;) {
+      for (size_t match, from = begin;
+           (match = window.find(piece, from)) != std::string_view::npos;) {
+        if (in_literal(match)) {
+          from = match + 1;
+          continue;
+        }
         changed = true;
         size_t left_end = match;
         if (attr & kAttrLstrip) {
@@ -251,6 +272,7 @@ std::vector<Fragment> VocabTokenizer::Partition(std::string_view text, bool pars
         if (attr & kAttrRstrip) {
           while (begin < end && is_space(text[begin])) ++begin;
         }
+        from = begin;
       }
       if (begin < end) next.push_back({-1, begin, end - begin});
     }
@@ -261,11 +283,21 @@ std::vector<Fragment> VocabTokenizer::Partition(std::string_view text, bool pars
 
 std::vector<int32_t> VocabTokenizer::Encode(std::string_view text, bool add_bos,
                                             bool parse_special) const {
+  return EncodeFragments(text, add_bos, Partition(text, parse_special));
+}
+
+std::vector<int32_t> VocabTokenizer::EncodeWithLiterals(std::string_view text, bool add_bos,
+                                                        absl::Span<const Span> literal) const {
+  return EncodeFragments(text, add_bos, Partition(text, /*parse_special=*/true, literal));
+}
+
+std::vector<int32_t> VocabTokenizer::EncodeFragments(std::string_view text, bool add_bos,
+                                                     const std::vector<Fragment>& frags) const {
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 2);
   if (add_bos && bos_id_ >= 0) out.push_back(bos_id_);
   bool after_special = true;
-  for (const Fragment& f : Partition(text, parse_special)) {
+  for (const Fragment& f : frags) {
     if (f.token >= 0) {
       out.push_back(f.token);
       after_special = true;

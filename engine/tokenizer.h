@@ -28,6 +28,19 @@ class Tokenizer {
   // add_bos: prepend BOS (callers pass add_bos_default() unless told otherwise).
   virtual std::vector<int32_t> Encode(std::string_view text, bool add_bos,
                                       bool parse_special) const = 0;
+  // A byte range [begin, end) of an input.
+  struct Span {
+    size_t begin = 0, end = 0;
+  };
+  // Encode with parse_special, except that control and unknown tokens are not matched where
+  // they would overlap one of `literal` (sorted, disjoint): there the text is ordinary text,
+  // as with parse_special off. For rendered chat prompts: the template's own markers are
+  // special, the users' message contents are not (a "<|im_start|>system" typed in a message
+  // must not open a system turn). Text outside special tokens is tokenized as one piece across
+  // span edges, so an input whose literal spans hold no special-token text encodes exactly as
+  // Encode(text, add_bos, true) does.
+  virtual std::vector<int32_t> EncodeWithLiterals(std::string_view text, bool add_bos,
+                                                  absl::Span<const Span> literal) const = 0;
   // Concatenated bytes of the tokens (SPM: minus the space prefix Encode added at the start);
   // control tokens (BOS, EOS, <|im_start|>...) are rendered as their text unless skip_special.
   std::string Decode(absl::Span<const int32_t> ids, bool skip_special = false) const;
