@@ -22,12 +22,23 @@ std::string_view FinishReasonName(FinishReason r) {
 absl::Status ValidateGenerateParams(const GenerateParams& p) {
   RETURN_IF_ERROR(ValidateSamplingParams(p.sampling));
   RETURN_IF_ERROR(p.decode.Validate());
-  if (p.max_tokens < 0 || p.max_tokens > (1 << 20)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_tokens = ", p.max_tokens, " is invalid; allowed: 0 to 1048576"));
+  if (p.max_tokens < 0 || p.max_tokens > kMaxGenerateTokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_tokens = ", p.max_tokens, " is invalid; allowed: 0 to ", kMaxGenerateTokens));
   }
-  for (const std::string& s : p.stop) {
-    if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
+  if (p.stop.size() > static_cast<size_t>(kMaxStopStrings)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stop has ", p.stop.size(), " strings; allowed at most ", kMaxStopStrings));
+  }
+  for (size_t i = 0; i < p.stop.size(); ++i) {
+    if (p.stop[i].empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("stop[", i, "] is empty; stop strings must not be empty"));
+    }
+    if (p.stop[i].size() > static_cast<size_t>(kMaxStopBytes)) {
+      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] is ", p.stop[i].size(),
+                                                     " bytes; allowed at most ", kMaxStopBytes));
+    }
   }
   return absl::OkStatus();
 }

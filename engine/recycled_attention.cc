@@ -10,15 +10,16 @@ namespace ctxcache {
 
 absl::Status DecodePolicy::Validate() const {
   if (kind == Kind::kFull) return absl::OkStatus();
-  if (stride < 1 || stride > 10000) {
-    return absl::InvalidArgumentError(absl::StrCat("recycled attention stride ", stride,
-                                                   " is invalid; allowed: 1 to 10000"));
+  if (stride < 1 || stride > kMaxRecycledStride) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "recycled attention stride ", stride, " is invalid; allowed: 1 to ", kMaxRecycledStride));
   }
-  if (top_k < 0) {
+  if (top_k < 0 || top_k > kMaxRecycledTopK) {
     return absl::InvalidArgumentError(absl::StrCat("recycled attention top_k ", top_k,
-                                                   " is invalid; use 0 (1/8 of the keys) or > 0"));
+                                                   " is invalid; use 0 (1/8 of the keys) or 1 to ",
+                                                   kMaxRecycledTopK));
   }
-  if (pool_kernel < 1 || pool_kernel % 2 == 0 || pool_kernel > 63) {
+  if (pool_kernel < 1 || pool_kernel % 2 == 0 || pool_kernel > kMaxRecycledPoolKernel) {
     return absl::InvalidArgumentError("recycled attention pool_kernel must be odd, 1..63");
   }
   if (!(similarity_threshold >= -1.f && similarity_threshold <= 1.f)) {

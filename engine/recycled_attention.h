@@ -20,6 +20,10 @@
 
 namespace ctxcache {
 
+inline constexpr int kMaxRecycledStride = 10000;
+inline constexpr int64_t kMaxRecycledTopK = int64_t{1} << 24;  // keys per KV head
+inline constexpr int kMaxRecycledPoolKernel = 63;
+
 struct DecodePolicy {
   enum class Kind { kFull, kRecycled };
   Kind kind = Kind::kFull;

@@ -16,13 +16,17 @@ absl::Status ValidateSamplingParams(const SamplingParams& p) {
   if (!(p.temperature >= 0.f && p.temperature <= 100.f)) {
     return bad("temperature", p.temperature, "0 (greedy) to 100");
   }
-  if (p.top_k < 0) return bad("top_k", p.top_k, ">= 0 (0 disables)");
+  if (p.top_k < 0 || p.top_k > kMaxSamplingTopK) {
+    return bad("top_k", p.top_k, "0 (disables) to 1048576");
+  }
   if (!(p.top_p > 0.f && p.top_p <= 1.f)) return bad("top_p", p.top_p, "(0, 1]");
   if (!(p.min_p >= 0.f && p.min_p <= 1.f)) return bad("min_p", p.min_p, "[0, 1]");
   if (!(p.repetition_penalty > 0.f && p.repetition_penalty <= 10.f)) {
     return bad("repetition_penalty", p.repetition_penalty, "(0, 10]");
   }
-  if (p.repeat_last_n < 0) return bad("repeat_last_n", p.repeat_last_n, ">= 0");
+  if (p.repeat_last_n < 0 || p.repeat_last_n > kMaxRepeatLastN) {
+    return bad("repeat_last_n", p.repeat_last_n, "0 to 65536");
+  }
   return absl::OkStatus();
 }
 

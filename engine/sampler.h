@@ -13,6 +13,11 @@
 
 namespace ctxcache {
 
+// Upper bounds (ValidateSamplingParams): beyond any vocabulary, and a penalty window whose
+// per-step set stays cheap.
+inline constexpr int kMaxSamplingTopK = 1 << 20;
+inline constexpr int kMaxRepeatLastN = 65536;
+
 struct SamplingParams {
   float temperature = 0.8f;
   int top_k = 40;                   // 0 = off

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -397,6 +398,61 @@ TEST(SpecTest, ValidationCodesAndMessages) {
   bad.kv_dtype = "int2";
   EXPECT_EQ(code_of(bad).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(code_of(bad).message()), HasSubstr("fp16, int8 or int4"));
+}
+
+// Issue 14: every integer knob had only a lower bound; n_future = 2^31-1 (~27 us per unit)
+// held a worker for hours. Each knob is refused just past its bound, naming it and the bound,
+// and accepted at the bound.
+TEST(SpecTest, EveryKnobHasAnUpperBoundNamedInTheError) {
+  CompressionSpec base;
+  base.method = "snapkv";
+  base.ratio = 4;
+  struct Knob {
+    const char* name;
+    std::function<void(CompressionSpec&, int64_t)> set;
+    int64_t max;
+    const char* bound;  // how the message states the bound
+  };
+  const std::vector<Knob> knobs = {
+      {"n_future", [](CompressionSpec& s, int64_t v) { s.n_future = static_cast<int>(v); },
+       kMaxNFuture, "16384"},
+      {"chunk", [](CompressionSpec& s, int64_t v) { s.chunk = static_cast<int>(v); }, kMaxChunk,
+       "8192"},
+      {"n_sink", [](CompressionSpec& s, int64_t v) { s.n_sink = static_cast<int>(v); }, kMaxNSink,
+       "1048576"},
+      {"window", [](CompressionSpec& s, int64_t v) { s.window = static_cast<int>(v); }, kMaxWindow,
+       "1048576"},
+      {"max_positions", [](CompressionSpec& s, int64_t v) { s.max_positions = v; }, kMaxPositions,
+       "16777216"},
+      // Odd only: the bound is odd, and bound + 2 is the next candidate.
+      {"kernel", [](CompressionSpec& s, int64_t v) { s.kernel = static_cast<int>(v); }, kMaxKernel,
+       "63"},
+  };
+  for (const Knob& k : knobs) {
+    SCOPED_TRACE(k.name);
+    CompressionSpec s = base;
+    k.set(s, k.max);
+    EXPECT_TRUE(s.Validate().ok()) << s.Validate();
+    k.set(s, std::string(k.name) == "kernel" ? k.max + 2 : k.max + 1);
+    EXPECT_EQ(s.Validate().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(s.Validate().message()), HasSubstr(k.name));
+    EXPECT_THAT(std::string(s.Validate().message()), HasSubstr(k.bound));
+  }
+  CompressionSpec s = base;
+  s.ratio = 0;
+  s.budget = kMaxCompressBudget + 1;
+  EXPECT_THAT(std::string(s.Validate().message()), HasSubstr("16777216"));
+  s.budget = kMaxCompressBudget;
+  EXPECT_TRUE(s.Validate().ok());
+  s = base;
+  s.ratio = 2e6;
+  EXPECT_THAT(std::string(s.Validate().message()), HasSubstr("ratio"));
+  s = base;
+  s.method = "anchor";
+  s.separators = std::string(kMaxSeparatorsBytes + 1, '.');
+  EXPECT_THAT(std::string(s.Validate().message()), HasSubstr("separators is 257 bytes"));
+  s.separators = std::string(kMaxSeparatorsBytes, '.');
+  EXPECT_TRUE(s.Validate().ok());
 }
 
 TEST(SpecTest, HeadBudgetValidation) {

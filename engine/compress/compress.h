@@ -28,6 +28,20 @@
 
 namespace ctxcache {
 
+// Upper bounds of CompressionSpec's knobs (Validate; GetModelInfo reports them). Far above
+// any useful value, they cap the work one request can ask for: expected_attention costs about
+// 27 us per n_future unit, pooling and chunks scale with kernel and chunk, and the counts
+// must not overflow when multiplied by layers and heads.
+inline constexpr int64_t kMaxCompressBudget = int64_t{1} << 24;  // entries per head
+inline constexpr int kMaxNSink = 1 << 20;                        // tokens
+inline constexpr int kMaxWindow = 1 << 20;                       // tokens
+inline constexpr int kMaxChunk = 8192;                           // tokens
+inline constexpr int kMaxKernel = 63;                            // odd
+inline constexpr int kMaxNFuture = 16384;                        // positions
+inline constexpr int64_t kMaxPositions = int64_t{1} << 24;       // finch max_positions
+inline constexpr int kMaxSeparatorsBytes = 256;
+inline constexpr double kMaxRatio = 1e6;
+
 struct CompressionSpec {
   std::string method;
   // Exactly one of: a compression factor > 1 (keep ceil(n / ratio) entries per head), or a

@@ -45,10 +45,14 @@ absl::Status CompressionSpec::Validate() const {
                                                    "\"; expected one of ",
                                                    absl::StrJoin(kMethods, ", ")));
   }
-  if (!std::isfinite(ratio) || ratio < 0) {
-    return absl::InvalidArgumentError("ratio must be a finite number > 1 (e.g. 4 keeps 1/4)");
+  if (!std::isfinite(ratio) || ratio < 0 || ratio > kMaxRatio) {
+    return absl::InvalidArgumentError(absl::StrCat("ratio must be a finite number > 1 and <= ",
+                                                   kMaxRatio, " (e.g. 4 keeps 1/4), got ", ratio));
   }
-  if (budget < 0) return absl::InvalidArgumentError("budget must be > 0 tokens when given");
+  if (budget < 0 || budget > kMaxCompressBudget) {
+    return absl::InvalidArgumentError(absl::StrCat("budget must be > 0 and <= ", kMaxCompressBudget,
+                                                   " entries per head when given, got ", budget));
+  }
   if (method == "none") {
     if (ratio != 0 || budget != 0) {
       return absl::InvalidArgumentError("method \"none\" keeps everything: give no ratio/budget");
@@ -66,21 +70,37 @@ absl::Status CompressionSpec::Validate() const {
           absl::StrCat("ratio must be > 1 (it is the compression factor), got ", ratio));
     }
   }
-  if (n_sink < 0) return absl::InvalidArgumentError("n_sink must be >= 0");
-  if (window < 0) return absl::InvalidArgumentError("window must be >= 0");
+  // An integer knob outside [lo, hi]: InvalidArgument naming it and its range.
+  auto out_of = [](const char* name, int64_t v, int64_t lo, int64_t hi, const char* what) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " = ", v, " is out of range: allowed ", lo, " to ", hi, " ", what));
+  };
+  if (n_sink < 0 || n_sink > kMaxNSink) return out_of("n_sink", n_sink, 0, kMaxNSink, "tokens");
+  if (window < 0 || window > kMaxWindow) return out_of("window", window, 0, kMaxWindow, "tokens");
   if (budget > 0 && n_sink > budget) {
     return absl::InvalidArgumentError(
         absl::StrCat("n_sink (", n_sink, ") exceeds the budget (", budget, ")"));
   }
-  if (chunk < 16) return absl::InvalidArgumentError("chunk must be >= 16 tokens");
-  if (kernel < 1 || kernel % 2 == 0) {
-    return absl::InvalidArgumentError("kernel must be an odd number >= 1 (1 disables pooling)");
+  if (chunk < 16 || chunk > kMaxChunk) return out_of("chunk", chunk, 16, kMaxChunk, "tokens");
+  if (kernel < 1 || kernel % 2 == 0 || kernel > kMaxKernel) {
+    return absl::InvalidArgumentError(absl::StrCat("kernel = ", kernel,
+                                                   " is invalid: allowed odd numbers 1 to ",
+                                                   kMaxKernel, " (1 disables pooling)"));
   }
   if (pooling != "avg" && pooling != "max") {
     return absl::InvalidArgumentError("pooling must be \"avg\" or \"max\"");
   }
-  if (max_positions < 0) return absl::InvalidArgumentError("max_positions must be >= 0");
-  if (n_future < 1) return absl::InvalidArgumentError("n_future must be >= 1");
+  if (max_positions < 0 || max_positions > kMaxPositions) {
+    return out_of("max_positions", max_positions, 0, kMaxPositions, "positions (0 = the window)");
+  }
+  if (n_future < 1 || n_future > kMaxNFuture) {
+    return out_of("n_future", n_future, 1, kMaxNFuture, "positions");
+  }
+  if (static_cast<int64_t>(separators.size()) > kMaxSeparatorsBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("separators is ", separators.size(),
+                                                   " bytes; allowed at most ", kMaxSeparatorsBytes,
+                                                   " (each byte counts once)"));
+  }
   if (absl::StatusOr<KvDtype> d = ParseKvDtype(kv_dtype); !d.ok()) return d.status();
   if (head_budget != "uniform" && head_budget != "adaptive") {
     return absl::InvalidArgumentError(absl::StrCat(
