@@ -73,16 +73,16 @@ class TwoTierStore final : public ContextStore {
                                            const ComputeFn& compute) override {
     if (!compute) return absl::InvalidArgumentError("GetOrCompute: no compute function");
     if (auto context = memory_.Get(tenant, key)) {
-      return StoreResult{std::move(context), CacheTier::kMemory, 0};
+      return StoreResult{std::move(context), CacheTier::kMemory, 0, /*in_memory=*/true};
     }
     return flights_.Do(FlightKey(tenant, key), [&]() -> absl::StatusOr<StoreResult> {
       // A flight that ended between our miss and now may have filled the memory tier.
       if (auto context = memory_.Get(tenant, key, /*record=*/false)) {
-        return StoreResult{std::move(context), CacheTier::kMemory, 0};
+        return StoreResult{std::move(context), CacheTier::kMemory, 0, /*in_memory=*/true};
       }
       if (auto context = RedisGet(tenant, key)) {
-        memory_.Put(tenant, key, context);
-        return StoreResult{std::move(context), CacheTier::kRedis, 0};
+        const bool in_memory = memory_.Put(tenant, key, context);
+        return StoreResult{std::move(context), CacheTier::kRedis, 0, in_memory, true};
       }
       const auto start = std::chrono::steady_clock::now();
       absl::StatusOr<CompressedContext> computed = compute();
@@ -90,20 +90,20 @@ class TwoTierStore final : public ContextStore {
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (!computed.ok()) return computed.status();
       auto context = std::make_shared<const CompressedContext>(*std::move(computed));
-      memory_.Put(tenant, key, context);
-      RedisPut(tenant, key, *context);
-      return StoreResult{std::move(context), CacheTier::kComputed, seconds};
+      const bool in_memory = memory_.Put(tenant, key, context);
+      const bool in_redis = RedisPut(tenant, key, *context);
+      return StoreResult{std::move(context), CacheTier::kComputed, seconds, in_memory, in_redis};
     });
   }
 
   absl::StatusOr<StoreResult> Get(const std::string& tenant, const std::string& key) override {
     if (auto context = memory_.Get(tenant, key)) {
-      return StoreResult{std::move(context), CacheTier::kMemory, 0};
+      return StoreResult{std::move(context), CacheTier::kMemory, 0, /*in_memory=*/true};
     }
     absl::Status redis_error;
     if (auto context = RedisGet(tenant, key, &redis_error)) {
-      memory_.Put(tenant, key, context);
-      return StoreResult{std::move(context), CacheTier::kRedis, 0};
+      const bool in_memory = memory_.Put(tenant, key, context);
+      return StoreResult{std::move(context), CacheTier::kRedis, 0, in_memory, true};
     }
     if (!redis_error.ok()) {
       // Not "not found": the entry may well be in Redis, and asking again later may find it.
@@ -208,9 +208,10 @@ class TwoTierStore final : public ContextStore {
     return nullptr;
   }
 
-  void RedisPut(const std::string& tenant, const std::string& key,
+  // True when Redis took the entry.
+  bool RedisPut(const std::string& tenant, const std::string& key,
                 const CompressedContext& context) {
-    if (redis_ == nullptr) return;
+    if (redis_ == nullptr) return false;
     const auto start = std::chrono::steady_clock::now();
     const absl::Status status = redis_->Put(tenant, key, context);
     Observe(RedisOp::kPut, !status.ok() && !absl::IsResourceExhausted(status), start);
@@ -224,6 +225,7 @@ class TwoTierStore final : public ContextStore {
       redis_errors_.fetch_add(1, std::memory_order_relaxed);
       write_warning_.Log(absl::StrCat("redis tier: write failed: ", status.message()));
     }
+    return status.ok();
   }
 
   void Observe(RedisOp op, bool error, std::chrono::steady_clock::time_point start) const {

@@ -64,6 +64,11 @@ struct StoreResult {
   std::shared_ptr<const CompressedContext> context;
   CacheTier tier = CacheTier::kComputed;
   double compute_seconds = 0;  // time spent in the compute function (0 on a hit)
+  // Which tiers held the context when the call returned: a context larger than the memory
+  // tier's whole budget, with no Redis tier (or a failed or skipped write), is in neither,
+  // and its id will not be found later.
+  bool in_memory = false;
+  bool in_redis = false;
 };
 
 struct ContextStoreStats {
