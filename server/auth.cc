@@ -89,4 +89,40 @@ absl::StatusOr<std::string> TokenAuth::Authenticate(std::string_view authorizati
   return it->second;
 }
 
+bool IsLoopbackListen(std::string_view listen) {
+  if (listen.substr(0, 5) == "unix:" || listen.substr(0, 14) == "unix-abstract:") return true;
+  std::string_view host = listen;
+  if (const size_t colon = host.rfind(':'); colon != std::string_view::npos) {
+    host = host.substr(0, colon);
+  }
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  if (host == "localhost" || host == "::1") return true;
+  // 127.0.0.0/8: four dotted decimal parts of 1-3 digits, the first 127.
+  if (host.substr(0, 4) != "127.") return false;
+  int parts = 0, digits = 0;
+  for (const char c : host) {
+    if (c == '.') {
+      if (digits == 0) return false;
+      ++parts;
+      digits = 0;
+    } else if (c >= '0' && c <= '9' && digits < 3) {
+      ++digits;
+    } else {
+      return false;
+    }
+  }
+  return parts == 3 && digits > 0;
+}
+
+std::string AuthOffWarning(std::string_view listen, bool auth_enabled) {
+  if (auth_enabled || IsLoopbackListen(listen)) return "";
+  return absl::StrCat(
+      "authentication is off and the server listens on ", std::string(listen),
+      ", which is not a loopback address: anyone who can reach it can compress, read and "
+      "delete contexts as tenant \"",
+      kDefaultTenant, "\"; give it a token file (--auth-tokens FILE) or listen on 127.0.0.1");
+}
+
 }  // namespace ctxcache::server

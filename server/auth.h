@@ -39,4 +39,12 @@ class TokenAuth {
   absl::flat_hash_map<std::string, std::string> tenants_;
 };
 
+// True when `listen` (HOST:PORT, as --listen takes it, or unix:PATH) only accepts connections
+// from this machine: 127.0.0.0/8, [::1], localhost or a Unix socket.
+bool IsLoopbackListen(std::string_view listen);
+
+// The start-up warning for a server anyone on the network can use as any tenant it likes:
+// authentication off on a non-loopback address. Empty when there is nothing to warn about.
+std::string AuthOffWarning(std::string_view listen, bool auth_enabled);
+
 }  // namespace ctxcache::server

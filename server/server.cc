@@ -54,6 +54,9 @@ absl::StatusOr<std::unique_ptr<ServerInstance>> ServerInstance::Start(const Serv
   s->SetServing(false);
   spdlog::info("listening on {} (auth: {}), loading...", s->address(),
                auth_on ? absl::StrCat(n_tokens, " tokens") : std::string("off"));
+  if (const std::string warning = AuthOffWarning(config.listen, auth_on); !warning.empty()) {
+    spdlog::warn("{}", warning);
+  }
   if (!config.metrics_listen.empty()) {
     ServerMetrics* metrics = s->metrics_.get();
     ASSIGN_OR_RETURN(s->metrics_http_,

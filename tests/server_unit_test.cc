@@ -282,6 +282,24 @@ TEST(TokenAuthTest, RejectsMalformedTokenFiles) {
 
 // ---- UTF-8, status mapping, request ids ----------------------------------------------------
 
+// Issue 14 (item 8): nothing warned when a server without auth listened beyond loopback.
+TEST(TokenAuthTest, WarnsWhenAuthIsOffOnANonLoopbackAddress) {
+  for (const char* local : {"127.0.0.1:50051", "127.3.2.1:0", "[::1]:50051", "localhost:80",
+                            "unix:/tmp/ctxcache.sock"}) {
+    EXPECT_TRUE(server::IsLoopbackListen(local)) << local;
+    EXPECT_EQ(server::AuthOffWarning(local, false), "") << local;
+  }
+  for (const char* open : {"0.0.0.0:50051", "[::]:50051", "10.0.0.7:50051", "example.com:443",
+                           "127.0.0.1.example.com:1", "1127.0.0.1:5", "127.0.0:5"}) {
+    EXPECT_FALSE(server::IsLoopbackListen(open)) << open;
+    const std::string w = server::AuthOffWarning(open, false);
+    EXPECT_NE(w.find("authentication is off"), std::string::npos) << open;
+    EXPECT_NE(w.find(open), std::string::npos) << w;
+    EXPECT_NE(w.find("--auth-tokens"), std::string::npos) << w;
+    EXPECT_EQ(server::AuthOffWarning(open, true), "") << open;
+  }
+}
+
 TEST(Utf8Test, AcceptsUtf8AndNamesTheFirstBadByte) {
   EXPECT_TRUE(CheckUtf8("", "f").ok());
   EXPECT_TRUE(CheckUtf8("plain ascii", "f").ok());
