@@ -5,7 +5,8 @@
 // instead of queueing without bound: RESOURCE_EXHAUSTED when the queue is full or when the
 // KV bytes that queued and running jobs have reserved plus this job's estimate exceed the
 // budget. A running job may raise its reservation once it knows its real size (contexts
-// loaded, prompt tokenized); that fails the same way when the budget cannot cover it.
+// loaded, prompt tokenized); that fails the same way when the budget cannot cover it. A job
+// that needs more than the whole budget can never run: FAILED_PRECONDITION, not "retry".
 //
 // Jobs are plain functions; the network side keeps a ticket to take a job back out of the
 // queue when its call is cancelled or its deadline passes before a worker picked it up.

@@ -1246,6 +1246,10 @@ TEST_F(ServerE2ETest, SelectPerQueryHonoursTheDeadline) {
   EXPECT_EQ(r.server->scheduler()->Stats().reserved_kv_bytes, 0);
 }
 
+// Issue 14: a request that needs more KV memory than the server's whole budget can never run,
+// yet was answered RESOURCE_EXHAUSTED ("retry later"): clients retried it forever. It is
+// FAILED_PRECONDITION now; RESOURCE_EXHAUSTED stays for "busy now"
+// (SchedulerRefusesBeyondItsQueueDepth).
 TEST_F(ServerE2ETest, AdmissionRefusesWorkThatDoesNotFitTheKvBudget) {
   ServerConfig config = BaseConfig();
   config.max_kv_bytes = 1 << 20;  // far below one document's working cache
@@ -1254,7 +1258,8 @@ TEST_F(ServerE2ETest, AdmissionRefusesWorkThatDoesNotFitTheKvBudget) {
   grpc::ClientContext ctx;
   pb::CompressResponse resp;
   grpc::Status s = r.stub->Compress(&ctx, CompressRequest(kDocument), &resp);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("whole budget"), std::string::npos) << s.error_message();
   EXPECT_NE(s.error_message().find("KV memory"), std::string::npos) << s.error_message();
   EXPECT_NE(s.error_message().find("max_kv_bytes"), std::string::npos) << s.error_message();
 }
@@ -1447,7 +1452,9 @@ TEST_F(ServerE2ETest, SchedulerRefusesBeyondItsQueueDepth) {
   const auto never = server::Scheduler::Clock::time_point::max();
   ASSERT_TRUE(sched.Submit(10, never, [&](Runner&, server::Reservation& res, double) {
     EXPECT_EQ(res.bytes(), 10);
-    EXPECT_EQ(res.Resize(2000).code(), absl::StatusCode::kResourceExhausted);
+    // More than the whole budget: never fits (a smaller raise that does not fit now is
+    // RESOURCE_EXHAUSTED, like `big` below).
+    EXPECT_EQ(res.Resize(2000).code(), absl::StatusCode::kFailedPrecondition);
     EXPECT_TRUE(res.Resize(500).ok());
     started.set_value();
     release_f.wait();
