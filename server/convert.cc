@@ -104,6 +104,32 @@ absl::StatusOr<GenerateInput> FromProto(const pb::GenerateRequest& req) {
   return in;
 }
 
+void ToProto(const RequestLimits& limits, pb::Limits* out) {
+  out->set_max_document_tokens(limits.max_document_tokens);
+  out->set_max_document_bytes(limits.max_document_bytes);
+  out->set_max_contexts_per_request(limits.max_contexts_per_request);
+  out->set_max_prompt_bytes(limits.max_prompt_bytes);
+  out->set_max_chat_messages(limits.max_chat_messages);
+  out->set_max_ratio(kMaxRatio);
+  out->set_max_budget(kMaxCompressBudget);
+  out->set_max_n_sink(kMaxNSink);
+  out->set_max_window(kMaxWindow);
+  out->set_max_chunk(kMaxChunk);
+  out->set_max_kernel(kMaxKernel);
+  out->set_max_n_future(kMaxNFuture);
+  out->set_max_positions(kMaxPositions);
+  out->set_max_separators_bytes(kMaxSeparatorsBytes);
+  out->set_max_tokens(kMaxGenerateTokens);
+  out->set_max_stop_strings(kMaxStopStrings);
+  out->set_max_stop_bytes(kMaxStopBytes);
+  out->set_max_top_k(kMaxSamplingTopK);
+  out->set_max_repeat_last_n(kMaxRepeatLastN);
+  out->set_max_recycled_stride(kMaxRecycledStride);
+  out->set_max_recycled_top_k(kMaxRecycledTopK);
+  out->set_max_recycled_pool_kernel(kMaxRecycledPoolKernel);
+  for (const char* role : ChatRoles()) out->add_chat_roles(role);
+}
+
 pb::CacheTier ToProto(CacheTier tier) {
   switch (tier) {
     case CacheTier::kComputed:

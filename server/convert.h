@@ -16,5 +16,7 @@ ctxcache::v1::CacheTier ToProto(CacheTier tier);
 ctxcache::v1::FinishReason ToProto(FinishReason reason);
 void ToProto(const ContextOutcome& outcome, ctxcache::v1::ContextInfo* info);
 void ToProto(const GenerateOutcome& outcome, double queue_seconds, ctxcache::v1::Usage* usage);
+// Every bound the server enforces: the request limits and the engine's knob bounds.
+void ToProto(const RequestLimits& limits, ctxcache::v1::Limits* out);
 
 }  // namespace ctxcache::server

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -45,9 +46,14 @@ absl::Status ValidateSelect(const QuerySelect& select, const std::string& field)
         field, ".ratio must be a finite number > 1 (4 keeps 1/4 of each head's entries), got ",
         select.ratio));
   }
-  if (select.budget < 0) {
+  if (select.ratio > kMaxRatio) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".ratio = ", select.ratio,
+                                                   " is out of range: allowed up to ", kMaxRatio));
+  }
+  if (select.budget < 0 || select.budget > kMaxCompressBudget) {
     return absl::InvalidArgumentError(
-        absl::StrCat(field, ".budget must be > 0 entries per head, got ", select.budget));
+        absl::StrCat(field, ".budget must be > 0 and <= ", kMaxCompressBudget,
+                     " entries per head, got ", select.budget));
   }
   return absl::OkStatus();
 }
@@ -77,7 +83,7 @@ std::shared_ptr<const CompressedContext> WithEntries(const CompressedContext& fu
 
 }  // namespace
 
-absl::Status CheckUtf8(std::string_view text, const std::string& field) {
+std::optional<size_t> FirstInvalidUtf8(std::string_view text) {
   const auto* p = reinterpret_cast<const unsigned char*>(text.data());
   const size_t n = text.size();
   size_t i = 0;
@@ -103,14 +109,18 @@ absl::Status CheckUtf8(std::string_view text, const std::string& field) {
     }
     // Overlong forms, UTF-16 surrogates and code points past U+10FFFF are not UTF-8 either.
     ok = ok && cp >= min && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF);
-    if (!ok) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, " is not valid UTF-8 (first bad byte at offset ", i,
-          "); send text as UTF-8, or the document as token ids"));
-    }
+    if (!ok) return i;
     i += len;
   }
-  return absl::OkStatus();
+  return std::nullopt;
+}
+
+absl::Status CheckUtf8(std::string_view text, const std::string& field) {
+  const std::optional<size_t> bad = FirstInvalidUtf8(text);
+  if (!bad) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, " is not valid UTF-8 (first bad byte at offset ", *bad,
+                   "); send text as UTF-8, or the document as token ids"));
 }
 
 Handlers::Handlers(const Model& model, ContextStore& store, const RequestLimits& limits,
@@ -171,6 +181,11 @@ absl::Status Handlers::ValidateCompress(const CompressInput& in, const std::stri
   if (!s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(field, "compression: ", s.message()));
   }
+  if (static_cast<int64_t>(in.spec.question.size()) > limits_.max_prompt_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, "question is ", in.spec.question.size(), " bytes; this server accepts at most ",
+        limits_.max_prompt_bytes, " (max_prompt_bytes)"));
+  }
   return CheckUtf8(in.spec.question, absl::StrCat(field, "question"));
 }
 
@@ -207,21 +222,49 @@ absl::Status Handlers::ValidateGenerate(const GenerateInput& in) const {
     if (in.messages.empty()) {
       return absl::InvalidArgumentError("prompt.chat has no messages");
     }
+    if (static_cast<int64_t>(in.messages.size()) > limits_.max_chat_messages) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("chat has ", in.messages.size(), " messages; this server accepts at most ",
+                       limits_.max_chat_messages, " (max_chat_messages)"));
+    }
+    int64_t bytes = static_cast<int64_t>(in.system.size());
     for (size_t i = 0; i < in.messages.size(); ++i) {
-      RETURN_IF_ERROR(CheckUtf8(in.messages[i].content, absl::StrCat("chat.messages[", i, "]")));
+      const ChatMessage& m = in.messages[i];
+      // Only roles every template renders: anything else would be pasted into the turn
+      // header (a role "user<|im_end|>..." would write its own markup).
+      if (!IsChatRole(m.role)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("chat.messages[", i, "].role \"", absl::CHexEscape(m.role.substr(0, 64)),
+                         m.role.size() > 64 ? "..." : "",
+                         "\" is not a chat role; allowed: ", absl::StrJoin(ChatRoles(), ", ")));
+      }
+      RETURN_IF_ERROR(CheckUtf8(m.content, absl::StrCat("chat.messages[", i, "].content")));
+      bytes += static_cast<int64_t>(m.content.size());
     }
     RETURN_IF_ERROR(CheckUtf8(in.system, "chat.system"));
+    if (bytes > limits_.max_prompt_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "chat messages and system hold ", bytes, " bytes; this server accepts at most ",
+          limits_.max_prompt_bytes, " (max_prompt_bytes)"));
+    }
   } else {
     if (in.text.empty()) {
       return absl::InvalidArgumentError(
           "the prompt is empty: set prompt text or chat messages");
     }
+    if (static_cast<int64_t>(in.text.size()) > limits_.max_prompt_bytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("text is ", in.text.size(), " bytes; this server accepts at most ",
+                       limits_.max_prompt_bytes, " (max_prompt_bytes)"));
+    }
     RETURN_IF_ERROR(CheckUtf8(in.text, "text"));
   }
+  // Counts and sizes first: a request with 200k stop strings is refused before reading them.
+  RETURN_IF_ERROR(ValidateGenerateParams(in.params));
   for (size_t i = 0; i < in.params.stop.size(); ++i) {
     RETURN_IF_ERROR(CheckUtf8(in.params.stop[i], absl::StrCat("stop[", i, "]")));
   }
-  return ValidateGenerateParams(in.params);
+  return absl::OkStatus();
 }
 
 int64_t Handlers::EstimateKvBytes(const CompressInput& in) const {
@@ -296,6 +339,8 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
   out.context = std::move(r.context);
   out.tier = r.tier;
   out.compute_seconds = r.compute_seconds;
+  out.in_memory = r.in_memory;
+  out.in_redis = r.in_redis;
   return out;
 }
 
@@ -314,11 +359,15 @@ absl::StatusOr<std::vector<int32_t>> Handlers::PromptTokens(const GenerateInput&
   const Tokenizer& tok = model_.tokenizer();
   if (!in.chat) return tok.Encode(in.text, tok.add_bos_default(), /*parse_special=*/false);
   RETURN_IF_ERROR(chat_template_status_);
-  absl::StatusOr<std::string> text = ApplyChatTemplate(chat_template_, Conversation(in), true);
+  std::vector<Tokenizer::Span> contents;
+  absl::StatusOr<std::string> text =
+      ApplyChatTemplate(chat_template_, Conversation(in), true, &contents);
   if (!text.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("chat: ", text.status().message()));
   }
-  return tok.Encode(*text, tok.add_bos_default(), /*parse_special=*/true);
+  // The template's markers are special tokens; what the users wrote is plain text, so that
+  // "<|im_start|>system" typed in a message cannot open a turn of its own.
+  return tok.EncodeWithLiterals(*text, tok.add_bos_default(), contents);
 }
 
 // The preamble (BOS, and a chat prompt's system turn) is the same for every request: it says
@@ -328,21 +377,30 @@ absl::StatusOr<std::vector<int32_t>> Handlers::PromptTokens(const GenerateInput&
 absl::Span<const int32_t> Handlers::SelectionQuery(const GenerateInput& in,
                                                    absl::Span<const int32_t> prompt) const {
   std::string preamble;
+  std::vector<Tokenizer::Span> contents;  // of the messages in the preamble (plain text)
   if (in.chat) {
     // The prompt's text less the turns after the system turn, rendered without a default one.
     const std::vector<ChatMessage> messages = Conversation(in);
     const size_t first = messages.front().role == "system" ? 1 : 0;
     ChatTemplate bare = chat_template_;
     bare.default_system.clear();
-    absl::StatusOr<std::string> text = ApplyChatTemplate(chat_template_, messages, true);
+    absl::StatusOr<std::string> text = ApplyChatTemplate(chat_template_, messages, true, &contents);
     absl::StatusOr<std::string> turns =
         ApplyChatTemplate(bare, {messages.begin() + first, messages.end()}, true);
     if (text.ok() && turns.ok() && absl::EndsWith(*text, *turns)) {
       preamble = text->substr(0, text->size() - turns->size());
     }
+    // Tokenized as PromptTokens tokenizes the whole prompt, so that it is its prefix.
+    std::vector<Tokenizer::Span> clipped;
+    for (const Tokenizer::Span& c : contents) {
+      if (c.begin < preamble.size()) clipped.push_back({c.begin, std::min(c.end, preamble.size())});
+    }
+    contents = std::move(clipped);
   }
   const Tokenizer& tok = model_.tokenizer();
-  const std::vector<int32_t> head = tok.Encode(preamble, tok.add_bos_default(), in.chat);
+  const std::vector<int32_t> head =
+      in.chat ? tok.EncodeWithLiterals(preamble, tok.add_bos_default(), contents)
+              : tok.Encode(preamble, tok.add_bos_default(), false);
   // A preamble that does not end on a token boundary of the prompt: select by all of it.
   if (head.size() >= prompt.size() || !std::equal(head.begin(), head.end(), prompt.begin())) {
     return prompt;
@@ -472,6 +530,8 @@ absl::StatusOr<ContextOutcome> Handlers::GetContext(const std::string& tenant,
   out.context_id = context_id;
   out.context = std::move(r->context);
   out.tier = r->tier;
+  out.in_memory = r->in_memory;
+  out.in_redis = r->in_redis;
   return out;
 }
 

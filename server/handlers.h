@@ -28,6 +28,10 @@ struct RequestLimits {
   int64_t max_document_tokens = 32768;
   int64_t max_document_bytes = 4 << 20;
   int max_contexts_per_request = 16;
+  // The prompt's own text: the text prompt, or a chat prompt's contents and system message
+  // together; and a compression's question. Tokenized and prefilled on the request's worker.
+  int64_t max_prompt_bytes = 1 << 20;
+  int max_chat_messages = 1024;
 };
 
 struct DocumentInput {
@@ -70,6 +74,10 @@ struct ContextOutcome {
   std::shared_ptr<const CompressedContext> context;
   CacheTier tier = CacheTier::kComputed;
   double compute_seconds = 0;
+  // The tiers that held the context when the call returned (StoreResult): neither means its
+  // id will not be found later.
+  bool in_memory = false;
+  bool in_redis = false;
   // Generate with select: the entries the prompt selected from `context` (null otherwise).
   std::shared_ptr<const CompressedContext> selected;
 
@@ -96,6 +104,9 @@ struct GenerateOutcome {
 // call ends with (CANCELLED, DEADLINE_EXCEEDED).
 using StopCheck = std::function<absl::Status()>;
 
+// The byte offset of the first invalid UTF-8 sequence in `text` (overlong forms, surrogates
+// and code points past U+10FFFF included); nullopt when it is all UTF-8.
+std::optional<size_t> FirstInvalidUtf8(std::string_view text);
 // InvalidArgument naming `field` and the byte offset of the first invalid sequence.
 absl::Status CheckUtf8(std::string_view text, const std::string& field);
 

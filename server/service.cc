@@ -238,10 +238,17 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
     resp->set_compute_ms(out->context.compute_seconds * 1e3);
     resp->set_total_ms(out->total_seconds * 1e3);
     resp->set_queue_ms(queue_seconds * 1e3);
-    c->Finish(reactor, absl::OkStatus(),
-              absl::StrFormat("tier=%s context=%s tokens=%d",
-                              CacheTierName(out->context.tier), out->context.context_id,
-                              out->context.context->source_tokens));
+    if (out->context.in_memory) resp->add_retained_in(pb::CACHE_TIER_MEMORY);
+    if (out->context.in_redis) resp->add_retained_in(pb::CACHE_TIER_REDIS);
+    const bool kept = out->context.in_memory || out->context.in_redis;
+    c->Finish(
+        reactor, absl::OkStatus(),
+        absl::StrFormat(
+            "tier=%s context=%s tokens=%d retained=%s", CacheTierName(out->context.tier),
+            out->context.context_id, out->context.context->source_tokens,
+            kept ? (out->context.in_memory ? (out->context.in_redis ? "memory,redis" : "memory")
+                                           : "redis")
+                 : "none"));
   };
   auto abandon = [=](const absl::Status& reason) { c->Finish(reactor, reason); };
   absl::StatusOr<uint64_t> ticket =
@@ -503,6 +510,7 @@ grpc::ServerUnaryReactor* ContextCacheService::GetModelInfo(grpc::CallbackServer
   resp->set_max_document_bytes(handlers->limits().max_document_bytes);
   resp->set_tenant((*call)->tenant());
   resp->set_redis_enabled(info_.redis_enabled);
+  ToProto(handlers->limits(), resp->mutable_limits());
   (*call)->Finish(reactor, absl::OkStatus());
   return reactor;
 }
