@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "server/wire.h"
 
 namespace ctxcache::server {
 
@@ -37,6 +38,7 @@ absl::StatusOr<std::unique_ptr<ServerInstance>> ServerInstance::Start(const Serv
   s->metrics_ = std::make_unique<ServerMetrics>(CTXCACHE_VERSION);
   s->service_ = std::make_unique<ContextCacheService>(std::move(auth), s->metrics_.get());
 
+  InstallProtobufLogHandler();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

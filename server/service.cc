@@ -13,6 +13,7 @@
 #include "server/convert.h"
 #include "server/logging.h"
 #include "server/status_map.h"
+#include "server/wire.h"
 
 namespace ctxcache::server {
 
@@ -148,7 +149,67 @@ class ContextCacheService::Call {
 };
 
 ContextCacheService::ContextCacheService(TokenAuth auth, ServerMetrics* metrics)
-    : auth_(std::move(auth)), metrics_(metrics), io_(std::make_unique<IoExecutor>(2)) {}
+    : auth_(std::move(auth)), metrics_(metrics), io_(std::make_unique<IoExecutor>(2)) {
+  UseCheckedParsing();
+}
+
+// The method indices are the order of the rpcs in ctxcache.proto, as the generated
+// WithCallbackMethod_* classes use them.
+void ContextCacheService::UseCheckedParsing() {
+  using grpc::CallbackServerContext;
+  using grpc::internal::CallbackServerStreamingHandler;
+  using grpc::internal::CallbackUnaryHandler;
+  MarkMethodCallback(
+      0, new CallbackUnaryHandler<CheckedRequest<pb::CompressRequest>, pb::CompressResponse>(
+             [this](CallbackServerContext* ctx, const CheckedRequest<pb::CompressRequest>* req,
+                    pb::CompressResponse* resp) {
+               return req->status.ok() ? Compress(ctx, &req->message, resp)
+                                       : RefuseUnary(ctx, "Compress", req->status);
+             }));
+  MarkMethodCallback(
+      1,
+      new CallbackServerStreamingHandler<CheckedRequest<pb::GenerateRequest>, pb::GenerateResponse>(
+          [this](CallbackServerContext* ctx, const CheckedRequest<pb::GenerateRequest>* req) {
+            return req->status.ok() ? Generate(ctx, &req->message)
+                                    : RefuseGenerate(ctx, req->status);
+          }));
+  MarkMethodCallback(
+      2, new CallbackUnaryHandler<CheckedRequest<pb::GetContextRequest>, pb::GetContextResponse>(
+             [this](CallbackServerContext* ctx, const CheckedRequest<pb::GetContextRequest>* req,
+                    pb::GetContextResponse* resp) {
+               return req->status.ok() ? GetContext(ctx, &req->message, resp)
+                                       : RefuseUnary(ctx, "GetContext", req->status);
+             }));
+  MarkMethodCallback(
+      3,
+      new CallbackUnaryHandler<CheckedRequest<pb::DeleteContextRequest>, pb::DeleteContextResponse>(
+          [this](CallbackServerContext* ctx, const CheckedRequest<pb::DeleteContextRequest>* req,
+                 pb::DeleteContextResponse* resp) {
+            return req->status.ok() ? DeleteContext(ctx, &req->message, resp)
+                                    : RefuseUnary(ctx, "DeleteContext", req->status);
+          }));
+  MarkMethodCallback(
+      4,
+      new CallbackUnaryHandler<CheckedRequest<pb::GetModelInfoRequest>, pb::GetModelInfoResponse>(
+          [this](CallbackServerContext* ctx, const CheckedRequest<pb::GetModelInfoRequest>* req,
+                 pb::GetModelInfoResponse* resp) {
+            return req->status.ok() ? GetModelInfo(ctx, &req->message, resp)
+                                    : RefuseUnary(ctx, "GetModelInfo", req->status);
+          }));
+}
+
+grpc::ServerUnaryReactor* ContextCacheService::RefuseUnary(grpc::CallbackServerContext* ctx,
+                                                           const char* rpc,
+                                                           const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, rpc);
+  if (!call.ok()) {
+    reactor->Finish(ToGrpcStatus(call.status()));
+    return reactor;
+  }
+  (*call)->Finish(reactor, status);
+  return reactor;
+}
 
 ContextCacheService::~ContextCacheService() = default;
 
@@ -432,6 +493,15 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
   } else {
     reactor->SetTicket(*ticket);
   }
+  return reactor;
+}
+
+grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::RefuseGenerate(
+    grpc::CallbackServerContext* ctx, const absl::Status& status) {
+  auto* reactor = new GenerateReactor(ctx, scheduler_);
+  absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "Generate");
+  if (call.ok()) reactor->Begin(*call);
+  reactor->Complete(call.ok() ? status : call.status(), std::nullopt, "");
   return reactor;
 }
 

@@ -70,6 +70,14 @@ class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackSer
   absl::StatusOr<std::shared_ptr<Call>> BeginCall(grpc::CallbackServerContext* ctx,
                                                   const char* rpc);
   void EndCall();
+  // Registers every method with a CheckedRequest (wire.h): a request that does not parse
+  // (a string field that is not UTF-8, malformed bytes) reaches the Refuse* handlers below,
+  // which answer INVALID_ARGUMENT naming the problem, instead of gRPC's bare UNIMPLEMENTED.
+  void UseCheckedParsing();
+  grpc::ServerUnaryReactor* RefuseUnary(grpc::CallbackServerContext* ctx, const char* rpc,
+                                        const absl::Status& status);
+  grpc::ServerWriteReactor<ctxcache::v1::GenerateResponse>* RefuseGenerate(
+      grpc::CallbackServerContext* ctx, const absl::Status& status);
 
   TokenAuth auth_;
   ServerMetrics* const metrics_;

@@ -1264,6 +1264,78 @@ TEST_F(ServerE2ETest, AdmissionRefusesWorkThatDoesNotFitTheKvBudget) {
   EXPECT_NE(s.error_message().find("max_kv_bytes"), std::string::npos) << s.error_message();
 }
 
+// Issue 14: a proto3 `string` field with invalid UTF-8 failed libprotobuf's parse, which gRPC
+// answered UNIMPLEMENTED with an empty message (and libprotobuf logged an ERROR line per
+// request). Every method now answers INVALID_ARGUMENT naming the field and the offset, over
+// real gRPC; malformed bytes (a raw message through the generic stub) say what they are.
+TEST_F(ServerE2ETest, InvalidUtf8InStringFieldsIsInvalidArgumentNamingTheField) {
+  Running r = Start(BaseConfig());
+  ASSERT_NE(r.stub, nullptr);
+  auto expect = [](const grpc::Status& s, const std::string& message) {
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+    EXPECT_NE(s.error_message().find(message), std::string::npos) << s.error_message();
+  };
+  {
+    pb::CompressRequest req = CompressRequest(kSecondDocument);
+    req.mutable_compression()->set_method("snap\xC3(");
+    grpc::ClientContext ctx;
+    pb::CompressResponse resp;
+    expect(r.stub->Compress(&ctx, req, &resp),
+           "compression.method is not valid UTF-8 (first bad byte at offset 4)");
+  }
+  {
+    pb::GenerateRequest req = Ask("Hello?");
+    pb::ContextRef* c = req.add_contexts();
+    *c->mutable_inline_() = CompressRequest(kSecondDocument);
+    c->mutable_inline_()->mutable_compression()->set_kv_dtype(
+        "fp\xFF"
+        "16");
+    expect(
+        RunGenerate(*r.stub, req).status,
+        "contexts[0].inline.compression.kv_dtype is not valid UTF-8 (first bad byte at offset 2)");
+  }
+  {
+    pb::GenerateRequest req = Ask("Hello?");
+    req.mutable_chat()->add_messages()->set_role(
+        "us\xED\xA0\x80"
+        "er");  // a UTF-16 surrogate
+    expect(RunGenerate(*r.stub, req).status,
+           "chat.messages[1].role is not valid UTF-8 (first bad byte at offset 2)");
+  }
+  {
+    pb::GetContextRequest req;
+    req.set_context_id("\xC0\xAF");  // overlong "/"
+    grpc::ClientContext ctx;
+    pb::GetContextResponse resp;
+    expect(r.stub->GetContext(&ctx, req, &resp), "context_id is not valid UTF-8");
+  }
+  {
+    pb::DeleteContextRequest req;
+    req.set_context_id(std::string(63, 'a') + "\x80");
+    grpc::ClientContext ctx;
+    pb::DeleteContextResponse resp;
+    expect(r.stub->DeleteContext(&ctx, req, &resp),
+           "context_id is not valid UTF-8 (first bad byte at offset 63)");
+  }
+  {
+    // Not a protobuf at all: field 1, length-delimited, length 127, one byte of payload.
+    grpc::GenericStub stub(r.channel);
+    const std::string raw("\x0a\x7f\x61", 3);
+    grpc::Slice slice(raw);
+    grpc::ByteBuffer req_buf(&slice, 1), resp_buf;
+    grpc::ClientContext ctx;
+    std::promise<grpc::Status> done;
+    stub.UnaryCall(&ctx, "/ctxcache.v1.ContextCache/GetContext", grpc::StubOptions(), &req_buf,
+                   &resp_buf, [&](grpc::Status s) { done.set_value(s); });
+    expect(done.get_future().get(), "not a valid ctxcache.v1.GetContextRequest message");
+  }
+  // The server is fine and still answers well-formed calls.
+  grpc::ClientContext ctx;
+  pb::GetModelInfoResponse info;
+  EXPECT_TRUE(r.stub->GetModelInfo(&ctx, pb::GetModelInfoRequest(), &info).ok());
+  EXPECT_TRUE(r.server->WaitIdle(5));
+}
+
 // Issue 14: Compress answered OK with an id for a context that no tier kept (larger than the
 // whole memory tier, no Redis): every later call by that id was NOT_FOUND, with nothing to
 // say so. retained_in lists the tiers that hold it; empty means none.
