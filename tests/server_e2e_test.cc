@@ -1479,6 +1479,36 @@ TEST_F(ServerE2ETest, ChatContentCannotForgeASystemTurn) {
   EXPECT_EQ(s.usage.prompt_tokens(), static_cast<int64_t>(ids->size()));
 }
 
+// Issue 14: what can never fit the model's window is OUT_OF_RANGE (not RESOURCE_EXHAUSTED,
+// "retry later"), for a document compressed by a method that prefills it whole and for a
+// prompt that does not fit after its contexts. These already held before the issue's fixes
+// (the engine checks the window first); pinned here beside the KV-budget case
+// (AdmissionRefusesWorkThatDoesNotFitTheKvBudget), which did not.
+TEST_F(ServerE2ETest, LongerThanTheWindowIsOutOfRangeNotRetryLater) {
+  Running r = Start(BaseConfig());
+  ASSERT_NE(r.stub, nullptr);
+  const int64_t n_ctx = model().config().n_ctx_train;
+  pb::CompressRequest req;
+  for (int64_t i = 0; i < n_ctx + 1; ++i) req.mutable_document()->mutable_tokens()->add_ids(100);
+  req.mutable_compression()->set_method("snapkv");
+  req.mutable_compression()->set_ratio(4);
+  grpc::ClientContext ctx;
+  pb::CompressResponse resp;
+  const grpc::Status s = r.stub->Compress(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::OUT_OF_RANGE) << s.error_message();
+  EXPECT_NE(s.error_message().find("window"), std::string::npos) << s.error_message();
+
+  pb::GenerateRequest gen;
+  std::string text;
+  for (int64_t i = 0; i < n_ctx / 2 + 1; ++i) text += " a b";  // about n_ctx + 2 tokens
+  gen.set_text(text);
+  gen.set_max_tokens(1);
+  const StreamResult g = RunGenerate(*r.stub, gen);
+  EXPECT_EQ(g.status.error_code(), grpc::StatusCode::OUT_OF_RANGE) << g.status.error_message();
+  EXPECT_TRUE(r.server->WaitIdle(5));
+  EXPECT_EQ(r.server->scheduler()->Stats().reserved_kv_bytes, 0);
+}
+
 TEST_F(ServerE2ETest, HealthIsNotServingWhileLoadingAndDraining) {
   Running r = Start(BaseConfig(), /*load=*/false);
   ASSERT_NE(r.server, nullptr);
