@@ -147,7 +147,7 @@ absl::StatusOr<std::string> ApplyChatTemplate(const ChatTemplate& tmpl,
   std::string out;
   std::vector<Tokenizer::Span> spans;
   auto append_content = [&](std::string_view content) {
-    spans.push_back({out.size(), out.size() + content.size()});
+    if (!content.empty()) spans.push_back({out.size(), out.size() + content.size()});
     out.append(content.data(), content.size());
   };
   auto done = [&]() -> absl::StatusOr<std::string> {

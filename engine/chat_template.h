@@ -35,9 +35,9 @@ bool IsChatRole(std::string_view role);
 
 // Renders messages; with add_generation_prompt, ends with the assistant turn header.
 // InvalidArgument on an unknown role or an empty message list. `contents` (optional) receives
-// where each message's content lies in the result, in order: text the caller must tokenize as
-// plain text (Tokenizer::EncodeWithLiterals), since the template's markers around it are the
-// only special tokens a prompt may hold.
+// where each non-empty message content lies in the result, in order: text the caller must
+// tokenize as plain text (Tokenizer::EncodeWithLiterals), since the template's markers around
+// it are the only special tokens a prompt may hold.
 absl::StatusOr<std::string> ApplyChatTemplate(const ChatTemplate& tmpl,
                                               const std::vector<ChatMessage>& messages,
                                               bool add_generation_prompt,
