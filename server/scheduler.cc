@@ -37,12 +37,11 @@ Scheduler::~Scheduler() {
 absl::Status Scheduler::KvExhausted(int64_t need) const {
   if (need > options_.max_kv_bytes) {
     // Never fits, however long the client waits: not RESOURCE_EXHAUSTED ("retry later").
-    return absl::FailedPreconditionError(
-        absl::StrCat("this request needs about ", Mb(need),
-                     " of KV memory, more than the server's whole budget of ",
-                     Mb(options_.max_kv_bytes),
-                     " (max_kv_bytes), so retrying will not help: send fewer or shorter "
-                     "contexts, a smaller max_tokens, or a higher compression ratio"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "this request needs about ", Mb(need),
+        " of KV memory, more than the server's whole budget of ", Mb(options_.max_kv_bytes),
+        " (max_kv_bytes), so retrying will not help: send fewer or shorter "
+        "contexts, a smaller max_tokens, or a higher compression ratio"));
   }
   return absl::ResourceExhaustedError(absl::StrCat(
       "server busy: this request needs about ", Mb(need), " of KV memory and ",
