@@ -443,6 +443,7 @@ TEST_F(MetricsE2ETest, RedisTierLookupsAndOperations) {
   auto scrape = [&] { return ParseSamples(Split(Get(port, "/metrics")).body); };
 
   ASSERT_TRUE(compress(kDocument).ok());  // redis get: miss; computed; redis put
+  ASSERT_TRUE(server->store()->WaitForWrites(absl::Seconds(30)));  // the put runs in the background
   server->store()->ClearMemory();
   ASSERT_TRUE(compress(kDocument).ok());  // redis get: hit
   {
