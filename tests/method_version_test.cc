@@ -54,8 +54,7 @@ constexpr int kMaxSwapsPerHead = 1;
 constexpr double kSumRelTol = 2e-5;
 constexpr int kDocTokens = 192;
 constexpr char kFixture[] = "method_digests.txt";
-constexpr char kRegenerate[] =
-    "CTXCACHE_UPDATE_METHOD_DIGESTS=1 build/tests/method_version_test";
+constexpr char kRegenerate[] = "CTXCACHE_UPDATE_METHOD_DIGESTS=1 build/tests/method_version_test";
 
 struct HeadDigest {
   std::vector<int32_t> pos;
@@ -144,9 +143,9 @@ std::string Differences(const Digest& want, const Digest& got) {
     const int swaps = static_cast<int>(std::max(only_a.size(), only_b.size()));
     if (a.pos.size() != b.pos.size() || swaps > kMaxSwapsPerHead) {
       out.push_back(absl::StrCat("head ", i, ": kept ", a.pos.size(), " vs ", b.pos.size(),
-                                 " entries, ", swaps, " positions differ (only golden: ",
-                                 absl::StrJoin(only_a, ","), "; only now: ",
-                                 absl::StrJoin(only_b, ","), ")"));
+                                 " entries, ", swaps,
+                                 " positions differ (only golden: ", absl::StrJoin(only_a, ","),
+                                 "; only now: ", absl::StrJoin(only_b, ","), ")"));
       continue;
     }
     if (swaps > 0) continue;  // the sums include different entries: positions decided
@@ -235,8 +234,8 @@ TEST(MethodVersionTest, MatchesGoldenForItsVersion) {
     }
     const std::string diff = Differences(it->second, *got);
     EXPECT_TRUE(diff.empty())
-        << "the output of method " << method << " changed, but its version is still "
-        << version << ". Bump it in engine/compress/spec.cc (kMethodTable, with a line saying "
+        << "the output of method " << method << " changed, but its version is still " << version
+        << ". Bump it in engine/compress/spec.cc (kMethodTable, with a line saying "
         << "what changed), so that cached contexts of the old output miss, then regenerate "
         << "the golden digests with: " << kRegenerate << "\n"
         << diff;
