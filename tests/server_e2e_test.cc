@@ -41,6 +41,7 @@
 #include "server/server.h"
 #include "spdlog/sinks/ostream_sink.h"
 #include "spdlog/spdlog.h"
+#include "tests/fake_redis.h"
 #include "tests/redis_server.h"
 #include "tests/test_util.h"
 
@@ -666,6 +667,45 @@ TEST_F(ServerE2ETest, RedisKilledMidRunServerComputesInsteadThenReconnects) {
   EXPECT_GT(server.store()->Stats().redis_errors, errors_before_stall);
   EXPECT_TRUE(server.WaitIdle(5));
   EXPECT_EQ(server.scheduler()->Stats().reserved_kv_bytes, 0);
+}
+
+// Caught (issue 14): a slow-but-alive Redis (here a fake that sends a reply one byte every
+// 100 ms, under a 500 ms command timeout) made every call wait for whole trickled replies (3 s
+// for the 30-byte one here) with no error, since hiredis's timeout bounds each read; and
+// Compress waited on the engine worker for its Redis write (here a SET answered after 3 s).
+// Now each Redis operation ends by its deadline, the call is served by computing, and the
+// write runs in the background. Bounds: the lookup may cost one 0.5 s timeout; 2 s allows a
+// loaded machine, and is still below what either defect costs.
+TEST_F(ServerE2ETest, SlowRedisCostsAtMostATimeoutAndNeverFailsACall) {
+  testing::FakeRedis fake;
+  ServerConfig config = BaseConfig();
+  config.redis_url = fake.Url();
+  config.redis_command_timeout_ms = 500;
+  config.redis_circuit_failures = 0;  // every call asks Redis: this measures the deadline
+  Running a = Start(config);
+  ASSERT_NE(a.stub, nullptr);
+  fake.trickle_ms = 100;
+  fake.set_delay_ms = 3000;
+
+  const pb::CompressResponse c = MustCompress(*a.stub, kDocument);
+  EXPECT_EQ(c.context().tier(), pb::CACHE_TIER_COMPUTED);
+  // total_ms - compute_ms: tokenizing and the Redis lookup (the write is not waited for).
+  EXPECT_LT((c.total_ms() - c.compute_ms()) / 1000.0, 2.0)
+      << "compress waited on the slow Redis: total " << c.total_ms() << " ms, compute "
+      << c.compute_ms() << " ms";
+
+  // Generate with the document inline, after the memory tier is dropped: Redis is asked
+  // again, trickles again, and the call is still served (computed).
+  a.server->store()->ClearMemory();
+  pb::GenerateRequest req = Ask(Questions()[0]);
+  *req.add_contexts()->mutable_inline_() = CompressRequest(kDocument);
+  const StreamResult g = RunGenerate(*a.stub, req);
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  ASSERT_EQ(g.usage.contexts_size(), 1);
+  EXPECT_EQ(g.usage.contexts(0).tier(), pb::CACHE_TIER_COMPUTED);
+
+  // Both lookups ended with a counted error (DeadlineExceeded), not a silent wait.
+  EXPECT_GE(a.server->store()->Stats().redis_read_errors, 2) << StoreStats(*a.server);
 }
 
 // A damaged Redis value: one byte of a stored part flipped behind the service's back. A
