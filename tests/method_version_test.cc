@@ -29,6 +29,8 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -96,6 +98,22 @@ CompressionSpec SpecFor(const std::string& method) {
   return s;
 }
 
+// Each method's digested specs: the defaults, plus the shared paths its output can take:
+// Ada-KV head budgets (select.cc) for the methods that accept them, and int8 storage
+// (kv_cache.cc quantization; int8 rather than int4 because one int8 step is small enough for
+// the sum tolerance, see kSumRelTol). A change in a shared path shows as several methods'
+// digests changing: bump each of them.
+std::vector<std::pair<std::string, CompressionSpec>> Variants(const std::string& method) {
+  std::vector<std::pair<std::string, CompressionSpec>> out = {{"default", SpecFor(method)}};
+  CompressionSpec adaptive = SpecFor(method);
+  adaptive.head_budget = "adaptive";
+  if (adaptive.Validate().ok()) out.emplace_back("adaptive", adaptive);
+  CompressionSpec int8 = SpecFor(method);
+  int8.kv_dtype = "int8";
+  out.emplace_back("int8", int8);
+  return out;
+}
+
 absl::StatusOr<Digest> Compute(const CompressionSpec& spec) {
   const Model& model = TinyModel();
   ThreadPool pool(1);
@@ -158,9 +176,17 @@ std::string Differences(const Digest& want, const Digest& got) {
   return absl::StrJoin(out, "\n");
 }
 
-// ---- Fixture: "digest <method> <version> <n_heads> <next_position>", then per head
-// "<sum_k> <sum_v> <n> <pos...>". Lines starting with '#' are comments.
-using Golden = std::map<std::pair<std::string, uint32_t>, Digest>;
+// ---- Fixture: "digest <method> <version> <variant> <n_heads> <next_position>", then per
+// head "<sum_k> <sum_v> <n> <pos...>". Lines starting with '#' are comments.
+struct GoldenKey {
+  std::string method;
+  uint32_t version = 0;
+  std::string variant;
+  bool operator<(const GoldenKey& o) const {
+    return std::tie(method, version, variant) < std::tie(o.method, o.version, o.variant);
+  }
+};
+using Golden = std::map<GoldenKey, Digest>;
 
 std::string FixturePath() { return testing::TestDataPath(kFixture); }
 
@@ -171,11 +197,11 @@ Golden ReadGolden() {
   while (std::getline(in, line)) {
     if (line.empty() || line[0] == '#') continue;
     std::istringstream s(line);
-    std::string tag, method;
+    std::string tag, method, variant;
     uint32_t version = 0;
     size_t n_heads = 0;
     Digest d;
-    s >> tag >> method >> version >> n_heads >> d.next_position;
+    s >> tag >> method >> version >> variant >> n_heads >> d.next_position;
     if (tag != "digest") continue;
     for (size_t i = 0; i < n_heads && std::getline(in, line); ++i) {
       std::istringstream hs(line);
@@ -186,7 +212,7 @@ Golden ReadGolden() {
       for (int32_t& p : h.pos) hs >> p;
       d.heads.push_back(std::move(h));
     }
-    g[{method, version}] = std::move(d);
+    g[{method, version, variant}] = std::move(d);
   }
   return g;
 }
@@ -199,8 +225,8 @@ void WriteGolden(const Golden& g) {
       << kRegenerate << "\n";
   char buf[64];
   for (const auto& [key, d] : g) {
-    out << "digest " << key.first << " " << key.second << " " << d.heads.size() << " "
-        << d.next_position << "\n";
+    out << "digest " << key.method << " " << key.version << " " << key.variant << " "
+        << d.heads.size() << " " << d.next_position << "\n";
     for (const HeadDigest& h : d.heads) {
       std::snprintf(buf, sizeof(buf), "%.9g %.9g", h.sum_k, h.sum_v);
       out << buf << " " << h.pos.size();
@@ -216,29 +242,34 @@ TEST(MethodVersionTest, MatchesGoldenForItsVersion) {
   const bool update = std::getenv("CTXCACHE_UPDATE_METHOD_DIGESTS") != nullptr;
   bool wrote = false;
   for (const char* method : CompressionMethods()) {
-    SCOPED_TRACE(method);
     const uint32_t version = MethodVersion(method);
-    ASSERT_GT(version, 0u);
-    absl::StatusOr<Digest> got = ComputeAt(CpuLevel::kScalar, SpecFor(method));
-    ASSERT_TRUE(got.ok()) << got.status();
-    auto it = golden.find({method, version});
-    if (it == golden.end()) {
-      if (update) {
-        golden[{method, version}] = *got;
-        wrote = true;
+    ASSERT_GT(version, 0u) << method;
+    for (const auto& [variant, spec] : Variants(method)) {
+      SCOPED_TRACE(absl::StrCat(method, " (", variant, ")"));
+      absl::StatusOr<Digest> got = ComputeAt(CpuLevel::kScalar, spec);
+      ASSERT_TRUE(got.ok()) << got.status();
+      const GoldenKey key{method, version, variant};
+      auto it = golden.find(key);
+      if (it == golden.end()) {
+        if (update) {
+          golden[key] = *got;
+          wrote = true;
+          continue;
+        }
+        ADD_FAILURE() << "no golden digest for method " << method << " version " << version << " ("
+                      << variant << ") in tests/data/" << kFixture
+                      << "; generate it with: " << kRegenerate;
         continue;
       }
-      ADD_FAILURE() << "no golden digest for method " << method << " version " << version
-                    << " in tests/data/" << kFixture << "; generate it with: " << kRegenerate;
-      continue;
+      const std::string diff = Differences(it->second, *got);
+      EXPECT_TRUE(diff.empty())
+          << "the output of method " << method << " (" << variant
+          << " spec) changed, but its version is still " << version
+          << ". Bump it in engine/compress/spec.cc (kMethodTable, with a line saying what "
+          << "changed), so that cached contexts of the old output miss, then regenerate the "
+          << "golden digests with: " << kRegenerate << "\n"
+          << diff;
     }
-    const std::string diff = Differences(it->second, *got);
-    EXPECT_TRUE(diff.empty())
-        << "the output of method " << method << " changed, but its version is still " << version
-        << ". Bump it in engine/compress/spec.cc (kMethodTable, with a line saying "
-        << "what changed), so that cached contexts of the old output miss, then regenerate "
-        << "the golden digests with: " << kRegenerate << "\n"
-        << diff;
   }
   if (wrote) WriteGolden(golden);
 }
@@ -254,13 +285,13 @@ TEST(MethodVersionTest, MatchesGoldenForItsVersion) {
 TEST(MethodVersionTest, SameOutputAtEveryCpuLevel) {
   ASSERT_NE(&TinyModel(), nullptr);
   for (const char* method : CompressionMethods()) {
-    SCOPED_TRACE(method);
-    absl::StatusOr<Digest> ref = ComputeAt(CpuLevel::kScalar, SpecFor(method));
-    ASSERT_TRUE(ref.ok()) << ref.status();
-    for (CpuLevel level : {CpuLevel::kAvx2}) {
-      absl::StatusOr<Digest> got = ComputeAt(level, SpecFor(method));
+    for (const auto& [variant, spec] : Variants(method)) {
+      SCOPED_TRACE(absl::StrCat(method, " (", variant, ")"));
+      absl::StatusOr<Digest> ref = ComputeAt(CpuLevel::kScalar, spec);
+      ASSERT_TRUE(ref.ok()) << ref.status();
+      absl::StatusOr<Digest> got = ComputeAt(CpuLevel::kAvx2, spec);
       ASSERT_TRUE(got.ok()) << got.status();
-      EXPECT_EQ(Differences(*ref, *got), "") << "level " << static_cast<int>(level);
+      EXPECT_EQ(Differences(*ref, *got), "");
     }
   }
 }
