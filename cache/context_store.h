@@ -51,7 +51,8 @@ struct RedisOptions {
   int backoff_initial_ms = 100;
   int backoff_max_ms = 5000;
   // Circuit breaker (circuit_breaker.h): this many errors or slow reads in a row open it
-  // (0: never); a read slower than circuit_slow_ms counts as bad (0: only errors); open for
+  // (0: never); a read slower than circuit_slow_ms (plus, for a hit, the entry's transfer time
+  // at 100 MB/s) counts as bad (0: only errors); open for
   // circuit_cool_down_ms before one probe. Writes count their errors only: they run in the
   // background, where their latency costs no request.
   int circuit_failures = 5;
