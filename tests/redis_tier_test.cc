@@ -162,6 +162,9 @@ class RedisTierTest : public ::testing::Test {
     o.redis.command_timeout_ms = 500;
     o.redis.backoff_initial_ms = 10;
     o.redis.backoff_max_ms = 100;
+    // The circuit breaker opens after 5 failures in a row (an outage here makes several):
+    // a short cool-down, so that it does not outlast the outages these tests play out.
+    o.redis.circuit_cool_down_ms = 50;
     o.redis.ttl_seconds = 3600;
     o.redis.max_part_bytes = 1000;
     return o;
