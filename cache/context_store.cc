@@ -8,6 +8,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <deque>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -55,6 +57,10 @@ class RateLimitedWarning {
   int64_t suppressed_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
+// Transfer rate below which a Redis read counts as slow for the circuit breaker, on top of
+// circuit_slow_ms: 100 MB/s, about what one connection moves on a 1 Gb/s network.
+constexpr double kSlowAllowanceBytesPerSecond = 100e6;
+
 bool IsLowerHex64(const std::string& s) {
   if (s.size() != 64) return false;
   for (char c : s) {
@@ -63,14 +69,39 @@ bool IsLowerHex64(const std::string& s) {
   return true;
 }
 
+CircuitBreakerOptions BreakerOptions(const RedisOptions& r) {
+  CircuitBreakerOptions o;
+  o.failure_threshold = r.circuit_failures;
+  o.slow_threshold = std::chrono::milliseconds(r.circuit_slow_ms);
+  o.cool_down = std::chrono::milliseconds(r.circuit_cool_down_ms);
+  return o;
+}
+
 class TwoTierStore final : public ContextStore {
  public:
   TwoTierStore(const ContextStoreOptions& options, std::unique_ptr<RedisTier> redis)
-      : memory_(options.memory_bytes), redis_(std::move(redis)),
-        observer_(options.redis_observer) {}
+      : memory_(options.memory_bytes),
+        redis_(std::move(redis)),
+        observer_(options.redis_observer),
+        breaker_(BreakerOptions(options.redis)),
+        max_queued_writes_(options.redis.write_queue_entries) {
+    if (redis_ != nullptr) writer_ = std::thread([this] { WriterLoop(); });
+  }
+
+  ~TwoTierStore() override {
+    {
+      absl::MutexLock lock(&write_mu_);
+      stopping_ = true;
+      // Not written: dropping is this tier's failure mode, and shutdown must not wait on Redis.
+      writes_dropped_.fetch_add(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
+      queue_.clear();
+    }
+    if (writer_.joinable()) writer_.join();
+  }
 
   absl::StatusOr<StoreResult> GetOrCompute(const std::string& tenant, const std::string& key,
-                                           const ComputeFn& compute) override {
+                                           const ComputeFn& compute,
+                                           RedisDeadline deadline) override {
     if (!compute) return absl::InvalidArgumentError("GetOrCompute: no compute function");
     if (auto context = memory_.Get(tenant, key)) {
       return StoreResult{std::move(context), CacheTier::kMemory, 0, /*in_memory=*/true};
@@ -80,7 +111,7 @@ class TwoTierStore final : public ContextStore {
       if (auto context = memory_.Get(tenant, key, /*record=*/false)) {
         return StoreResult{std::move(context), CacheTier::kMemory, 0, /*in_memory=*/true};
       }
-      if (auto context = RedisGet(tenant, key)) {
+      if (auto context = RedisGet(tenant, key, deadline)) {
         const bool in_memory = memory_.Put(tenant, key, context);
         return StoreResult{std::move(context), CacheTier::kRedis, 0, in_memory, true};
       }
@@ -91,17 +122,19 @@ class TwoTierStore final : public ContextStore {
       if (!computed.ok()) return computed.status();
       auto context = std::make_shared<const CompressedContext>(*std::move(computed));
       const bool in_memory = memory_.Put(tenant, key, context);
-      const bool in_redis = RedisPut(tenant, key, *context);
+      // Returns at once: the writer thread stores it. in_redis then means "queued for Redis".
+      const bool in_redis = EnqueueWrite(tenant, key, context);
       return StoreResult{std::move(context), CacheTier::kComputed, seconds, in_memory, in_redis};
     });
   }
 
-  absl::StatusOr<StoreResult> Get(const std::string& tenant, const std::string& key) override {
+  absl::StatusOr<StoreResult> Get(const std::string& tenant, const std::string& key,
+                                  RedisDeadline deadline) override {
     if (auto context = memory_.Get(tenant, key)) {
       return StoreResult{std::move(context), CacheTier::kMemory, 0, /*in_memory=*/true};
     }
     absl::Status redis_error;
-    if (auto context = RedisGet(tenant, key, &redis_error)) {
+    if (auto context = RedisGet(tenant, key, deadline, &redis_error)) {
       const bool in_memory = memory_.Put(tenant, key, context);
       return StoreResult{std::move(context), CacheTier::kRedis, 0, in_memory, true};
     }
@@ -114,11 +147,19 @@ class TwoTierStore final : public ContextStore {
     return absl::NotFoundError("context not found");
   }
 
-  absl::Status Delete(const std::string& tenant, const std::string& key) override {
+  absl::Status Delete(const std::string& tenant, const std::string& key,
+                      RedisDeadline deadline) override {
     bool found = memory_.Erase(tenant, key);
     if (redis_ != nullptr) {
+      found = CancelWrite(tenant, key) || found;
+      if (!breaker_.Allow()) {
+        return absl::UnavailableError(
+            absl::StrCat(found ? "context removed from memory, but " : "", CircuitOpenMessage(),
+                         ", so the context may still be stored there; retry later"));
+      }
       const auto start = std::chrono::steady_clock::now();
-      absl::StatusOr<bool> deleted = redis_->Delete(tenant, key);
+      absl::StatusOr<bool> deleted = redis_->Delete(tenant, key, deadline);
+      breaker_.Record(IsRedisFailure(deleted.status()), std::chrono::steady_clock::now() - start);
       Observe(RedisOp::kDelete, !deleted.ok(), start);
       if (!deleted.ok()) {
         redis_errors_.fetch_add(1, std::memory_order_relaxed);
@@ -135,6 +176,16 @@ class TwoTierStore final : public ContextStore {
   }
 
   void ClearMemory() override { memory_.Clear(); }
+
+  bool WaitForWrites(absl::Duration timeout) override {
+    absl::MutexLock lock(&write_mu_);
+    return write_mu_.AwaitWithTimeout(absl::Condition(
+                                          +[](TwoTierStore* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                            return self->queue_.empty() && self->in_flight_.empty();
+                                          },
+                                          this),
+                                      timeout);
+  }
 
   ContextStoreStats Stats() const override {
     const MemoryTier::Stats m = memory_.GetStats();
@@ -153,6 +204,16 @@ class TwoTierStore final : public ContextStore {
     s.redis_writes = redis_writes_.load(std::memory_order_relaxed);
     s.redis_quota_skips = redis_quota_skips_.load(std::memory_order_relaxed);
     s.redis_connected = redis_ != nullptr && redis_->connected();
+    {
+      absl::MutexLock lock(&write_mu_);
+      s.redis_write_queue_depth = static_cast<int64_t>(queue_.size());
+    }
+    s.redis_writes_dropped = writes_dropped_.load(std::memory_order_relaxed);
+    const CircuitBreakerStats b = breaker_.Stats();
+    s.redis_circuit = b.state;
+    s.redis_circuit_opens = b.opens;
+    s.redis_short_circuited = b.short_circuited;
+    s.redis_slow = b.slow;
     return s;
   }
 
@@ -162,14 +223,40 @@ class TwoTierStore final : public ContextStore {
     return absl::StrCat(tenant.size(), ":", tenant, key);
   }
 
+  // Errors that say Redis is failing (for the breaker), as opposed to answers about an entry:
+  // a miss, a damaged or other-model entry, a full quota.
+  static bool IsRedisFailure(const absl::Status& s) {
+    return !s.ok() && !absl::IsNotFound(s) && !absl::IsDataLoss(s) &&
+           !absl::IsFailedPrecondition(s) && !absl::IsResourceExhausted(s);
+  }
+
+  std::string CircuitOpenMessage() const {
+    return absl::StrCat("the Redis tier is skipped for up to ",
+                        breaker_.options().cool_down.count(),
+                        " ms after repeated failed or slow operations (circuit open)");
+  }
+
   // A usable entry, or nullptr (miss, damage, wrong model, Redis trouble: all counted).
   // `error` receives transport and server errors, which say nothing about the entry.
   std::shared_ptr<const CompressedContext> RedisGet(const std::string& tenant,
-                                                    const std::string& key,
+                                                    const std::string& key, RedisDeadline deadline,
                                                     absl::Status* error = nullptr) {
     if (redis_ == nullptr) return nullptr;
+    if (!breaker_.Allow()) {
+      // Counted by the breaker (short_circuited), not as a Redis error: nothing was asked.
+      if (error != nullptr) *error = absl::UnavailableError(CircuitOpenMessage());
+      return nullptr;
+    }
     const auto start = std::chrono::steady_clock::now();
-    absl::StatusOr<CompressedContext> got = redis_->Get(tenant, key);
+    absl::StatusOr<CompressedContext> got = redis_->Get(tenant, key, deadline);
+    // A hit moved the whole entry: its transfer time at kSlowAllowanceBytesPerSecond is not
+    // slowness, so that large contexts do not open the circuit on a healthy Redis.
+    const auto allowance = std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::duration<double>(got.ok() ? static_cast<double>(got->KvBytes()) /
+                                                     kSlowAllowanceBytesPerSecond
+                                               : 0.0));
+    breaker_.Record(IsRedisFailure(got.status()),
+                    std::chrono::steady_clock::now() - start - allowance);
     const absl::StatusCode code = got.status().code();
     Observe(RedisOp::kGet,
             code != absl::StatusCode::kOk && code != absl::StatusCode::kNotFound &&
@@ -208,10 +295,72 @@ class TwoTierStore final : public ContextStore {
     return nullptr;
   }
 
-  // True when Redis took the entry.
-  bool RedisPut(const std::string& tenant, const std::string& key,
-                const CompressedContext& context) {
+  // Queues a write for the writer thread (true); false when there is no Redis tier or the
+  // queue is full (counted). A queued write may still fail or be dropped later (counted).
+  bool EnqueueWrite(const std::string& tenant, const std::string& key,
+                    std::shared_ptr<const CompressedContext> context) {
     if (redis_ == nullptr) return false;
+    {
+      absl::MutexLock lock(&write_mu_);
+      if (static_cast<int64_t>(queue_.size()) < max_queued_writes_) {
+        queue_.push_back(PendingWrite{tenant, key, std::move(context)});
+        return true;
+      }
+    }
+    writes_dropped_.fetch_add(1, std::memory_order_relaxed);
+    write_warning_.Log(absl::StrCat("redis tier: write queue full (", max_queued_writes_,
+                                    " writes waiting): a computed context was not stored in "
+                                    "Redis (raise redis write_queue_entries, or Redis is slow)"));
+    return false;
+  }
+
+  // Drops a queued write of (tenant, key) and waits for one in progress (it ends by its own
+  // deadline), so that a Delete is not undone by a write that lands after it. True when a
+  // queued write was dropped.
+  bool CancelWrite(const std::string& tenant, const std::string& key) {
+    const std::string flight = FlightKey(tenant, key);
+    absl::MutexLock lock(&write_mu_);
+    const size_t before = queue_.size();
+    std::erase_if(queue_,
+                  [&](const PendingWrite& w) { return w.tenant == tenant && w.key == key; });
+    const bool dropped = queue_.size() != before;
+    std::pair<TwoTierStore*, const std::string*> arg(this, &flight);
+    write_mu_.Await(absl::Condition(
+        +[](std::pair<TwoTierStore*, const std::string*>* a)
+             ABSL_NO_THREAD_SAFETY_ANALYSIS { return a->first->in_flight_ != *a->second; },
+        &arg));
+    return dropped;
+  }
+
+  void WriterLoop() {
+    while (true) {
+      PendingWrite w;
+      {
+        absl::MutexLock lock(&write_mu_);
+        write_mu_.Await(absl::Condition(
+            +[](TwoTierStore* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+              return self->stopping_ || !self->queue_.empty();
+            },
+            this));
+        if (stopping_) return;
+        w = std::move(queue_.front());
+        queue_.pop_front();
+        in_flight_ = FlightKey(w.tenant, w.key);
+      }
+      if (breaker_.Allow()) {
+        const absl::Status status = RedisPut(w.tenant, w.key, *w.context);
+        // Errors only: a slow write delays no request (see RedisOptions::circuit_slow_ms).
+        breaker_.Record(IsRedisFailure(status), std::chrono::nanoseconds(0));
+      } else {
+        writes_dropped_.fetch_add(1, std::memory_order_relaxed);
+      }
+      absl::MutexLock lock(&write_mu_);
+      in_flight_.clear();
+    }
+  }
+
+  absl::Status RedisPut(const std::string& tenant, const std::string& key,
+                        const CompressedContext& context) {
     const auto start = std::chrono::steady_clock::now();
     const absl::Status status = redis_->Put(tenant, key, context);
     Observe(RedisOp::kPut, !status.ok() && !absl::IsResourceExhausted(status), start);
@@ -225,7 +374,7 @@ class TwoTierStore final : public ContextStore {
       redis_errors_.fetch_add(1, std::memory_order_relaxed);
       write_warning_.Log(absl::StrCat("redis tier: write failed: ", status.message()));
     }
-    return status.ok();
+    return status;
   }
 
   void Observe(RedisOp op, bool error, std::chrono::steady_clock::time_point start) const {
@@ -238,6 +387,19 @@ class TwoTierStore final : public ContextStore {
   std::unique_ptr<RedisTier> redis_;  // null: no Redis tier
   const RedisObserver observer_;
   SingleFlight<StoreResult> flights_;
+  CircuitBreaker breaker_;
+
+  struct PendingWrite {
+    std::string tenant, key;
+    std::shared_ptr<const CompressedContext> context;
+  };
+  const int64_t max_queued_writes_;
+  mutable absl::Mutex write_mu_;
+  std::deque<PendingWrite> queue_ ABSL_GUARDED_BY(write_mu_);
+  std::string in_flight_ ABSL_GUARDED_BY(write_mu_);  // FlightKey of the write in progress
+  bool stopping_ ABSL_GUARDED_BY(write_mu_) = false;
+  std::atomic<int64_t> writes_dropped_{0};
+  std::thread writer_;  // only with a Redis tier
   std::atomic<int64_t> redis_hits_{0}, redis_misses_{0}, redis_errors_{0}, redis_corrupt_{0};
   std::atomic<int64_t> redis_wrong_model_{0}, redis_writes_{0}, redis_quota_skips_{0};
   std::atomic<int64_t> redis_read_errors_{0};
@@ -280,6 +442,16 @@ absl::StatusOr<std::unique_ptr<ContextStore>> ContextStore::Create(
   if (!options.model_fingerprint.empty() && !IsLowerHex64(options.model_fingerprint)) {
     return absl::InvalidArgumentError(
         "model_fingerprint must be 64 lowercase hex characters (Model::fingerprint())");
+  }
+  const RedisOptions& r = options.redis;
+  if (r.circuit_failures < 0 || r.circuit_slow_ms < 0 || r.circuit_cool_down_ms < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "redis circuit settings must be >= 0 (failures ", r.circuit_failures, ", slow_ms ",
+        r.circuit_slow_ms, ", cool_down_ms ", r.circuit_cool_down_ms, ")"));
+  }
+  if (r.write_queue_entries < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("redis write_queue_entries must be >= 1, got ", r.write_queue_entries));
   }
   std::unique_ptr<RedisTier> redis;
   if (!options.redis.url.empty()) {

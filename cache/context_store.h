@@ -10,6 +10,13 @@
 // Failure policy: the Redis tier is an optimisation. When it is unreachable, slow or returns
 // damaged bytes, the store logs, counts and carries on from the memory tier or the compute
 // function; only the compute function's own error fails a GetOrCompute.
+//  * Every Redis operation ends by a deadline: the smaller of the caller's (passed in, steady
+//    clock) and redis.command_timeout_ms, all its round trips together (redis_client.h).
+//  * Writes never run on the caller's thread: a computed context goes to the memory tier and
+//    into a bounded queue, and GetOrCompute returns; one background writer stores it in
+//    Redis, where it succeeds or fails on its own. A full queue drops the write (counted).
+//  * A circuit breaker (circuit_breaker.h) skips Redis for a cool-down after repeated errors
+//    or slow operations, so a sick Redis costs requests nothing while it is open.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +26,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "cache/circuit_breaker.h"
+#include "cache/redis_client.h"
 #include "engine/compress/compressed_context.h"
 
 namespace ctxcache {
@@ -31,7 +41,7 @@ struct RedisOptions {
   std::string url;                   // redis://[user:pass@]host:port[/db]; empty = no Redis tier
   int pool_size = 4;                 // connections
   int connect_timeout_ms = 500;
-  int command_timeout_ms = 1000;
+  int command_timeout_ms = 1000;     // per operation, capped by the caller's deadline
   int64_t ttl_seconds = 24 * 3600;   // per entry; 0 = no expiry
   int64_t tenant_quota_bytes = 0;    // per tenant in Redis; 0 = unlimited
   std::string key_prefix = "ctxcache:";
@@ -40,6 +50,16 @@ struct RedisOptions {
   // backoff that doubles from the initial value up to the max (with +-20% jitter).
   int backoff_initial_ms = 100;
   int backoff_max_ms = 5000;
+  // Circuit breaker (circuit_breaker.h): this many errors or slow reads in a row open it
+  // (0: never); a read slower than circuit_slow_ms (plus, for a hit, the entry's transfer time
+  // at 100 MB/s) counts as bad (0: only errors); open for
+  // circuit_cool_down_ms before one probe. Writes count their errors only: they run in the
+  // background, where their latency costs no request.
+  int circuit_failures = 5;
+  int circuit_slow_ms = 250;
+  int circuit_cool_down_ms = 5000;
+  // Writes waiting for the background writer; a write beyond this is dropped (counted).
+  int write_queue_entries = 64;
 };
 
 // The Redis commands the store issues, for RedisObserver.
@@ -47,7 +67,8 @@ enum class RedisOp : uint8_t { kGet = 0, kPut = 1, kDelete = 2 };
 inline constexpr int kRedisOpCount = 3;
 const char* RedisOpName(RedisOp op);  // "get", "put", "delete"
 
-// Called after every Redis tier operation, on the calling thread: the operation, whether it
+// Called after every Redis tier operation, on the thread that ran it (a request's, or the
+// background writer's for puts): the operation, whether it
 // failed on transport or with an error reply (what ContextStoreStats::redis_errors counts; a
 // miss, a damaged or other-model entry and a quota skip are not errors), and its duration.
 // Must be cheap and thread-safe (the server feeds its metrics from it).
@@ -65,8 +86,9 @@ struct StoreResult {
   CacheTier tier = CacheTier::kComputed;
   double compute_seconds = 0;  // time spent in the compute function (0 on a hit)
   // Which tiers held the context when the call returned: a context larger than the memory
-  // tier's whole budget, with no Redis tier (or a failed or skipped write), is in neither,
-  // and its id will not be found later.
+  // tier's whole budget, with no Redis tier (or a full write queue), is in neither, and its
+  // id will not be found later. in_redis: read from Redis, or its write queued (the write
+  // finishes after the call returns and may still fail; counted).
   bool in_memory = false;
   bool in_redis = false;
 };
@@ -84,6 +106,11 @@ struct ContextStoreStats {
   int64_t redis_writes = 0;        // entries stored
   int64_t redis_quota_skips = 0;   // writes skipped because the tenant's quota was full
   bool redis_connected = false;    // the last Redis command or connect succeeded
+  // Background writes: waiting now, and dropped (queue full, circuit open, or shut down).
+  int64_t redis_write_queue_depth = 0, redis_writes_dropped = 0;
+  // Circuit breaker: state, times it opened, operations it skipped, slow reads it counted.
+  CircuitState redis_circuit = CircuitState::kClosed;
+  int64_t redis_circuit_opens = 0, redis_short_circuited = 0, redis_slow = 0;
 };
 
 class ContextStore {
@@ -96,18 +123,25 @@ class ContextStore {
   virtual ~ContextStore() = default;
 
   // Memory tier, then Redis tier (a hit is promoted to memory), else `compute` (the result is
-  // written to both tiers). Concurrent calls for the same (tenant, key) share one lookup and
-  // one compute.
+  // put in memory and queued for Redis). Concurrent calls for the same (tenant, key) share
+  // one lookup and one compute. `deadline` (steady clock) bounds the Redis lookup, together
+  // with redis.command_timeout_ms; the compute function checks its own.
   virtual absl::StatusOr<StoreResult> GetOrCompute(const std::string& tenant,
-                                                   const std::string& key,
-                                                   const ComputeFn& compute) = 0;
+                                                   const std::string& key, const ComputeFn& compute,
+                                                   RedisDeadline deadline = kNoRedisDeadline) = 0;
   // Lookup only: NotFound when neither tier has it (a damaged or other-model entry in Redis
   // counts as absent). Unavailable when the memory tier misses and Redis cannot be asked: the
   // entry may exist, and asking again later may find it.
-  virtual absl::StatusOr<StoreResult> Get(const std::string& tenant, const std::string& key) = 0;
+  virtual absl::StatusOr<StoreResult> Get(const std::string& tenant, const std::string& key,
+                                          RedisDeadline deadline = kNoRedisDeadline) = 0;
   // Removes from both tiers; NotFound when neither had it. Unavailable when Redis cannot be
   // reached (the memory copy is gone, but Redis may still hold the entry).
-  virtual absl::Status Delete(const std::string& tenant, const std::string& key) = 0;
+  // A write still queued for the key is dropped, one in progress waited for.
+  virtual absl::Status Delete(const std::string& tenant, const std::string& key,
+                              RedisDeadline deadline = kNoRedisDeadline) = 0;
+  // Waits until every queued Redis write has finished (stored or failed), up to `timeout`;
+  // false when some were still pending. For tests, tools and an orderly shutdown.
+  virtual bool WaitForWrites(absl::Duration timeout) = 0;
   // Drops the memory tier (tests and operators: "serve from Redis now").
   virtual void ClearMemory() = 0;
   virtual ContextStoreStats Stats() const = 0;

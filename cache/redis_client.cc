@@ -17,6 +17,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status.h"
 
 namespace ctxcache {
@@ -74,10 +75,10 @@ int64_t NowMs() {
       .count();
 }
 
-timeval MsToTimeval(int ms) {
+timeval MsToTimeval(int64_t ms) {
   timeval tv{};
-  tv.tv_sec = ms / 1000;
-  tv.tv_usec = (ms % 1000) * 1000;
+  tv.tv_sec = static_cast<time_t>(ms / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((ms % 1000) * 1000);
   return tv;
 }
 
@@ -115,26 +116,71 @@ class ScopedSigpipeBlock {
   bool was_pending_ = false;
 };
 
-// One command on a fresh connection during set-up (AUTH, SELECT).
-absl::Status SetupCommand(redisContext* c, const RedisArgs& args, std::string_view what,
-                          const std::string& endpoint) {
+// Sets the socket's send and receive timeouts to the time left until `deadline` (at least
+// 1 ms: a zero timeval would mean "no timeout" to the kernel). False when it has passed.
+bool ArmTimeout(redisContext* c, RedisDeadline deadline) {
+  const auto left = deadline - RedisClock::now();
+  if (left <= RedisClock::duration::zero()) return false;
+  int64_t us = std::chrono::duration_cast<std::chrono::microseconds>(left).count();
+  us = std::max<int64_t>(us, 1000);
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(us / 1000000);
+  tv.tv_usec = static_cast<suseconds_t>(us % 1000000);
+  return redisSetTimeout(c, tv) == REDIS_OK;
+}
+
+enum class IoOutcome { kOk, kDeadline, kLost };
+
+// Sends what hiredis has queued on `c`, then reads replies until `replies` holds `n`, all by
+// `deadline`: the socket timeout is re-armed to the time left before every write and read,
+// so a server that trickles its reply cannot stretch the call (see redis_client.h).
+IoOutcome DriveIo(redisContext* c, size_t n, RedisDeadline deadline,
+                  std::vector<RedisReply>* replies) {
+  auto failed = [&]() {
+    // A socket timeout (EAGAIN) or an error at the deadline is the deadline; anything else
+    // (EOF, reset, protocol error) lost the connection.
+    const int e = errno;
+    return e == EAGAIN || e == EWOULDBLOCK || RedisClock::now() >= deadline ||
+                   std::strcmp(c->errstr, std::strerror(EAGAIN)) == 0
+               ? IoOutcome::kDeadline
+               : IoOutcome::kLost;
+  };
+  int done = 0;
+  while (!done) {
+    if (!ArmTimeout(c, deadline)) return IoOutcome::kDeadline;
+    errno = 0;
+    if (redisBufferWrite(c, &done) != REDIS_OK) return failed();
+  }
+  while (replies->size() < n) {
+    void* reply = nullptr;
+    if (redisGetReplyFromReader(c, &reply) != REDIS_OK) return IoOutcome::kLost;
+    if (reply != nullptr) {
+      replies->emplace_back(static_cast<redisReply*>(reply));
+      continue;
+    }
+    if (!ArmTimeout(c, deadline)) return IoOutcome::kDeadline;
+    errno = 0;
+    if (redisBufferRead(c) != REDIS_OK) return failed();
+  }
+  return IoOutcome::kOk;
+}
+
+// Queues one command's arguments on `c` (no I/O).
+bool Append(redisContext* c, const RedisArgs& args) {
   std::vector<const char*> argv;
   std::vector<size_t> lens;
+  argv.reserve(args.size());
+  lens.reserve(args.size());
   for (std::string_view a : args) {
     argv.push_back(a.data());
     lens.push_back(a.size());
   }
-  RedisReply reply(static_cast<redisReply*>(
-      redisCommandArgv(c, static_cast<int>(argv.size()), argv.data(), lens.data())));
-  if (reply == nullptr) {
-    return absl::UnavailableError(absl::StrCat("redis at ", endpoint, ": ", std::string(what),
-                                               " got no answer: ", c->errstr));
-  }
-  if (reply->type == REDIS_REPLY_ERROR) {
-    return absl::UnavailableError(absl::StrCat("redis at ", endpoint, ": ", std::string(what),
-                                               " refused: ", std::string(reply->str, reply->len)));
-  }
-  return absl::OkStatus();
+  return redisAppendCommandArgv(c, static_cast<int>(argv.size()), argv.data(), lens.data()) ==
+         REDIS_OK;
+}
+
+int64_t MsBetween(RedisClock::time_point a, RedisClock::time_point b) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(b - a).count();
 }
 
 }  // namespace
@@ -220,15 +266,17 @@ absl::StatusOr<RedisUrl> ParseRedisUrl(std::string_view url) {
 }
 
 std::string RedactRedisUrl(std::string_view url) {
-  const size_t start = url.find("://");
-  if (start == std::string_view::npos) return std::string(url);
+  const size_t scheme = url.find("://");
+  const size_t start = scheme == std::string_view::npos ? 0 : scheme + 3;
   const size_t at = url.rfind('@');
   if (at == std::string_view::npos || at < start) return std::string(url);
-  const std::string_view userinfo = url.substr(start + 3, at - start - 3);
+  const std::string_view userinfo = url.substr(start, at - start);
   const size_t colon = userinfo.find(':');
-  const std::string user =
+  // "user:secret" keeps the user; anything else before the '@' may be a secret entirely.
+  const std::string kept =
       colon == std::string_view::npos ? std::string() : std::string(userinfo.substr(0, colon));
-  return absl::StrCat(std::string(url.substr(0, start + 3)), user, ":***",
+  return absl::StrCat(std::string(url.substr(0, start)), kept,
+                      colon == std::string_view::npos ? "***" : ":***",
                       std::string(url.substr(at)));
 }
 
@@ -269,32 +317,67 @@ bool RedisClient::connected() const {
   return healthy_;
 }
 
-absl::StatusOr<redisContext*> RedisClient::Connect() {
-  redisContext* c = redisConnectWithTimeout(options_.url.host.c_str(), options_.url.port,
-                                            MsToTimeval(options_.connect_timeout_ms));
+RedisOperationDeadline RedisClient::OperationDeadline(RedisDeadline deadline) const {
+  const RedisDeadline by_timeout =
+      RedisClock::now() + std::chrono::milliseconds(options_.command_timeout_ms);
+  return deadline < by_timeout ? RedisOperationDeadline{deadline, false}
+                               : RedisOperationDeadline{by_timeout, true};
+}
+
+absl::StatusOr<redisContext*> RedisClient::Connect(RedisDeadline deadline) {
+  const auto start = RedisClock::now();
+  const int64_t left_ms = MsBetween(start, deadline);
+  if (left_ms <= 0) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("redis at ", endpoint_, ": no time left to connect"));
+  }
+  redisContext* c =
+      redisConnectWithTimeout(options_.url.host.c_str(), options_.url.port,
+                              MsToTimeval(std::min<int64_t>(options_.connect_timeout_ms, left_ms)));
   if (c == nullptr) return absl::UnavailableError("redis: cannot allocate a connection");
   absl::Status status;
   if (c->err != 0) {
     status = absl::UnavailableError(
         absl::StrCat("cannot connect to redis at ", endpoint_, ": ", c->errstr));
-  } else if (redisSetTimeout(c, MsToTimeval(options_.command_timeout_ms)) != REDIS_OK) {
-    status = absl::UnavailableError(
-        absl::StrCat("redis at ", endpoint_, ": cannot set the command timeout: ", c->errstr));
   } else {
     redisEnableKeepAlive(c);  // notice a peer that vanished without a FIN
+    // AUTH and SELECT, pipelined, within the same deadline.
+    std::vector<std::string> what;
+    RedisArgs auth = {"AUTH"};
     if (!options_.url.password.empty()) {
-      RedisArgs auth = {"AUTH"};
       if (!options_.url.user.empty()) auth.push_back(options_.url.user);
       auth.push_back(options_.url.password);
-      status = SetupCommand(c, auth,
-                            options_.url.user.empty()
-                                ? std::string("AUTH")
-                                : absl::StrCat("AUTH as user \"", options_.url.user, "\""),
-                            endpoint_);
+      Append(c, auth);
+      what.push_back(options_.url.user.empty()
+                         ? std::string("AUTH")
+                         : absl::StrCat("AUTH as user \"", options_.url.user, "\""));
     }
-    if (status.ok() && options_.url.db != 0) {
-      const std::string db = std::to_string(options_.url.db);
-      status = SetupCommand(c, {"SELECT", db}, absl::StrCat("SELECT ", db), endpoint_);
+    const std::string db = std::to_string(options_.url.db);
+    if (options_.url.db != 0) {
+      Append(c, {"SELECT", db});
+      what.push_back(absl::StrCat("SELECT ", db));
+    }
+    std::vector<RedisReply> replies;
+    switch (DriveIo(c, what.size(), deadline, &replies)) {
+      case IoOutcome::kOk:
+        for (size_t i = 0; i < replies.size() && status.ok(); ++i) {
+          if (replies[i]->type == REDIS_REPLY_ERROR) {
+            status = absl::UnavailableError(
+                absl::StrCat("redis at ", endpoint_, ": ", what[i],
+                             " refused: ", std::string(replies[i]->str, replies[i]->len)));
+          }
+        }
+        break;
+      case IoOutcome::kDeadline:
+        status = absl::DeadlineExceededError(
+            absl::StrCat("redis at ", endpoint_, ": connection set-up (", absl::StrJoin(what, ", "),
+                         ") did not finish within ", MsBetween(start, RedisClock::now()), " ms"));
+        break;
+      case IoOutcome::kLost:
+        status = absl::UnavailableError(absl::StrCat("redis at ", endpoint_, ": ",
+                                                     absl::StrJoin(what, ", "),
+                                                     " got no answer: ", c->errstr));
+        break;
     }
   }
   if (!status.ok()) {
@@ -318,12 +401,12 @@ void RedisClient::NoteConnectFailure(const absl::Status& status) {
   last_error_ = std::string(status.message());
 }
 
-absl::StatusOr<RedisClient::Conn> RedisClient::Acquire() {
+absl::StatusOr<RedisClient::Conn> RedisClient::Acquire(RedisDeadline deadline) {
   std::vector<redisContext*> stale;  // freed outside the lock
   absl::StatusOr<Conn> result = absl::InternalError("redis: unreachable");
   {
     absl::MutexLock lock(&mu_);
-    const int64_t deadline_ms = NowMs() + options_.command_timeout_ms;
+    const auto start = RedisClock::now();
     while (true) {
       const int64_t now = NowMs();
       if (!healthy_ && now < retry_at_ms_) {
@@ -355,23 +438,28 @@ absl::StatusOr<RedisClient::Conn> RedisClient::Acquire() {
         if (probe) probing_ = true;
         const uint64_t generation = generation_;
         mu_.Unlock();
-        absl::StatusOr<redisContext*> c = Connect();
+        absl::StatusOr<redisContext*> c = Connect(deadline);
         mu_.Lock();
         if (probe) probing_ = false;
         if (!c.ok()) {
           --open_;
-          NoteConnectFailure(c.status());
+          // A connect the caller's own short deadline cut off says nothing about Redis.
+          if (!absl::IsDeadlineExceeded(c.status()) ||
+              deadline >= start + std::chrono::milliseconds(options_.connect_timeout_ms)) {
+            NoteConnectFailure(c.status());
+          }
           result = c.status();
         } else {
           result = Conn{*c, generation};
         }
         break;
       }
-      const int64_t left = deadline_ms - now;
+      const int64_t left = MsBetween(RedisClock::now(), deadline);
       if (left <= 0) {
         result = absl::DeadlineExceededError(
             absl::StrCat("redis at ", endpoint_, ": all ", options_.pool_size,
-                         " connections stayed busy for ", options_.command_timeout_ms, " ms"));
+                         " connections stayed busy until the operation's deadline (",
+                         MsBetween(start, RedisClock::now()), " ms)"));
         break;
       }
       // Woken when a connection comes back or is closed; the loop re-checks everything.
@@ -408,22 +496,22 @@ void RedisClient::Release(Conn conn, bool healthy, bool lost) {
   for (redisContext* c : to_free) redisFree(c);
 }
 
-absl::StatusOr<std::vector<RedisReply>> RedisClient::Pipeline(
-    absl::Span<const RedisArgs> commands) {
+absl::StatusOr<std::vector<RedisReply>> RedisClient::Pipeline(absl::Span<const RedisArgs> commands,
+                                                              RedisOperationDeadline op) {
   ScopedSigpipeBlock sigpipe_block;
-  ASSIGN_OR_RETURN(Conn conn, Acquire());
+  const auto start = RedisClock::now();
+  const RedisDeadline op_deadline = op.at;
+  // Cut off by the caller's remaining time rather than by the configured timeout: then a
+  // timeout says nothing about Redis's health (no backoff, the other connections stay).
+  const bool caller_limited = !op.by_timeout;
+  if (op_deadline <= start) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("redis at ", endpoint_, ": the call had no time left for the operation"));
+  }
+  ASSIGN_OR_RETURN(Conn conn, Acquire(op_deadline));
   redisContext* c = conn.ctx;
-  std::vector<const char*> argv;
-  std::vector<size_t> lens;
   for (const RedisArgs& args : commands) {
-    argv.clear();
-    lens.clear();
-    for (std::string_view a : args) {
-      argv.push_back(a.data());
-      lens.push_back(a.size());
-    }
-    if (redisAppendCommandArgv(c, static_cast<int>(argv.size()), argv.data(), lens.data()) !=
-        REDIS_OK) {
+    if (!Append(c, args)) {
       const absl::Status status = absl::UnavailableError(
           absl::StrCat("redis at ", endpoint_, ": cannot queue a command: ", c->errstr));
       Release(conn, /*healthy=*/false, /*lost=*/false);
@@ -432,32 +520,31 @@ absl::StatusOr<std::vector<RedisReply>> RedisClient::Pipeline(
   }
   std::vector<RedisReply> replies;
   replies.reserve(commands.size());
-  for (size_t i = 0; i < commands.size(); ++i) {
-    void* reply = nullptr;
-    errno = 0;
-    if (redisGetReply(c, &reply) != REDIS_OK || reply == nullptr) {
-      const int saved_errno = errno;
-      // hiredis reports a socket timeout as an I/O error with EAGAIN.
-      const bool timeout =
-          c->err == REDIS_ERR_IO && (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK ||
-                                     std::strcmp(c->errstr, std::strerror(EAGAIN)) == 0);
-      const absl::Status status =
-          timeout ? absl::DeadlineExceededError(absl::StrCat("redis at ", endpoint_,
-                                                             " did not answer within ",
-                                                             options_.command_timeout_ms, " ms"))
-                  : absl::UnavailableError(
-                        absl::StrCat("redis at ", endpoint_, ": connection lost: ", c->errstr));
-      // Either way every idle connection is suspect: they are retired, and after a timeout
-      // (a stalled server, where each attempt costs a full timeout) calls fail fast for a
-      // backoff period instead of each paying the timeout again.
-      Release(conn, /*healthy=*/false, /*lost=*/true);
-      if (timeout) {
-        absl::MutexLock lock(&mu_);
-        NoteConnectFailure(status);
-      }
-      return status;
+  const IoOutcome outcome = DriveIo(c, commands.size(), op_deadline, &replies);
+  if (outcome != IoOutcome::kOk) {
+    const int64_t ran_ms = MsBetween(start, RedisClock::now());
+    const absl::Status status =
+        outcome == IoOutcome::kDeadline
+            ? absl::DeadlineExceededError(absl::StrCat(
+                  "redis at ", endpoint_, " did not complete the operation within ", ran_ms,
+                  " ms (", replies.size(), " of ", commands.size(), " replies; limit: ",
+                  caller_limited
+                      ? std::string("the call's remaining time")
+                      : absl::StrCat("redis_command_timeout_ms = ", options_.command_timeout_ms),
+                  ")"))
+            : absl::UnavailableError(
+                  absl::StrCat("redis at ", endpoint_, ": connection lost: ", c->errstr));
+    // The connection is mid-reply: it cannot be reused. After a lost connection or a timeout
+    // of the configured length (a stalled server, where each attempt costs a full timeout)
+    // every idle connection is suspect too: they are retired, and after such a timeout calls
+    // fail fast for a backoff period instead of each paying the timeout again.
+    const bool server_fault = outcome == IoOutcome::kLost || !caller_limited;
+    Release(conn, /*healthy=*/false, /*lost=*/server_fault);
+    if (outcome == IoOutcome::kDeadline && !caller_limited) {
+      absl::MutexLock lock(&mu_);
+      NoteConnectFailure(status);
     }
-    replies.emplace_back(static_cast<redisReply*>(reply));
+    return status;
   }
   Release(conn, /*healthy=*/true, /*lost=*/false);
   {
@@ -468,13 +555,13 @@ absl::StatusOr<std::vector<RedisReply>> RedisClient::Pipeline(
   return replies;
 }
 
-absl::StatusOr<RedisReply> RedisClient::Command(const RedisArgs& args) {
-  ASSIGN_OR_RETURN(std::vector<RedisReply> replies, Pipeline(absl::MakeConstSpan(&args, 1)));
+absl::StatusOr<RedisReply> RedisClient::Command(const RedisArgs& args, RedisOperationDeadline op) {
+  ASSIGN_OR_RETURN(std::vector<RedisReply> replies, Pipeline(absl::MakeConstSpan(&args, 1), op));
   return std::move(replies[0]);
 }
 
-absl::Status RedisClient::Ping() {
-  ASSIGN_OR_RETURN(RedisReply reply, Command({"PING"}));
+absl::Status RedisClient::Ping(RedisDeadline deadline) {
+  ASSIGN_OR_RETURN(RedisReply reply, Command({"PING"}, deadline));
   if (reply->type == REDIS_REPLY_ERROR) {
     return absl::UnavailableError(absl::StrCat(
         "redis at ", endpoint_, ": PING refused: ", std::string(reply->str, reply->len)));

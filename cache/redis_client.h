@@ -1,6 +1,15 @@
 // A small synchronous Redis client over hiredis (0.14, the Debian 12 package): URL parsing,
-// a bounded connection pool with AUTH and SELECT done once per connection, connect and
-// command timeouts, and reconnection with exponential backoff.
+// a bounded connection pool with AUTH and SELECT done once per connection, operation
+// deadlines, and reconnection with exponential backoff.
+//
+// Deadlines bound an operation, not a syscall: every call takes an absolute deadline on the
+// steady clock (RedisDeadline) and ends by the smaller of it and now + command_timeout_ms,
+// whatever the server does. hiredis's blocking calls apply a socket timeout to each read or
+// write, so a slow-but-alive server that trickles a reply (a chunk every 0.7 s with a 1 s
+// timeout) kept a call waiting for as long as it pleased (issue 14); here the client drives
+// hiredis's buffer functions itself and sets the socket timeout to the time left before each
+// read and write, so waiting for the pool, connecting, AUTH/SELECT, sending and every reply
+// chunk all come out of one budget.
 //
 // The client serves a cache, so it is built to fail fast rather than to try hard: a request
 // must never wait long on a Redis that is down. After a failed connect, or a command that
@@ -16,6 +25,7 @@
 // duration and consumes one it raised, leaving the process's signal disposition alone.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -45,8 +55,25 @@ struct RedisUrl {
 };
 // InvalidArgument naming what is wrong; the password never appears in a message.
 absl::StatusOr<RedisUrl> ParseRedisUrl(std::string_view url);
-// The URL with the password replaced by "***", for logs.
+// The URL with the credentials' secret replaced by "***", for logs: "redis://u:***@h:1/0".
+// Anything between the scheme and the last '@' that is not a user name is redacted, even in a
+// URL ParseRedisUrl would refuse, so no log line can carry a password.
 std::string RedactRedisUrl(std::string_view url);
+
+// An absolute deadline on the steady clock. A caller passes the time its own call must end by
+// (e.g. the gRPC deadline converted to steady time); kNoRedisDeadline leaves only the
+// configured command timeout.
+using RedisClock = std::chrono::steady_clock;
+using RedisDeadline = RedisClock::time_point;
+inline constexpr RedisDeadline kNoRedisDeadline = RedisDeadline::max();
+
+// The deadline one operation (one or several round trips) ends by, and which limit set it:
+// by_timeout when the configured command timeout came first (then running out of time says
+// the server is slow, and the client backs off), else the caller's remaining time did.
+struct RedisOperationDeadline {
+  RedisDeadline at = kNoRedisDeadline;
+  bool by_timeout = true;
+};
 
 struct RedisReplyDeleter {
   void operator()(redisReply* reply) const;
@@ -61,7 +88,7 @@ struct RedisClientOptions {
   RedisUrl url;
   int pool_size = 4;
   int connect_timeout_ms = 500;
-  int command_timeout_ms = 1000;  // per socket read or write, as hiredis applies it
+  int command_timeout_ms = 1000;  // per operation (see the top), capped by the caller's deadline
   int backoff_initial_ms = 100;
   int backoff_max_ms = 5000;
 };
@@ -74,17 +101,32 @@ class RedisClient {
   RedisClient(const RedisClient&) = delete;
   RedisClient& operator=(const RedisClient&) = delete;
 
+  // The deadline an operation starting now ends by: min(deadline, now + command_timeout_ms).
+  RedisOperationDeadline OperationDeadline(RedisDeadline deadline) const;
+
   // Sends `commands` on one pooled connection, pipelined (one round trip), and returns their
-  // replies in order. A reply may be an error reply (REDIS_REPLY_ERROR, e.g. OOM): judging it
-  // is the caller's business. The status is about transport only:
+  // replies in order, by OperationDeadline(deadline) at the latest (the caller may pass an
+  // operation's deadline to several calls: they share it). A reply may be an error reply
+  // (REDIS_REPLY_ERROR, e.g. OOM): judging it is the caller's business. The status is about
+  // transport only:
   //  * Unavailable: cannot connect, in backoff, AUTH/SELECT refused, connection lost;
-  //  * DeadlineExceeded: the server did not answer within command_timeout_ms, or every pooled
-  //    connection stayed busy for that long.
-  absl::StatusOr<std::vector<RedisReply>> Pipeline(absl::Span<const RedisArgs> commands);
-  absl::StatusOr<RedisReply> Command(const RedisArgs& args);
+  //  * DeadlineExceeded: the deadline came first (waiting for a pooled connection,
+  //    connecting, sending or reading), with how long the call ran and which limit it hit.
+  absl::StatusOr<std::vector<RedisReply>> Pipeline(absl::Span<const RedisArgs> commands,
+                                                   RedisDeadline deadline = kNoRedisDeadline) {
+    return Pipeline(commands, OperationDeadline(deadline));
+  }
+  absl::StatusOr<RedisReply> Command(const RedisArgs& args,
+                                     RedisDeadline deadline = kNoRedisDeadline) {
+    return Command(args, OperationDeadline(deadline));
+  }
+  // The same within an operation's deadline that several calls share.
+  absl::StatusOr<std::vector<RedisReply>> Pipeline(absl::Span<const RedisArgs> commands,
+                                                   RedisOperationDeadline op);
+  absl::StatusOr<RedisReply> Command(const RedisArgs& args, RedisOperationDeadline op);
 
   // Opens one connection now if none is open (not in backoff). For a start-up log line.
-  absl::Status Ping();
+  absl::Status Ping(RedisDeadline deadline = kNoRedisDeadline);
 
   // False from a failed connect or a timed-out command until a connect succeeds again.
   bool connected() const;
@@ -98,10 +140,10 @@ class RedisClient {
   };
   explicit RedisClient(const RedisClientOptions& options);
 
-  absl::StatusOr<Conn> Acquire();
+  absl::StatusOr<Conn> Acquire(RedisDeadline deadline);
   // healthy=false closes the connection. lost=true also retires the idle ones (see top).
   void Release(Conn conn, bool healthy, bool lost);
-  absl::StatusOr<redisContext*> Connect();
+  absl::StatusOr<redisContext*> Connect(RedisDeadline deadline);
   void NoteConnectFailure(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const RedisClientOptions options_;

@@ -198,7 +198,8 @@ absl::StatusOr<RedisTier::Meta> RedisTier::ParseMeta(std::string_view text) {
 }
 
 absl::Status RedisTier::Reserve(const std::string& tenant, const std::string& key,
-                                const std::string& member, int64_t bytes) {
+                                const std::string& member, int64_t bytes,
+                                RedisOperationDeadline deadline) {
   const std::string prefix = TenantPrefix(tenant);
   const std::string ledger = absl::StrCat(prefix, ":q:z"), total = absl::StrCat(prefix, ":q:n");
   const std::string script = absl::StrCat(kLuaPrune, kLuaReserve);
@@ -207,7 +208,8 @@ absl::Status RedisTier::Reserve(const std::string& tenant, const std::string& ke
   const std::string ttl_ms = std::to_string(options_.ttl_seconds * 1000);
   const std::string meta_key = MetaKey(tenant, key), escaped_key = Escape(key);
   ASSIGN_OR_RETURN(RedisReply reply, client_->Command({"EVAL", script, "3", ledger, total, meta_key,
-                                                       quota, size, member, ttl_ms, escaped_key}));
+                                                       quota, size, member, ttl_ms, escaped_key},
+                                                      deadline));
   RETURN_IF_ERROR(ReplyError(*reply, "the quota reservation"));
   if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
       reply->element[0]->type != REDIS_REPLY_INTEGER ||
@@ -222,8 +224,8 @@ absl::Status RedisTier::Reserve(const std::string& tenant, const std::string& ke
   return absl::OkStatus();
 }
 
-absl::Status RedisTier::Discard(const std::string& tenant, const std::string& key,
-                                const Meta& meta) {
+absl::Status RedisTier::Discard(const std::string& tenant, const std::string& key, const Meta& meta,
+                                RedisOperationDeadline deadline) {
   std::vector<std::string> keys = PartKeys(tenant, key, meta);
   std::vector<RedisArgs> commands;
   RedisArgs del = {"DEL"};
@@ -235,13 +237,14 @@ absl::Status RedisTier::Discard(const std::string& tenant, const std::string& ke
   if (options_.tenant_quota_bytes > 0) {
     commands.push_back({"EVAL", kLuaRelease, "2", ledger, total, member});
   }
-  ASSIGN_OR_RETURN(std::vector<RedisReply> replies, client_->Pipeline(commands));
+  ASSIGN_OR_RETURN(std::vector<RedisReply> replies, client_->Pipeline(commands, deadline));
   for (const RedisReply& r : replies) RETURN_IF_ERROR(ReplyError(*r, "a cleanup"));
   return absl::OkStatus();
 }
 
 absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
-                            const CompressedContext& context) {
+                            const CompressedContext& context, RedisDeadline deadline) {
+  const RedisOperationDeadline op = client_->OperationDeadline(deadline);
   ASSIGN_OR_RETURN(std::string blob, EncodeContext(context, BlobDtype::kF16));
   Meta meta;
   meta.write_id = RandomWriteId();
@@ -249,7 +252,7 @@ absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
   meta.parts = (meta.bytes + options_.max_part_bytes - 1) / options_.max_part_bytes;
   meta.crc = Crc32c(blob);
   const bool ledger = options_.tenant_quota_bytes > 0;
-  if (ledger) RETURN_IF_ERROR(Reserve(tenant, key, LedgerMember(key, meta), meta.bytes));
+  if (ledger) RETURN_IF_ERROR(Reserve(tenant, key, LedgerMember(key, meta), meta.bytes, op));
 
   const std::string ttl = std::to_string(options_.ttl_seconds);
   const std::vector<std::string> part_keys = PartKeys(tenant, key, meta);
@@ -263,7 +266,7 @@ absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
     commands.push_back(std::move(set));
   }
   absl::Status status;
-  if (absl::StatusOr<std::vector<RedisReply>> replies = client_->Pipeline(commands);
+  if (absl::StatusOr<std::vector<RedisReply>> replies = client_->Pipeline(commands, op);
       !replies.ok()) {
     status = replies.status();
   } else {
@@ -278,8 +281,8 @@ absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
   }
   if (!status.ok()) {
     // Nothing names these parts yet: drop them and give the reservation back (best effort;
-    // they expire anyway).
-    Discard(tenant, key, meta).IgnoreError();
+    // they expire anyway), within what is left of the operation's deadline.
+    Discard(tenant, key, meta, op).IgnoreError();
     return status;
   }
 
@@ -292,21 +295,23 @@ absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
   set_meta.push_back("GET");
   // A transport error here leaves it unknown whether the metadata landed, so the parts stay
   // (they expire); an error reply means it did not.
-  ASSIGN_OR_RETURN(RedisReply reply, client_->Command(set_meta));
+  ASSIGN_OR_RETURN(RedisReply reply, client_->Command(set_meta, op));
   if (reply->type == REDIS_REPLY_ERROR) {
-    Discard(tenant, key, meta).IgnoreError();
+    Discard(tenant, key, meta, op).IgnoreError();
     return ReplyError(*reply, "the metadata");
   }
   if (reply->type == REDIS_REPLY_STRING) {
     absl::StatusOr<Meta> old = ParseMeta(ReplyText(*reply));
-    if (old.ok() && old->write_id != meta.write_id) Discard(tenant, key, *old).IgnoreError();
+    if (old.ok() && old->write_id != meta.write_id) Discard(tenant, key, *old, op).IgnoreError();
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<CompressedContext> RedisTier::Get(const std::string& tenant,
-                                                 const std::string& key) {
-  ASSIGN_OR_RETURN(RedisReply meta_reply, client_->Command({"GET", MetaKey(tenant, key)}));
+absl::StatusOr<CompressedContext> RedisTier::Get(const std::string& tenant, const std::string& key,
+                                                 RedisDeadline deadline) {
+  // One deadline for both round trips (metadata, then every part).
+  const RedisOperationDeadline op = client_->OperationDeadline(deadline);
+  ASSIGN_OR_RETURN(RedisReply meta_reply, client_->Command({"GET", MetaKey(tenant, key)}, op));
   RETURN_IF_ERROR(ReplyError(*meta_reply, "GET of the metadata"));
   if (meta_reply->type == REDIS_REPLY_NIL) return absl::NotFoundError("not in the redis tier");
   if (meta_reply->type != REDIS_REPLY_STRING) {
@@ -317,7 +322,7 @@ absl::StatusOr<CompressedContext> RedisTier::Get(const std::string& tenant,
   const std::vector<std::string> part_keys = PartKeys(tenant, key, meta);
   RedisArgs mget = {"MGET"};
   for (const std::string& k : part_keys) mget.push_back(k);
-  ASSIGN_OR_RETURN(RedisReply parts, client_->Command(mget));
+  ASSIGN_OR_RETURN(RedisReply parts, client_->Command(mget, op));
   RETURN_IF_ERROR(ReplyError(*parts, "MGET of the parts"));
   if (parts->type != REDIS_REPLY_ARRAY || parts->elements != static_cast<size_t>(meta.parts)) {
     return absl::InternalError("redis: unexpected reply to MGET of the parts");
@@ -354,24 +359,27 @@ absl::StatusOr<CompressedContext> RedisTier::Get(const std::string& tenant,
   return context;
 }
 
-absl::StatusOr<bool> RedisTier::Delete(const std::string& tenant, const std::string& key) {
-  ASSIGN_OR_RETURN(RedisReply reply, client_->Command({"GETDEL", MetaKey(tenant, key)}));
+absl::StatusOr<bool> RedisTier::Delete(const std::string& tenant, const std::string& key,
+                                       RedisDeadline deadline) {
+  const RedisOperationDeadline op = client_->OperationDeadline(deadline);
+  ASSIGN_OR_RETURN(RedisReply reply, client_->Command({"GETDEL", MetaKey(tenant, key)}, op));
   RETURN_IF_ERROR(ReplyError(*reply, "GETDEL of the metadata"));
   if (reply->type != REDIS_REPLY_STRING) return false;
   // Unreadable metadata names no parts we could find; they expire with their TTL.
   if (absl::StatusOr<Meta> meta = ParseMeta(ReplyText(*reply)); meta.ok()) {
-    RETURN_IF_ERROR(Discard(tenant, key, *meta));
+    RETURN_IF_ERROR(Discard(tenant, key, *meta, op));
   }
   return true;
 }
 
-absl::StatusOr<int64_t> RedisTier::TenantUsage(const std::string& tenant) {
+absl::StatusOr<int64_t> RedisTier::TenantUsage(const std::string& tenant, RedisDeadline deadline) {
   if (options_.tenant_quota_bytes <= 0) return 0;
   const std::string prefix = TenantPrefix(tenant);
   const std::string script = absl::StrCat(kLuaPrune, kLuaUsage);
   ASSIGN_OR_RETURN(RedisReply reply,
                    client_->Command({"EVAL", script, "2", absl::StrCat(prefix, ":q:z"),
-                                     absl::StrCat(prefix, ":q:n")}));
+                                     absl::StrCat(prefix, ":q:n")},
+                                    deadline));
   RETURN_IF_ERROR(ReplyError(*reply, "the usage query"));
   if (reply->type != REDIS_REPLY_INTEGER) {
     return absl::InternalError("redis: unexpected reply to the usage query");

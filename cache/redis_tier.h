@@ -52,21 +52,28 @@ class RedisTier {
   static absl::StatusOr<std::unique_ptr<RedisTier>> Create(const RedisOptions& options,
                                                            std::string model_fingerprint);
 
+  // Every operation takes the caller's absolute deadline (steady clock; kNoRedisDeadline: none)
+  // and ends by the smaller of it and now + command_timeout_ms, all its round trips together
+  // (RedisClient::OperationDeadline): DeadlineExceeded, with what ran out, when it does not.
+  //
   // The entry. Errors:
   //  * NotFound: absent, expired, or incomplete (a part replaced or expired under the reader);
   //  * DataLoss: damaged (metadata unreadable, size or checksum mismatch, codec refuses it);
   //  * FailedPrecondition: made by another model;
   //  * Unavailable / DeadlineExceeded: Redis unreachable or slow (RedisClient).
-  absl::StatusOr<CompressedContext> Get(const std::string& tenant, const std::string& key);
+  absl::StatusOr<CompressedContext> Get(const std::string& tenant, const std::string& key,
+                                        RedisDeadline deadline = kNoRedisDeadline);
   // Stores (or replaces) the entry. ResourceExhausted when the tenant's quota has no room:
   // nothing is written. Otherwise transport errors, or Internal for an error reply.
   absl::Status Put(const std::string& tenant, const std::string& key,
-                   const CompressedContext& context);
+                   const CompressedContext& context, RedisDeadline deadline = kNoRedisDeadline);
   // True when an entry was there.
-  absl::StatusOr<bool> Delete(const std::string& tenant, const std::string& key);
+  absl::StatusOr<bool> Delete(const std::string& tenant, const std::string& key,
+                              RedisDeadline deadline = kNoRedisDeadline);
 
   // Bytes the tenant's quota ledger holds now (0 without a ledger). For tests and operators.
-  absl::StatusOr<int64_t> TenantUsage(const std::string& tenant);
+  absl::StatusOr<int64_t> TenantUsage(const std::string& tenant,
+                                      RedisDeadline deadline = kNoRedisDeadline);
 
   // Key layout (see top), public for tests and tools.
   static std::string Escape(const std::string& s);
@@ -91,9 +98,10 @@ class RedisTier {
                                     const Meta& meta) const;
   std::string LedgerMember(const std::string& key, const Meta& meta) const;
   absl::Status Reserve(const std::string& tenant, const std::string& key, const std::string& member,
-                       int64_t bytes);
+                       int64_t bytes, RedisOperationDeadline deadline);
   // Best effort: drops a replaced or deleted entry's parts and its ledger member.
-  absl::Status Discard(const std::string& tenant, const std::string& key, const Meta& meta);
+  absl::Status Discard(const std::string& tenant, const std::string& key, const Meta& meta,
+                       RedisOperationDeadline deadline);
 
   const RedisOptions options_;
   const std::string model_fingerprint_;

@@ -6,8 +6,10 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/sha256.h"
 #include "common/status.h"
@@ -195,10 +197,26 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
         "tokenizer has ", m->tokenizer_->n_vocab(), " tokens but the embedding has ", c.n_vocab)));
   }
 
-  // Fingerprint: tensor names, shapes, types and bytes, plus the tokenizer metadata, so
-  // that a requantized model or a changed vocabulary never reuses another's cache entries.
+  m->fingerprint_ = Fingerprint(g, c);
+  return m;
+}
+
+std::string Fingerprint(const GgufFile& g, const ModelConfig& c) {
+  // Everything that changes what the forward pass computes, so that no other model (a
+  // requantized copy, a changed vocabulary, or the same tensors under other hyper-parameters,
+  // e.g. another rope.freq_base) ever reuses this one's cache entries:
+  //  * tensor names, shapes, types and bytes;
+  //  * the tokenizer metadata;
+  //  * the configuration the engine derived and computes with (ModelConfig: every field the
+  //    forward pass, RoPE and the window checks read, floats as their exact bits), so that a
+  //    default the engine fills in for a missing key counts as well;
+  //  * every "<arch>." metadata key as stored, so that a key the engine starts reading later
+  //    is covered without anyone remembering to add it here (general.* stays out: a renamed
+  //    copy computes the same thing).
+  // v2: v1 left out the hyper-parameters (issue 14: a copy with rope.freq_base changed
+  // shared the original's fingerprint and was served its cached contexts).
   Sha256 h;
-  h.UpdateField("ctxcache-model-fingerprint-v1");
+  h.UpdateField("ctxcache-model-fingerprint-v2");
   for (const GgufTensorInfo& t : g.tensors()) {
     h.UpdateField(t.name);
     h.UpdateField(DimsString(t.dims));
@@ -211,8 +229,34 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
       h.UpdateField(GgufFile::Describe(*g.Find(key), SIZE_MAX));
     }
   }
-  m->fingerprint_ = h.FinalHex();
-  return m;
+  h.UpdateField("config");
+  h.UpdateField(ConfigFingerprintText(c));
+  h.UpdateField("metadata");
+  const std::string arch_prefix = c.arch + ".";
+  for (const std::string& key : g.keys()) {
+    if (key.rfind(arch_prefix, 0) == 0) {
+      h.UpdateField(key);
+      h.UpdateField(GgufFile::Describe(*g.Find(key), SIZE_MAX));
+    }
+  }
+  return h.FinalHex();
+}
+
+std::string ConfigFingerprintText(const ModelConfig& c) {
+  // Floats as the hex of their bits: exact, where a decimal print could round two apart.
+  auto bits = [](float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    return absl::StrFormat("%08x", u);
+  };
+  return absl::StrCat("arch=", c.arch, ";n_layers=", c.n_layers, ";d_model=", c.d_model,
+                      ";n_heads=", c.n_heads, ";n_kv_heads=", c.n_kv_heads,
+                      ";head_dim=", c.head_dim, ";d_ff=", c.d_ff, ";n_vocab=", c.n_vocab,
+                      ";n_ctx_train=", c.n_ctx_train, ";rms_eps=", bits(c.rms_eps),
+                      ";rope_freq_base=", bits(c.rope_freq_base),
+                      ";rope_freq_scale=", bits(c.rope_freq_scale), ";rope_dim=", c.rope_dim,
+                      ";rope_style=", static_cast<int>(c.rope_style),
+                      ";qkv_bias=", c.qkv_bias ? 1 : 0, ";tied_output=", c.tied_output ? 1 : 0);
 }
 
 RopeParams RopeParamsFor(const ModelConfig& c) {

@@ -46,6 +46,12 @@ struct ModelConfig {
   bool tied_output = false;     // output head shares token_embd
 };
 
+// A model's identity for the caches (Model::fingerprint): tensors, tokenizer metadata, the
+// derived config and every "<arch>." metadata key. ConfigFingerprintText is the config's part:
+// every ModelConfig field, exactly (a field added to ModelConfig belongs there too).
+std::string Fingerprint(const GgufFile& g, const ModelConfig& config);
+std::string ConfigFingerprintText(const ModelConfig& config);
+
 // The RoPE parameters of a model (used by the forward pass and by key re-rotation).
 RopeParams RopeParamsFor(const ModelConfig& config);
 
@@ -69,8 +75,9 @@ class Model {
   const ModelConfig& config() const { return config_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   const GgufFile& gguf() const { return *gguf_; }
-  // Hex SHA-256 over the tensor data and the tokenizer metadata: every cached context
-  // carries it, and a mismatch is a miss.
+  // Hex SHA-256 over the tensor data, the tokenizer metadata and every hyper-parameter the
+  // forward pass reads (Fingerprint below): every cached context carries it, and a mismatch
+  // is a miss.
   const std::string& fingerprint() const { return fingerprint_; }
 
   const WeightMatrix& token_embd() const { return token_embd_; }  // [n_vocab, d_model]

@@ -91,7 +91,9 @@ const std::vector<Setting>& Settings() {
        String(&ServerConfig::listen)},
       {"metrics_listen", "HOST:PORT for Prometheus /metrics, e.g. 127.0.0.1:9464 (default: off)",
        String(&ServerConfig::metrics_listen)},
-      {"model", "GGUF model path (default: $CTXCACHE_MODEL, else models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)",
+      {"model",
+       "GGUF model path (default: $CTXCACHE_MODEL, else "
+       "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)",
        String(&ServerConfig::model)},
       {"memory_cache_bytes", "memory tier budget in resident bytes, e.g. 1GiB (default 1GiB)",
        Bytes(&ServerConfig::memory_cache_bytes)},
@@ -108,6 +110,20 @@ const std::vector<Setting>& Settings() {
        Bytes(&ServerConfig::redis_tenant_quota_bytes)},
       {"redis_key_prefix", "Redis key prefix (default ctxcache:)",
        String(&ServerConfig::redis_key_prefix)},
+      {"redis_circuit_failures",
+       "Redis errors or slow reads in a row that open the circuit breaker, 0 = never (default 5)",
+       Integer(&ServerConfig::redis_circuit_failures)},
+      {"redis_circuit_slow_ms",
+       "A Redis read slower than this counts as a failure for the breaker, 0 = errors only "
+       "(default 250)",
+       Integer(&ServerConfig::redis_circuit_slow_ms)},
+      {"redis_circuit_cool_down_ms",
+       "How long an open circuit skips Redis before one probe (default 5000)",
+       Integer(&ServerConfig::redis_circuit_cool_down_ms)},
+      {"redis_write_queue_entries",
+       "Computed contexts waiting for the background Redis writer; more are dropped "
+       "(default 64)",
+       Integer(&ServerConfig::redis_write_queue_entries)},
       {"workers", "engine workers, 0 = min(4, cores) (default 0)", Integer(&ServerConfig::workers)},
       {"threads_per_worker", "threads per engine worker, 0 = cores / workers (default 0)",
        Integer(&ServerConfig::threads_per_worker)},
@@ -318,6 +334,10 @@ absl::Status ValidateServerConfig(const ServerConfig& c) {
   RETURN_IF_ERROR(range("redis_ttl_seconds", c.redis_ttl_seconds, 0, int64_t{1} << 40));
   RETURN_IF_ERROR(range("redis_tenant_quota_bytes", c.redis_tenant_quota_bytes, 0,
                         int64_t{1} << 50));
+  RETURN_IF_ERROR(range("redis_circuit_failures", c.redis_circuit_failures, 0, 1000000));
+  RETURN_IF_ERROR(range("redis_circuit_slow_ms", c.redis_circuit_slow_ms, 0, 600000));
+  RETURN_IF_ERROR(range("redis_circuit_cool_down_ms", c.redis_circuit_cool_down_ms, 0, 3600000));
+  RETURN_IF_ERROR(range("redis_write_queue_entries", c.redis_write_queue_entries, 1, 1 << 20));
   if (!c.redis_url.empty()) {
     // The cache's own parser, so that what starts is what connects; its messages never
     // carry the password.

@@ -34,6 +34,11 @@ struct ServerConfig {
   int64_t redis_ttl_seconds = 24 * 3600;
   int64_t redis_tenant_quota_bytes = 0;  // 0 = unlimited
   std::string redis_key_prefix = "ctxcache:";
+  // Circuit breaker and background writer (cache/context_store.h RedisOptions).
+  int redis_circuit_failures = 5;   // 0 = no breaker
+  int redis_circuit_slow_ms = 250;  // 0 = only errors count
+  int redis_circuit_cool_down_ms = 5000;
+  int redis_write_queue_entries = 64;
   // Engine workers: each owns a Runner with threads_per_worker threads; 0 = automatic
   // (workers = min(4, cores), threads = cores / workers).
   int workers = 0;

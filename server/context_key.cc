@@ -12,18 +12,15 @@ bool MethodUsesQuestion(std::string_view method) {
   return method == "snapkv" || method == "finch";
 }
 
-uint32_t ExpectedMethodVersion(std::string_view method) {
-  // engine/compress/compress.cc: MethodVersion.
-  return method == "expected_attention" || method == "finch" ? 2 : 1;
-}
-
 std::string ContextId(std::string_view tenant, std::string_view model_fingerprint,
                       const CompressionSpec& spec, uint32_t method_version,
                       absl::Span<const int32_t> tokens) {
   // Every field is length-prefixed (UpdateField), so no two different field lists hash the
-  // same bytes; the leading tag versions the derivation itself.
+  // same bytes; the leading tag versions the derivation itself. v2 (issue 14): the model
+  // fingerprint covers the hyper-parameters and float params are exact (shortest round-trip
+  // decimal), so no id made under the old, coarser identity can name a new context.
   Sha256 h;
-  h.UpdateField("ctxcache.context_id.v1");
+  h.UpdateField("ctxcache.context_id.v2");
   h.UpdateField(tenant);
   h.UpdateField(model_fingerprint);
   h.UpdateField(spec.method);

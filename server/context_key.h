@@ -18,12 +18,7 @@ namespace ctxcache::server {
 // Methods whose output depends on CompressionSpec::question (prompt-guided).
 bool MethodUsesQuestion(std::string_view method);
 
-// The method version Compress stamps on its output (CompressedContext::method_version). The
-// engine keeps its version private, so the server states the one it expects and checks every
-// computed context against it (a mismatch is an internal error that names both, never a
-// silently wrong key).
-uint32_t ExpectedMethodVersion(std::string_view method);
-
+// `method_version` is ctxcache::MethodVersion(spec.method) (compress.h).
 std::string ContextId(std::string_view tenant, std::string_view model_fingerprint,
                       const CompressionSpec& spec, uint32_t method_version,
                       absl::Span<const int32_t> tokens);

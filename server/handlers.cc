@@ -316,7 +316,7 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
   // A compression prefills the whole document before pruning: reserve that working cache.
   RETURN_IF_ERROR(reservation.Resize(
       reserved_base + static_cast<int64_t>(ids.size()) * WorkingBytesPerToken()));
-  const uint32_t version = ExpectedMethodVersion(spec.method);
+  const uint32_t version = MethodVersion(spec.method);
   ContextOutcome out;
   out.context_id = ContextId(tenant, model_.fingerprint(), spec, version, ids);
   ASSIGN_OR_RETURN(
@@ -329,8 +329,8 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
         if (c.method_version != version) {
           return absl::InternalError(absl::StrCat(
               "method ", spec.method, " produced version ", c.method_version,
-              " but the server keys contexts with version ", version,
-              ": update ExpectedMethodVersion in server/context_key.cc"));
+              " but the context id was derived for version ", version,
+              " (engine/compress/spec.cc kMethodTable is the one table for both)"));
         }
         // Here, inside the single flight, each computation is counted once.
         if (metrics_ != nullptr) metrics_->RecordCompression(c.method, Since(compress_start), c);

@@ -11,6 +11,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "cache/redis_client.h"
 #include "common/status.h"
 #include "server/wire.h"
 
@@ -104,6 +105,10 @@ absl::Status ServerInstance::Load() {
   so.redis.ttl_seconds = config_.redis_ttl_seconds;
   so.redis.tenant_quota_bytes = config_.redis_tenant_quota_bytes;
   so.redis.key_prefix = config_.redis_key_prefix;
+  so.redis.circuit_failures = config_.redis_circuit_failures;
+  so.redis.circuit_slow_ms = config_.redis_circuit_slow_ms;
+  so.redis.circuit_cool_down_ms = config_.redis_circuit_cool_down_ms;
+  so.redis.write_queue_entries = config_.redis_write_queue_entries;
   so.redis_observer = metrics_->MakeRedisObserver();
   ASSIGN_OR_RETURN(store_, ContextStore::Create(so));
 
@@ -135,7 +140,8 @@ absl::Status ServerInstance::Load() {
       "serving {} on {}: {} worker(s) x {} thread(s), memory cache {} MB, redis {}, KV budget "
       "{} MB, ready in {:.2f} s",
       model_->config().name, address(), sched.workers, sched.threads_per_worker,
-      config_.memory_cache_bytes >> 20, config_.redis_url.empty() ? "off" : config_.redis_url,
+      config_.memory_cache_bytes >> 20,
+      config_.redis_url.empty() ? "off" : RedactRedisUrl(config_.redis_url),  // no password
       sched.max_kv_bytes >> 20,
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return absl::OkStatus();

@@ -128,6 +128,25 @@ ServerMetrics::ServerMetrics(const std::string& version)
       redis_up_(registry_.AddGauge(
           "ctxcache_redis_up",
           "1 when the last Redis command or connect succeeded, else 0 (only with a Redis tier).")),
+      redis_circuit_(registry_.AddGauge(
+          "ctxcache_redis_circuit_state",
+          "Redis circuit breaker: 0 closed (Redis used), 1 open (skipped after repeated errors "
+          "or slow operations), 2 half-open (the next operation probes).")),
+      redis_write_queue_(registry_.AddGauge(
+          "ctxcache_redis_write_queue_depth",
+          "Computed contexts waiting for the background Redis writer.")),
+      redis_circuit_opens_(registry_.AddCounter("ctxcache_redis_circuit_opens_total",
+                                                "Times the Redis circuit breaker opened.")),
+      redis_short_circuited_(registry_.AddCounter(
+          "ctxcache_redis_short_circuited_total",
+          "Redis operations skipped because the circuit breaker was open.")),
+      redis_slow_(registry_.AddCounter(
+          "ctxcache_redis_slow_operations_total",
+          "Redis reads that succeeded but took longer than the breaker's slow threshold.")),
+      redis_writes_dropped_(registry_.AddCounter(
+          "ctxcache_redis_writes_dropped_total",
+          "Computed contexts not written to Redis: write queue full, circuit open, or "
+          "shutdown.")),
       queue_depth_(registry_
                        .AddGauge("ctxcache_queue_depth",
                                  "Requests waiting for an engine worker.")
@@ -270,6 +289,12 @@ void ServerMetrics::Collect() {
       redis("wrong_model", s.redis_wrong_model);
       redis("error", s.redis_read_errors);
       redis_up_.Get().Set(s.redis_connected ? 1 : 0);
+      redis_circuit_.Get().Set(static_cast<double>(s.redis_circuit));
+      redis_write_queue_.Get().Set(static_cast<double>(s.redis_write_queue_depth));
+      SetTotal(redis_circuit_opens_.Get(), static_cast<double>(s.redis_circuit_opens));
+      SetTotal(redis_short_circuited_.Get(), static_cast<double>(s.redis_short_circuited));
+      SetTotal(redis_slow_.Get(), static_cast<double>(s.redis_slow));
+      SetTotal(redis_writes_dropped_.Get(), static_cast<double>(s.redis_writes_dropped));
     }
   }
   if (sources_.scheduler) {

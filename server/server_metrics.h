@@ -91,6 +91,10 @@ class ServerMetrics {
   metrics::GaugeFamily &cache_bytes_, &cache_entries_;
   metrics::CounterFamily& evictions_;
   metrics::GaugeFamily& redis_up_;
+  // Redis circuit breaker and background writer (ContextStoreStats).
+  metrics::GaugeFamily &redis_circuit_, &redis_write_queue_;
+  metrics::CounterFamily &redis_circuit_opens_, &redis_short_circuited_, &redis_slow_,
+      &redis_writes_dropped_;
   metrics::Gauge &queue_depth_, &running_, &workers_, &rss_;
   metrics::Counter& busy_seconds_;
   metrics::GaugeFamily& build_info_;

@@ -526,6 +526,41 @@ TEST(SpecTest, CanonicalParamsAreSortedAndMethodSpecific) {
   EXPECT_THAT(s.CanonicalParams(), HasSubstr("head_budget_alpha=0.35;"));
 }
 
+// Issue 14: float params printed with 6 significant digits, so ratio 3.999999 and 4 (different
+// budgets) shared one canonical form and one cache key. Now every float param is the shortest
+// decimal that reads back exactly: distinct doubles never share a form, short ones print as
+// they always did (so their keys did not move).
+TEST(SpecTest, CanonicalFloatParamsAreExact) {
+  CompressionSpec s;
+  s.method = "streaming";
+  s.ratio = 4;
+  EXPECT_EQ(s.CanonicalParams(), "n_sink=4;per_layer=0;ratio=4");
+  s.ratio = 3.999999;
+  EXPECT_EQ(s.CanonicalParams(), "n_sink=4;per_layer=0;ratio=3.999999");
+  s.ratio = 2.5;
+  EXPECT_EQ(s.CanonicalParams(), "n_sink=4;per_layer=0;ratio=2.5");
+  std::mt19937_64 rng(14);
+  std::uniform_real_distribution<double> dist(1.0, 64.0);
+  for (int i = 0; i < 1000; ++i) {
+    const double r = dist(rng);
+    const double next = std::nextafter(r, 100.0);
+    CompressionSpec a = s, b = s;
+    a.ratio = r;
+    b.ratio = next;
+    ASSERT_NE(a.CanonicalParams(), b.CanonicalParams()) << r;
+    // And it round-trips: the printed ratio is the ratio.
+    const std::string params = a.CanonicalParams();
+    const double back = std::stod(params.substr(params.find("ratio=") + 6));
+    ASSERT_EQ(back, r);
+  }
+  CompressionSpec ada;
+  ada.method = "snapkv";
+  ada.ratio = 4;
+  ada.head_budget = "adaptive";
+  ada.head_budget_alpha = 0.2000001;
+  EXPECT_THAT(ada.CanonicalParams(), HasSubstr("head_budget_alpha=0.2000001;"));
+}
+
 // ---- RoPE re-rotation and query recovery -------------------------------------------------------
 
 RopeParams TestRope(bool neox) {

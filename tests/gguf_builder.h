@@ -94,4 +94,82 @@ class GgufBuilder {
   std::string kvs_, infos_, data_;
 };
 
+// A copy of the GGUF file `file` with metadata `key` set to a value of GGUF type `type`
+// (encoded `body`, as GgufBuilder::Kv takes it): replaced where the key exists, appended
+// otherwise. Tensor infos and data are kept as they are (their offsets are relative to the
+// data section, which is re-aligned after the new header). Returns "" when `file` is not a
+// GGUF v2/v3 file this helper can walk (a test bug, not a reader test).
+inline std::string GgufWithKv(const std::string& file, const std::string& key, uint32_t type,
+                              const std::string& body) {
+  size_t p = 0;
+  bool ok = true;
+  auto take = [&](size_t n) {
+    ok = ok && p + n <= file.size();
+    const size_t at = p;
+    if (ok) p += n;
+    return at;
+  };
+  auto u32 = [&]() { uint32_t v = 0; const size_t at = take(4); if (ok) std::memcpy(&v, &file[at], 4); return v; };
+  auto u64 = [&]() { uint64_t v = 0; const size_t at = take(8); if (ok) std::memcpy(&v, &file[at], 8); return v; };
+  auto str = [&]() { const uint64_t n = u64(); const size_t at = take(n); return ok ? file.substr(at, n) : std::string(); };
+  auto scalar_size = [](uint32_t t) -> size_t {
+    switch (t) {
+      case 0: case 1: case 7: return 1;
+      case 2: case 3: return 2;
+      case 4: case 5: case 6: return 4;
+      case 10: case 11: case 12: return 8;
+      default: return 0;
+    }
+  };
+  auto skip_value = [&](uint32_t t) {
+    if (t == 8) { str(); return; }
+    if (t == 9) {
+      const uint32_t et = u32();
+      const uint64_t n = u64();
+      for (uint64_t i = 0; ok && i < n; ++i) {
+        if (et == 8) str(); else take(scalar_size(et));
+      }
+      return;
+    }
+    ok = ok && scalar_size(t) != 0;
+    take(scalar_size(t));
+  };
+  if (file.compare(0, 4, "GGUF") != 0) return "";
+  take(4);
+  const uint32_t version = u32();
+  const uint64_t n_tensors = u64(), n_kv = u64();
+  uint64_t alignment = 32;
+  std::string kvs;
+  bool replaced = false;
+  for (uint64_t i = 0; ok && i < n_kv; ++i) {
+    const size_t start = p;
+    const std::string k = str();
+    const uint32_t t = u32();
+    const size_t value_at = p;
+    skip_value(t);
+    if (k == "general.alignment" && t == 4) std::memcpy(&alignment, &file[value_at], 4), alignment &= 0xffffffffu;
+    if (k == key) {
+      kvs += GgufBuilder::Str(key) + GgufBuilder::Pod(type) + body;
+      replaced = true;
+    } else {
+      kvs += file.substr(start, p - start);
+    }
+  }
+  if (!replaced) kvs += GgufBuilder::Str(key) + GgufBuilder::Pod(type) + body;
+  const size_t infos_start = p;
+  for (uint64_t i = 0; ok && i < n_tensors; ++i) {
+    str();
+    const uint32_t n_dims = u32();
+    take(8 * static_cast<size_t>(n_dims) + 4 + 8);
+  }
+  if (!ok || alignment == 0) return "";
+  const std::string infos = file.substr(infos_start, p - infos_start);
+  const size_t data_start = (p + alignment - 1) / alignment * alignment;
+  std::string out = "GGUF" + GgufBuilder::Pod(version) + GgufBuilder::Pod(n_tensors) +
+                    GgufBuilder::Pod(n_kv + (replaced ? 0 : 1)) + kvs + infos;
+  out.resize((out.size() + alignment - 1) / alignment * alignment, '\0');
+  if (data_start < file.size()) out += file.substr(data_start);
+  return out;
+}
+
 }  // namespace ctxcache::testing

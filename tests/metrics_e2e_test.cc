@@ -399,6 +399,7 @@ TEST_F(MetricsE2ETest, ScrapeMatchesTheCallsMade) {
   EXPECT_EQ(value("ctxcache_cache_entries{tier=\"memory\"}"), 2);
   EXPECT_GT(value("ctxcache_cache_bytes{tier=\"memory\"}"), 0);
   EXPECT_EQ(m.count("ctxcache_redis_up"), 0u);
+  EXPECT_EQ(m.count("ctxcache_redis_circuit_state"), 0u);
   EXPECT_EQ(value("ctxcache_redis_operations_total{op=\"get\"}"), 0);
   // Scheduler and process.
   EXPECT_EQ(value("ctxcache_workers"), 1);
@@ -443,6 +444,7 @@ TEST_F(MetricsE2ETest, RedisTierLookupsAndOperations) {
   auto scrape = [&] { return ParseSamples(Split(Get(port, "/metrics")).body); };
 
   ASSERT_TRUE(compress(kDocument).ok());  // redis get: miss; computed; redis put
+  ASSERT_TRUE(server->store()->WaitForWrites(absl::Seconds(30)));  // the put runs in the background
   server->store()->ClearMemory();
   ASSERT_TRUE(compress(kDocument).ok());  // redis get: hit
   {
@@ -454,6 +456,15 @@ TEST_F(MetricsE2ETest, RedisTierLookupsAndOperations) {
   }  // redis get: miss
   std::map<std::string, double> m = scrape();
   EXPECT_EQ(m["ctxcache_redis_up"], 1);
+  // The breaker and the background writer: closed, nothing skipped or dropped, queue empty.
+  for (const char* name : {"ctxcache_redis_circuit_state", "ctxcache_redis_circuit_opens_total",
+                           "ctxcache_redis_short_circuited_total",
+                           "ctxcache_redis_slow_operations_total",
+                           "ctxcache_redis_write_queue_depth",
+                           "ctxcache_redis_writes_dropped_total"}) {
+    ASSERT_EQ(m.count(name), 1u) << name;
+    EXPECT_EQ(m[name], 0) << name;
+  }
   EXPECT_EQ(m["ctxcache_cache_lookups_total{tier=\"redis\",result=\"hit\"}"], 1);
   EXPECT_EQ(m["ctxcache_cache_lookups_total{tier=\"redis\",result=\"miss\"}"], 2);
   EXPECT_EQ(m["ctxcache_cache_lookups_total{tier=\"redis\",result=\"error\"}"], 0);

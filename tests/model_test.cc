@@ -8,10 +8,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
+#include <functional>
+#include <set>
 #include <numeric>
 
 #include "engine/cpu/quant.h"
 #include "engine/model.h"
+#include "tests/gguf_builder.h"
 #include "tests/test_util.h"
 
 namespace ctxcache {
@@ -261,6 +265,94 @@ TEST_P(ModelTest, FingerprintIsStableAndHex) {
   auto again = Model::Load(model().gguf().path());
   ASSERT_TRUE(again.ok());
   EXPECT_EQ((*again)->fingerprint(), f);
+}
+
+// Issue 14: the fingerprint covered tensors and tokenizer only, so a copy of a model with
+// `rope.freq_base` changed (same tensors, different forward pass) shared the original's
+// fingerprint and was served its cached contexts. Each copy here changes one hyper-parameter
+// the forward pass (or the window check) reads and must get its own fingerprint; a copy that
+// changes only general.name (read by nothing that computes) keeps the original's.
+TEST(ModelFingerprintTest, EveryHyperParameterChangesIt) {
+  using testing::GgufBuilder;
+  const std::string path = testing::TestDataPath("tiny/llama_scaled.gguf");
+  absl::StatusOr<std::string> original = testing::ReadFileToString(path);
+  ASSERT_TRUE(original.ok()) << original.status();
+  auto base = Model::Load(path);
+  ASSERT_TRUE(base.ok()) << base.status();
+  const ModelConfig& c = (*base)->config();
+  ASSERT_EQ(c.arch, "llama");
+  ASSERT_NE(c.rope_freq_scale, 1.f) << "the fixture is meant to use linear RoPE scaling";
+
+  struct Edit {
+    std::string key;
+    uint32_t type;
+    std::string body;
+    bool same;  // expected to keep the fingerprint
+  };
+  const std::vector<Edit> edits = {
+      {"llama.rope.freq_base", 6, GgufBuilder::Pod(c.rope_freq_base * 1.5f), false},
+      {"llama.rope.scaling.factor", 6, GgufBuilder::Pod(2.5f), false},
+      {"llama.rope.scaling.type", 8, GgufBuilder::Str("none"), false},
+      {"llama.rope.dimension_count", 4, GgufBuilder::Pod(uint32_t(c.head_dim - 2)), false},
+      {"llama.attention.layer_norm_rms_epsilon", 6, GgufBuilder::Pod(c.rms_eps * 2), false},
+      {"llama.context_length", 4, GgufBuilder::Pod(uint32_t(c.n_ctx_train + 1)), false},
+      {"general.name", 8, GgufBuilder::Str("a renamed copy"), true},
+  };
+  std::set<std::string> seen = {(*base)->fingerprint()};
+  for (const Edit& e : edits) {
+    SCOPED_TRACE(e.key);
+    const std::string bytes = testing::GgufWithKv(*original, e.key, e.type, e.body);
+    ASSERT_FALSE(bytes.empty());
+    const std::string copy = ::testing::TempDir() + "/fingerprint_copy.gguf";
+    {
+      std::ofstream out(copy, std::ios::binary | std::ios::trunc);
+      out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+      ASSERT_TRUE(out.good());
+    }
+    auto m = Model::Load(copy);
+    ASSERT_TRUE(m.ok()) << m.status();
+    if (e.same) {
+      EXPECT_EQ((*m)->fingerprint(), (*base)->fingerprint());
+    } else {
+      EXPECT_NE((*m)->fingerprint(), (*base)->fingerprint());
+      EXPECT_TRUE(seen.insert((*m)->fingerprint()).second) << "two edits share a fingerprint";
+    }
+  }
+}
+
+// Every ModelConfig field reaches the fingerprint's config part, exactly: a float that
+// differs in its last bit still changes it (a decimal print could round the two together).
+TEST(ModelFingerprintTest, ConfigTextCoversEveryFieldExactly) {
+  ModelConfig base;
+  base.arch = "llama";
+  std::vector<std::function<void(ModelConfig&)>> edits = {
+      [](ModelConfig& c) { c.arch = "qwen2"; },
+      [](ModelConfig& c) { c.n_layers = 3; },
+      [](ModelConfig& c) { c.d_model = 3; },
+      [](ModelConfig& c) { c.n_heads = 3; },
+      [](ModelConfig& c) { c.n_kv_heads = 3; },
+      [](ModelConfig& c) { c.head_dim = 3; },
+      [](ModelConfig& c) { c.d_ff = 3; },
+      [](ModelConfig& c) { c.n_vocab = 3; },
+      [](ModelConfig& c) { c.n_ctx_train = 3; },
+      [](ModelConfig& c) { c.rms_eps = std::nextafter(c.rms_eps, 1.f); },
+      [](ModelConfig& c) { c.rope_freq_base = std::nextafter(c.rope_freq_base, 1e9f); },
+      [](ModelConfig& c) { c.rope_freq_scale = std::nextafter(c.rope_freq_scale, 0.f); },
+      [](ModelConfig& c) { c.rope_dim = 3; },
+      [](ModelConfig& c) { c.rope_style = RopeStyle::kNeox; },
+      [](ModelConfig& c) { c.qkv_bias = true; },
+      [](ModelConfig& c) { c.tied_output = true; },
+  };
+  std::set<std::string> seen = {ConfigFingerprintText(base)};
+  for (size_t i = 0; i < edits.size(); ++i) {
+    ModelConfig c = base;
+    edits[i](c);
+    EXPECT_TRUE(seen.insert(ConfigFingerprintText(c)).second) << "edit " << i;
+  }
+  // name is general.name: not part of what the engine computes.
+  ModelConfig renamed = base;
+  renamed.name = "other";
+  EXPECT_EQ(ConfigFingerprintText(renamed), ConfigFingerprintText(base));
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, ModelTest, testing::TestModelNames(), testing::TestModelLabel);

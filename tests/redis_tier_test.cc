@@ -162,6 +162,9 @@ class RedisTierTest : public ::testing::Test {
     o.redis.command_timeout_ms = 500;
     o.redis.backoff_initial_ms = 10;
     o.redis.backoff_max_ms = 100;
+    // The circuit breaker opens after 5 failures in a row (an outage here makes several):
+    // a short cool-down, so that it does not outlast the outages these tests play out.
+    o.redis.circuit_cool_down_ms = 50;
     o.redis.ttl_seconds = 3600;
     o.redis.max_part_bytes = 1000;
     return o;
@@ -179,6 +182,16 @@ class RedisTierTest : public ::testing::Test {
   }
   Raw RawConnection(const std::vector<std::string>& auth = {}) {
     return Raw(server_->Connect(auth));
+  }
+
+  // GetOrCompute, then waits for the background writer to store the result: these tests
+  // check what lands in Redis, which the store writes after GetOrCompute has returned.
+  static absl::StatusOr<StoreResult> Stored(ContextStore* store, const std::string& tenant,
+                                            const std::string& key,
+                                            const ContextStore::ComputeFn& compute) {
+    absl::StatusOr<StoreResult> r = store->GetOrCompute(tenant, key, compute);
+    EXPECT_TRUE(store->WaitForWrites(absl::Seconds(30))) << "a Redis write did not finish";
+    return r;
   }
 
   // A compute function that counts its calls.
@@ -308,7 +321,7 @@ TEST_F(RedisTierTest, MetadataIsWrittenLastAndAHalfWrittenEntryIsAMiss) {
   // Through the store: counted as a miss (not damage), recomputed, and readable again.
   std::unique_ptr<ContextStore> store = NewStore(o);
   int computes = 0;
-  absl::StatusOr<StoreResult> r = store->GetOrCompute("acme", "k1", Counting(&computes));
+  absl::StatusOr<StoreResult> r = Stored(store.get(), "acme", "k1", Counting(&computes));
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->tier, CacheTier::kComputed);
   EXPECT_EQ(store->Stats().redis_misses, 1);
@@ -348,7 +361,7 @@ TEST_F(RedisTierTest, AuthenticatesWithAPassword) {
   ASSERT_EQ(server_->Start(), "");
   std::unique_ptr<ContextStore> store = NewStore(Options(server_->Url(":s3cret")));
   int computes = 0;
-  ASSERT_TRUE(store->GetOrCompute("t", "k", Counting(&computes)).ok());
+  ASSERT_TRUE(Stored(store.get(), "t", "k", Counting(&computes)).ok());
   store->ClearMemory();
   absl::StatusOr<StoreResult> r = store->Get("t", "k");
   ASSERT_TRUE(r.ok()) << r.status();
@@ -360,7 +373,7 @@ TEST_F(RedisTierTest, AuthenticatesWithAPassword) {
   for (const std::string& userinfo : {std::string(":wrong"), std::string()}) {
     std::unique_ptr<ContextStore> bad = NewStore(Options(server_->Url(userinfo)));
     computes = 0;
-    r = bad->GetOrCompute("t", "k", Counting(&computes));
+    r = Stored(bad.get(), "t", "k", Counting(&computes));
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->tier, CacheTier::kComputed) << userinfo;
     EXPECT_EQ(computes, 1);
@@ -376,7 +389,7 @@ TEST_F(RedisTierTest, AuthenticatesAsAnAclUserAndSelectsTheDatabase) {
   ASSERT_EQ(server_->Start(), "");
   std::unique_ptr<ContextStore> store = NewStore(Options(server_->Url("alice:alicepw", 3)));
   int computes = 0;
-  ASSERT_TRUE(store->GetOrCompute("t", "k", Counting(&computes)).ok());
+  ASSERT_TRUE(Stored(store.get(), "t", "k", Counting(&computes)).ok());
   store->ClearMemory();
   absl::StatusOr<StoreResult> r = store->Get("t", "k");
   ASSERT_TRUE(r.ok()) << r.status();
@@ -392,7 +405,7 @@ TEST_F(RedisTierTest, AuthenticatesAsAnAclUserAndSelectsTheDatabase) {
   // The right password for the wrong user is refused.
   std::unique_ptr<ContextStore> bad = NewStore(Options(server_->Url("bob:alicepw")));
   computes = 0;
-  ASSERT_TRUE(bad->GetOrCompute("t", "k", Counting(&computes)).ok());
+  ASSERT_TRUE(Stored(bad.get(), "t", "k", Counting(&computes)).ok());
   EXPECT_EQ(computes, 1);
   EXPECT_GE(bad->Stats().redis_errors, 1);
   EXPECT_FALSE(bad->Stats().redis_connected);
@@ -406,7 +419,7 @@ TEST_F(RedisTierTest, TenantQuotaSkipsWritesButNeverFailsRequests) {
   std::unique_ptr<RedisTier> tier = NewTier(o.redis);
   int computes = 0;
   for (const char* key : {"k1", "k2", "k3"}) {
-    absl::StatusOr<StoreResult> r = store->GetOrCompute("alice", key, Counting(&computes));
+    absl::StatusOr<StoreResult> r = Stored(store.get(), "alice", key, Counting(&computes));
     ASSERT_TRUE(r.ok()) << key << ": " << r.status();
     EXPECT_EQ(r->tier, CacheTier::kComputed);
   }
@@ -419,7 +432,7 @@ TEST_F(RedisTierTest, TenantQuotaSkipsWritesButNeverFailsRequests) {
   EXPECT_TRUE(raw.Keys("ctxcache:alice:*k3*").empty());  // nothing of the skipped entry
 
   // Another tenant has its own quota.
-  ASSERT_TRUE(store->GetOrCompute("bob", "k1", Counting(&computes)).ok());
+  ASSERT_TRUE(Stored(store.get(), "bob", "k1", Counting(&computes)).ok());
   EXPECT_EQ(store->Stats().redis_writes, 3);
   EXPECT_EQ(*tier->TenantUsage("bob"), blob);
 
@@ -429,7 +442,7 @@ TEST_F(RedisTierTest, TenantQuotaSkipsWritesButNeverFailsRequests) {
   ASSERT_TRUE(store->Delete("alice", "k1").ok());
   EXPECT_EQ(*tier->TenantUsage("alice"), blob);
   store->ClearMemory();
-  ASSERT_TRUE(store->GetOrCompute("alice", "k3", Counting(&computes)).ok());
+  ASSERT_TRUE(Stored(store.get(), "alice", "k3", Counting(&computes)).ok());
   EXPECT_EQ(store->Stats().redis_writes, 4);
   EXPECT_EQ(*tier->TenantUsage("alice"), 2 * blob);
 }
@@ -459,12 +472,12 @@ TEST_F(RedisTierTest, ExpiredEntriesGiveTheirQuotaBack) {
 TEST_F(RedisTierTest, TenantsAreIsolated) {
   std::unique_ptr<ContextStore> store = NewStore(Options());
   int computes = 0;
-  ASSERT_TRUE(store->GetOrCompute("alice", "k", Counting(&computes, 1.0f)).ok());
+  ASSERT_TRUE(Stored(store.get(), "alice", "k", Counting(&computes, 1.0f)).ok());
   store->ClearMemory();
   EXPECT_EQ(store->Get("bob", "k").status().code(), absl::StatusCode::kNotFound);
   // A tenant whose name spells alice's key namespace gets its own, escaped one.
   EXPECT_EQ(store->Get("alice:m", "k").status().code(), absl::StatusCode::kNotFound);
-  absl::StatusOr<StoreResult> r = store->GetOrCompute("alice:m", "k", Counting(&computes, 2.0f));
+  absl::StatusOr<StoreResult> r = Stored(store.get(), "alice:m", "k", Counting(&computes, 2.0f));
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->tier, CacheTier::kComputed);
   EXPECT_EQ(computes, 2);
@@ -484,10 +497,10 @@ TEST_F(RedisTierTest, TenantsAreIsolated) {
 TEST_F(RedisTierTest, ClearMemoryThenGetServesFromRedis) {
   std::unique_ptr<ContextStore> store = NewStore(Options());
   int computes = 0;
-  absl::StatusOr<StoreResult> first = store->GetOrCompute("t", "k", Counting(&computes, 4.0f));
+  absl::StatusOr<StoreResult> first = Stored(store.get(), "t", "k", Counting(&computes, 4.0f));
   ASSERT_TRUE(first.ok());
   EXPECT_EQ(first->tier, CacheTier::kComputed);
-  EXPECT_EQ(store->GetOrCompute("t", "k", Counting(&computes))->tier, CacheTier::kMemory);
+  EXPECT_EQ(Stored(store.get(), "t", "k", Counting(&computes))->tier, CacheTier::kMemory);
   store->ClearMemory();
   EXPECT_EQ(store->Stats().memory_entries, 0);
   absl::StatusOr<StoreResult> r = store->Get("t", "k");
@@ -495,11 +508,11 @@ TEST_F(RedisTierTest, ClearMemoryThenGetServesFromRedis) {
   EXPECT_EQ(r->tier, CacheTier::kRedis);
   ExpectSameContext(*r->context, *first->context);
   // The hit was promoted to memory.
-  EXPECT_EQ(store->GetOrCompute("t", "k", Counting(&computes))->tier, CacheTier::kMemory);
+  EXPECT_EQ(Stored(store.get(), "t", "k", Counting(&computes))->tier, CacheTier::kMemory);
   EXPECT_EQ(computes, 1);
   // A second process sharing the Redis (here: a second store) hits it too.
   std::unique_ptr<ContextStore> replica = NewStore(Options());
-  EXPECT_EQ(replica->GetOrCompute("t", "k", Counting(&computes))->tier, CacheTier::kRedis);
+  EXPECT_EQ(Stored(replica.get(), "t", "k", Counting(&computes))->tier, CacheTier::kRedis);
   EXPECT_EQ(computes, 1);
   const ContextStoreStats s = store->Stats();
   EXPECT_EQ(s.redis_hits, 1);
@@ -510,7 +523,7 @@ TEST_F(RedisTierTest, ClearMemoryThenGetServesFromRedis) {
 TEST_F(RedisTierTest, DeleteRemovesFromBothTiers) {
   std::unique_ptr<ContextStore> store = NewStore(Options());
   int computes = 0;
-  ASSERT_TRUE(store->GetOrCompute("t", "k", Counting(&computes)).ok());
+  ASSERT_TRUE(Stored(store.get(), "t", "k", Counting(&computes)).ok());
   ASSERT_TRUE(store->Delete("t", "k").ok());
   EXPECT_EQ(store->Get("t", "k").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store->Delete("t", "k").code(), absl::StatusCode::kNotFound);
@@ -525,7 +538,7 @@ TEST_F(RedisTierTest, ConcurrentRequestsShareOneLookupAndCompute) {
   for (int i = 0; i < 8; ++i) {
     threads.emplace_back([&] {
       absl::StatusOr<StoreResult> r =
-          store->GetOrCompute("t", "k", [&]() -> absl::StatusOr<CompressedContext> {
+          Stored(store.get(), "t", "k", [&]() -> absl::StatusOr<CompressedContext> {
             ++computes;
             return MakeContext();
           });
@@ -540,14 +553,14 @@ TEST_F(RedisTierTest, ConcurrentRequestsShareOneLookupAndCompute) {
 TEST_F(RedisTierTest, RedisKilledThenRestarted) {
   std::unique_ptr<ContextStore> store = NewStore(Options());
   int computes = 0;
-  ASSERT_TRUE(store->GetOrCompute("t", "k", Counting(&computes)).ok());
+  ASSERT_TRUE(Stored(store.get(), "t", "k", Counting(&computes)).ok());
   EXPECT_TRUE(store->Stats().redis_connected);
 
   server_->Kill();
   store->ClearMemory();
   const auto start = std::chrono::steady_clock::now();
   for (const char* key : {"k", "k2", "k3"}) {
-    absl::StatusOr<StoreResult> r = store->GetOrCompute("t", key, Counting(&computes));
+    absl::StatusOr<StoreResult> r = Stored(store.get(), "t", key, Counting(&computes));
     ASSERT_TRUE(r.ok()) << key << ": " << r.status();
     EXPECT_EQ(r->tier, CacheTier::kComputed);
   }
@@ -565,7 +578,7 @@ TEST_F(RedisTierTest, RedisKilledThenRestarted) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
   while (store->Stats().redis_writes == writes && std::chrono::steady_clock::now() < deadline) {
     store->ClearMemory();
-    ASSERT_TRUE(store->GetOrCompute("t", "after", Counting(&computes)).ok());
+    ASSERT_TRUE(Stored(store.get(), "t", "after", Counting(&computes)).ok());
     if (store->Stats().redis_writes == writes) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
@@ -585,12 +598,12 @@ TEST_F(RedisTierTest, StalledRedisCostsOneTimeoutThenFailsFast) {
   o.redis.backoff_max_ms = 30000;
   std::unique_ptr<ContextStore> store = NewStore(o);
   int computes = 0;
-  ASSERT_TRUE(store->GetOrCompute("t", "k", Counting(&computes)).ok());
+  ASSERT_TRUE(Stored(store.get(), "t", "k", Counting(&computes)).ok());
   store->ClearMemory();
 
   server_->Pause();  // accepts connections, never answers
   auto start = std::chrono::steady_clock::now();
-  absl::StatusOr<StoreResult> r = store->GetOrCompute("t", "k", Counting(&computes));
+  absl::StatusOr<StoreResult> r = Stored(store.get(), "t", "k", Counting(&computes));
   const auto first = std::chrono::steady_clock::now() - start;
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->tier, CacheTier::kComputed);
@@ -598,7 +611,7 @@ TEST_F(RedisTierTest, StalledRedisCostsOneTimeoutThenFailsFast) {
   EXPECT_LT(first, std::chrono::seconds(3));
 
   start = std::chrono::steady_clock::now();
-  r = store->GetOrCompute("t", "k2", Counting(&computes));
+  r = Stored(store.get(), "t", "k2", Counting(&computes));
   ASSERT_TRUE(r.ok()) << r.status();
   // In backoff: no second timeout (read and write both fail at once).
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(250));
@@ -620,14 +633,14 @@ class CorruptionTest : public RedisTierTest {
     std::unique_ptr<ContextStore> store = NewStore(Options());
     std::unique_ptr<RedisTier> tier = NewTier(Options().redis);
     int computes = 0;
-    ASSERT_TRUE(store->GetOrCompute("t", "k", Counting(&computes)).ok());
+    ASSERT_TRUE(Stored(store.get(), "t", "k", Counting(&computes)).ok());
     Raw raw = RawConnection();
     damage(raw);
     const std::vector<std::string> damaged_parts = raw.Keys("ctxcache:t:p:*");
     EXPECT_EQ(tier->Get("t", "k").status().code(), absl::StatusCode::kDataLoss);
 
     store->ClearMemory();
-    absl::StatusOr<StoreResult> r = store->GetOrCompute("t", "k", Counting(&computes));
+    absl::StatusOr<StoreResult> r = Stored(store.get(), "t", "k", Counting(&computes));
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->tier, CacheTier::kComputed);
     EXPECT_EQ(computes, 2);
@@ -696,7 +709,7 @@ TEST_F(RedisTierTest, EntryFromAnotherModelIsAMissAndIsReplaced) {
 
   std::unique_ptr<ContextStore> store = NewStore(o);
   int computes = 0;
-  absl::StatusOr<StoreResult> r = store->GetOrCompute("t", "k", Counting(&computes));
+  absl::StatusOr<StoreResult> r = Stored(store.get(), "t", "k", Counting(&computes));
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->tier, CacheTier::kComputed);
   EXPECT_EQ(r->context->model_fingerprint, kFingerprint);

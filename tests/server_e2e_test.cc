@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <fstream>
 #include <future>
+#include <sstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -38,6 +39,9 @@
 #include "server/auth.h"
 #include "server/logging.h"
 #include "server/server.h"
+#include "spdlog/sinks/ostream_sink.h"
+#include "spdlog/spdlog.h"
+#include "tests/fake_redis.h"
 #include "tests/redis_server.h"
 #include "tests/test_util.h"
 
@@ -392,6 +396,7 @@ TEST_F(ServerE2ETest, RedisTierServesASecondServerAndAClearedMemoryTier) {
 
   const pb::CompressResponse c = MustCompress(*a.stub, kDocument);
   EXPECT_EQ(c.context().tier(), pb::CACHE_TIER_COMPUTED);
+  EXPECT_TRUE(a.server->store()->WaitForWrites(absl::Seconds(30)));  // written in the background
   const std::string id = c.context().context_id();
   std::shared_ptr<const CompressedContext> ctx = Cached(*a.server, id);
   ASSERT_NE(ctx, nullptr);
@@ -427,7 +432,40 @@ TEST_F(ServerE2ETest, RedisTierServesASecondServerAndAClearedMemoryTier) {
   EXPECT_NE(cb.context().tier(), pb::CACHE_TIER_COMPUTED);
 }
 
+// Caught (issue 14): the start-up line logged redis_url as configured, password included.
+// Every line logged while a server with a password in its Redis URL starts (Redis itself
+// unreachable, so the unreachable warning is logged too) must leave the password out.
+TEST_F(ServerE2ETest, StartUpLogRedactsTheRedisPassword) {
+  const int port = testing::FreeLoopbackPort();
+  ASSERT_GT(port, 0);
+  std::ostringstream captured;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(captured);
+  std::shared_ptr<spdlog::logger> logger = spdlog::default_logger();
+  logger->sinks().push_back(sink);
+  const spdlog::level::level_enum level = logger->level();
+  logger->set_level(spdlog::level::info);  // the start-up line is info
+  ServerConfig config = BaseConfig();
+  config.redis_url = absl::StrCat("redis://alice:pa55w0rd-x@127.0.0.1:", port, "/0");
+  {
+    Running r = Start(config);
+    EXPECT_NE(r.server, nullptr);
+  }
+  logger->set_level(level);
+  logger->sinks().pop_back();
+  const std::string text = captured.str();
+  EXPECT_NE(text.find(absl::StrCat("redis redis://alice:***@127.0.0.1:", port, "/0")),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("pa55w0rd"), std::string::npos) << text;
+}
+
 // Helpers for the Redis fault tests below.
+
+// Waits for the server's background Redis writes (a computed context is written to Redis
+// after the request that computed it has returned).
+void Flush(ServerInstance& s) {
+  EXPECT_TRUE(s.store()->WaitForWrites(absl::Seconds(30))) << "a Redis write did not finish";
+}
 
 // A command on a raw hiredis connection, binary-safe; null on a transport error.
 using RawReply = std::unique_ptr<redisReply, void (*)(void*)>;
@@ -484,6 +522,10 @@ TEST_F(ServerE2ETest, RedisKilledMidRunServerComputesInsteadThenReconnects) {
   config.redis_url = redis.Url();
   config.redis_connect_timeout_ms = 300;
   config.redis_command_timeout_ms = 500;
+  // This test is about the client's own reconnection (errors counted per call, backoff); the
+  // circuit breaker, which would skip Redis for a cool-down after 5 errors, has its tests in
+  // redis_fault_test.cc.
+  config.redis_circuit_failures = 0;
   // The longest any single Redis call may hold a request (connect, then one command), plus
   // slack for a loaded machine; a request makes at most two (lookup, write).
   const double redis_call_bound_s =
@@ -502,6 +544,7 @@ TEST_F(ServerE2ETest, RedisKilledMidRunServerComputesInsteadThenReconnects) {
   ASSERT_TRUE(before.status.ok()) << before.status.error_message();
   ASSERT_FALSE(before.text.empty());
   EXPECT_EQ(before.text, LocalAnswer({ctx.get()}, Questions()[0]));
+  Flush(server);
   ContextStoreStats st = server.store()->Stats();
   EXPECT_EQ(st.redis_writes, 1) << StoreStats(server);
   EXPECT_EQ(st.redis_errors, 0) << StoreStats(server);
@@ -529,6 +572,7 @@ TEST_F(ServerE2ETest, RedisKilledMidRunServerComputesInsteadThenReconnects) {
       Cached(server, during.usage.contexts(0).context_id());
   ASSERT_NE(ctx_q, nullptr);
   EXPECT_EQ(during.text, LocalAnswer({ctx_q.get()}, q_inline));
+  Flush(server);
   EXPECT_EQ(server.store()->Stats().redis_writes, 1) << "a write reached a killed Redis";
 
   // Between requests, with the memory tier dropped so that every lookup goes to Redis: Compress
@@ -574,6 +618,7 @@ TEST_F(ServerE2ETest, RedisKilledMidRunServerComputesInsteadThenReconnects) {
   // Counted: at least the lost in-flight write, the compress's lookup and write, the inline
   // generate's lookup and write, and the two lookups just above (each may instead fail fast
   // in backoff, which counts the same).
+  Flush(server);
   st = server.store()->Stats();
   EXPECT_GE(st.redis_errors, 7) << StoreStats(server);
   EXPECT_FALSE(st.redis_connected);
@@ -599,6 +644,7 @@ TEST_F(ServerE2ETest, RedisKilledMidRunServerComputesInsteadThenReconnects) {
   // dropped, the same answer as before Redis died.
   const pb::CompressResponse rewritten = MustCompress(*a.stub, kDocument);
   EXPECT_EQ(rewritten.context().tier(), pb::CACHE_TIER_COMPUTED);
+  Flush(server);
   EXPECT_EQ(server.store()->Stats().redis_writes, 2) << StoreStats(server);
   server.store()->ClearMemory();
   const StreamResult from_redis = RunGenerate(*a.stub, AskAbout(id, Questions()[0]));
@@ -623,6 +669,45 @@ TEST_F(ServerE2ETest, RedisKilledMidRunServerComputesInsteadThenReconnects) {
   EXPECT_EQ(server.scheduler()->Stats().reserved_kv_bytes, 0);
 }
 
+// Caught (issue 14): a slow-but-alive Redis (here a fake that sends a reply one byte every
+// 100 ms, under a 500 ms command timeout) made every call wait for whole trickled replies (3 s
+// for the 30-byte one here) with no error, since hiredis's timeout bounds each read; and
+// Compress waited on the engine worker for its Redis write (here a SET answered after 3 s).
+// Now each Redis operation ends by its deadline, the call is served by computing, and the
+// write runs in the background. Bounds: the lookup may cost one 0.5 s timeout; 2 s allows a
+// loaded machine, and is still below what either defect costs.
+TEST_F(ServerE2ETest, SlowRedisCostsAtMostATimeoutAndNeverFailsACall) {
+  testing::FakeRedis fake;
+  ServerConfig config = BaseConfig();
+  config.redis_url = fake.Url();
+  config.redis_command_timeout_ms = 500;
+  config.redis_circuit_failures = 0;  // every call asks Redis: this measures the deadline
+  Running a = Start(config);
+  ASSERT_NE(a.stub, nullptr);
+  fake.trickle_ms = 100;
+  fake.set_delay_ms = 3000;
+
+  const pb::CompressResponse c = MustCompress(*a.stub, kDocument);
+  EXPECT_EQ(c.context().tier(), pb::CACHE_TIER_COMPUTED);
+  // total_ms - compute_ms: tokenizing and the Redis lookup (the write is not waited for).
+  EXPECT_LT((c.total_ms() - c.compute_ms()) / 1000.0, 2.0)
+      << "compress waited on the slow Redis: total " << c.total_ms() << " ms, compute "
+      << c.compute_ms() << " ms";
+
+  // Generate with the document inline, after the memory tier is dropped: Redis is asked
+  // again, trickles again, and the call is still served (computed).
+  a.server->store()->ClearMemory();
+  pb::GenerateRequest req = Ask(Questions()[0]);
+  *req.add_contexts()->mutable_inline_() = CompressRequest(kDocument);
+  const StreamResult g = RunGenerate(*a.stub, req);
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  ASSERT_EQ(g.usage.contexts_size(), 1);
+  EXPECT_EQ(g.usage.contexts(0).tier(), pb::CACHE_TIER_COMPUTED);
+
+  // Both lookups ended with a counted error (DeadlineExceeded), not a silent wait.
+  EXPECT_GE(a.server->store()->Stats().redis_read_errors, 2) << StoreStats(*a.server);
+}
+
 // A damaged Redis value: one byte of a stored part flipped behind the service's back. A
 // server that meets it counts it as corrupt and treats it as absent, recomputes it from the
 // document (same answer as the undamaged context), and replaces it with a good entry that the
@@ -643,6 +728,7 @@ TEST_F(ServerE2ETest, CorruptRedisEntryIsDetectedRecomputedAndReplaced) {
   ASSERT_TRUE(good.status.ok()) << good.status.error_message();
   ASSERT_FALSE(good.text.empty());
   EXPECT_EQ(good.text, LocalAnswer({ctx.get()}, Questions()[0]));
+  Flush(*a.server);
   ASSERT_EQ(a.server->store()->Stats().redis_writes, 1) << StoreStats(*a.server);
 
   // The layout (cache/redis_tier.h): metadata "ctxcache:default:m:<id>" holding
@@ -695,6 +781,7 @@ TEST_F(ServerE2ETest, CorruptRedisEntryIsDetectedRecomputedAndReplaced) {
   EXPECT_EQ(recomputed.usage.contexts(0).tier(), pb::CACHE_TIER_COMPUTED);
   EXPECT_GT(recomputed.usage.contexts(0).compute_ms(), 0);
   EXPECT_EQ(recomputed.text, good.text);
+  Flush(*b.server);
   sb = b.server->store()->Stats();
   EXPECT_EQ(sb.redis_corrupt, 2) << StoreStats(*b.server);
   EXPECT_EQ(sb.redis_writes, 1) << StoreStats(*b.server);

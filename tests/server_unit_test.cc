@@ -3,6 +3,7 @@
 // checks, the absl -> gRPC status mapping, request ids and proto -> native conversion.
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <set>
@@ -185,9 +186,11 @@ TEST(ContextIdTest, PinnedDerivation) {
   // this value may only change together with the "ctxcache.context_id.vN" tag. It was checked
   // independently: SHA-256 over each field as a little-endian u64 length plus its bytes
   // (tag, tenant, fingerprint, method, canonical params, "1", the int32 tokens, "question", "").
+  // v2 (issue 14: fingerprint with hyper-parameters, exact float params); v1 gave
+  // 21181c8a7f25db664d55042dd22b5e7081e1c3036a1573aa7afac5101705d745.
   const std::vector<int32_t> tokens = {1, 2, 3, 50000};
   EXPECT_EQ(ContextId("default", std::string(64, 'f'), Spec("snapkv", 4), 1, tokens),
-            "21181c8a7f25db664d55042dd22b5e7081e1c3036a1573aa7afac5101705d745");
+            "7de07bab00548c619292441f81131596710e772dc3933be9b0b2c3937cc78c76");
 }
 
 TEST(ContextIdTest, EveryInputThatChangesTheBytesChangesTheId) {
@@ -205,6 +208,11 @@ TEST(ContextIdTest, EveryInputThatChangesTheBytesChangesTheId) {
   add(ContextId("t", std::string(64, 'b'), Spec("snapkv", 4), 1, tokens), "fingerprint");
   add(ContextId("t", fp, Spec("streaming", 4), 1, tokens), "method");
   add(ContextId("t", fp, Spec("snapkv", 8), 1, tokens), "ratio");
+  // Issue 14: ratio printed with 6 significant digits, so 3.999999 and 4 shared an id while
+  // keeping different budgets (ceil(n / ratio) differs at n = 4000000 and up).
+  add(ContextId("t", fp, Spec("snapkv", 3.999999), 1, tokens), "ratio 3.999999 vs 4");
+  add(ContextId("t", fp, Spec("snapkv", std::nextafter(4.0, 5.0)), 1, tokens),
+      "ratio one ulp above 4");
   CompressionSpec per_layer = Spec("snapkv", 4);
   per_layer.per_layer = true;
   add(ContextId("t", fp, per_layer, 1, tokens), "per_layer");

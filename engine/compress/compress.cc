@@ -15,17 +15,6 @@
 namespace ctxcache {
 namespace {
 
-// Output version of each method; bump a method's entry when its output changes for the same
-// input and params (cached contexts of the old version then miss). server/context_key.cc
-// states the same table (ExpectedMethodVersion) and checks every computed context against it.
-//  expected_attention 2: RecoverQueries centres the keys (a better query fit on models with
-//  large K biases, e.g. Qwen2.5).
-//  finch 2: the full budget after every chunk, each chunk judged in the next chunk's pass,
-//  scores pooled over positions (finch.cc: it kept about half the answer snapkv keeps).
-uint32_t MethodVersion(const std::string& method) {
-  return method == "expected_attention" || method == "finch" ? 2 : 1;
-}
-
 // Recent window SelectForQuery always keeps (question-independent, like SnapKV's window).
 constexpr int32_t kQuerySinks = 4;
 constexpr int32_t kQueryRecent = 64;

@@ -91,6 +91,10 @@ struct CompressionSpec {
 
 // The methods Compress knows, in a stable order.
 absl::Span<const char* const> CompressionMethods();
+// The output version of `method` (0 for an unknown method): stamped on every context it
+// produces (CompressedContext::method_version) and part of every context id. Bumped when the
+// method's output changes for the same input and params (spec.cc keeps the table).
+uint32_t MethodVersion(std::string_view method);
 
 // Progress of a long compression, for progress bars and streamed progress: the stage
 // ("prefill", "score", or "finch" for its chunked pass) and how much of it is done, in

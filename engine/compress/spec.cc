@@ -1,6 +1,8 @@
 // CompressionSpec validation and its canonical parameter string (part of every cache key, so
 // it must change whenever a knob that changes the output changes, and never otherwise).
 #include <algorithm>
+#include <array>
+#include <charconv>
 #include <cmath>
 #include <map>
 #include <string>
@@ -12,8 +14,29 @@
 namespace ctxcache {
 namespace {
 
-constexpr const char* kMethods[] = {"none",  "streaming", "snapkv", "finch", "expected_attention",
-                                    "kvzip", "anchor"};
+// Every method with its output version: the one table (the engine stamps it on each
+// CompressedContext, the server hashes it into each context id). Bump a method's version when
+// its output changes for the same input and params, so that cached contexts of the old
+// version miss. compress_test's MethodVersionTest fails when a method's output changes without
+// a bump (golden digests per method and version in tests/data/method_digests.txt).
+//  expected_attention 2: RecoverQueries centres the keys (a better query fit on models with
+//  large K biases, e.g. Qwen2.5).
+//  finch 2: the full budget after every chunk, each chunk judged in the next chunk's pass,
+//  scores pooled over positions (finch.cc: it kept about half the answer snapkv keeps).
+struct MethodInfo {
+  const char* name;
+  uint32_t version;
+};
+constexpr MethodInfo kMethodTable[] = {
+    {"none", 1},  {"streaming", 1},          {"snapkv", 1}, {"finch", 2},
+    {"expected_attention", 2}, {"kvzip", 1}, {"anchor", 1},
+};
+constexpr size_t kMethodCount = sizeof(kMethodTable) / sizeof(kMethodTable[0]);
+constexpr std::array<const char*, kMethodCount> kMethods = [] {
+  std::array<const char*, kMethodCount> names{};
+  for (size_t i = 0; i < kMethodCount; ++i) names[i] = kMethodTable[i].name;
+  return names;
+}();
 
 bool UsesWindow(const std::string& m) { return m == "anchor"; }
 
@@ -34,9 +57,26 @@ std::string Escaped(const std::string& s) {
   return out;
 }
 
+// The shortest decimal that reads back as exactly `v` (std::to_chars): two different doubles
+// never print alike. absl::StrCat prints 6 significant digits, so ratio 3.999999 and 4 shared
+// one cache key while keeping different budgets (issue 14). Short values print as before
+// ("4", "3.5", "0.2"), so their keys did not change.
+std::string ExactDecimal(double v) {
+  char buf[64];
+  const std::to_chars_result r = std::to_chars(buf, buf + sizeof(buf), v);
+  return std::string(buf, r.ptr);
+}
+
 }  // namespace
 
 absl::Span<const char* const> CompressionMethods() { return kMethods; }
+
+uint32_t MethodVersion(std::string_view method) {
+  for (const MethodInfo& m : kMethodTable) {
+    if (method == m.name) return m.version;
+  }
+  return 0;
+}
 
 absl::Status CompressionSpec::Validate() const {
   if (std::find_if(std::begin(kMethods), std::end(kMethods),
@@ -142,7 +182,7 @@ absl::Status CompressionSpec::Validate() const {
 std::string CompressionSpec::CanonicalParams() const {
   std::map<std::string, std::string> kv;  // sorted keys
   if (method != "none") {
-    if (ratio != 0) kv["ratio"] = absl::StrCat(ratio);
+    if (ratio != 0) kv["ratio"] = ExactDecimal(ratio);
     if (budget != 0) kv["budget"] = absl::StrCat(budget);
     kv["per_layer"] = absl::StrCat(per_layer ? 1 : 0);
     kv["n_sink"] = absl::StrCat(n_sink);
@@ -150,7 +190,7 @@ std::string CompressionSpec::CanonicalParams() const {
   // Only when not the default, so that the keys of uniform contexts stay what they were.
   if (head_budget != "uniform") {
     kv["head_budget"] = head_budget;
-    kv["head_budget_alpha"] = absl::StrCat(head_budget_alpha);
+    kv["head_budget_alpha"] = ExactDecimal(head_budget_alpha);
   }
   if (UsesWindow(method)) kv["window"] = absl::StrCat(window);
   if (method == "finch" || method == "kvzip") kv["chunk"] = absl::StrCat(chunk);

@@ -1,0 +1,181 @@
+// A fake Redis server on loopback for fault tests (redis_fault_test, server_e2e_test): it
+// speaks just enough RESP for the Redis tier and can answer slowly, trickle a reply, or delay
+// only writes. No redis-server is needed.
+#pragma once
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cctype>
+#include <chrono>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "gtest/gtest.h"
+
+namespace ctxcache::testing {
+
+// A fake Redis on 127.0.0.1:<ephemeral>. It parses RESP command arrays and answers: PING
+// +PONG; GET, GETDEL nil (every lookup is a miss); MGET an array of nils; SET +OK; anything
+// else an error reply. Knobs (atomic, may change while it runs):
+//  * delay_ms: wait this long before each reply;
+//  * set_delay_ms: wait this long before a SET's reply (writes only);
+//  * trickle_ms: > 0 answers GET with a 30-byte bulk string sent one byte every trickle_ms
+//    (a slow-but-alive server: every read of the client gets a byte well within any
+//    per-syscall timeout).
+class FakeRedis {
+ public:
+  FakeRedis() {
+    listen_fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    const int one = 1;
+    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = 0;
+    if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        listen(listen_fd_, 16) != 0) {
+      ADD_FAILURE() << "FakeRedis: cannot listen on loopback";
+      return;
+    }
+    socklen_t len = sizeof(addr);
+    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+    acceptor_ = std::thread([this] { AcceptLoop(); });
+  }
+  ~FakeRedis() {
+    stop_ = true;
+    if (acceptor_.joinable()) acceptor_.join();
+    std::vector<std::thread> threads;
+    {
+      absl::MutexLock lock(&mu_);
+      threads.swap(conns_);
+    }
+    for (std::thread& t : threads) t.join();
+    close(listen_fd_);
+  }
+
+  std::string Url(const std::string& credentials = "") const {
+    return absl::StrCat("redis://", credentials, "127.0.0.1:", port_);
+  }
+  int commands() const { return commands_.load(); }
+
+  std::atomic<int> delay_ms{0}, set_delay_ms{0}, trickle_ms{0};
+
+ private:
+  void AcceptLoop() {
+    while (!stop_) {
+      pollfd p{listen_fd_, POLLIN, 0};
+      if (poll(&p, 1, 20) <= 0) continue;
+      const int fd = accept(listen_fd_, nullptr, nullptr);
+      if (fd < 0) continue;
+      absl::MutexLock lock(&mu_);
+      conns_.emplace_back([this, fd] { Serve(fd); });
+    }
+  }
+
+  // Sleeps up to `ms` in small steps, false when the server is stopping.
+  bool Sleep(int ms) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+    while (std::chrono::steady_clock::now() < until) {
+      if (stop_) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return !stop_;
+  }
+
+  static bool Send(int fd, std::string_view s) {
+    while (!s.empty()) {
+      const ssize_t n = send(fd, s.data(), s.size(), MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      s.remove_prefix(static_cast<size_t>(n));
+    }
+    return true;
+  }
+
+  // One complete command from the front of `buf` (its name upper-cased and the argument
+  // count), or false when more bytes are needed.
+  static bool TakeCommand(std::string& buf, std::string* name, int* argc) {
+    size_t p = 0;
+    auto line = [&](std::string* out) {
+      const size_t e = buf.find("\r\n", p);
+      if (e == std::string::npos) return false;
+      *out = buf.substr(p, e - p);
+      p = e + 2;
+      return true;
+    };
+    std::string l;
+    if (!line(&l) || l.empty() || l[0] != '*') return false;
+    const int n = std::stoi(l.substr(1));
+    for (int i = 0; i < n; ++i) {
+      if (!line(&l) || l.empty() || l[0] != '$') return false;
+      const size_t len = std::stoul(l.substr(1));
+      if (buf.size() < p + len + 2) return false;
+      if (i == 0) {
+        *name = buf.substr(p, len);
+        for (char& c : *name) c = static_cast<char>(toupper(c));
+      }
+      p += len + 2;
+    }
+    *argc = n;
+    buf.erase(0, p);
+    return true;
+  }
+
+  void Serve(int fd) {
+    std::string buf;
+    char chunk[65536];
+    while (!stop_) {
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, 20) <= 0) continue;
+      const ssize_t n = recv(fd, chunk, sizeof(chunk), 0);
+      if (n <= 0) break;
+      buf.append(chunk, static_cast<size_t>(n));
+      std::string name;
+      int argc = 0;
+      bool ok = true;
+      while (ok && TakeCommand(buf, &name, &argc)) {
+        ++commands_;
+        if (!Sleep(delay_ms.load())) break;
+        if (name == "PING") {
+          ok = Send(fd, "+PONG\r\n");
+        } else if (name == "GET" && trickle_ms.load() > 0) {
+          const std::string reply = "$30\r\n" + std::string(30, 'x') + "\r\n";
+          for (size_t i = 0; ok && i < reply.size(); ++i) {
+            ok = Sleep(trickle_ms.load()) && Send(fd, reply.substr(i, 1));
+          }
+        } else if (name == "GET" || name == "GETDEL") {
+          ok = Send(fd, "$-1\r\n");
+        } else if (name == "MGET") {
+          std::string r = absl::StrCat("*", argc - 1, "\r\n");
+          for (int i = 1; i < argc; ++i) r += "$-1\r\n";
+          ok = Send(fd, r);
+        } else if (name == "SET") {
+          ok = Sleep(set_delay_ms.load()) && Send(fd, "+OK\r\n");
+        } else {
+          ok = Send(fd, "-ERR fake redis does not know " + name + "\r\n");
+        }
+      }
+      if (!ok) break;
+    }
+    close(fd);
+  }
+
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> commands_{0};
+  std::thread acceptor_;
+  absl::Mutex mu_;
+  std::vector<std::thread> conns_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace ctxcache::testing
