@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -55,6 +56,9 @@ using RedisObserver = std::function<void(RedisOp op, bool error, double seconds)
 
 struct ContextStoreOptions {
   int64_t memory_bytes = 1LL << 30;  // memory tier budget, resident bytes (MemoryTier::EntryBytes)
+  // Each tenant's share of the memory tier; 0 = none (MemoryTier: a tenant over its share
+  // evicts its own contexts; a context larger than the share stays out of memory).
+  int64_t memory_tenant_bytes = 0;
   RedisOptions redis;
   std::string model_fingerprint;     // blobs made by another model are misses (and replaced)
   RedisObserver redis_observer;      // optional
@@ -84,6 +88,8 @@ struct ContextStoreStats {
   int64_t redis_writes = 0;        // entries stored
   int64_t redis_quota_skips = 0;   // writes skipped because the tenant's quota was full
   bool redis_connected = false;    // the last Redis command or connect succeeded
+  // Memory tier bytes per tenant (every tenant that stored a context; 0 when all evicted).
+  std::map<std::string, int64_t> memory_tenant_bytes;
 };
 
 class ContextStore {
