@@ -20,6 +20,7 @@
 #include <spawn.h>
 #include <sys/wait.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -1733,6 +1734,86 @@ TEST_F(ServerE2ETest, SchedulerRefusesBeyondItsQueueDepth) {
         << abandoned[1];
   }
   EXPECT_FALSE(ran);
+}
+
+// Tenant slots, deterministically: alice holds the only worker and floods the queue. With
+// tenant_max_inflight 2 her third job is refused with a message naming her own limit, and bob
+// is still admitted; without it (the default) alice fills the whole queue and bob is refused.
+TEST_F(ServerE2ETest, SchedulerKeepsATenantFloodingTheQueueFromStarvingTheOthers) {
+  for (const int limit : {0, 2}) {
+    SCOPED_TRACE(absl::StrCat("tenant_max_inflight ", limit));
+    server::SchedulerOptions o;
+    o.workers = 1;
+    o.max_queue_depth = 4;
+    o.max_kv_bytes = 1000;
+    o.tenant_max_inflight = limit;
+    auto sched = std::make_unique<server::Scheduler>(model(), o);
+    std::promise<void> started, release;
+    std::shared_future<void> release_f = release.get_future().share();
+    std::atomic<int> abandoned{0};
+    auto abandon = [&](const absl::Status&) { ++abandoned; };
+    auto noop = [](Runner&, server::Reservation&, double) {};
+    const auto never = server::Scheduler::Clock::time_point::max();
+    int in_flight_after_release = -1;
+    auto hold = [&](Runner&, server::Reservation& res, double) {
+      started.set_value();
+      release_f.wait();
+      // Released before the job returns: the tenant's next call must find its slot free.
+      res.Release();
+      in_flight_after_release = sched->Stats().tenants.at("alice").in_flight;
+    };
+    ASSERT_TRUE(sched->Submit("alice", 10, never, hold, abandon).ok());
+    started.get_future().wait();
+    std::vector<uint64_t> alice_queued;
+    absl::Status refused;
+    for (int i = 0; i < 8 && refused.ok(); ++i) {
+      absl::StatusOr<uint64_t> t = sched->Submit("alice", 10, never, noop, abandon);
+      if (t.ok()) {
+        alice_queued.push_back(*t);
+      } else {
+        refused = t.status();
+      }
+    }
+    EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+    absl::StatusOr<uint64_t> bob = sched->Submit("bob", 10, never, noop, abandon);
+    server::SchedulerStats stats = sched->Stats();
+    if (limit == 0) {
+      // The starvation the limit prevents: alice's four queued jobs fill the queue.
+      EXPECT_EQ(alice_queued.size(), 4u);
+      EXPECT_NE(refused.message().find("max_queue_depth 4"), std::string::npos) << refused;
+      EXPECT_EQ(bob.status().code(), absl::StatusCode::kResourceExhausted);
+      EXPECT_EQ(stats.tenants.at("alice").refused, 0);
+    } else {
+      EXPECT_EQ(alice_queued.size(), 1u);  // one running + one queued = her 2 slots
+      EXPECT_NE(refused.message().find("tenant 'alice'"), std::string::npos) << refused;
+      EXPECT_NE(refused.message().find("tenant_max_inflight 2"), std::string::npos) << refused;
+      EXPECT_NE(refused.message().find("other tenants are still served"), std::string::npos)
+          << refused;
+      EXPECT_TRUE(bob.ok()) << bob.status();
+      EXPECT_EQ(stats.tenants.at("alice").in_flight, 2);
+      EXPECT_EQ(stats.tenants.at("alice").refused, 1);
+      EXPECT_EQ(stats.tenants.at("bob").in_flight, 1);
+      EXPECT_EQ(stats.tenants.at("bob").refused, 0);
+      // A cancelled queued job gives its slot back at once.
+      ASSERT_TRUE(sched->Cancel(alice_queued[0], absl::CancelledError("test")));
+      EXPECT_EQ(sched->Stats().tenants.at("alice").in_flight, 1);
+      EXPECT_TRUE(sched->Submit("alice", 10, never, noop, abandon).ok());
+    }
+    release.set_value();
+    // Every job ends (run or abandoned), and every slot with it.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (sched->Stats().running + sched->Stats().queued > 0 &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    stats = sched->Stats();
+    EXPECT_EQ(stats.tenants.at("alice").in_flight, 0);
+    EXPECT_EQ(stats.reserved_kv_bytes, 0);
+    EXPECT_EQ(stats.tenants.at("bob").in_flight, 0);
+    // alice's running job, then her queued one: in flight is what is left of hers.
+    EXPECT_EQ(in_flight_after_release, limit == 0 ? 4 : 1);
+    EXPECT_EQ(abandoned.load(), limit == 0 ? 0 : 1);
+  }
 }
 
 }  // namespace
