@@ -1736,6 +1736,73 @@ TEST_F(ServerE2ETest, SchedulerRefusesBeyondItsQueueDepth) {
   EXPECT_FALSE(ran);
 }
 
+// Tenant capacity over gRPC: with tenant_max_inflight 1 and two workers, alice's endless
+// generation holds her only slot, so her next call is refused (RESOURCE_EXHAUSTED naming her
+// limit) while bob is served; the refusal is counted under her tenant label. Before the limit
+// existed alice's second call was admitted.
+TEST_F(ServerE2ETest, ATenantAtItsLimitIsRefusedWhileAnotherIsServed) {
+  char dir[] = "/tmp/ctxcache-tenant-XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string tokens = std::string(dir) + "/tokens";
+  {
+    std::ofstream out(tokens);
+    out << "alice-token-0001 alice\nbob-token-0002 bob\n";
+  }
+  ServerConfig config = BaseConfig();
+  config.auth_tokens_file = tokens;
+  config.workers = 2;
+  config.tenant_max_inflight = 1;
+  Running r = Start(config);
+  std::remove(tokens.c_str());
+  rmdir(dir);
+  ASSERT_NE(r.stub, nullptr);
+  const auto alice = Bearer("alice-token-0001"), bob = Bearer("bob-token-0002");
+  // Back to back: a finished call's slot is free before its client sees the end.
+  const std::string alice_id = MustCompress(*r.stub, kDocument, alice).context().context_id();
+  ASSERT_EQ(MustCompress(*r.stub, kDocument, alice).context().tier(), pb::CACHE_TIER_MEMORY);
+  const std::string bob_id = MustCompress(*r.stub, kDocument, bob).context().context_id();
+
+  std::promise<void> streaming, release;
+  std::shared_future<void> release_f = release.get_future().share();
+  StreamResult flood;
+  std::thread holder([&] {
+    flood = RunGenerate(*r.stub, Endless(alice_id), alice, [&](grpc::ClientContext& ctx) {
+      streaming.set_value();
+      release_f.wait();
+      ctx.TryCancel();
+    });
+  });
+  streaming.get_future().wait();
+  {
+    grpc::ClientContext ctx;
+    alice(ctx);
+    pb::CompressResponse resp;
+    const grpc::Status s = r.stub->Compress(&ctx, CompressRequest(kDocument), &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+    EXPECT_NE(s.error_message().find("tenant 'alice'"), std::string::npos) << s.error_message();
+    EXPECT_NE(s.error_message().find("tenant_max_inflight 1"), std::string::npos)
+        << s.error_message();
+  }
+  const StreamResult served = RunGenerate(*r.stub, AskAbout(bob_id, Questions()[0]), bob);
+  EXPECT_TRUE(served.status.ok()) << served.status.error_message();
+  EXPECT_TRUE(served.has_usage);
+  const std::string text = r.server->metrics().Render();
+  EXPECT_NE(text.find("ctxcache_tenant_requests_refused_total{tenant=\"alice\"} 1\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("ctxcache_tenant_requests_refused_total{tenant=\"bob\"} 0\n"),
+            std::string::npos);
+  EXPECT_NE(text.find("ctxcache_tenant_requests_in_flight{tenant=\"alice\"} 1\n"),
+            std::string::npos);
+  EXPECT_NE(text.find("ctxcache_tenant_memory_cache_bytes{tenant=\"bob\"} "), std::string::npos);
+  release.set_value();
+  holder.join();
+  EXPECT_EQ(flood.status.error_code(), grpc::StatusCode::CANCELLED) << flood.status.error_message();
+  EXPECT_TRUE(r.server->WaitIdle(5));
+  // The slot came back with the cancelled call.
+  MustCompress(*r.stub, kDocument, alice);
+}
+
 // Tenant slots, deterministically: alice holds the only worker and floods the queue. With
 // tenant_max_inflight 2 her third job is refused with a message naming her own limit, and bob
 // is still admitted; without it (the default) alice fills the whole queue and bob is refused.
