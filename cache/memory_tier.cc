@@ -48,7 +48,7 @@ bool MemoryTier::Put(const std::string& tenant, const std::string& key,
   }
   if (shared) MakeRoomInShareLocked(tenant, bytes, &dropped);
   while (stats_.bytes + bytes > capacity_bytes_ && !lru_.empty()) {
-    dropped.push_back(RemoveLocked(std::prev(lru_.end())));
+    dropped.push_back(RemoveLocked(shared ? BudgetVictimLocked(tenant) : std::prev(lru_.end())));
     ++stats_.evictions;
   }
   lru_.push_front(Entry{k, std::move(context), bytes});
@@ -57,6 +57,32 @@ bool MemoryTier::Put(const std::string& tenant, const std::string& key,
   ++stats_.entries;
   tenant_bytes_[tenant] += bytes;
   return true;
+}
+
+MemoryTier::List::iterator MemoryTier::BudgetVictimLocked(const std::string& inserting) {
+  // An even split of the whole budget among the tenants holding entries (the inserting one
+  // included): some tenant holds more than that whenever the budget is exceeded, unless the
+  // new entry itself is what exceeds it. A walk per eviction, under the lock: entries are
+  // contexts of KBs to MBs, so a tier holds thousands at most.
+  int64_t holders = 1;  // the inserting tenant
+  for (const auto& [tenant, bytes] : tenant_bytes_) {
+    if (bytes > 0 && tenant != inserting) ++holders;
+  }
+  const int64_t even = capacity_bytes_ / holders;
+  auto above_even = [&](const std::string& tenant) {
+    auto it = tenant_bytes_.find(tenant);
+    return it != tenant_bytes_.end() && it->second > even;
+  };
+  for (auto it = lru_.end(); it != lru_.begin();) {
+    --it;
+    if (above_even(it->key.first)) return it;
+  }
+  // Everyone is within an even split: the newcomer makes room from its own entries first.
+  for (auto it = lru_.end(); it != lru_.begin();) {
+    --it;
+    if (it->key.first == inserting) return it;
+  }
+  return std::prev(lru_.end());
 }
 
 void MemoryTier::MakeRoomInShareLocked(

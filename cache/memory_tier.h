@@ -11,8 +11,10 @@
 // Tenant shares (optional): with a per-tenant budget, a tenant's contexts never hold more
 // than that many bytes. A Put that would take its tenant past the share evicts that tenant's
 // own least-recently-used entries first, so a tenant filling the tier pushes out its own
-// contexts, not the others'. The whole budget is still enforced by one LRU over every tenant:
-// the share isolates tenants fully when tenants x share <= the whole budget.
+// contexts, not the others'. When shares add up to more than the whole budget and it is full,
+// the entry evicted is the least recently used of a tenant holding more than an even split of
+// the budget among the tenants holding entries: a tenant within its even split is not evicted
+// by the others' traffic. Without shares the tier is one LRU over every tenant.
 //
 // An evicted context stays alive for as long as a request holds its shared_ptr; the tier only
 // drops its own reference.
@@ -86,6 +88,10 @@ class MemoryTier {
   std::shared_ptr<const CompressedContext> RemoveLocked(List::iterator it)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  // With shares, the entry to evict when the whole budget is exceeded: the least recently used
+  // entry of a tenant holding more than an even split of the budget.
+  List::iterator BudgetVictimLocked(const std::string& inserting)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Evicts `tenant`'s least-recently-used entries until `incoming` more bytes fit its share.
   void MakeRoomInShareLocked(const std::string& tenant, int64_t incoming,
                              std::vector<std::shared_ptr<const CompressedContext>>* dropped)

@@ -208,6 +208,36 @@ TEST(MemoryTierTest, ATenantFillingItsShareEvictsOnlyItsOwnContexts) {
   }
 }
 
+// Shares that add up to more than the tier (4 of 6 entries each, three tenants): when the
+// whole budget is full, the entry evicted belongs to a tenant above an even split (2 entries
+// each here), so bob's traffic never evicts ann's or cat's two contexts; plain LRU would.
+TEST(MemoryTierTest, OvercommittedSharesEvictFromTheTenantAboveAnEvenSplit) {
+  auto key = [](int i) { return std::string(i < 10 ? "k0" : "k") + std::to_string(i); };
+  const int64_t entry = MemoryTier::EntryBytes("bob", key(0), MakeContext(4));
+  MemoryTier tier(6 * entry, 4 * entry);
+  // Alone, bob may use his whole share.
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(tier.Put("bob", key(i), Shared(MakeContext(4))));
+  EXPECT_EQ(tier.TenantBytes().at("bob"), 4 * entry);
+  for (const char* t : {"ann", "cat"}) {
+    ASSERT_TRUE(tier.Put(t, "a00", Shared(MakeContext(4))));
+    ASSERT_TRUE(tier.Put(t, "a01", Shared(MakeContext(4))));
+  }
+  for (int i = 4; i < 30; ++i) ASSERT_TRUE(tier.Put("bob", key(i), Shared(MakeContext(4))));
+  for (const char* t : {"ann", "cat"}) {
+    EXPECT_NE(tier.Get(t, "a00"), nullptr) << t;
+    EXPECT_NE(tier.Get(t, "a01"), nullptr) << t;
+  }
+  EXPECT_EQ(tier.TenantBytes().at("bob"), 2 * entry);
+  EXPECT_NE(tier.Get("bob", key(29)), nullptr);
+  EXPECT_NE(tier.Get("bob", key(28)), nullptr);
+  EXPECT_LE(tier.GetStats().bytes, tier.capacity_bytes());
+  // A newcomer takes its room from the tenants above the new even split (1.5 entries each;
+  // everyone holds 2): dan's entry is stored.
+  ASSERT_TRUE(tier.Put("dan", "a00", Shared(MakeContext(4))));
+  EXPECT_NE(tier.Get("dan", "a00"), nullptr);
+  EXPECT_LE(tier.GetStats().bytes, tier.capacity_bytes());
+}
+
 TEST(MemoryTierTest, AContextLargerThanTheTenantShareIsNotKept) {
   const int64_t entry = MemoryTier::EntryBytes("t", "a", MakeContext(4));
   MemoryTier tier(100 * entry, 2 * entry);
