@@ -139,6 +139,11 @@ absl::Status ServerInstance::Load() {
         "{:.1f} MiB of the memory tier (tenant_memory_cache_bytes)",
         config_.tenant_max_inflight,
         static_cast<double>(config_.tenant_memory_cache_bytes) / (1 << 20));
+    if (config_.auth_tokens_file.empty()) {
+      spdlog::warn(
+          "per-tenant limits are set but authentication is off (auth_tokens): every call is "
+          "tenant \"default\", so the limits bound all calls together");
+    }
   }
   spdlog::info(
       "serving {} on {}: {} worker(s) x {} thread(s), memory cache {} MB, redis {}, KV budget "
