@@ -80,7 +80,7 @@ CircuitBreakerOptions BreakerOptions(const RedisOptions& r) {
 class TwoTierStore final : public ContextStore {
  public:
   TwoTierStore(const ContextStoreOptions& options, std::unique_ptr<RedisTier> redis)
-      : memory_(options.memory_bytes),
+      : memory_(options.memory_bytes, options.memory_tenant_bytes),
         redis_(std::move(redis)),
         observer_(options.redis_observer),
         breaker_(BreakerOptions(options.redis)),
@@ -195,6 +195,7 @@ class TwoTierStore final : public ContextStore {
     s.memory_evictions = m.evictions;
     s.memory_hits = m.hits;
     s.memory_misses = m.misses;
+    s.memory_tenant_bytes = memory_.TenantBytes();
     s.redis_hits = redis_hits_.load(std::memory_order_relaxed);
     s.redis_misses = redis_misses_.load(std::memory_order_relaxed);
     s.redis_errors = redis_errors_.load(std::memory_order_relaxed);
@@ -438,6 +439,11 @@ absl::StatusOr<std::unique_ptr<ContextStore>> ContextStore::Create(
   if (options.memory_bytes < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "memory_bytes must be >= 0 (0 disables the memory tier), got ", options.memory_bytes));
+  }
+  if (options.memory_tenant_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("memory_tenant_bytes must be >= 0 (0 = no per-tenant share), got ",
+                     options.memory_tenant_bytes));
   }
   if (!options.model_fingerprint.empty() && !IsLowerHex64(options.model_fingerprint)) {
     return absl::InvalidArgumentError(

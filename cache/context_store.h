@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -76,6 +77,9 @@ using RedisObserver = std::function<void(RedisOp op, bool error, double seconds)
 
 struct ContextStoreOptions {
   int64_t memory_bytes = 1LL << 30;  // memory tier budget, resident bytes (MemoryTier::EntryBytes)
+  // Each tenant's share of the memory tier; 0 = none (MemoryTier: a tenant over its share
+  // evicts its own contexts; a context larger than the share stays out of memory).
+  int64_t memory_tenant_bytes = 0;
   RedisOptions redis;
   std::string model_fingerprint;     // blobs made by another model are misses (and replaced)
   RedisObserver redis_observer;      // optional
@@ -111,6 +115,8 @@ struct ContextStoreStats {
   // Circuit breaker: state, times it opened, operations it skipped, slow reads it counted.
   CircuitState redis_circuit = CircuitState::kClosed;
   int64_t redis_circuit_opens = 0, redis_short_circuited = 0, redis_slow = 0;
+  // Memory tier bytes per tenant (every tenant that stored a context; 0 when all evicted).
+  std::map<std::string, int64_t> memory_tenant_bytes;
 };
 
 class ContextStore {

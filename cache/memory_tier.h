@@ -8,15 +8,25 @@
 // process's memory. The KV part equals the "KV bytes" the service reports per context;
 // positions add 4 bytes per entry.
 //
+// Tenant shares (optional): with a per-tenant budget, a tenant's contexts never hold more
+// than that many bytes. A Put that would take its tenant past the share evicts that tenant's
+// own least-recently-used entries first, so a tenant filling the tier pushes out its own
+// contexts, not the others'. When shares add up to more than the whole budget and it is full,
+// the entry evicted is the least recently used of a tenant holding more than an even split of
+// the budget among the tenants holding entries: a tenant within its even split is not evicted
+// by the others' traffic. Without shares the tier is one LRU over every tenant.
+//
 // An evicted context stays alive for as long as a request holds its shared_ptr; the tier only
 // drops its own reference.
 #pragma once
 
 #include <cstdint>
 #include <list>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
@@ -28,11 +38,15 @@ class MemoryTier {
  public:
   struct Stats {
     int64_t bytes = 0, entries = 0, evictions = 0, hits = 0, misses = 0;
-    int64_t oversize = 0;  // Puts refused because one entry exceeds the whole budget
+    // Puts refused because one entry exceeds the whole budget or its tenant's share.
+    int64_t oversize = 0;
+    // Of `evictions`, those that kept a tenant within its share (its own entries).
+    int64_t tenant_evictions = 0;
   };
 
   // capacity_bytes <= 0 disables the tier (every Put is refused, every Get misses).
-  explicit MemoryTier(int64_t capacity_bytes);
+  // tenant_capacity_bytes: each tenant's share; <= 0 = no per-tenant limit.
+  explicit MemoryTier(int64_t capacity_bytes, int64_t tenant_capacity_bytes = 0);
   MemoryTier(const MemoryTier&) = delete;
   MemoryTier& operator=(const MemoryTier&) = delete;
 
@@ -44,9 +58,10 @@ class MemoryTier {
   // miss counters alone (a second look by the same request).
   std::shared_ptr<const CompressedContext> Get(const std::string& tenant, const std::string& key,
                                                bool record = true);
-  // Inserts or replaces, then evicts least-recently-used entries until the budget holds. An
-  // entry larger than the whole budget is not stored (it would evict everything and then
-  // itself): returns false.
+  // Inserts or replaces, then evicts least-recently-used entries until the budget holds
+  // (first the tenant's own, when a share is set and the tenant would exceed it). An entry
+  // larger than the whole budget or the tenant's share is not stored (it would evict
+  // everything and then itself): returns false.
   bool Put(const std::string& tenant, const std::string& key,
            std::shared_ptr<const CompressedContext> context);
   // True when the entry was present.
@@ -54,7 +69,11 @@ class MemoryTier {
   void Clear();
 
   int64_t capacity_bytes() const { return capacity_bytes_; }
+  int64_t tenant_capacity_bytes() const { return tenant_capacity_bytes_; }
   Stats GetStats() const;
+  // Bytes held per tenant, for every tenant that has stored an entry since the tier was made
+  // (0 once its entries are gone, so that a per-tenant gauge falls back to zero).
+  std::map<std::string, int64_t> TenantBytes() const;
 
  private:
   using Key = std::pair<std::string, std::string>;  // (tenant, key)
@@ -69,11 +88,22 @@ class MemoryTier {
   std::shared_ptr<const CompressedContext> RemoveLocked(List::iterator it)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  // With shares, the entry to evict when the whole budget is exceeded: the least recently used
+  // entry of a tenant holding more than an even split of the budget.
+  List::iterator BudgetVictimLocked(const std::string& inserting)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Evicts `tenant`'s least-recently-used entries until `incoming` more bytes fit its share.
+  void MakeRoomInShareLocked(const std::string& tenant, int64_t incoming,
+                             std::vector<std::shared_ptr<const CompressedContext>>* dropped)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   const int64_t capacity_bytes_;
+  const int64_t tenant_capacity_bytes_;
   mutable absl::Mutex mu_;
   List lru_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<Key, List::iterator> index_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, int64_t> tenant_bytes_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace ctxcache

@@ -131,6 +131,12 @@ const std::vector<Setting>& Settings() {
        Integer(&ServerConfig::max_queue_depth)},
       {"max_kv_bytes", "KV bytes in-flight requests may reserve, 0 = 1/4 of RAM (default 0)",
        Bytes(&ServerConfig::max_kv_bytes)},
+      {"tenant_max_inflight",
+       "requests one tenant may have queued or running, 0 = no limit (default 0)",
+       Integer(&ServerConfig::tenant_max_inflight)},
+      {"tenant_memory_cache_bytes",
+       "memory tier bytes one tenant's contexts may hold, 0 = no limit (default 0)",
+       Bytes(&ServerConfig::tenant_memory_cache_bytes)},
       {"max_document_tokens", "tokens per document (default 32768)",
        Integer(&ServerConfig::max_document_tokens)},
       {"max_document_bytes", "bytes per document text (default 4MiB)",
@@ -324,6 +330,9 @@ absl::Status ValidateServerConfig(const ServerConfig& c) {
   RETURN_IF_ERROR(range("threads_per_worker", c.threads_per_worker, 0, 1024));
   RETURN_IF_ERROR(range("max_queue_depth", c.max_queue_depth, 1, 1 << 20));
   RETURN_IF_ERROR(range("max_kv_bytes", c.max_kv_bytes, 0, int64_t{1} << 50));
+  RETURN_IF_ERROR(range("tenant_max_inflight", c.tenant_max_inflight, 0, 1 << 20));
+  RETURN_IF_ERROR(
+      range("tenant_memory_cache_bytes", c.tenant_memory_cache_bytes, 0, int64_t{1} << 50));
   RETURN_IF_ERROR(range("max_document_tokens", c.max_document_tokens, 1, int64_t{1} << 24));
   RETURN_IF_ERROR(range("max_document_bytes", c.max_document_bytes, 1, int64_t{1} << 30));
   RETURN_IF_ERROR(range("max_contexts_per_request", c.max_contexts_per_request, 1, 1024));

@@ -47,6 +47,10 @@ struct ServerConfig {
   // and running requests may reserve; 0 = automatic (a quarter of physical memory).
   int max_queue_depth = 64;
   int64_t max_kv_bytes = 0;
+  // Tenant capacity (0 = off, the default): requests one tenant may have queued or running,
+  // and memory-tier bytes its contexts may hold, so that one tenant cannot starve the others.
+  int tenant_max_inflight = 0;
+  int64_t tenant_memory_cache_bytes = 0;
   // Request limits.
   int64_t max_document_tokens = 32768;
   int64_t max_document_bytes = 4 << 20;

@@ -19,6 +19,8 @@ absl::Status Reservation::Resize(int64_t bytes) {
   return s;
 }
 
+void Reservation::Release() { scheduler_->ReleaseRunning(this); }
+
 Scheduler::Scheduler(const Model& model, const SchedulerOptions& options)
     : model_(model), options_(options), job_started_(std::max(0, options.workers)) {
   for (int i = 0; i < options_.workers; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
@@ -51,8 +53,25 @@ absl::Status Scheduler::KvExhausted(int64_t need) const {
 
 absl::StatusOr<uint64_t> Scheduler::Submit(int64_t kv_bytes_estimate, Clock::time_point deadline,
                                            Work work, Abandon abandon) {
+  return Submit(std::string(), kv_bytes_estimate, deadline, std::move(work), std::move(abandon));
+}
+
+absl::StatusOr<uint64_t> Scheduler::Submit(const std::string& tenant, int64_t kv_bytes_estimate,
+                                           Clock::time_point deadline, Work work, Abandon abandon) {
   std::unique_lock<std::mutex> lock(mu_);
   if (stopping_) return absl::UnavailableError("the server is shutting down; retry on another replica");
+  TenantSchedulerStats* slots = tenant.empty() ? nullptr : &tenants_[tenant];
+  // Before the shared limits, so that a tenant flooding the queue hears about its own limit
+  // (and the others keep the queue's remaining room).
+  if (slots != nullptr && options_.tenant_max_inflight > 0 &&
+      slots->in_flight >= options_.tenant_max_inflight) {
+    ++slots->refused;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "tenant '", tenant, "' already has ", slots->in_flight,
+        " request(s) queued or running, its own limit (tenant_max_inflight ",
+        options_.tenant_max_inflight,
+        "); other tenants are still served: retry with backoff once some of yours finish"));
+  }
   if (static_cast<int>(queue_.size()) >= options_.max_queue_depth) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "server busy: ", queue_.size(), " requests are already waiting for ", options_.workers,
@@ -62,7 +81,8 @@ absl::StatusOr<uint64_t> Scheduler::Submit(int64_t kv_bytes_estimate, Clock::tim
   if (reserved_ + kv_bytes_estimate > options_.max_kv_bytes) return KvExhausted(kv_bytes_estimate);
   const uint64_t ticket = next_ticket_++;
   reserved_ += kv_bytes_estimate;
-  queue_.push_back(Job{ticket, kv_bytes_estimate, deadline, Clock::now(), std::move(work),
+  if (slots != nullptr) ++slots->in_flight;
+  queue_.push_back(Job{tenant, ticket, kv_bytes_estimate, deadline, Clock::now(), std::move(work),
                        std::move(abandon)});
   lock.unlock();
   cv_.notify_one();
@@ -76,6 +96,7 @@ bool Scheduler::Cancel(uint64_t ticket, const absl::Status& reason) {
     for (auto it = queue_.begin(); it != queue_.end(); ++it) {
       if (it->ticket != ticket) continue;
       reserved_ -= it->kv_bytes;
+      ReleaseTenantSlot(it->tenant);
       abandon = std::move(it->abandon);
       queue_.erase(it);
       break;
@@ -90,7 +111,10 @@ void Scheduler::Shutdown() {
   std::list<Job> dropped;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (const Job& j : queue_) reserved_ -= j.kv_bytes;
+    for (const Job& j : queue_) {
+      reserved_ -= j.kv_bytes;
+      ReleaseTenantSlot(j.tenant);
+    }
     dropped.swap(queue_);
     stopping_ = true;
   }
@@ -109,8 +133,25 @@ SchedulerStats Scheduler::Stats() const {
   for (const Clock::time_point& t : job_started_) {
     if (t != Clock::time_point{}) busy += std::chrono::duration<double>(now - t).count();
   }
-  return SchedulerStats{static_cast<int>(queue_.size()), running_, reserved_,
-                        options_.max_kv_bytes, options_.max_queue_depth, options_.workers, busy};
+  SchedulerStats stats{static_cast<int>(queue_.size()), running_, reserved_,
+                       options_.max_kv_bytes, options_.max_queue_depth, options_.workers, busy};
+  stats.tenants.insert(tenants_.begin(), tenants_.end());
+  return stats;
+}
+
+void Scheduler::ReleaseRunning(Reservation* reservation) {
+  std::lock_guard<std::mutex> lock(mu_);
+  reserved_ -= reservation->bytes_;
+  reservation->bytes_ = 0;
+  ReleaseTenantSlot(reservation->tenant_);
+  reservation->tenant_.clear();
+}
+
+void Scheduler::ReleaseTenantSlot(const std::string& tenant) {
+  if (tenant.empty()) return;
+  // Entries stay at zero rather than go: tenants are few (auth's), and a gauge read from
+  // them must fall back to 0.
+  if (auto it = tenants_.find(tenant); it != tenants_.end()) --it->second.in_flight;
 }
 
 absl::Status Scheduler::ResizeReservation(int64_t from, int64_t to) {
@@ -135,6 +176,7 @@ void Scheduler::WorkerLoop(int index) {
       queue_.pop_front();
       if (job.deadline <= Clock::now()) {
         reserved_ -= job.kv_bytes;
+        ReleaseTenantSlot(job.tenant);
         lock.unlock();
         job.abandon(absl::DeadlineExceededError(
             "the deadline passed while the request waited for an engine worker; the server is "
@@ -146,14 +188,14 @@ void Scheduler::WorkerLoop(int index) {
       job_started_[index] = started;
     }
     const double queue_seconds = std::chrono::duration<double>(started - job.enqueued).count();
-    Reservation reservation(this, job.kv_bytes);
+    Reservation reservation(this, job.kv_bytes, std::move(job.tenant));
     job.work(runner, reservation, queue_seconds);
+    ReleaseRunning(&reservation);
     {
       std::lock_guard<std::mutex> lock(mu_);
       busy_seconds_ += std::chrono::duration<double>(Clock::now() - job_started_[index]).count();
       job_started_[index] = Clock::time_point{};
       --running_;
-      reserved_ -= reservation.bytes();
     }
   }
 }

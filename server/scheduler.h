@@ -8,6 +8,10 @@
 // loaded, prompt tokenized); that fails the same way when the budget cannot cover it. A job
 // that needs more than the whole budget can never run: FAILED_PRECONDITION, not "retry".
 //
+// Tenant slots (optional): with tenant_max_inflight > 0, a tenant's queued plus running jobs
+// are capped, so one tenant flooding the queue is refused (RESOURCE_EXHAUSTED naming its own
+// limit) while the others are still admitted. Jobs submitted without a tenant are not counted.
+//
 // Jobs are plain functions; the network side keeps a ticket to take a job back out of the
 // queue when its call is cancelled or its deadline passes before a worker picked it up.
 #pragma once
@@ -17,12 +21,15 @@
 #include <cstdint>
 #include <functional>
 #include <list>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/model.h"
@@ -34,6 +41,7 @@ struct SchedulerOptions {
   int threads_per_worker = 1;
   int max_queue_depth = 64;
   int64_t max_kv_bytes = int64_t{1} << 30;
+  int tenant_max_inflight = 0;  // queued + running jobs per tenant; 0 = no per-tenant limit
 };
 
 class Scheduler;
@@ -45,12 +53,22 @@ class Reservation {
   // exceed the budget (the reservation is then unchanged).
   absl::Status Resize(int64_t bytes);
   int64_t bytes() const { return bytes_; }
+  // Frees the reservation and the job's tenant slot before the job returns: call it before
+  // the client can see its call end, so that the client's next call finds both free.
+  void Release();
 
  private:
   friend class Scheduler;
-  Reservation(Scheduler* scheduler, int64_t bytes) : scheduler_(scheduler), bytes_(bytes) {}
+  Reservation(Scheduler* scheduler, int64_t bytes, std::string tenant)
+      : scheduler_(scheduler), bytes_(bytes), tenant_(std::move(tenant)) {}
   Scheduler* scheduler_;
   int64_t bytes_;
+  std::string tenant_;  // whose slot this job holds; empty: none (or released)
+};
+
+struct TenantSchedulerStats {
+  int in_flight = 0;    // queued + running
+  int64_t refused = 0;  // Submits refused because the tenant was at tenant_max_inflight
 };
 
 struct SchedulerStats {
@@ -61,6 +79,8 @@ struct SchedulerStats {
   int max_queue_depth = 0;
   int workers = 0;
   double busy_seconds = 0;  // total time workers spent running jobs (monotonic)
+  // Every tenant that has submitted a job (bounded by the tenants auth knows).
+  std::map<std::string, TenantSchedulerStats> tenants;
 };
 
 class Scheduler {
@@ -82,6 +102,10 @@ class Scheduler {
   // abandoned with DEADLINE_EXCEEDED instead of run. Returns a ticket for Cancel.
   absl::StatusOr<uint64_t> Submit(int64_t kv_bytes_estimate, Clock::time_point deadline,
                                   Work work, Abandon abandon);
+  // The same for `tenant`'s job: it holds one of the tenant's slots until it leaves the
+  // scheduler (finished, cancelled, abandoned); refused when the tenant has none left.
+  absl::StatusOr<uint64_t> Submit(const std::string& tenant, int64_t kv_bytes_estimate,
+                                  Clock::time_point deadline, Work work, Abandon abandon);
   // Takes a queued job out and runs its Abandon with `reason`; false when it already started
   // (or finished), in which case the job itself must notice the cancellation.
   bool Cancel(uint64_t ticket, const absl::Status& reason);
@@ -94,6 +118,7 @@ class Scheduler {
  private:
   friend class Reservation;
   struct Job {
+    std::string tenant;  // empty: not counted against a tenant
     uint64_t ticket;
     int64_t kv_bytes;
     Clock::time_point deadline;
@@ -104,6 +129,10 @@ class Scheduler {
   void WorkerLoop(int index);
   absl::Status ResizeReservation(int64_t from, int64_t to);
   absl::Status KvExhausted(int64_t need) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A job of `tenant` left the scheduler: its slot is free again.
+  void ReleaseTenantSlot(const std::string& tenant) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Frees a running job's reservation and slot (Reservation::Release, and at the job's end).
+  void ReleaseRunning(Reservation* reservation);
 
   const Model& model_;
   const SchedulerOptions options_;
@@ -116,6 +145,7 @@ class Scheduler {
   double busy_seconds_ ABSL_GUARDED_BY(mu_) = 0;  // jobs finished
   // Per worker: when its current job started; Clock::time_point{} while idle.
   std::vector<Clock::time_point> job_started_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, TenantSchedulerStats> tenants_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;
 };

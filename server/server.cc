@@ -97,6 +97,7 @@ absl::Status ServerInstance::Load() {
   }
   ContextStoreOptions so;
   so.memory_bytes = config_.memory_cache_bytes;
+  so.memory_tenant_bytes = config_.tenant_memory_cache_bytes;
   so.model_fingerprint = model_->fingerprint();
   so.redis.url = config_.redis_url;
   so.redis.pool_size = config_.redis_pool_size;
@@ -117,6 +118,7 @@ absl::Status ServerInstance::Load() {
                  &sched.threads_per_worker);
   sched.max_queue_depth = config_.max_queue_depth;
   sched.max_kv_bytes = config_.max_kv_bytes;
+  sched.tenant_max_inflight = config_.tenant_max_inflight;
   if (sched.max_kv_bytes == 0) {
     const int64_t ram = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
     sched.max_kv_bytes = std::max<int64_t>(ram / 4, int64_t{256} << 20);
@@ -136,6 +138,18 @@ absl::Status ServerInstance::Load() {
   service_->Attach(handlers_.get(), scheduler_.get(),
                    ServiceInfo{!config_.redis_url.empty(), sched.workers});
   SetServing(true);
+  if (config_.tenant_max_inflight > 0 || config_.tenant_memory_cache_bytes > 0) {
+    spdlog::info(
+        "per-tenant limits (0 = none): {} requests queued or running (tenant_max_inflight), "
+        "{:.1f} MiB of the memory tier (tenant_memory_cache_bytes)",
+        config_.tenant_max_inflight,
+        static_cast<double>(config_.tenant_memory_cache_bytes) / (1 << 20));
+    if (config_.auth_tokens_file.empty()) {
+      spdlog::warn(
+          "per-tenant limits are set but authentication is off (auth_tokens): every call is "
+          "tenant \"default\", so the limits bound all calls together");
+    }
+  }
   spdlog::info(
       "serving {} on {}: {} worker(s) x {} thread(s), memory cache {} MB, redis {}, KV budget "
       "{} MB, ready in {:.2f} s",

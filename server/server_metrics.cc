@@ -5,6 +5,8 @@
 
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <type_traits>
 
 #include "server/handlers.h"
 
@@ -159,6 +161,20 @@ ServerMetrics::ServerMetrics(const std::string& version)
                .AddGauge("ctxcache_process_resident_memory_bytes",
                          "Resident memory of the server process (/proc/self/statm).")
                .Get()),
+      tenant_refused_(registry_.AddCounter(
+          "ctxcache_tenant_requests_refused_total",
+          "Calls refused (RESOURCE_EXHAUSTED) because their tenant already had "
+          "tenant_max_inflight requests queued or running.",
+          {"tenant"}, kMaxTenantSeries)),
+      tenant_in_flight_(registry_.AddGauge(
+          "ctxcache_tenant_requests_in_flight",
+          "Requests a tenant has queued or running (what tenant_max_inflight bounds).", {"tenant"},
+          kMaxTenantSeries)),
+      tenant_memory_bytes_(registry_.AddGauge(
+          "ctxcache_tenant_memory_cache_bytes",
+          "Memory tier bytes held by a tenant's contexts (what tenant_memory_cache_bytes "
+          "bounds).",
+          {"tenant"}, kMaxTenantSeries)),
       busy_seconds_(registry_
                         .AddCounter("ctxcache_worker_busy_seconds_total",
                                     "Time engine workers spent running requests, summed over "
@@ -269,6 +285,26 @@ void ServerMetrics::ClearSources() {
   sources_ = Sources{};
 }
 
+namespace {
+
+// Sets per-tenant series from `values`; tenants past the family's cap share the "other"
+// series, which gets their sum (one Set per series, so folded tenants do not overwrite each
+// other). Counters mirror monotonic totals, and so does their sum.
+template <typename Family, typename Map, typename Get>
+void SetPerTenant(Family& family, const Map& values, Get get) {
+  std::map<std::remove_reference_t<decltype(family.Get())>*, double> sums;
+  for (const auto& [tenant, v] : values) sums[&family.WithLabels({tenant})] += get(v);
+  for (const auto& [series, sum] : sums) {
+    if constexpr (std::is_same_v<Family, metrics::CounterFamily>) {
+      SetTotal(*series, sum);
+    } else {
+      series->Set(sum);
+    }
+  }
+}
+
+}  // namespace
+
 void ServerMetrics::Collect() {
   rss_.Set(ResidentBytes());
   std::lock_guard<std::mutex> lock(sources_mu_);
@@ -279,6 +315,8 @@ void ServerMetrics::Collect() {
     cache_bytes_.WithLabels({"memory"}).Set(static_cast<double>(s.memory_bytes));
     cache_entries_.WithLabels({"memory"}).Set(static_cast<double>(s.memory_entries));
     SetTotal(evictions_.WithLabels({"memory"}), static_cast<double>(s.memory_evictions));
+    SetPerTenant(tenant_memory_bytes_, s.memory_tenant_bytes,
+                 [](int64_t bytes) { return static_cast<double>(bytes); });
     if (sources_.redis_enabled) {
       auto redis = [&](const char* result, int64_t value) {
         SetTotal(lookups_.WithLabels({"redis", result}), static_cast<double>(value));
@@ -303,6 +341,10 @@ void ServerMetrics::Collect() {
     running_.Set(s.running);
     workers_.Set(s.workers);
     SetTotal(busy_seconds_, s.busy_seconds);
+    SetPerTenant(tenant_in_flight_, s.tenants,
+                 [](const TenantSchedulerStats& t) { return static_cast<double>(t.in_flight); });
+    SetPerTenant(tenant_refused_, s.tenants,
+                 [](const TenantSchedulerStats& t) { return static_cast<double>(t.refused); });
   }
   if (!sources_.model.empty()) build_info_.WithLabels({version_, sources_.model}).Set(1);
 }

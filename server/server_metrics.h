@@ -96,6 +96,9 @@ class ServerMetrics {
   metrics::CounterFamily &redis_circuit_opens_, &redis_short_circuited_, &redis_slow_,
       &redis_writes_dropped_;
   metrics::Gauge &queue_depth_, &running_, &workers_, &rss_;
+  // Per tenant (tenant capacity), read from the scheduler and the memory tier.
+  metrics::CounterFamily& tenant_refused_;
+  metrics::GaugeFamily &tenant_in_flight_, &tenant_memory_bytes_;
   metrics::Counter& busy_seconds_;
   metrics::GaugeFamily& build_info_;
   const std::string version_;

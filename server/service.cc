@@ -289,8 +289,9 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
     };
     absl::StatusOr<CompressOutcome> out =
         handlers->Compress(runner, reservation, c->tenant(), *input, stop);
-    // The working cache is gone: release its reservation before the client can see the end.
-    (void)reservation.Resize(0);
+    // The working cache is gone: release its reservation (and the tenant's slot) before the
+    // client can see the end.
+    reservation.Release();
     if (!out.ok()) {
       c->Finish(reactor, out.status());
       return;
@@ -313,7 +314,7 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
   };
   auto abandon = [=](const absl::Status& reason) { c->Finish(reactor, reason); };
   absl::StatusOr<uint64_t> ticket =
-      scheduler_->Submit(handlers->EstimateKvBytes(*input), deadline, work, abandon);
+      scheduler_->Submit(c->tenant(), handlers->EstimateKvBytes(*input), deadline, work, abandon);
   if (!ticket.ok()) c->Finish(reactor, ticket.status());
   return reactor;
 }
@@ -462,7 +463,7 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
     absl::StatusOr<GenerateOutcome> out = handlers->Generate(
         runner, reservation, tenant, *input, stop,
         [reactor](std::string_view delta) { return reactor->Push(delta); });
-    (void)reservation.Resize(0);  // the KV cache is freed; release before the client sees the end
+    reservation.Release();  // KV freed: release it and the slot before the client sees the end
     if (!out.ok()) {
       reactor->Complete(out.status(), std::nullopt, "");
       return;
@@ -487,7 +488,7 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
     reactor->Complete(reason, std::nullopt, "");
   };
   absl::StatusOr<uint64_t> ticket =
-      scheduler_->Submit(handlers->EstimateKvBytes(*input), deadline, work, abandon);
+      scheduler_->Submit(tenant, handlers->EstimateKvBytes(*input), deadline, work, abandon);
   if (!ticket.ok()) {
     reactor->Complete(ticket.status(), std::nullopt, "");
   } else {

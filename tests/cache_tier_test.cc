@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -162,6 +163,107 @@ TEST(MemoryTierTest, TenantsAreSeparate) {
   const MemoryTier::Stats s = tier.GetStats();
   EXPECT_EQ(s.hits, 3);
   EXPECT_EQ(s.misses, 2);
+}
+
+// A tenant with a share evicts its own least-recently-used contexts, never another
+// tenant's, however much it stores. Without the share (the default) the same traffic evicts
+// the other tenant's context: the behaviour the share exists to prevent.
+TEST(MemoryTierTest, ATenantFillingItsShareEvictsOnlyItsOwnContexts) {
+  // Tenants and keys of one length, so that every entry is charged the same.
+  auto key = [](int i) { return std::string(i < 10 ? "k0" : "k") + std::to_string(i); };
+  const int64_t entry = MemoryTier::EntryBytes("bob", key(0), MakeContext(4));
+  for (const bool shares : {false, true}) {
+    SCOPED_TRACE(shares ? "with a share of 3 entries" : "without shares");
+    MemoryTier tier(6 * entry, shares ? 3 * entry : 0);
+    ASSERT_TRUE(tier.Put("ann", "a00", Shared(MakeContext(4))));
+    ASSERT_TRUE(tier.Put("ann", "a01", Shared(MakeContext(4))));
+    for (int i = 0; i < 20; ++i) {
+      ASSERT_TRUE(tier.Put("bob", key(i), Shared(MakeContext(4))));
+    }
+    if (!shares) {
+      EXPECT_EQ(tier.Get("ann", "a00"), nullptr);  // global LRU: bob pushed ann out
+      continue;
+    }
+    EXPECT_NE(tier.Get("ann", "a00"), nullptr);
+    EXPECT_NE(tier.Get("ann", "a01"), nullptr);
+    // Bob keeps his three most recent, LRU within his share.
+    EXPECT_EQ(tier.Get("bob", "k16"), nullptr);
+    EXPECT_NE(tier.Get("bob", "k17"), nullptr);
+    EXPECT_NE(tier.Get("bob", "k19"), nullptr);
+    const MemoryTier::Stats s = tier.GetStats();
+    EXPECT_EQ(s.evictions, 17);
+    EXPECT_EQ(s.tenant_evictions, 17);
+    EXPECT_EQ(s.entries, 5);
+    const std::map<std::string, int64_t> held = tier.TenantBytes();
+    EXPECT_EQ(held.at("ann"), 2 * entry);
+    EXPECT_EQ(held.at("bob"), 3 * entry);
+    // Bob's share is his own to use: a recent Get protects k17 from his next Put.
+    ASSERT_NE(tier.Get("bob", "k17"), nullptr);
+    ASSERT_TRUE(tier.Put("bob", "k20", Shared(MakeContext(4))));
+    EXPECT_NE(tier.Get("bob", "k17"), nullptr);
+    EXPECT_EQ(tier.Get("bob", "k18"), nullptr);
+    // Gone entries leave the tenant's figure at zero (a gauge must fall back).
+    tier.Clear();
+    EXPECT_EQ(tier.TenantBytes().at("bob"), 0);
+  }
+}
+
+// Shares that add up to more than the tier (4 of 6 entries each, three tenants): when the
+// whole budget is full, the entry evicted belongs to a tenant above an even split (2 entries
+// each here), so bob's traffic never evicts ann's or cat's two contexts; plain LRU would.
+TEST(MemoryTierTest, OvercommittedSharesEvictFromTheTenantAboveAnEvenSplit) {
+  auto key = [](int i) { return std::string(i < 10 ? "k0" : "k") + std::to_string(i); };
+  const int64_t entry = MemoryTier::EntryBytes("bob", key(0), MakeContext(4));
+  MemoryTier tier(6 * entry, 4 * entry);
+  // Alone, bob may use his whole share.
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(tier.Put("bob", key(i), Shared(MakeContext(4))));
+  EXPECT_EQ(tier.TenantBytes().at("bob"), 4 * entry);
+  for (const char* t : {"ann", "cat"}) {
+    ASSERT_TRUE(tier.Put(t, "a00", Shared(MakeContext(4))));
+    ASSERT_TRUE(tier.Put(t, "a01", Shared(MakeContext(4))));
+  }
+  for (int i = 4; i < 30; ++i) ASSERT_TRUE(tier.Put("bob", key(i), Shared(MakeContext(4))));
+  for (const char* t : {"ann", "cat"}) {
+    EXPECT_NE(tier.Get(t, "a00"), nullptr) << t;
+    EXPECT_NE(tier.Get(t, "a01"), nullptr) << t;
+  }
+  EXPECT_EQ(tier.TenantBytes().at("bob"), 2 * entry);
+  EXPECT_NE(tier.Get("bob", key(29)), nullptr);
+  EXPECT_NE(tier.Get("bob", key(28)), nullptr);
+  EXPECT_LE(tier.GetStats().bytes, tier.capacity_bytes());
+  // A newcomer takes its room from the tenants above the new even split (1.5 entries each;
+  // everyone holds 2): dan's entry is stored.
+  ASSERT_TRUE(tier.Put("dan", "a00", Shared(MakeContext(4))));
+  EXPECT_NE(tier.Get("dan", "a00"), nullptr);
+  EXPECT_LE(tier.GetStats().bytes, tier.capacity_bytes());
+}
+
+TEST(MemoryTierTest, AContextLargerThanTheTenantShareIsNotKept) {
+  const int64_t entry = MemoryTier::EntryBytes("t", "a", MakeContext(4));
+  MemoryTier tier(100 * entry, 2 * entry);
+  ASSERT_TRUE(tier.Put("t", "a", Shared(MakeContext(4))));
+  EXPECT_FALSE(tier.Put("t", "big", Shared(MakeContext(12))));  // 3 entries' worth
+  EXPECT_NE(tier.Get("t", "a"), nullptr);  // nothing was evicted for it
+  EXPECT_EQ(tier.Get("t", "big"), nullptr);
+  EXPECT_EQ(tier.GetStats().oversize, 1);
+  EXPECT_EQ(tier.GetStats().evictions, 0);
+  // Through the store: not in memory, and said so (a Redis tier could still keep it).
+  ContextStoreOptions o;
+  o.memory_bytes = 100 * entry;
+  o.memory_tenant_bytes = 2 * entry;
+  absl::StatusOr<std::unique_ptr<ContextStore>> store = ContextStore::Create(o);
+  ASSERT_TRUE(store.ok()) << store.status();
+  absl::StatusOr<StoreResult> r = (*store)->GetOrCompute(
+      "t", "big", []() -> absl::StatusOr<CompressedContext> { return MakeContext(12); });
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(r->in_memory);
+  EXPECT_EQ((*store)->Stats().memory_tenant_bytes.count("t"), 0u);
+  r = (*store)->GetOrCompute(
+      "t", "small", []() -> absl::StatusOr<CompressedContext> { return MakeContext(4); });
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->in_memory);
+  EXPECT_EQ((*store)->Stats().memory_tenant_bytes.at("t"),
+            MemoryTier::EntryBytes("t", "small", MakeContext(4)));
 }
 
 // ---- single flight -------------------------------------------------------------------------
@@ -462,6 +564,10 @@ TEST(ContextStoreTest, RejectsBadOptions) {
   ContextStoreOptions o = MemoryOnly();
   o.memory_bytes = -1;
   EXPECT_EQ(ContextStore::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = MemoryOnly();
+  o.memory_tenant_bytes = -1;
+  EXPECT_THAT(std::string(ContextStore::Create(o).status().message()),
+              HasSubstr("memory_tenant_bytes"));
   o = MemoryOnly();
   o.model_fingerprint = "81EE";
   EXPECT_EQ(ContextStore::Create(o).status().code(), absl::StatusCode::kInvalidArgument);

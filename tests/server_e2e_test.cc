@@ -20,6 +20,7 @@
 #include <spawn.h>
 #include <sys/wait.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -1820,6 +1821,153 @@ TEST_F(ServerE2ETest, SchedulerRefusesBeyondItsQueueDepth) {
         << abandoned[1];
   }
   EXPECT_FALSE(ran);
+}
+
+// Tenant capacity over gRPC: with tenant_max_inflight 1 and two workers, alice's endless
+// generation holds her only slot, so her next call is refused (RESOURCE_EXHAUSTED naming her
+// limit) while bob is served; the refusal is counted under her tenant label. Before the limit
+// existed alice's second call was admitted.
+TEST_F(ServerE2ETest, ATenantAtItsLimitIsRefusedWhileAnotherIsServed) {
+  char dir[] = "/tmp/ctxcache-tenant-XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string tokens = std::string(dir) + "/tokens";
+  {
+    std::ofstream out(tokens);
+    out << "alice-token-0001 alice\nbob-token-0002 bob\n";
+  }
+  ServerConfig config = BaseConfig();
+  config.auth_tokens_file = tokens;
+  config.workers = 2;
+  config.tenant_max_inflight = 1;
+  Running r = Start(config);
+  std::remove(tokens.c_str());
+  rmdir(dir);
+  ASSERT_NE(r.stub, nullptr);
+  const auto alice = Bearer("alice-token-0001"), bob = Bearer("bob-token-0002");
+  // Back to back: a finished call's slot is free before its client sees the end.
+  const std::string alice_id = MustCompress(*r.stub, kDocument, alice).context().context_id();
+  ASSERT_EQ(MustCompress(*r.stub, kDocument, alice).context().tier(), pb::CACHE_TIER_MEMORY);
+  const std::string bob_id = MustCompress(*r.stub, kDocument, bob).context().context_id();
+
+  std::promise<void> streaming, release;
+  std::shared_future<void> release_f = release.get_future().share();
+  StreamResult flood;
+  std::thread holder([&] {
+    flood = RunGenerate(*r.stub, Endless(alice_id), alice, [&](grpc::ClientContext& ctx) {
+      streaming.set_value();
+      release_f.wait();
+      ctx.TryCancel();
+    });
+  });
+  streaming.get_future().wait();
+  {
+    grpc::ClientContext ctx;
+    alice(ctx);
+    pb::CompressResponse resp;
+    const grpc::Status s = r.stub->Compress(&ctx, CompressRequest(kDocument), &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+    EXPECT_NE(s.error_message().find("tenant 'alice'"), std::string::npos) << s.error_message();
+    EXPECT_NE(s.error_message().find("tenant_max_inflight 1"), std::string::npos)
+        << s.error_message();
+  }
+  const StreamResult served = RunGenerate(*r.stub, AskAbout(bob_id, Questions()[0]), bob);
+  EXPECT_TRUE(served.status.ok()) << served.status.error_message();
+  EXPECT_TRUE(served.has_usage);
+  const std::string text = r.server->metrics().Render();
+  EXPECT_NE(text.find("ctxcache_tenant_requests_refused_total{tenant=\"alice\"} 1\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("ctxcache_tenant_requests_refused_total{tenant=\"bob\"} 0\n"),
+            std::string::npos);
+  EXPECT_NE(text.find("ctxcache_tenant_requests_in_flight{tenant=\"alice\"} 1\n"),
+            std::string::npos);
+  EXPECT_NE(text.find("ctxcache_tenant_memory_cache_bytes{tenant=\"bob\"} "), std::string::npos);
+  release.set_value();
+  holder.join();
+  EXPECT_EQ(flood.status.error_code(), grpc::StatusCode::CANCELLED) << flood.status.error_message();
+  EXPECT_TRUE(r.server->WaitIdle(5));
+  // The slot came back with the cancelled call.
+  MustCompress(*r.stub, kDocument, alice);
+}
+
+// Tenant slots, deterministically: alice holds the only worker and floods the queue. With
+// tenant_max_inflight 2 her third job is refused with a message naming her own limit, and bob
+// is still admitted; without it (the default) alice fills the whole queue and bob is refused.
+TEST_F(ServerE2ETest, SchedulerKeepsATenantFloodingTheQueueFromStarvingTheOthers) {
+  for (const int limit : {0, 2}) {
+    SCOPED_TRACE(absl::StrCat("tenant_max_inflight ", limit));
+    server::SchedulerOptions o;
+    o.workers = 1;
+    o.max_queue_depth = 4;
+    o.max_kv_bytes = 1000;
+    o.tenant_max_inflight = limit;
+    auto sched = std::make_unique<server::Scheduler>(model(), o);
+    std::promise<void> started, release;
+    std::shared_future<void> release_f = release.get_future().share();
+    std::atomic<int> abandoned{0};
+    auto abandon = [&](const absl::Status&) { ++abandoned; };
+    auto noop = [](Runner&, server::Reservation&, double) {};
+    const auto never = server::Scheduler::Clock::time_point::max();
+    int in_flight_after_release = -1;
+    auto hold = [&](Runner&, server::Reservation& res, double) {
+      started.set_value();
+      release_f.wait();
+      // Released before the job returns: the tenant's next call must find its slot free.
+      res.Release();
+      in_flight_after_release = sched->Stats().tenants.at("alice").in_flight;
+    };
+    ASSERT_TRUE(sched->Submit("alice", 10, never, hold, abandon).ok());
+    started.get_future().wait();
+    std::vector<uint64_t> alice_queued;
+    absl::Status refused;
+    for (int i = 0; i < 8 && refused.ok(); ++i) {
+      absl::StatusOr<uint64_t> t = sched->Submit("alice", 10, never, noop, abandon);
+      if (t.ok()) {
+        alice_queued.push_back(*t);
+      } else {
+        refused = t.status();
+      }
+    }
+    EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+    absl::StatusOr<uint64_t> bob = sched->Submit("bob", 10, never, noop, abandon);
+    server::SchedulerStats stats = sched->Stats();
+    if (limit == 0) {
+      // The starvation the limit prevents: alice's four queued jobs fill the queue.
+      EXPECT_EQ(alice_queued.size(), 4u);
+      EXPECT_NE(refused.message().find("max_queue_depth 4"), std::string::npos) << refused;
+      EXPECT_EQ(bob.status().code(), absl::StatusCode::kResourceExhausted);
+      EXPECT_EQ(stats.tenants.at("alice").refused, 0);
+    } else {
+      EXPECT_EQ(alice_queued.size(), 1u);  // one running + one queued = her 2 slots
+      EXPECT_NE(refused.message().find("tenant 'alice'"), std::string::npos) << refused;
+      EXPECT_NE(refused.message().find("tenant_max_inflight 2"), std::string::npos) << refused;
+      EXPECT_NE(refused.message().find("other tenants are still served"), std::string::npos)
+          << refused;
+      EXPECT_TRUE(bob.ok()) << bob.status();
+      EXPECT_EQ(stats.tenants.at("alice").in_flight, 2);
+      EXPECT_EQ(stats.tenants.at("alice").refused, 1);
+      EXPECT_EQ(stats.tenants.at("bob").in_flight, 1);
+      EXPECT_EQ(stats.tenants.at("bob").refused, 0);
+      // A cancelled queued job gives its slot back at once.
+      ASSERT_TRUE(sched->Cancel(alice_queued[0], absl::CancelledError("test")));
+      EXPECT_EQ(sched->Stats().tenants.at("alice").in_flight, 1);
+      EXPECT_TRUE(sched->Submit("alice", 10, never, noop, abandon).ok());
+    }
+    release.set_value();
+    // Every job ends (run or abandoned), and every slot with it.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (sched->Stats().running + sched->Stats().queued > 0 &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    stats = sched->Stats();
+    EXPECT_EQ(stats.tenants.at("alice").in_flight, 0);
+    EXPECT_EQ(stats.reserved_kv_bytes, 0);
+    EXPECT_EQ(stats.tenants.at("bob").in_flight, 0);
+    // alice's running job, then her queued one: in flight is what is left of hers.
+    EXPECT_EQ(in_flight_after_release, limit == 0 ? 4 : 1);
+    EXPECT_EQ(abandoned.load(), limit == 0 ? 0 : 1);
+  }
 }
 
 }  // namespace

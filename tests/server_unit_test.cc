@@ -19,6 +19,7 @@
 #include "server/handlers.h"
 #include "server/logging.h"
 #include "server/server.h"
+#include "server/server_metrics.h"
 #include "server/status_map.h"
 
 namespace ctxcache::server {
@@ -126,6 +127,26 @@ TEST(ServerConfigTest, YamlErrorsNameTheFileAndKey) {
   ExpectInvalid(Load({"--config", scalar.path()}), "expected a mapping of settings");
   TempFile empty("");
   EXPECT_TRUE(Load({"--config", empty.path()}).ok());
+}
+
+// Tenant capacity is off unless asked for, and reads like every other setting.
+TEST(ServerConfigTest, TenantLimitsAreOffByDefaultAndConfigurable) {
+  absl::StatusOr<ServerConfig> c = Load({});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->tenant_max_inflight, 0);
+  EXPECT_EQ(c->tenant_memory_cache_bytes, 0);
+  TempFile yaml("tenant_max_inflight: 8\ntenant_memory_cache_bytes: 256MiB\n");
+  c = Load({"--config", yaml.path()}, {{"CTXCACHE_TENANT_MAX_INFLIGHT", "6"}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->tenant_max_inflight, 6);  // env over file
+  EXPECT_EQ(c->tenant_memory_cache_bytes, int64_t{256} << 20);
+  ExpectInvalid(Load({"--tenant-max-inflight", "-1"}),
+                "tenant_max_inflight = -1 is out of range; allowed: 0 to");
+  ExpectInvalid(Load({"--tenant-memory-cache-bytes", "half"}),
+                "--tenant-memory-cache-bytes: 'half' is not a byte size");
+  const std::string usage = ServerUsage();
+  EXPECT_NE(usage.find("--tenant-max-inflight"), std::string::npos);
+  EXPECT_NE(usage.find("--tenant-memory-cache-bytes"), std::string::npos);
 }
 
 TEST(ServerConfigTest, HelpListsEverySetting) {
@@ -452,6 +473,47 @@ TEST(ConvertTest, UnsetOptionalFieldsKeepTheEngineDefaults) {
 
   req.mutable_decode()->set_kind(static_cast<ctxcache::v1::DecodePolicy::Kind>(9));
   EXPECT_EQ(FromProto(req).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Per-tenant capacity series are read from the scheduler and the memory tier at scrape. Past
+// the 50-tenant cap the rest share tenant="other", which must carry their sum (not the last
+// folded tenant's value).
+TEST(ServerMetricsTest, TenantCapacitySeriesFoldTenantsPastTheCapIntoTheirSum) {
+  ServerMetrics metrics("test");
+  SchedulerStats sched;
+  ContextStoreStats store;
+  const int tenants = static_cast<int>(kMaxTenantSeries) + 3;
+  for (int i = 0; i < tenants; ++i) {
+    const std::string t = absl::StrCat("t", 100 + i);  // sorted in creation order
+    sched.tenants[t] = TenantSchedulerStats{/*in_flight=*/1, /*refused=*/i};
+    store.memory_tenant_bytes[t] = 1000 + i;
+  }
+  ServerMetrics::Sources sources;
+  sources.scheduler = [&] { return sched; };
+  sources.store = [&] { return store; };
+  metrics.SetSources(sources);
+  const std::string text = metrics.Render();
+  auto has = [&](const std::string& line) {
+    EXPECT_NE(text.find(line + "\n"), std::string::npos) << line << "\n" << text;
+  };
+  has("ctxcache_tenant_requests_refused_total{tenant=\"t100\"} 0");
+  has("ctxcache_tenant_requests_refused_total{tenant=\"t101\"} 1");
+  has("ctxcache_tenant_requests_in_flight{tenant=\"t149\"} 1");
+  has("ctxcache_tenant_memory_cache_bytes{tenant=\"t149\"} 1049");
+  // t150, t151, t152 fold: refused 50 + 51 + 52, one in flight each, bytes 1050 + 1051 + 1052.
+  has("ctxcache_tenant_requests_refused_total{tenant=\"other\"} 153");
+  has("ctxcache_tenant_requests_in_flight{tenant=\"other\"} 3");
+  has("ctxcache_tenant_memory_cache_bytes{tenant=\"other\"} 3153");
+  EXPECT_EQ(text.find("tenant=\"t150\""), std::string::npos);
+  // Gauges follow the sources down (a tenant whose work ended reads 0, not its last value).
+  sched.tenants["t100"].in_flight = 0;
+  store.memory_tenant_bytes["t100"] = 0;
+  const std::string later = metrics.Render();
+  EXPECT_NE(later.find("ctxcache_tenant_requests_in_flight{tenant=\"t100\"} 0\n"),
+            std::string::npos);
+  EXPECT_NE(later.find("ctxcache_tenant_memory_cache_bytes{tenant=\"t100\"} 0\n"),
+            std::string::npos);
+  metrics.ClearSources();
 }
 
 }  // namespace
