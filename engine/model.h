@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/stop.h"
 #include "common/thread_pool.h"
 #include "engine/cpu/matmul.h"
 #include "engine/cpu/ops.h"
@@ -138,6 +139,33 @@ class Runner {
 
   const Model& model() const { return model_; }
 
+  // Cooperative stop (common/stop.h): while set, every forward pass asks it before each layer
+  // and between a layer's attention and feed-forward halves, and returns its status when it
+  // is not OK. The cache is then partly written (some layers hold the batch, next_position
+  // is not advanced): the caller must discard it. Long loops outside Forward (scoring,
+  // statistics, composition) ask CheckStop() themselves. A layer of a 2048-token batch on
+  // the 0.5B model is tens of ms on a server's cores, so this reacts within about that; the
+  // check itself is one call per layer, nothing next to the layer's matrix products.
+  void set_stop(StopFn stop) { stop_ = std::move(stop); }
+  const StopFn& stop() const { return stop_; }
+  absl::Status CheckStop() const { return ctxcache::CheckStop(stop_); }
+
+  // Sets a stop for a scope and restores the previous one after (a worker's Runner serves
+  // one job after another).
+  class ScopedStop {
+   public:
+    ScopedStop(Runner& runner, StopFn stop) : runner_(runner), previous_(runner.stop_) {
+      runner_.stop_ = std::move(stop);
+    }
+    ~ScopedStop() { runner_.stop_ = std::move(previous_); }
+    ScopedStop(const ScopedStop&) = delete;
+    ScopedStop& operator=(const ScopedStop&) = delete;
+
+   private:
+    Runner& runner_;
+    StopFn previous_;
+  };
+
  private:
   struct Scratch;
   // Causal attention of the batch's queries (scratch q) over layer's cache entries, into
@@ -149,6 +177,7 @@ class Runner {
   const Model& model_;
   ThreadPool* pool_;
   std::unique_ptr<Scratch> scratch_;
+  StopFn stop_;
 };
 
 // The default served model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (tools/fetch_model.sh). It

@@ -145,6 +145,7 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
   const RopeParams rope = RopeParamsFor(c);
 
   for (int l = 0; l < c.n_layers; ++l) {
+    RETURN_IF_ERROR(CheckStop());
     const LayerWeights& L = model_.layer(l);
     RmsNorm(s.x.data(), L.attn_norm, n, c.d_model, c.rms_eps, s.xn.data());
     Linear(L.wq, s.xn.data(), n, s.q.data(), pool_);
@@ -159,6 +160,7 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
     Attention(l, n, cache, options);
     Linear(L.wo, s.attn.data(), n, s.tmp.data(), pool_);
     for (int64_t i = 0; i < n * d; ++i) s.x[i] += s.tmp[i];
+    RETURN_IF_ERROR(CheckStop());
 
     RmsNorm(s.x.data(), L.ffn_norm, n, c.d_model, c.rms_eps, s.xn.data());
     Linear(L.w_gate, s.xn.data(), n, s.gate.data(), pool_);
