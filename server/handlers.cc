@@ -276,11 +276,11 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
   const uint32_t version = ExpectedMethodVersion(spec.method);
   ContextOutcome out;
   out.context_id = ContextId(tenant, model_.fingerprint(), spec, version, ids);
-  ASSIGN_OR_RETURN(
-      StoreResult r,
-      store_.GetOrCompute(tenant, out.context_id, [&]() -> absl::StatusOr<CompressedContext> {
-        // The compute may start long after the request did (single flight, queueing).
-        RETURN_IF_ERROR(stop());
+  auto compute = [&](const StopFn& flight_stop) -> absl::StatusOr<CompressedContext> {
+        // The flight's stop, not this call's: other calls may be waiting for this context, and
+        // the compression goes on for them if this call's client leaves (single_flight.h).
+        Runner::ScopedStop scoped(runner, flight_stop);
+        RETURN_IF_ERROR(CheckStop(flight_stop));
         const auto compress_start = Clock::now();
         ASSIGN_OR_RETURN(CompressedContext c, ctxcache::Compress(runner, ids, spec));
         if (c.method_version != version) {
@@ -292,7 +292,8 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
         // Here, inside the single flight, each computation is counted once.
         if (metrics_ != nullptr) metrics_->RecordCompression(c.method, Since(compress_start), c);
         return c;
-      }));
+  };
+  ASSIGN_OR_RETURN(StoreResult r, store_.GetOrCompute(tenant, out.context_id, compute, stop));
   out.context = std::move(r.context);
   out.tier = r.tier;
   out.compute_seconds = r.compute_seconds;
@@ -304,6 +305,7 @@ absl::StatusOr<CompressOutcome> Handlers::Compress(Runner& runner, Reservation& 
                                                    const CompressInput& in,
                                                    const StopCheck& stop) const {
   const auto t0 = Clock::now();
+  Runner::ScopedStop scoped(runner, stop);
   CompressOutcome out;
   ASSIGN_OR_RETURN(out.context, LoadOrCompress(runner, tenant, in, "document", reservation, 0, stop));
   out.total_seconds = Since(t0);
@@ -388,6 +390,8 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
                                                    const GenerateInput& in, const StopCheck& stop,
                                                    const TextCallback& on_text) const {
   const auto t0 = Clock::now();
+  // Every forward pass of this call (selection, prompt prefill, decode steps) asks it.
+  Runner::ScopedStop scoped(runner, stop);
   GenerateOutcome out;
   const ModelConfig& mc = model_.config();
   int64_t contexts_bytes = 0;
@@ -401,6 +405,8 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
       out.contexts.push_back(std::move(o));
     } else {
       RETURN_IF_ERROR(stop());
+      // TODO(redis owner, issue 14 item 5): a memory-tier miss asks Redis here with no
+      // operation deadline from `stop` (ContextStore::Get takes none yet).
       ASSIGN_OR_RETURN(ContextOutcome o, GetContext(tenant, c.context_id));
       out.contexts.push_back(std::move(o));
     }
@@ -427,7 +433,7 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
   if (!out.contexts.empty()) {
     std::vector<const CompressedContext*> ptrs;
     for (const ContextOutcome& o : out.contexts) ptrs.push_back(&o.attended());
-    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, model_));
+    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, model_, stop));
   }
   out.context_seconds = Since(t0);
   RETURN_IF_ERROR(stop());  // also the check after a selection

@@ -92,9 +92,11 @@ struct GenerateOutcome {
   double context_seconds = 0;  // loading/compressing, selecting and composing the contexts
 };
 
-// Why a generation stopped early, asked between steps: OK to continue, else the status the
-// call ends with (CANCELLED, DEADLINE_EXCEEDED).
-using StopCheck = std::function<absl::Status()>;
+// Why a call's work must stop (common/stop.h): OK to continue, else the status the call ends
+// with (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE when a drain runs out of time). The
+// handlers hand it to the engine (Runner::set_stop: every layer of prefill, compression and
+// decode), to composition, and to the store (its single flight and Redis lookups).
+using StopCheck = StopFn;
 
 // InvalidArgument naming `field` and the byte offset of the first invalid sequence.
 absl::Status CheckUtf8(std::string_view text, const std::string& field);
