@@ -140,12 +140,13 @@ class Runner {
   const Model& model() const { return model_; }
 
   // Cooperative stop (common/stop.h): while set, every forward pass asks it before each layer
-  // and between a layer's attention and feed-forward halves, and returns its status when it
-  // is not OK. The cache is then partly written (some layers hold the batch, next_position
-  // is not advanced): the caller must discard it. Long loops outside Forward (scoring,
-  // statistics, composition) ask CheckStop() themselves. A layer of a 2048-token batch on
-  // the 0.5B model is tens of ms on a server's cores, so this reacts within about that; the
-  // check itself is one call per layer, nothing next to the layer's matrix products.
+  // and between a layer's heavy stages (attention, output projection, each feed-forward
+  // product), and returns its status when it is not OK. The cache is then partly written
+  // (some layers hold the batch, next_position is not advanced): the caller must discard it.
+  // Long loops outside Forward (scoring, statistics, composition) ask CheckStop()
+  // themselves. So a stop takes effect within one stage of one layer (the largest: one
+  // feed-forward product, or attention over the whole cache); the check is a few calls per
+  // layer, nothing next to the layer's matrix products.
   void set_stop(StopFn stop) { stop_ = std::move(stop); }
   const StopFn& stop() const { return stop_; }
   absl::Status CheckStop() const { return ctxcache::CheckStop(stop_); }
@@ -169,8 +170,9 @@ class Runner {
  private:
   struct Scratch;
   // Causal attention of the batch's queries (scratch q) over layer's cache entries, into
-  // scratch attn; reports observed rows' probabilities.
-  void Attention(int layer, int64_t n_tokens, const KvCache& cache, const ForwardOptions& options);
+  // scratch attn; reports observed rows' probabilities. The stop's status when it fires.
+  absl::Status Attention(int layer, int64_t n_tokens, const KvCache& cache,
+                         const ForwardOptions& options);
   // A decode step's attention over a recycled subset of the keys.
   void RecycledAttention(int layer, const KvCache& cache, const RecycledAttentionState& rec);
 

@@ -281,7 +281,8 @@ TEST(SingleFlightTest, AWaitersOwnStopEndsOnlyThatWaiter) {
   });
   while (!computing.load()) std::this_thread::yield();  // the leader is the leader
   absl::StatusOr<int> patient = absl::UnknownError("not run");
-  std::thread patient_waiter([&] { patient = flight.Do("k", [] { return absl::StatusOr<int>(-2); }); });
+  std::thread patient_waiter(
+      [&] { patient = flight.Do("k", [] { return absl::StatusOr<int>(-2); }); });
   ASSERT_TRUE(AwaitWaiters(flight, "k", 1));
   absl::StatusOr<int> impatient = absl::UnknownError("not run");
   std::thread impatient_waiter([&] {

@@ -90,9 +90,19 @@ TEST_F(EngineStopTest, GenerateStopsDuringThePromptPrefillAndDecode) {
   params.sampling = SamplingParams::Greedy();
   params.max_tokens = 8;
   params.ignore_eos = true;
-  const int n_layers = model().config().n_layers;
-  // Mid-prefill (layer 3 of the prompt's single pass), then mid-decode (the third step).
-  for (int64_t fire_at : {int64_t{6}, int64_t{2} * n_layers * 3 + 1}) {
+  // Checks one forward pass makes (prefill and decode steps make the same number).
+  int64_t per_forward = 0;
+  {
+    CountingStop quiet;
+    Runner::ScopedStop scoped(runner, quiet.fn());
+    KvCache cache = model().NewKvCache();
+    std::vector<float> logits;
+    ASSERT_TRUE(runner.Forward(prompt, cache, ForwardOptions{}, &logits).ok());
+    per_forward = quiet.calls.load();
+  }
+  ASSERT_GE(per_forward, model().config().n_layers);
+  // Mid-prefill (inside the prompt's single pass), then mid-decode (the third step's pass).
+  for (int64_t fire_at : {per_forward / 2, per_forward * 3 + 2}) {
     CountingStop stop;
     stop.fire_at = fire_at;
     Runner::ScopedStop scoped(runner, stop.fn());

@@ -163,8 +163,9 @@ TEST_F(ServerCancelTest, CompressDeadlineStopsTheWorkAndFreesTheWorker) {
   EXPECT_LT(SecondsSince(ended), kFreedWithinSeconds)
       << "the worker kept compressing after the deadline";
   // Counted (and logged) with its real code, not OK.
-  EXPECT_NE(Metrics(r).find("ctxcache_requests_total{rpc=\"Compress\",code=\"DEADLINE_EXCEEDED\"} 1"),
-            std::string::npos)
+  EXPECT_NE(
+      Metrics(r).find("ctxcache_requests_total{rpc=\"Compress\",code=\"DEADLINE_EXCEEDED\"} 1"),
+      std::string::npos)
       << Metrics(r);
   // The single worker serves the next request without waiting.
   grpc::ClientContext next_ctx;
@@ -299,8 +300,9 @@ TEST_F(ServerCancelTest, SingleFlightWaitersOwnDeadlineEndsOnlyThatWaiter) {
   leader.Join();
   EXPECT_TRUE(leader.status.ok()) << leader.status.error_message();
   ASSERT_TRUE(r.server->WaitIdle(5));
-  EXPECT_NE(Metrics(r).find("ctxcache_requests_total{rpc=\"Compress\",code=\"DEADLINE_EXCEEDED\"} 1"),
-            std::string::npos);
+  EXPECT_NE(
+      Metrics(r).find("ctxcache_requests_total{rpc=\"Compress\",code=\"DEADLINE_EXCEEDED\"} 1"),
+      std::string::npos);
 }
 
 // The binary: drain is bounded by drain_timeout_seconds whatever is running, and a second
