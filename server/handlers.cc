@@ -277,21 +277,21 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
   ContextOutcome out;
   out.context_id = ContextId(tenant, model_.fingerprint(), spec, version, ids);
   auto compute = [&](const StopFn& flight_stop) -> absl::StatusOr<CompressedContext> {
-        // The flight's stop, not this call's: other calls may be waiting for this context, and
-        // the compression goes on for them if this call's client leaves (single_flight.h).
-        Runner::ScopedStop scoped(runner, flight_stop);
-        RETURN_IF_ERROR(CheckStop(flight_stop));
-        const auto compress_start = Clock::now();
-        ASSIGN_OR_RETURN(CompressedContext c, ctxcache::Compress(runner, ids, spec));
-        if (c.method_version != version) {
-          return absl::InternalError(absl::StrCat(
-              "method ", spec.method, " produced version ", c.method_version,
-              " but the server keys contexts with version ", version,
-              ": update ExpectedMethodVersion in server/context_key.cc"));
-        }
-        // Here, inside the single flight, each computation is counted once.
-        if (metrics_ != nullptr) metrics_->RecordCompression(c.method, Since(compress_start), c);
-        return c;
+    // The flight's stop, not this call's: other calls may be waiting for this context, and
+    // the compression goes on for them if this call's client leaves (single_flight.h).
+    Runner::ScopedStop scoped(runner, flight_stop);
+    RETURN_IF_ERROR(CheckStop(flight_stop));
+    const auto compress_start = Clock::now();
+    ASSIGN_OR_RETURN(CompressedContext c, ctxcache::Compress(runner, ids, spec));
+    if (c.method_version != version) {
+      return absl::InternalError(absl::StrCat(
+          "method ", spec.method, " produced version ", c.method_version,
+          " but the server keys contexts with version ", version,
+          ": update ExpectedMethodVersion in server/context_key.cc"));
+    }
+    // Here, inside the single flight, each computation is counted once.
+    if (metrics_ != nullptr) metrics_->RecordCompression(c.method, Since(compress_start), c);
+    return c;
   };
   ASSIGN_OR_RETURN(StoreResult r, store_.GetOrCompute(tenant, out.context_id, compute, stop));
   out.context = std::move(r.context);
