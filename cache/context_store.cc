@@ -100,23 +100,27 @@ class TwoTierStore final : public ContextStore {
   }
 
   absl::StatusOr<StoreResult> GetOrCompute(const std::string& tenant, const std::string& key,
-                                           const ComputeFn& compute,
-                                           RedisDeadline deadline) override {
+                                           const FlightComputeFn& compute,
+                                           const StopFn& stop, RedisDeadline deadline) override {
     if (!compute) return absl::InvalidArgumentError("GetOrCompute: no compute function");
     if (auto context = memory_.Get(tenant, key)) {
       return StoreResult{std::move(context), CacheTier::kMemory, 0, /*in_memory=*/true};
     }
-    return flights_.Do(FlightKey(tenant, key), [&]() -> absl::StatusOr<StoreResult> {
+    auto flight = [&](const StopFn& flight_stop) -> absl::StatusOr<StoreResult> {
       // A flight that ended between our miss and now may have filled the memory tier.
       if (auto context = memory_.Get(tenant, key, /*record=*/false)) {
         return StoreResult{std::move(context), CacheTier::kMemory, 0, /*in_memory=*/true};
       }
+      RETURN_IF_ERROR(CheckStop(flight_stop));
+      // Bounded by the leading caller's deadline and command_timeout_ms (an operation
+      // deadline); the waiters leave on their own stops.
       if (auto context = RedisGet(tenant, key, deadline)) {
         const bool in_memory = memory_.Put(tenant, key, context);
         return StoreResult{std::move(context), CacheTier::kRedis, 0, in_memory, true};
       }
+      RETURN_IF_ERROR(CheckStop(flight_stop));
       const auto start = std::chrono::steady_clock::now();
-      absl::StatusOr<CompressedContext> computed = compute();
+      absl::StatusOr<CompressedContext> computed = compute(flight_stop);
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (!computed.ok()) return computed.status();
@@ -125,7 +129,8 @@ class TwoTierStore final : public ContextStore {
       // Returns at once: the writer thread stores it. in_redis then means "queued for Redis".
       const bool in_redis = EnqueueWrite(tenant, key, context);
       return StoreResult{std::move(context), CacheTier::kComputed, seconds, in_memory, in_redis};
-    });
+    };
+    return flights_.Do(FlightKey(tenant, key), flight, stop);
   }
 
   absl::StatusOr<StoreResult> Get(const std::string& tenant, const std::string& key,

@@ -30,6 +30,7 @@
 #include "absl/time/time.h"
 #include "cache/circuit_breaker.h"
 #include "cache/redis_client.h"
+#include "common/stop.h"
 #include "engine/compress/compressed_context.h"
 
 namespace ctxcache {
@@ -122,6 +123,9 @@ struct ContextStoreStats {
 class ContextStore {
  public:
   using ComputeFn = std::function<absl::StatusOr<CompressedContext>()>;
+  // Receives the flight's stop: it fires only when every caller waiting for this context
+  // (single flight) has given up. The computation must ask it (Runner::set_stop).
+  using FlightComputeFn = std::function<absl::StatusOr<CompressedContext>(const StopFn& stop)>;
 
   // Validates options (bad URL, negative sizes: InvalidArgument). An unreachable Redis is
   // not an error here: the store starts and keeps retrying with backoff.
@@ -130,11 +134,25 @@ class ContextStore {
 
   // Memory tier, then Redis tier (a hit is promoted to memory), else `compute` (the result is
   // put in memory and queued for Redis). Concurrent calls for the same (tenant, key) share
-  // one lookup and one compute. `deadline` (steady clock) bounds the Redis lookup, together
-  // with redis.command_timeout_ms; the compute function checks its own.
+  // one lookup and one compute.
+  //
+  // `stop` is this caller's (its call's cancellation and deadline): it ends this caller's
+  // wait with its status, and no sooner; a computation shared with other callers goes on
+  // while any of them still waits (cache/single_flight.h). `deadline` (steady clock, the
+  // call's) bounds the Redis lookup of a flight this caller leads, together with
+  // redis.command_timeout_ms.
   virtual absl::StatusOr<StoreResult> GetOrCompute(const std::string& tenant,
-                                                   const std::string& key, const ComputeFn& compute,
+                                                   const std::string& key,
+                                                   const FlightComputeFn& compute,
+                                                   const StopFn& stop,
                                                    RedisDeadline deadline = kNoRedisDeadline) = 0;
+  // The same for a caller with no stop, whose computation ignores the flight's.
+  absl::StatusOr<StoreResult> GetOrCompute(const std::string& tenant, const std::string& key,
+                                           const ComputeFn& compute) {
+    if (!compute) return absl::InvalidArgumentError("GetOrCompute: no compute function");
+    return GetOrCompute(
+        tenant, key, [&compute](const StopFn&) { return compute(); }, nullptr);
+  }
   // Lookup only: NotFound when neither tier has it (a damaged or other-model entry in Redis
   // counts as absent). Unavailable when the memory tier misses and Redis cannot be asked: the
   // entry may exist, and asking again later may find it.

@@ -107,7 +107,17 @@ absl::StatusOr<GenerateResult> Generate(Runner& runner, KvCache& cache,
   }
 
   const auto t0 = Clock::now();
-  RETURN_IF_ERROR(runner.Forward(prompt, cache, ForwardOptions{}, &logits));
+  // The prompt in chunks (as compression prefills documents, compress.h kPrefillChunk): one
+  // pass over a long prompt makes stages so large (at 8K tokens, a single feed-forward product
+  // of tens of GFLOP) that the runner's stop could not react quickly. Prompts up to a chunk
+  // run in one pass, as before.
+  constexpr int64_t kPromptChunk = 2048;
+  const int64_t n_prompt = static_cast<int64_t>(prompt.size());
+  for (int64_t b = 0; b < n_prompt; b += kPromptChunk) {
+    const int64_t e = std::min(n_prompt, b + kPromptChunk);
+    RETURN_IF_ERROR(runner.Forward(prompt.subspan(b, e - b), cache, ForwardOptions{},
+                                   e == n_prompt ? &logits : nullptr));
+  }
   auto t_first = Clock::now();
   bool cancelled = false;
   auto emit = [&](const std::string& text) {

@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/stop.h"
 #include "common/thread_pool.h"
 #include "engine/cpu/matmul.h"
 #include "engine/cpu/ops.h"
@@ -145,17 +146,47 @@ class Runner {
 
   const Model& model() const { return model_; }
 
+  // Cooperative stop (common/stop.h): while set, every forward pass asks it before each layer
+  // and between a layer's heavy stages (attention, output projection, each feed-forward
+  // product), and returns its status when it is not OK. The cache is then partly written
+  // (some layers hold the batch, next_position is not advanced): the caller must discard it.
+  // Long loops outside Forward (scoring, statistics, composition) ask CheckStop()
+  // themselves. So a stop takes effect within one stage of one layer (the largest: one
+  // feed-forward product, or attention over the whole cache); the check is a few calls per
+  // layer, nothing next to the layer's matrix products.
+  void set_stop(StopFn stop) { stop_ = std::move(stop); }
+  const StopFn& stop() const { return stop_; }
+  absl::Status CheckStop() const { return ctxcache::CheckStop(stop_); }
+
+  // Sets a stop for a scope and restores the previous one after (a worker's Runner serves
+  // one job after another).
+  class ScopedStop {
+   public:
+    ScopedStop(Runner& runner, StopFn stop) : runner_(runner), previous_(runner.stop_) {
+      runner_.stop_ = std::move(stop);
+    }
+    ~ScopedStop() { runner_.stop_ = std::move(previous_); }
+    ScopedStop(const ScopedStop&) = delete;
+    ScopedStop& operator=(const ScopedStop&) = delete;
+
+   private:
+    Runner& runner_;
+    StopFn previous_;
+  };
+
  private:
   struct Scratch;
   // Causal attention of the batch's queries (scratch q) over layer's cache entries, into
-  // scratch attn; reports observed rows' probabilities.
-  void Attention(int layer, int64_t n_tokens, const KvCache& cache, const ForwardOptions& options);
+  // scratch attn; reports observed rows' probabilities. The stop's status when it fires.
+  absl::Status Attention(int layer, int64_t n_tokens, const KvCache& cache,
+                         const ForwardOptions& options);
   // A decode step's attention over a recycled subset of the keys.
   void RecycledAttention(int layer, const KvCache& cache, const RecycledAttentionState& rec);
 
   const Model& model_;
   ThreadPool* pool_;
   std::unique_ptr<Scratch> scratch_;
+  StopFn stop_;
 };
 
 // The default served model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (tools/fetch_model.sh). It

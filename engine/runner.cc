@@ -145,6 +145,7 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
   const RopeParams rope = RopeParamsFor(c);
 
   for (int l = 0; l < c.n_layers; ++l) {
+    RETURN_IF_ERROR(CheckStop());
     const LayerWeights& L = model_.layer(l);
     RmsNorm(s.x.data(), L.attn_norm, n, c.d_model, c.rms_eps, s.xn.data());
     Linear(L.wq, s.xn.data(), n, s.q.data(), pool_);
@@ -156,13 +157,21 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
     ApplyRope(s.q.data(), s.pos.data(), n, c.n_heads, rope);
     ApplyRope(s.k.data(), s.pos.data(), n, c.n_kv_heads, rope);
     cache.Append(l, s.k.data(), s.v.data(), s.pos.data(), n);  // rounds K/V to fp16
-    Attention(l, n, cache, options);
+    // Between the heavy stages too (attention, the feed-forward's products): at 2048 tokens a
+    // layer of the 0.5B model is ~60 GFLOP, so one check per layer would react in a whole
+    // layer's time on a few cores; a check costs one call.
+    RETURN_IF_ERROR(CheckStop());
+    RETURN_IF_ERROR(Attention(l, n, cache, options));  // asks the stop between slices too
+    RETURN_IF_ERROR(CheckStop());
     Linear(L.wo, s.attn.data(), n, s.tmp.data(), pool_);
     for (int64_t i = 0; i < n * d; ++i) s.x[i] += s.tmp[i];
+    RETURN_IF_ERROR(CheckStop());
 
     RmsNorm(s.x.data(), L.ffn_norm, n, c.d_model, c.rms_eps, s.xn.data());
     Linear(L.w_gate, s.xn.data(), n, s.gate.data(), pool_);
+    RETURN_IF_ERROR(CheckStop());
     Linear(L.w_up, s.xn.data(), n, s.up.data(), pool_);
+    RETURN_IF_ERROR(CheckStop());
     SwiGlu(s.gate.data(), s.up.data(), n * c.d_ff);
     Linear(L.w_down, s.gate.data(), n, s.tmp.data(), pool_);
     for (int64_t i = 0; i < n * d; ++i) s.x[i] += s.tmp[i];
@@ -180,7 +189,8 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
   return absl::OkStatus();
 }
 
-void Runner::Attention(int layer, int64_t n, const KvCache& cache, const ForwardOptions& options) {
+absl::Status Runner::Attention(int layer, int64_t n, const KvCache& cache,
+                               const ForwardOptions& options) {
   const ModelConfig& c = model_.config();
   Scratch& s = *scratch_;
   const int64_t hd = c.head_dim, dq = int64_t{c.n_heads} * hd;
@@ -197,7 +207,7 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
   if (recycled_step) {
     RecycledAttention(layer, cache, *rec);
     rec->RecordRecycledStep(layer);
-    return;
+    return absl::OkStatus();
   }
   if (rec != nullptr) s.full_probs.assign(static_cast<size_t>(c.n_heads) * max_keys, 0.f);
   if (n == 1 && n_obs == 0) {
@@ -227,7 +237,7 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
         rec->set_recycled_rows(layer, g, std::make_shared<const KvSegment>(*std::move(rows)));
       }
     }
-    return;
+    return absl::OkStatus();
   }
 
   // The K/V every row of the batch may see (fp16 rows, or frozen int8 / int4 segments), as
@@ -250,51 +260,60 @@ void Runner::Attention(int layer, int64_t n, const KvCache& cache, const Forward
     }
   });
 
-  pool_->ParallelFor(int64_t{c.n_heads} * n_blocks, [&](int64_t begin, int64_t end, int tid) {
-    std::vector<float>& sc = s.scores[tid];
-    sc.resize(std::max<size_t>(sc.size(), kQueryBlock * max_keys));
-    for (int64_t task = begin; task < end; ++task) {
-      const int h = static_cast<int>(task / n_blocks);
-      const int64_t t0 = (task % n_blocks) * kQueryBlock;
-      const int64_t t1 = std::min(n, t0 + kQueryBlock);
-      const int64_t rows = t1 - t0;
-      const KvHead& kv = cache.head(layer, h / group);
-      const float* kf = s.kf[h / group].data();
-      const float* vf = s.vf[h / group].data();
-      // Entries are sorted by position, so the keys any row of this block may see form a
-      // prefix; rows see a shorter prefix each (causal by position).
-      const int64_t n_vis =
-          std::upper_bound(kv.pos.begin(), kv.pos.end(), s.pos[t1 - 1]) - kv.pos.begin();
-      const float* q = s.q.data() + t0 * dq + h * hd;
-      float* out = s.attn.data() + t0 * dq + h * hd;
-      if (rows == 1) {
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, n_vis, hd, scale, kf, hd, q, 1, 0.f, sc.data(),
-                    1);
-      } else {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_vis, hd, scale, q, dq,
-                    kf, hd, 0.f, sc.data(), n_vis);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        float* row = sc.data() + r * n_vis;
-        const int64_t vis =
-            std::upper_bound(kv.pos.begin(), kv.pos.begin() + n_vis, s.pos[t0 + r]) -
-            kv.pos.begin();
-        Softmax(row, vis);
-        std::fill(row + vis, row + n_vis, 0.f);
-        if (const int oi = s.obs_index[t0 + r]; oi >= 0) {
-          std::copy_n(row, n_vis, s.obs.data() + (int64_t{h} * n_obs + oi) * max_keys);
+  // The (head, query block) tasks in slices with a stop check between them: over a long
+  // cache one layer's attention is the largest stage of a prefill (at 8K tokens, hundreds of
+  // GFLOP). Tasks are independent, so the slicing changes no result.
+  const int64_t n_tasks = int64_t{c.n_heads} * n_blocks;
+  const int64_t slice = std::max<int64_t>(int64_t{pool_->n_threads()} * 4, (n_tasks + 31) / 32);
+  for (int64_t first = 0; first < n_tasks; first += slice) {
+    if (first > 0) RETURN_IF_ERROR(CheckStop());
+    pool_->ParallelFor(std::min(slice, n_tasks - first), [&](int64_t begin, int64_t end, int tid) {
+      std::vector<float>& sc = s.scores[tid];
+      sc.resize(std::max<size_t>(sc.size(), kQueryBlock * max_keys));
+      for (int64_t task = first + begin; task < first + end; ++task) {
+        const int h = static_cast<int>(task / n_blocks);
+        const int64_t t0 = (task % n_blocks) * kQueryBlock;
+        const int64_t t1 = std::min(n, t0 + kQueryBlock);
+        const int64_t rows = t1 - t0;
+        const KvHead& kv = cache.head(layer, h / group);
+        const float* kf = s.kf[h / group].data();
+        const float* vf = s.vf[h / group].data();
+        // Entries are sorted by position, so the keys any row of this block may see form a
+        // prefix; rows see a shorter prefix each (causal by position).
+        const int64_t n_vis =
+            std::upper_bound(kv.pos.begin(), kv.pos.end(), s.pos[t1 - 1]) - kv.pos.begin();
+        const float* q = s.q.data() + t0 * dq + h * hd;
+        float* out = s.attn.data() + t0 * dq + h * hd;
+        if (rows == 1) {
+          cblas_sgemv(CblasRowMajor, CblasNoTrans, n_vis, hd, scale, kf, hd, q, 1, 0.f, sc.data(),
+                      1);
+        } else {
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_vis, hd, scale, q, dq,
+                      kf, hd, 0.f, sc.data(), n_vis);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* row = sc.data() + r * n_vis;
+          const int64_t vis =
+              std::upper_bound(kv.pos.begin(), kv.pos.begin() + n_vis, s.pos[t0 + r]) -
+              kv.pos.begin();
+          Softmax(row, vis);
+          std::fill(row + vis, row + n_vis, 0.f);
+          if (const int oi = s.obs_index[t0 + r]; oi >= 0) {
+            std::copy_n(row, n_vis, s.obs.data() + (int64_t{h} * n_obs + oi) * max_keys);
+          }
+        }
+        if (rows == 1) {
+          cblas_sgemv(CblasRowMajor, CblasTrans, n_vis, hd, 1.f, vf, hd, sc.data(), 1, 0.f, out,
+                      1);
+        } else {
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, n_vis, 1.f, sc.data(),
+                      n_vis, vf, hd, 0.f, out, dq);
         }
       }
-      if (rows == 1) {
-        cblas_sgemv(CblasRowMajor, CblasTrans, n_vis, hd, 1.f, vf, hd, sc.data(), 1, 0.f, out,
-                    1);
-      } else {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, n_vis, 1.f, sc.data(),
-                    n_vis, vf, hd, 0.f, out, dq);
-      }
-    }
-  });
+    });
+  }
   if (n_obs > 0) options.observer(layer, s.obs.data(), n_obs, max_keys);
+  return absl::OkStatus();
 }
 
 void Runner::RecycledAttention(int layer, const KvCache& cache,

@@ -307,7 +307,8 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
                                                         const std::string& field,
                                                         Reservation& reservation,
                                                         int64_t reserved_base,
-                                                        const StopCheck& stop) const {
+                                                        const StopCheck& stop,
+                                                        RedisDeadline deadline) const {
   RETURN_IF_ERROR(stop());
   ASSIGN_OR_RETURN(const std::vector<int32_t> ids, Tokenize(in.document, field));
   CompressionSpec spec = in.spec;
@@ -319,23 +320,24 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
   const uint32_t version = MethodVersion(spec.method);
   ContextOutcome out;
   out.context_id = ContextId(tenant, model_.fingerprint(), spec, version, ids);
-  ASSIGN_OR_RETURN(
-      StoreResult r,
-      store_.GetOrCompute(tenant, out.context_id, [&]() -> absl::StatusOr<CompressedContext> {
-        // The compute may start long after the request did (single flight, queueing).
-        RETURN_IF_ERROR(stop());
-        const auto compress_start = Clock::now();
-        ASSIGN_OR_RETURN(CompressedContext c, ctxcache::Compress(runner, ids, spec));
-        if (c.method_version != version) {
-          return absl::InternalError(absl::StrCat(
-              "method ", spec.method, " produced version ", c.method_version,
-              " but the context id was derived for version ", version,
-              " (engine/compress/spec.cc kMethodTable is the one table for both)"));
-        }
-        // Here, inside the single flight, each computation is counted once.
-        if (metrics_ != nullptr) metrics_->RecordCompression(c.method, Since(compress_start), c);
-        return c;
-      }));
+  auto compute = [&](const StopFn& flight_stop) -> absl::StatusOr<CompressedContext> {
+    // The flight's stop, not this call's: other calls may be waiting for this context, and
+    // the compression goes on for them if this call's client leaves (single_flight.h).
+    Runner::ScopedStop scoped(runner, flight_stop);
+    RETURN_IF_ERROR(CheckStop(flight_stop));
+    const auto compress_start = Clock::now();
+    ASSIGN_OR_RETURN(CompressedContext c, ctxcache::Compress(runner, ids, spec));
+    if (c.method_version != version) {
+      return absl::InternalError(absl::StrCat(
+          "method ", spec.method, " produced version ", c.method_version,
+          " but the context id was derived for version ", version,
+          " (engine/compress/spec.cc kMethodTable is the one table for both)"));
+    }
+    // Here, inside the single flight, each computation is counted once.
+    if (metrics_ != nullptr) metrics_->RecordCompression(c.method, Since(compress_start), c);
+    return c;
+  };
+  ASSIGN_OR_RETURN(StoreResult r, store_.GetOrCompute(tenant, out.context_id, compute, stop, deadline));
   out.context = std::move(r.context);
   out.tier = r.tier;
   out.compute_seconds = r.compute_seconds;
@@ -347,10 +349,13 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
 absl::StatusOr<CompressOutcome> Handlers::Compress(Runner& runner, Reservation& reservation,
                                                    const std::string& tenant,
                                                    const CompressInput& in,
-                                                   const StopCheck& stop) const {
+                                                   const StopCheck& stop,
+                                                   RedisDeadline deadline) const {
   const auto t0 = Clock::now();
+  Runner::ScopedStop scoped(runner, stop);
   CompressOutcome out;
-  ASSIGN_OR_RETURN(out.context, LoadOrCompress(runner, tenant, in, "document", reservation, 0, stop));
+  ASSIGN_OR_RETURN(out.context,
+                   LoadOrCompress(runner, tenant, in, "document", reservation, 0, stop, deadline));
   out.total_seconds = Since(t0);
   return out;
 }
@@ -444,8 +449,11 @@ absl::Status Handlers::SelectByPrompt(Runner& runner, Reservation& reservation, 
 absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& reservation,
                                                    const std::string& tenant,
                                                    const GenerateInput& in, const StopCheck& stop,
-                                                   const TextCallback& on_text) const {
+                                                   const TextCallback& on_text,
+                                                   RedisDeadline deadline) const {
   const auto t0 = Clock::now();
+  // Every forward pass of this call (selection, prompt prefill, decode steps) asks it.
+  Runner::ScopedStop scoped(runner, stop);
   GenerateOutcome out;
   const ModelConfig& mc = model_.config();
   int64_t contexts_bytes = 0;
@@ -455,11 +463,11 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
       ASSIGN_OR_RETURN(ContextOutcome o,
                        LoadOrCompress(runner, tenant, *c.inline_doc,
                                       absl::StrCat("contexts[", i, "].inline.document"),
-                                      reservation, contexts_bytes, stop));
+                                      reservation, contexts_bytes, stop, deadline));
       out.contexts.push_back(std::move(o));
     } else {
       RETURN_IF_ERROR(stop());
-      ASSIGN_OR_RETURN(ContextOutcome o, GetContext(tenant, c.context_id));
+      ASSIGN_OR_RETURN(ContextOutcome o, GetContext(tenant, c.context_id, deadline));
       out.contexts.push_back(std::move(o));
     }
     const CompressedContext& ctx = *out.contexts.back().context;
@@ -485,7 +493,7 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
   if (!out.contexts.empty()) {
     std::vector<const CompressedContext*> ptrs;
     for (const ContextOutcome& o : out.contexts) ptrs.push_back(&o.attended());
-    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, model_));
+    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, model_, stop));
   }
   out.context_seconds = Since(t0);
   RETURN_IF_ERROR(stop());  // also the check after a selection
@@ -521,9 +529,10 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
 }
 
 absl::StatusOr<ContextOutcome> Handlers::GetContext(const std::string& tenant,
-                                                    const std::string& context_id) const {
+                                                    const std::string& context_id,
+                                                    RedisDeadline deadline) const {
   RETURN_IF_ERROR(ValidateContextId(context_id));
-  absl::StatusOr<StoreResult> r = store_.Get(tenant, context_id);
+  absl::StatusOr<StoreResult> r = store_.Get(tenant, context_id, deadline);
   if (absl::IsNotFound(r.status())) return NotFoundContext(context_id);
   if (!r.ok()) return r.status();
   ContextOutcome out;
@@ -535,10 +544,10 @@ absl::StatusOr<ContextOutcome> Handlers::GetContext(const std::string& tenant,
   return out;
 }
 
-absl::Status Handlers::DeleteContext(const std::string& tenant,
-                                     const std::string& context_id) const {
+absl::Status Handlers::DeleteContext(const std::string& tenant, const std::string& context_id,
+                                     RedisDeadline deadline) const {
   RETURN_IF_ERROR(ValidateContextId(context_id));
-  absl::Status s = store_.Delete(tenant, context_id);
+  absl::Status s = store_.Delete(tenant, context_id, deadline);
   if (absl::IsNotFound(s)) return NotFoundContext(context_id);
   return s;
 }

@@ -100,9 +100,11 @@ struct GenerateOutcome {
   double context_seconds = 0;  // loading/compressing, selecting and composing the contexts
 };
 
-// Why a generation stopped early, asked between steps: OK to continue, else the status the
-// call ends with (CANCELLED, DEADLINE_EXCEEDED).
-using StopCheck = std::function<absl::Status()>;
+// Why a call's work must stop (common/stop.h): OK to continue, else the status the call ends
+// with (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE when a drain runs out of time). The
+// handlers hand it to the engine (Runner::set_stop: every layer of prefill, compression and
+// decode), to composition, and to the store (its single flight and Redis lookups).
+using StopCheck = StopFn;
 
 // The byte offset of the first invalid UTF-8 sequence in `text` (overlong forms, surrogates
 // and code points past U+10FFFF included); nullopt when it is all UTF-8.
@@ -129,15 +131,20 @@ class Handlers {
   // On an engine worker.
   absl::StatusOr<CompressOutcome> Compress(Runner& runner, Reservation& reservation,
                                            const std::string& tenant, const CompressInput& in,
-                                           const StopCheck& stop) const;
+                                           const StopCheck& stop,
+                                           RedisDeadline deadline = kNoRedisDeadline) const;
   absl::StatusOr<GenerateOutcome> Generate(Runner& runner, Reservation& reservation,
                                            const std::string& tenant, const GenerateInput& in,
-                                           const StopCheck& stop,
-                                           const TextCallback& on_text) const;
+                                           const StopCheck& stop, const TextCallback& on_text,
+                                           RedisDeadline deadline = kNoRedisDeadline) const;
+  // `deadline` (steady clock; the call's) bounds every Redis operation, together with
+  // redis.command_timeout_ms.
   // Cache only (no engine work).
   absl::StatusOr<ContextOutcome> GetContext(const std::string& tenant,
-                                            const std::string& context_id) const;
-  absl::Status DeleteContext(const std::string& tenant, const std::string& context_id) const;
+                                            const std::string& context_id,
+                                            RedisDeadline deadline = kNoRedisDeadline) const;
+  absl::Status DeleteContext(const std::string& tenant, const std::string& context_id,
+                             RedisDeadline deadline = kNoRedisDeadline) const;
 
   // The prompt's tokens as the model reads them after the contexts, and the part of them
   // that per-query selection (ContextRef.select) scores the contexts by: all but the preamble
@@ -157,7 +164,8 @@ class Handlers {
   absl::StatusOr<ContextOutcome> LoadOrCompress(Runner& runner, const std::string& tenant,
                                                 const CompressInput& in, const std::string& field,
                                                 Reservation& reservation, int64_t reserved_base,
-                                                const StopCheck& stop) const;
+                                                const StopCheck& stop,
+                                                RedisDeadline deadline) const;
   // Sets `selected` of every context the request selects from (ContextRef.select), and the
   // reservation to the selected cache plus `own_bytes` (prompt and answer).
   absl::Status SelectByPrompt(Runner& runner, Reservation& reservation, int64_t own_bytes,

@@ -1,9 +1,11 @@
 // `ctxcache-server`: serves the ctxcache.v1.ContextCache gRPC API. With no arguments it serves
 // the default model on 127.0.0.1:50051 with the embedded memory cache; see --help for the
 // settings (flags, CTXCACHE_* environment, YAML file). SIGTERM or SIGINT drains gracefully:
-// health NOT_SERVING, new calls refused, in-flight calls finish (up to drain_timeout_seconds).
+// health NOT_SERVING, new calls refused, in-flight calls finish (up to drain_timeout_seconds,
+// then they are stopped); a second signal exits at once (status 1).
 // Exit codes: 0 after a clean drain, 1 on a start-up error, 2 on a configuration error.
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <string>
@@ -52,8 +54,24 @@ int Main(int argc, char** argv) {
   }
   int sig = 0;
   sigwait(&signals, &sig);
-  spdlog::info("{} received: draining (up to {} s)", sig == SIGTERM ? "SIGTERM" : "SIGINT",
-               config->drain_timeout_seconds);
+  spdlog::info("{} received: draining (up to {} s; a second signal exits at once)",
+               sig == SIGTERM ? "SIGTERM" : "SIGINT", config->drain_timeout_seconds);
+  // An operator who signals again does not want to wait for the drain: exit now, without
+  // running destructors (threads are mid-work), status 1 as for an unclean drain. A handler,
+  // not a second sigwait: threads started before the mask was set (a BLAS library's, at
+  // load) do not block the signals, so a signal blocked everywhere else could land on one of
+  // them and take the default action instead. Unblocked here, the main thread (which the
+  // kernel prefers) runs the handler.
+  struct sigaction exit_now = {};
+  exit_now.sa_handler = [](int) {
+    static constexpr char kMessage[] =
+        "second signal received: exiting without finishing the drain\n";
+    (void)!write(STDERR_FILENO, kMessage, sizeof(kMessage) - 1);
+    _exit(1);
+  };
+  sigaction(SIGTERM, &exit_now, nullptr);
+  sigaction(SIGINT, &exit_now, nullptr);
+  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
   const bool clean = (*server)->Drain(config->drain_timeout_seconds);
   server->reset();
   return clean ? 0 : 1;

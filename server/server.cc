@@ -179,12 +179,16 @@ bool ServerInstance::Drain(double timeout_seconds) {
   BeginDrain();
   const bool idle = WaitIdle(timeout_seconds);
   if (!idle) {
-    spdlog::warn("drain timeout ({} s): cancelling {} call(s) still in flight", timeout_seconds,
+    spdlog::warn("drain timeout ({} s): stopping {} call(s) still in flight", timeout_seconds,
                  service_->in_flight());
+    // Running work ends at its next stop check (a layer of a forward pass at most), so the
+    // Shutdown below, which waits for every call to finish, is bounded too.
+    service_->StopRunning();
   }
+  // Queued jobs end now (UNAVAILABLE) rather than wait for a worker.
+  if (scheduler_) scheduler_->Shutdown();
   // Cancels whatever is left; returns once every call has finished.
   server_->Shutdown(std::chrono::system_clock::now());
-  if (scheduler_) scheduler_->Shutdown();
   spdlog::info("server stopped");
   return idle;
 }

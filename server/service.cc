@@ -84,6 +84,28 @@ absl::Status DeadlineStatus() {
       "tokens");
 }
 
+// An I/O pool call's stop, asked when a pool thread reaches it.
+absl::Status IoStop(grpc::CallbackServerContext* ctx, Clock::time_point deadline) {
+  if (deadline != Clock::time_point::max() && Clock::now() >= deadline) {
+    return absl::DeadlineExceededError(
+        "the deadline passed while the request waited for a cache I/O thread; the server is "
+        "busy: retry with a longer deadline or later");
+  }
+  if (ctx->IsCancelled()) return absl::CancelledError("the client cancelled the call");
+  return absl::OkStatus();
+}
+
+// Why a call that gRPC cancelled ended: its deadline passed (gRPC's timer fires at the
+// deadline; 5 ms absorb the skew of converting it to the steady clock), or the client
+// cancelled (or the server shut down).
+absl::Status CancelReason(Clock::time_point deadline) {
+  if (deadline != Clock::time_point::max() &&
+      Clock::now() + std::chrono::milliseconds(5) >= deadline) {
+    return DeadlineStatus();
+  }
+  return absl::CancelledError("the client cancelled the call");
+}
+
 std::string Metadata(const grpc::CallbackServerContext* ctx, const char* key) {
   const auto& md = ctx->client_metadata();
   auto it = md.find(key);
@@ -222,6 +244,23 @@ void ContextCacheService::Attach(const Handlers* handlers, Scheduler* scheduler,
 
 void ContextCacheService::BeginDrain() { draining_.store(true); }
 
+void ContextCacheService::StopRunning() { stop_running_.store(true); }
+
+StopCheck ContextCacheService::MakeStop(const std::atomic<bool>* cancelled,
+                                        Clock::time_point deadline) const {
+  const std::atomic<bool>* stop_running = &stop_running_;
+  return [cancelled, deadline, stop_running]() -> absl::Status {
+    if (deadline != Clock::time_point::max() && Clock::now() >= deadline) return DeadlineStatus();
+    // gRPC cancels a call whose deadline passed too: say which it was.
+    if (cancelled->load(std::memory_order_relaxed)) return CancelReason(deadline);
+    if (stop_running->load(std::memory_order_relaxed)) {
+      return absl::UnavailableError(
+          "the server is shutting down and its drain timeout passed; retry on another replica");
+    }
+    return absl::OkStatus();
+  };
+}
+
 bool ContextCacheService::WaitIdle(Clock::time_point deadline) {
   std::unique_lock<std::mutex> lock(mu_);
   return idle_cv_.wait_until(lock, deadline, [&] { return in_flight_ == 0; });
@@ -262,10 +301,54 @@ absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::
   return call;
 }
 
+// A unary call queued on the scheduler: OnCancel (client cancel, deadline, server shutdown)
+// takes a queued job back out at once (its slot and reservation with it) and makes a running
+// one's stop check fire. Finish, called once by the job or its abandon, ends it; OnDone
+// deletes it.
+class CompressReactor final : public grpc::ServerUnaryReactor {
+ public:
+  CompressReactor(Scheduler* scheduler, Clock::time_point deadline)
+      : scheduler_(scheduler), deadline_(deadline) {}
+
+  const std::atomic<bool>* cancelled() const { return &cancelled_; }
+
+  // Records the scheduler ticket; a cancellation that came first takes the job back out.
+  void SetTicket(uint64_t ticket) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ticket_ = ticket;
+    }
+    if (cancelled_.load()) TakeBack();
+  }
+
+  void OnCancel() override {
+    cancelled_.store(true);
+    TakeBack();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void TakeBack() {
+    uint64_t ticket = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ticket = ticket_;
+    }
+    if (ticket != 0) scheduler_->Cancel(ticket, CancelReason(deadline_));
+  }
+
+  Scheduler* scheduler_;
+  const Clock::time_point deadline_;
+  std::atomic<bool> cancelled_{false};
+  std::mutex mu_;
+  uint64_t ticket_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
 grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerContext* ctx,
                                                         const pb::CompressRequest* req,
                                                         pb::CompressResponse* resp) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const Clock::time_point deadline = SteadyDeadline(ctx);
+  auto* reactor = new CompressReactor(scheduler_, deadline);
   absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "Compress");
   if (!call.ok()) {
     reactor->Finish(ToGrpcStatus(call.status()));
@@ -278,17 +361,12 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
     (*call)->Finish(reactor, valid);
     return reactor;
   }
-  const Clock::time_point deadline = SteadyDeadline(ctx);
   auto input = std::make_shared<CompressInput>(*std::move(in));
   std::shared_ptr<Call> c = *call;
+  const StopCheck stop = MakeStop(reactor->cancelled(), deadline);
   auto work = [=](Runner& runner, Reservation& reservation, double queue_seconds) {
-    StopCheck stop = [ctx, deadline]() -> absl::Status {
-      if (ctx->IsCancelled()) return absl::CancelledError("the client cancelled the call");
-      if (Clock::now() >= deadline) return DeadlineStatus();
-      return absl::OkStatus();
-    };
     absl::StatusOr<CompressOutcome> out =
-        handlers->Compress(runner, reservation, c->tenant(), *input, stop);
+        handlers->Compress(runner, reservation, c->tenant(), *input, stop, deadline);
     // The working cache is gone: release its reservation (and the tenant's slot) before the
     // client can see the end.
     reservation.Release();
@@ -315,7 +393,11 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
   auto abandon = [=](const absl::Status& reason) { c->Finish(reactor, reason); };
   absl::StatusOr<uint64_t> ticket =
       scheduler_->Submit(c->tenant(), handlers->EstimateKvBytes(*input), deadline, work, abandon);
-  if (!ticket.ok()) c->Finish(reactor, ticket.status());
+  if (!ticket.ok()) {
+    c->Finish(reactor, ticket.status());
+  } else {
+    reactor->SetTicket(*ticket);
+  }
   return reactor;
 }
 
@@ -325,12 +407,14 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
 // run as soon as Finish has been called.
 class GenerateReactor final : public grpc::ServerWriteReactor<pb::GenerateResponse> {
  public:
-  GenerateReactor(grpc::CallbackServerContext* ctx, Scheduler* scheduler)
-      : ctx_(ctx), scheduler_(scheduler) {}
+  GenerateReactor(grpc::CallbackServerContext* ctx, Scheduler* scheduler,
+                  Clock::time_point deadline)
+      : ctx_(ctx), scheduler_(scheduler), deadline_(deadline) {}
 
   void Begin(std::shared_ptr<ContextCacheService::Call> call) { call_ = std::move(call); }
   grpc::CallbackServerContext* context() const { return ctx_; }
   bool cancelled() const { return cancelled_.load(); }
+  const std::atomic<bool>* cancelled_flag() const { return &cancelled_; }
 
   // Records the scheduler ticket; a cancellation that came first takes the job back out.
   void SetTicket(uint64_t ticket) {
@@ -413,13 +497,12 @@ class GenerateReactor final : public grpc::ServerWriteReactor<pb::GenerateRespon
       std::lock_guard<std::mutex> lock(mu_);
       ticket = ticket_;
     }
-    if (ticket != 0) {
-      scheduler_->Cancel(ticket, absl::CancelledError("the client cancelled the call"));
-    }
+    if (ticket != 0) scheduler_->Cancel(ticket, CancelReason(deadline_));
   }
 
   grpc::CallbackServerContext* ctx_;
   Scheduler* scheduler_;
+  const Clock::time_point deadline_;
   std::shared_ptr<ContextCacheService::Call> call_;
   std::atomic<bool> cancelled_{false};
   std::mutex mu_;
@@ -436,7 +519,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<pb::GenerateRespon
 
 grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
     grpc::CallbackServerContext* ctx, const pb::GenerateRequest* req) {
-  auto* reactor = new GenerateReactor(ctx, scheduler_);
+  const Clock::time_point deadline = SteadyDeadline(ctx);
+  auto* reactor = new GenerateReactor(ctx, scheduler_, deadline);
   absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "Generate");
   if (!call.ok()) {
     reactor->Complete(call.status(), std::nullopt, "");
@@ -450,19 +534,14 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
     reactor->Complete(valid, std::nullopt, "");
     return reactor;
   }
-  const Clock::time_point deadline = SteadyDeadline(ctx);
   auto input = std::make_shared<GenerateInput>(*std::move(in));
   const std::string tenant = (*call)->tenant();
   ServerMetrics* const metrics = metrics_;
+  const StopCheck stop = MakeStop(reactor->cancelled_flag(), deadline);
   auto work = [=](Runner& runner, Reservation& reservation, double queue_seconds) {
-    StopCheck stop = [reactor, deadline]() -> absl::Status {
-      if (reactor->cancelled()) return absl::CancelledError("the client cancelled the call");
-      if (Clock::now() >= deadline) return DeadlineStatus();
-      return absl::OkStatus();
-    };
     absl::StatusOr<GenerateOutcome> out = handlers->Generate(
         runner, reservation, tenant, *input, stop,
-        [reactor](std::string_view delta) { return reactor->Push(delta); });
+        [reactor](std::string_view delta) { return reactor->Push(delta); }, deadline);
     reservation.Release();  // KV freed: release it and the slot before the client sees the end
     if (!out.ok()) {
       reactor->Complete(out.status(), std::nullopt, "");
@@ -518,8 +597,15 @@ grpc::ServerUnaryReactor* ContextCacheService::GetContext(grpc::CallbackServerCo
   const Handlers* handlers = handlers_.load(std::memory_order_acquire);
   std::shared_ptr<Call> c = *call;
   const std::string id = req->context_id();
+  const Clock::time_point deadline = SteadyDeadline(ctx);
   const bool queued = io_->Submit([=] {
-    absl::StatusOr<ContextOutcome> out = handlers->GetContext(c->tenant(), id);
+    // A call that ended while queued here (cancelled, expired) is not looked up.
+    if (absl::Status s = IoStop(ctx, deadline); !s.ok()) {
+      c->Finish(reactor, s);
+      return;
+    }
+    // The Redis lookup ends by the smaller of `deadline` and command_timeout_ms.
+    absl::StatusOr<ContextOutcome> out = handlers->GetContext(c->tenant(), id, deadline);
     if (out.ok()) ToProto(*out, resp->mutable_context());
     c->Finish(reactor, out.status(), out.ok() ? absl::StrCat("tier=", CacheTierName(out->tier)) : "");
   });
@@ -542,8 +628,13 @@ grpc::ServerUnaryReactor* ContextCacheService::DeleteContext(grpc::CallbackServe
   const Handlers* handlers = handlers_.load(std::memory_order_acquire);
   std::shared_ptr<Call> c = *call;
   const std::string id = req->context_id();
+  const Clock::time_point deadline = SteadyDeadline(ctx);
   const bool queued = io_->Submit([=] {
-    c->Finish(reactor, handlers->DeleteContext(c->tenant(), id));
+    if (absl::Status s = IoStop(ctx, deadline); !s.ok()) {
+      c->Finish(reactor, s);
+      return;
+    }
+    c->Finish(reactor, handlers->DeleteContext(c->tenant(), id, deadline));
   });
   if (!queued) {
     c->Finish(reactor, absl::ResourceExhaustedError("server busy: too many cache operations "

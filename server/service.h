@@ -42,6 +42,9 @@ class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackSer
   void BeginDrain();
   // Waits until no call is in flight or `deadline`; true when idle.
   bool WaitIdle(std::chrono::steady_clock::time_point deadline);
+  // The drain ran out of time: every running call's stop check fires (UNAVAILABLE), so the
+  // work ends at its next check (a layer of a forward pass at most) and frees its worker.
+  void StopRunning();
   int in_flight() const;
 
   grpc::ServerUnaryReactor* Compress(grpc::CallbackServerContext* ctx,
@@ -65,6 +68,10 @@ class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackSer
  private:
   friend class Call;
   friend class GenerateReactor;
+  // The stop check of a call whose cancellation `cancelled` reports (set by the reactor's
+  // OnCancel) and whose deadline is `deadline`; also fires after StopRunning.
+  StopCheck MakeStop(const std::atomic<bool>* cancelled,
+                     std::chrono::steady_clock::time_point deadline) const;
   // Request id, readiness, drain and auth checks; on success a Call (in flight until its
   // Finish), else the status to end the call with.
   absl::StatusOr<std::shared_ptr<Call>> BeginCall(grpc::CallbackServerContext* ctx,
@@ -86,6 +93,7 @@ class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackSer
   ServiceInfo info_;
   std::unique_ptr<IoExecutor> io_;
   std::atomic<bool> draining_{false};
+  std::atomic<bool> stop_running_{false};  // StopRunning
   mutable std::mutex mu_;
   std::condition_variable idle_cv_;
   int in_flight_ ABSL_GUARDED_BY(mu_) = 0;

@@ -360,6 +360,120 @@ TEST(SingleFlightTest, DifferentKeysDoNotWaitForEachOther) {
   EXPECT_EQ(*b, 2);
 }
 
+// Per-caller stops (issue 14 item 2). A stop that fires once `flag` is set.
+StopFn StopWhen(const std::atomic<bool>& flag, absl::Status status) {
+  return [&flag, status]() { return flag.load() ? status : absl::OkStatus(); };
+}
+
+// Caught: a waiter blocked until the leader finished, however long after its own caller had
+// given up (no deadline of its own).
+TEST(SingleFlightTest, AWaitersOwnStopEndsOnlyThatWaiter) {
+  SingleFlight<int> flight;
+  std::atomic<bool> release{false}, give_up{false}, computing{false};
+  std::thread leader([&] {
+    absl::StatusOr<int> r = flight.Do("k", [&](const StopFn&) -> absl::StatusOr<int> {
+      computing = true;
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (!release.load() && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      return 42;
+    });
+    EXPECT_EQ(r.value_or(-1), 42);
+  });
+  while (!computing.load()) std::this_thread::yield();  // the leader is the leader
+  absl::StatusOr<int> patient = absl::UnknownError("not run");
+  std::thread patient_waiter(
+      [&] { patient = flight.Do("k", [] { return absl::StatusOr<int>(-2); }); });
+  ASSERT_TRUE(AwaitWaiters(flight, "k", 1));
+  absl::StatusOr<int> impatient = absl::UnknownError("not run");
+  std::thread impatient_waiter([&] {
+    impatient = flight.Do("k", [] { return absl::StatusOr<int>(-3); },
+                          StopWhen(give_up, absl::DeadlineExceededError("mine")));
+  });
+  ASSERT_TRUE(AwaitWaiters(flight, "k", 2));
+  give_up = true;
+  const auto t0 = std::chrono::steady_clock::now();
+  impatient_waiter.join();  // while the leader still computes
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+  EXPECT_FALSE(release.load());
+  EXPECT_EQ(impatient.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(impatient.status().message(), "mine");
+  EXPECT_EQ(flight.Waiters("k"), 1);  // the impatient one took itself off
+  release = true;
+  leader.join();
+  patient_waiter.join();
+  EXPECT_EQ(patient.value_or(-1), 42);
+}
+
+// Caught: the leader's caller leaving failed the computation and every waiter with it.
+TEST(SingleFlightTest, TheLeaderLeavingDoesNotFailTheWaiters) {
+  SingleFlight<int> flight;
+  std::atomic<bool> leader_gone{false};
+  std::atomic<bool> stopped_while_waited{false}, computing{false};
+  absl::StatusOr<int> led = absl::UnknownError("not run"), waited = absl::UnknownError("not run");
+  std::thread leader([&] {
+    led = flight.Do(
+        "k",
+        [&](const StopFn& flight_stop) -> absl::StatusOr<int> {
+          computing = true;
+          if (!AwaitWaiters(flight, "k", 1)) return absl::DeadlineExceededError("no waiter");
+          leader_gone = true;
+          // Someone still waits: the computation must go on.
+          if (!CheckStop(flight_stop).ok()) stopped_while_waited = true;
+          return 42;
+        },
+        StopWhen(leader_gone, absl::CancelledError("leader left")));
+  });
+  while (!computing.load()) std::this_thread::yield();
+  std::thread waiter([&] { waited = flight.Do("k", [] { return absl::StatusOr<int>(-1); }); });
+  leader.join();
+  waiter.join();
+  EXPECT_FALSE(stopped_while_waited.load());
+  EXPECT_EQ(waited.value_or(-1), 42);
+  // The leader's own call ends with its own status.
+  EXPECT_EQ(led.status().code(), absl::StatusCode::kCancelled);
+}
+
+// The computation stops once nobody wants it: leader gone and the last waiter gone.
+TEST(SingleFlightTest, TheFlightStopsWhenEveryCallerHasLeft) {
+  SingleFlight<int> flight;
+  std::atomic<bool> leader_gone{false}, waiter_gone{false}, saw_stop{false}, computing{false};
+  absl::StatusOr<int> led = absl::UnknownError("not run"), waited = absl::UnknownError("not run");
+  std::thread leader([&] {
+    led = flight.Do(
+        "k",
+        [&](const StopFn& flight_stop) -> absl::StatusOr<int> {
+          computing = true;
+          if (!AwaitWaiters(flight, "k", 1)) return absl::DeadlineExceededError("no waiter");
+          leader_gone = true;
+          EXPECT_TRUE(CheckStop(flight_stop).ok());  // the waiter still waits
+          waiter_gone = true;
+          const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+          while (std::chrono::steady_clock::now() < deadline) {
+            if (absl::Status s = CheckStop(flight_stop); !s.ok()) {
+              saw_stop = true;
+              return s;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          }
+          return 42;
+        },
+        StopWhen(leader_gone, absl::CancelledError("leader left")));
+  });
+  while (!computing.load()) std::this_thread::yield();
+  std::thread waiter([&] {
+    waited = flight.Do("k", [] { return absl::StatusOr<int>(-1); },
+                       StopWhen(waiter_gone, absl::DeadlineExceededError("waiter's deadline")));
+  });
+  leader.join();
+  waiter.join();
+  EXPECT_TRUE(saw_stop.load());
+  EXPECT_EQ(led.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(waited.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(flight.Waiters("k"), 0);
+}
+
 // ---- Redis URL and keys --------------------------------------------------------------------
 
 TEST(RedisUrlTest, ParsesGoodUrls) {

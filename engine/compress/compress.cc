@@ -200,19 +200,22 @@ absl::StatusOr<CompressedContext> Compress(Runner& runner, absl::Span<const int3
   ASSIGN_OR_RETURN(std::unique_ptr<Scorer> scorer, ScorerFor(spec.method));
   RETURN_IF_ERROR(CheckFits(model.config(), n, scorer->ExtraTokens(model, spec)));
   ASSIGN_OR_RETURN(KvCache prefill, PrefillDocument(runner, doc_tokens, progress));
+  RETURN_IF_ERROR(runner.CheckStop());
   if (progress) progress("score", 0, 1);
   ASSIGN_OR_RETURN(DocumentScores scores, ScoreDocument(runner, doc_tokens, prefill, spec));
+  RETURN_IF_ERROR(runner.CheckStop());
   if (progress) progress("score", 1, 1);
   return SelectScored(model, prefill, scores, spec);
 }
 
 absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* const> contexts,
-                                        const Model& model) {
+                                        const Model& model, const StopFn& stop) {
   const ModelConfig& c = model.config();
   KvCache out = model.NewKvCache();
   const RopeParams rope = RopeParamsFor(c);
   int64_t offset = 0;
   for (size_t i = 0; i < contexts.size(); ++i) {
+    RETURN_IF_ERROR(CheckStop(stop));
     const CompressedContext* ctx = contexts[i];
     if (ctx == nullptr) return absl::InvalidArgumentError(absl::StrCat("context ", i, " is null"));
     if (ctx->model_fingerprint != model.fingerprint()) {

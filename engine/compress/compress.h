@@ -109,7 +109,9 @@ inline constexpr char kGenericInstruction[] = "\nSummarize the document above.";
 // Prefills `doc_tokens` as the method needs, scores and prunes the KV entries, and returns
 // the kept entries per (layer, KV head) with their positions. next_position is the document
 // length, except for finch on documents that do not fit the window, whose kept keys are
-// re-rotated to compact positions 0..k-1 (next_position k).
+// re-rotated to compact positions 0..k-1 (next_position k). Every stage (prefill, scoring
+// passes, finch's chunks, kvzip's reconstruction, expected_attention's statistics) asks the
+// runner's stop (Runner::set_stop) and ends with its status when it fires.
 absl::StatusOr<CompressedContext> Compress(Runner& runner, absl::Span<const int32_t> doc_tokens,
                                            const CompressionSpec& spec,
                                            const CompressProgress& progress = nullptr);
@@ -146,8 +148,10 @@ absl::StatusOr<CompressedContext> SelectScored(const Model& model, const KvCache
 // the exact RoPE shift of the sum of the previous next_positions. FailedPrecondition for a
 // context made by another model, InvalidArgument for a wrong kind or shape, OutOfRange when
 // the total does not fit the model's window.
+// `stop` (common/stop.h) is asked before each context's copy and re-rotation; its status ends
+// the composition.
 absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* const> contexts,
-                                        const Model& model);
+                                        const Model& model, const StopFn& stop = nullptr);
 
 // "Prefill once, select per query": runs `question` on top of a copy of `full`, scores the
 // cached entries by the question's attention (SnapKV-style), and returns a cache of at most

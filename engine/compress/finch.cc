@@ -107,6 +107,7 @@ absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
   const RopeParams rope = RopeParamsFor(c);
   if (progress) progress("finch", 0, n);
   for (int64_t b = 0; b < n; b += chunk) {
+    RETURN_IF_ERROR(runner.CheckStop());  // the selection below runs outside Forward's checks
     const int64_t e = std::min(n, b + chunk);
     const int64_t clen = e - b;
     std::vector<int64_t> lengths = HeadLengths(cache);

@@ -84,6 +84,7 @@ class KvzipScorer : public Scorer {
     const int group = c.n_heads / c.n_kv_heads;
     HeadScores scores = ZeroScores(cache);
     for (int64_t b = 0; b < n; b += chunk) {
+      RETURN_IF_ERROR(runner.CheckStop());  // each reconstruction chunk (Forward checks layers)
       const int64_t e = std::min(n, b + chunk);
       std::vector<int32_t> tokens = b == 0 ? first : next;
       if (b > 0)
