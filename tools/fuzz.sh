@@ -41,19 +41,22 @@ for tool in clang clang++; do
 done
 # Two cores shared with everything else: build with at most two jobs, fuzz with one process
 # (no -jobs/-workers: libFuzzer runs in-process).
+mkdir -p "$build"
 if [[ ! -f "$build/build.ninja" ]]; then
   CC=clang CXX=clang++ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DCTXCACHE_FUZZ=ON -DCTXCACHE_CUDA=OFF >/dev/null
+    -DCTXCACHE_FUZZ=ON -DCTXCACHE_CUDA=OFF >"$build/configure.log" 2>&1 ||
+    { tail -30 "$build/configure.log" >&2; exit 1; }
 fi
 build_targets=(gguf_seeds codec_seeds)
 for t in "${targets[@]}"; do build_targets+=("${t}_fuzz"); done
-cmake --build "$build" -j2 --target "${build_targets[@]}" >/dev/null
+cmake --build "$build" -j2 --target "${build_targets[@]}" >"$build/build.log" 2>&1 ||
+  { grep -E -A5 'error|FAILED' "$build/build.log" | head -60 >&2; exit 1; }
 bin="$build/tests/fuzz"
 mkdir -p "$build/seeds"
 "$bin/gguf_seeds" "$build/seeds/gguf"
 "$bin/codec_seeds" "$build/seeds/codec"
 
-export ASAN_OPTIONS="detect_leaks=1:allocator_may_return_null=1:${ASAN_OPTIONS:-}"
+export ASAN_OPTIONS="detect_leaks=1:${ASAN_OPTIONS:-}"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
 failed=()
 rows=()
