@@ -179,13 +179,27 @@ std::string RedisTier::LedgerMember(const std::string& key, const Meta& meta) co
   return absl::StrCat(meta.bytes, ":", Escape(key), ":", meta.write_id);
 }
 
+std::string RedisTier::FormatMeta(const Meta& meta) {
+  return absl::StrFormat("%s %s %d %d %08x", kMetaTag, meta.write_id, meta.parts, meta.bytes,
+                         meta.crc);
+}
+
 absl::StatusOr<RedisTier::Meta> RedisTier::ParseMeta(std::string_view text) {
   const std::vector<absl::string_view> f =
       absl::StrSplit(absl::string_view(text.data(), text.size()), ' ');
   Meta meta;
-  const bool ok = f.size() == 5 && f[0] == kMetaTag && f[1].size() == 32 &&
-                  f[1].find_first_not_of("0123456789abcdef") == absl::string_view::npos &&
-                  absl::SimpleAtoi(f[2], &meta.parts) && absl::SimpleAtoi(f[3], &meta.bytes) &&
+  // Exactly FormatMeta's spelling: absl's number parsers alone would also take a sign,
+  // leading zeros, surrounding whitespace and a crc of any width, which the quota script's Lua
+  // pattern reads differently (or not at all), so one entry could be accounted two ways.
+  auto lower_hex = [](absl::string_view s, size_t n) {
+    return s.size() == n && s.find_first_not_of("0123456789abcdef") == absl::string_view::npos;
+  };
+  auto count = [](absl::string_view s, int64_t* v) {
+    return !s.empty() && s.size() <= 18 && s[0] != '0' &&
+           s.find_first_not_of("0123456789") == absl::string_view::npos && absl::SimpleAtoi(s, v);
+  };
+  const bool ok = f.size() == 5 && f[0] == kMetaTag && lower_hex(f[1], 32) &&
+                  count(f[2], &meta.parts) && count(f[3], &meta.bytes) && lower_hex(f[4], 8) &&
                   absl::SimpleHexAtoi(f[4], &meta.crc) && meta.parts >= 1 &&
                   meta.parts <= kMaxParts && meta.bytes >= meta.parts &&
                   meta.bytes <= kMaxEntryBytes;
@@ -287,8 +301,7 @@ absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
   }
 
   // Every part is stored: publish. SET ... GET returns the entry this one replaces.
-  const std::string meta_text = absl::StrFormat("%s %s %d %d %08x", kMetaTag, meta.write_id,
-                                                meta.parts, meta.bytes, meta.crc);
+  const std::string meta_text = FormatMeta(meta);
   const std::string meta_key = MetaKey(tenant, key);  // RedisArgs only views its arguments
   RedisArgs set_meta = {"SET", meta_key, meta_text};
   if (options_.ttl_seconds > 0) set_meta.insert(set_meta.end(), {"EX", ttl});

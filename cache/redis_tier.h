@@ -82,18 +82,23 @@ class RedisTier {
   std::string PartKey(const std::string& tenant, const std::string& key,
                       const std::string& write_id, int64_t part) const;
 
+  // The metadata record (see top), public for tests and the fuzz target: what a reader parses
+  // comes from a shared Redis and may be anything.
+  struct Meta {
+    std::string write_id;  // 32 lowercase hex digits
+    int64_t parts = 0, bytes = 0;
+    uint32_t crc = 0;
+  };
+  static std::string FormatMeta(const Meta& meta);
+  // DataLoss unless `text` is exactly what FormatMeta writes for a meta within the limits.
+  static absl::StatusOr<Meta> ParseMeta(std::string_view text);
+
   bool connected() const { return client_->connected(); }
   RedisClient& client() { return *client_; }
 
  private:
-  struct Meta {
-    std::string write_id;
-    int64_t parts = 0, bytes = 0;
-    uint32_t crc = 0;
-  };
   RedisTier(const RedisOptions& options, std::string model_fingerprint,
             std::unique_ptr<RedisClient> client);
-  static absl::StatusOr<Meta> ParseMeta(std::string_view text);
   std::vector<std::string> PartKeys(const std::string& tenant, const std::string& key,
                                     const Meta& meta) const;
   std::string LedgerMember(const std::string& key, const Meta& meta) const;

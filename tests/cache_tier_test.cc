@@ -557,6 +557,41 @@ TEST(RedisUrlTest, RedactsThePassword) {
   EXPECT_EQ(RedactRedisUrl("redis://h:1"), "redis://h:1");
 }
 
+// The metadata record is read back from a shared Redis: only FormatMeta's exact spelling is
+// an entry (found by tests/fuzz/redis_meta_fuzz.cc: a 9-digit crc, leading zeros, a sign or
+// whitespace were accepted, and the quota script's Lua pattern reads those differently).
+TEST(RedisMetaTest, ParsesOnlyTheCanonicalRecord) {
+  RedisTier::Meta m;
+  m.write_id = "0123456789abcdef0123456789abcdef";
+  m.parts = 3;
+  m.bytes = 1048576;
+  m.crc = 0x0a1b2c3d;
+  const std::string text = RedisTier::FormatMeta(m);
+  EXPECT_EQ(text, "ctxm1 0123456789abcdef0123456789abcdef 3 1048576 0a1b2c3d");
+  absl::StatusOr<RedisTier::Meta> back = RedisTier::ParseMeta(text);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->write_id, m.write_id);
+  EXPECT_EQ(back->parts, 3);
+  EXPECT_EQ(back->bytes, 1048576);
+  EXPECT_EQ(back->crc, 0x0a1b2c3du);
+  const std::string id = "ffffffffffffffffffffffffffffffff";
+  for (const std::string& bad : {
+           "ctxm1 " + id + " 1 1 000000000",   // crc of 9 digits
+           "ctxm1 " + id + " 1 1 abc",         // crc of 3
+           "ctxm1 " + id + " 1 1 0000000A",    // upper case
+           "ctxm1 " + id + " 01 1 00000000",   // leading zero
+           "ctxm1 " + id + " +1 1 00000000",   // sign
+           "ctxm1 " + id + " 1\t 1 00000000",  // whitespace inside a field
+           "ctxm1 " + id + " 1 1 0x000000",    // hex prefix
+           "ctxm1 " + id + " 0 1 00000000",    // no parts
+           "ctxm1 " + id + " 2 1 00000000",    // fewer bytes than parts
+           "ctxm1 " + id.substr(1) + "F 1 1 00000000",
+       }) {
+    absl::StatusOr<RedisTier::Meta> meta = RedisTier::ParseMeta(bad);
+    EXPECT_EQ(meta.status().code(), absl::StatusCode::kDataLoss) << bad;
+  }
+}
+
 TEST(RedisKeyTest, EscapesTenantsSoThatNoneCanForgeAnothersPrefix) {
   EXPECT_EQ(RedisTier::Escape("acme-prod_1.eu"), "acme-prod_1.eu");
   EXPECT_EQ(RedisTier::Escape("a:b"), "a%3Ab");

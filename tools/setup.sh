@@ -27,6 +27,9 @@ apt_packages=(
   prometheus  # promtool only: the metrics test checks the /metrics exposition with it
   python3-pip
   yamllint    # deploy checks (tests/deploy_test.sh); promtool there too
+  # Coverage-guided fuzzing (tools/fuzz.sh): clang 14 and its runtimes; libFuzzer itself
+  # (libclang_rt.fuzzer-x86_64.a) and the sanitizer runtimes ship in libclang-rt-14-dev.
+  clang libclang-rt-14-dev
 )
 # `kubectl kustomize` for the deploy checks: Debian's kubernetes-client (1.20, kustomize
 # v2.0.3, which deploy/k8s is written for) unless a kubectl is installed already (another

@@ -13,15 +13,11 @@
 
 #include "cache/codec.h"
 #include "cache/crc32c.h"
+#include "tests/fuzz/fuzz_util.h"
 
 namespace {
 
 constexpr char kFingerprint[] = "81ee8e0f5c3d2a1b00112233445566778899aabbccddeeff0123456789abcdef";
-
-// A broken invariant must be loud: the fuzzer and the replay driver only notice crashes.
-void Check(bool ok) {
-  if (!ok) __builtin_trap();
-}
 
 void DecodeOne(std::string_view bytes) {
   auto c = ctxcache::DecodeContext(bytes);
@@ -29,11 +25,11 @@ void DecodeOne(std::string_view bytes) {
   if (!c.ok()) return;
   // A decoded context is always a valid one, and fp32 stores every float exactly.
   auto once = ctxcache::EncodeContext(*c, ctxcache::BlobDtype::kF32);
-  Check(once.ok());
+  FUZZ_CHECK(once.ok());
   auto back = ctxcache::DecodeContext(*once, c->model_fingerprint);
-  Check(back.ok());
+  FUZZ_CHECK(back.ok());
   auto twice = ctxcache::EncodeContext(*back, ctxcache::BlobDtype::kF32);
-  Check(twice.ok() && *twice == *once);
+  FUZZ_CHECK(twice.ok() && *twice == *once);
 }
 
 }  // namespace

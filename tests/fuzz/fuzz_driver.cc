@@ -1,8 +1,11 @@
 // A stand-in for libFuzzer's main when building with gcc: feeds the target every seed file
 // given on the command line, then deterministic mutations of each (bit flips, byte
 // overwrites with boundary values, truncations, splices), so the sanitizer build exercises
-// the parser's error paths in every CI run. Usage: fuzz_driver [--iterations N] SEED...
+// the parser's error paths in every CI run. A directory argument stands for every file in it
+// (sorted by name), as libFuzzer reads a corpus. Usage: fuzz_driver [--iterations N] SEED...
+#include <algorithm>
 #include <cstdint>
+#include <filesystem>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -60,14 +63,26 @@ int main(int argc, char** argv) {
       iterations = std::atoi(argv[++i]);
       continue;
     }
-    std::ifstream in(argv[i], std::ios::binary);
-    if (!in) {
-      std::fprintf(stderr, "fuzz_driver: cannot read %s\n", argv[i]);
-      return 2;
+    std::vector<std::string> paths;
+    std::error_code ec;
+    if (std::filesystem::is_directory(argv[i], ec)) {
+      for (const auto& entry : std::filesystem::directory_iterator(argv[i])) {
+        if (entry.is_regular_file()) paths.push_back(entry.path().string());
+      }
+      std::sort(paths.begin(), paths.end());
+    } else {
+      paths.push_back(argv[i]);
     }
-    std::stringstream ss;
-    ss << in.rdbuf();
-    seeds.push_back(ss.str());
+    for (const std::string& path : paths) {
+      std::ifstream in(path, std::ios::binary);
+      if (!in) {
+        std::fprintf(stderr, "fuzz_driver: cannot read %s\n", path.c_str());
+        return 2;
+      }
+      std::stringstream ss;
+      ss << in.rdbuf();
+      seeds.push_back(ss.str());
+    }
   }
   if (seeds.empty()) {
     std::fprintf(stderr, "usage: fuzz_driver [--iterations N] SEED...\n");
