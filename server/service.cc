@@ -578,7 +578,7 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
 
 grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::RefuseGenerate(
     grpc::CallbackServerContext* ctx, const absl::Status& status) {
-  auto* reactor = new GenerateReactor(ctx, scheduler_);
+  auto* reactor = new GenerateReactor(ctx, scheduler_, SteadyDeadline(ctx));
   absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "Generate");
   if (call.ok()) reactor->Begin(*call);
   reactor->Complete(call.ok() ? status : call.status(), std::nullopt, "");
