@@ -477,6 +477,8 @@ TEST_F(MetricsE2ETest, RedisTierLookupsAndOperations) {
 
   redis.Kill();
   ASSERT_TRUE(compress(kSecondDocument).ok());  // redis get and put fail; computed anyway
+  // The put runs in the background: wait for it to fail before reading its counters.
+  ASSERT_TRUE(server->store()->WaitForWrites(absl::Seconds(30)));
   m = scrape();
   EXPECT_EQ(m["ctxcache_redis_up"], 0);
   EXPECT_EQ(m["ctxcache_cache_lookups_total{tier=\"redis\",result=\"error\"}"], 1);
