@@ -20,7 +20,9 @@
 #include <spawn.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -43,6 +45,7 @@
 #include "spdlog/sinks/ostream_sink.h"
 #include "spdlog/spdlog.h"
 #include "tests/fake_redis.h"
+#include "tests/fault_proxy.h"
 #include "tests/redis_server.h"
 #include "tests/test_util.h"
 
@@ -707,6 +710,149 @@ TEST_F(ServerE2ETest, SlowRedisCostsAtMostATimeoutAndNeverFailsACall) {
 
   // Both lookups ended with a counted error (DeadlineExceeded), not a silent wait.
   EXPECT_GE(a.server->store()->Stats().redis_read_errors, 2) << StoreStats(*a.server);
+}
+
+// The Redis fault proxy campaign (issue 14): a real redis-server behind a loopback proxy
+// (tests/fault_proxy.h) that adds latency, trickles replies a byte at a time, resets or
+// truncates a connection mid-reply, or swallows every request (blackhole). In each mode the
+// server takes, per round, a Compress of a document no one has seen (a Redis miss, then a
+// background write) and a Generate over a document that was stored in Redis before the
+// faults, with the memory tier emptied first (a Redis hit when healthy). The same calls go to
+// a golden server with no Redis, right after, with its memory emptied too. Pass criterion,
+// per mode: every call succeeds; every answer is byte-equal to the golden's; the p99 latency
+// exceeds the golden's p99 by at most 2x the command timeout (a fault may cost the wait for
+// Redis, never more). The circuit breaker is off, so every call meets the fault (the breaker
+// would skip Redis after a few). Afterwards, with the proxy healthy again, the stored
+// documents are Redis hits again: the server reconnected, and no damaged write was taken for
+// an entry.
+TEST_F(ServerE2ETest, RedisFaultProxyFailsNoCallAndCostsAtMostTwoTimeouts) {
+  CTXCACHE_REDIS_SERVER_OR_SKIP(binary);
+  RedisServer redis(binary);
+  ASSERT_EQ(redis.Start(), "");
+  FaultProxy proxy(redis.port());
+  constexpr int kTimeoutMs = 1000;  // the default
+  ServerConfig config = BaseConfig();
+  config.redis_url = proxy.Url();
+  config.redis_command_timeout_ms = kTimeoutMs;
+  config.redis_connect_timeout_ms = kTimeoutMs;
+  config.redis_circuit_failures = 0;
+  Running a = Start(config);
+  ASSERT_NE(a.stub, nullptr);
+  Running golden = Start(BaseConfig());
+  ASSERT_NE(golden.stub, nullptr);
+  proxy.latency_ms = kTimeoutMs / 4;  // late, within the timeout: still served through Redis
+  proxy.trickle_ms = 50;              // a metadata reply (~90 bytes) takes ~4.5 s
+
+  constexpr int kRounds = 4;
+  auto doc = [](const std::string& kind, int i) {
+    return absl::StrCat(kDocument, " The ", kind, " book's page ", i, " is signed by a sailor.");
+  };
+  // Stored before the faults: one document per round.
+  for (int r = 0; r < kRounds; ++r) MustCompress(*a.stub, doc("stored", r));
+  Flush(*a.server);
+  ASSERT_EQ(a.server->store()->Stats().redis_writes, kRounds) << StoreStats(*a.server);
+
+  using Clock = std::chrono::steady_clock;
+  auto deadline = [](grpc::ClientContext& ctx) {
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  };
+  auto p = [](std::vector<double> v, double q) {
+    std::sort(v.begin(), v.end());
+    return v[static_cast<size_t>(std::ceil(q * v.size())) - 1];
+  };
+  // One call on `r`'s server after its memory tier is emptied: its latency in ms, and the
+  // answer text (Generate) or context id (Compress).
+  struct Call {
+    double ms = 0;
+    std::string out;
+  };
+  auto compress = [&](Running& r, const std::string& text) {
+    r.server->store()->ClearMemory();
+    grpc::ClientContext ctx;
+    deadline(ctx);
+    pb::CompressResponse resp;
+    const Clock::time_point t0 = Clock::now();
+    const grpc::Status s = r.stub->Compress(&ctx, CompressRequest(text), &resp);
+    Call c{std::chrono::duration<double, std::milli>(Clock::now() - t0).count(),
+           resp.context().context_id()};
+    EXPECT_TRUE(s.ok()) << s.error_code() << ": " << s.error_message();
+    return c;
+  };
+  auto generate = [&](Running& r, const pb::GenerateRequest& req) {
+    r.server->store()->ClearMemory();
+    const Clock::time_point t0 = Clock::now();
+    const StreamResult g = RunGenerate(*r.stub, req, deadline);
+    Call c{std::chrono::duration<double, std::milli>(Clock::now() - t0).count(), g.text};
+    EXPECT_TRUE(g.status.ok()) << g.status.error_code() << ": " << g.status.error_message();
+    return c;
+  };
+
+  int fresh = 0;
+  const FaultProxy::Mode modes[] = {FaultProxy::kPass,     FaultProxy::kLatency,
+                                    FaultProxy::kTrickle,  FaultProxy::kReset,
+                                    FaultProxy::kTruncate, FaultProxy::kBlackhole};
+  for (const FaultProxy::Mode mode : modes) {
+    SCOPED_TRACE(FaultProxy::ModeName(mode));
+    proxy.set_mode(mode);
+    const ContextStoreStats before = a.server->store()->Stats();
+    const int broken_before = proxy.broken();
+    std::vector<double> ms, golden_ms;
+    for (int r = 0; r < kRounds; ++r) {
+      const std::string unseen = doc("unseen", fresh++);
+      const Call c = compress(a, unseen);
+      const Call cg = compress(golden, unseen);
+      EXPECT_EQ(c.out, cg.out);
+      pb::GenerateRequest req = Ask(Questions()[r % Questions().size()]);
+      *req.add_contexts()->mutable_inline_() = CompressRequest(doc("stored", r));
+      const Call g = generate(a, req);
+      const Call gg = generate(golden, req);
+      EXPECT_FALSE(gg.out.empty());
+      EXPECT_EQ(g.out, gg.out);
+      ms.insert(ms.end(), {c.ms, g.ms});
+      golden_ms.insert(golden_ms.end(), {cg.ms, gg.ms});
+    }
+    const ContextStoreStats after = a.server->store()->Stats();
+    const double extra = p(ms, 0.99) - p(golden_ms, 0.99);
+    std::printf(
+        "[ fault proxy ] %-9s %zu calls  p50 %5.0f ms  p99 %5.0f ms  no-Redis p99 %5.0f ms  "
+        "extra p99 %5.0f ms (bound %d)  Redis hits %lld  read errors %lld  broken %d\n",
+        FaultProxy::ModeName(mode), ms.size(), p(ms, 0.5), p(ms, 0.99), p(golden_ms, 0.99),
+        extra, 2 * kTimeoutMs, static_cast<long long>(after.redis_hits - before.redis_hits),
+        static_cast<long long>(after.redis_read_errors - before.redis_read_errors),
+        proxy.broken() - broken_before);
+    EXPECT_LE(extra, 2.0 * kTimeoutMs) << StoreStats(*a.server);
+    if (mode == FaultProxy::kPass || mode == FaultProxy::kLatency) {
+      // Healthy or late: the stored documents are read from Redis, nothing fails.
+      EXPECT_EQ(after.redis_hits - before.redis_hits, kRounds) << StoreStats(*a.server);
+      EXPECT_EQ(after.redis_read_errors, before.redis_read_errors) << StoreStats(*a.server);
+    } else {
+      // The fault was met: reads failed, were counted, and the calls computed instead.
+      EXPECT_EQ(after.redis_hits, before.redis_hits) << StoreStats(*a.server);
+      EXPECT_GE(after.redis_read_errors - before.redis_read_errors, kRounds)
+          << StoreStats(*a.server);
+    }
+    if (mode == FaultProxy::kReset || mode == FaultProxy::kTruncate) {
+      EXPECT_GT(proxy.broken(), broken_before);
+    }
+  }
+
+  // Healthy again: the stored documents are Redis hits once the client's reconnect backoff
+  // (at most redis backoff_max_ms, 5 s) has passed; until then lookups fail fast, counted.
+  proxy.set_mode(FaultProxy::kPass);
+  int hits = 0;
+  const Clock::time_point healed = Clock::now();
+  while (hits < kRounds && Clock::now() - healed < std::chrono::seconds(20)) {
+    a.server->store()->ClearMemory();
+    grpc::ClientContext ctx;
+    pb::CompressResponse resp;
+    const grpc::Status s = a.stub->Compress(&ctx, CompressRequest(doc("stored", hits)), &resp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    if (resp.context().tier() == pb::CACHE_TIER_REDIS) ++hits;
+  }
+  std::printf("[ fault proxy ] healthy again: %d stored documents read from Redis within %.1f s\n",
+              hits, std::chrono::duration<double>(Clock::now() - healed).count());
+  EXPECT_EQ(hits, kRounds) << StoreStats(*a.server);
+  EXPECT_EQ(a.server->store()->Stats().redis_corrupt, 0) << StoreStats(*a.server);
 }
 
 // A damaged Redis value: one byte of a stored part flipped behind the service's back. A
