@@ -371,15 +371,17 @@ int CheckSequence(const uint8_t* s, size_t n) {
 
 }  // namespace
 
-bool IsValidUtf8(std::string_view text) {
+std::optional<size_t> FirstInvalidUtf8(std::string_view text) {
   const auto* s = reinterpret_cast<const uint8_t*>(text.data());
   for (size_t i = 0; i < text.size();) {
     const int len = CheckSequence(s + i, text.size() - i);
-    if (len <= 0) return false;
+    if (len <= 0) return i;
     i += len;
   }
-  return true;
+  return std::nullopt;
 }
+
+bool IsValidUtf8(std::string_view text) { return !FirstInvalidUtf8(text).has_value(); }
 
 std::string ToValidUtf8(std::string_view bytes) {
   if (IsValidUtf8(bytes)) return std::string(bytes);

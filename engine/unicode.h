@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -60,6 +61,9 @@ void AppendUtf8(uint32_t cpt, std::string* out);
 
 // True when `text` is well-formed UTF-8 (no overlongs, surrogates or values past U+10FFFF).
 bool IsValidUtf8(std::string_view text);
+// The byte offset of the first sequence that is not well-formed UTF-8 (as IsValidUtf8
+// judges); nullopt when `text` is all UTF-8.
+std::optional<size_t> FirstInvalidUtf8(std::string_view text);
 
 // `bytes` with each malformed or truncated sequence replaced by U+FFFD (one per byte).
 std::string ToValidUtf8(std::string_view bytes);

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status.h"
+#include "engine/unicode.h"
 #include "server/context_key.h"
 #include "server/server_metrics.h"
 
@@ -83,40 +84,8 @@ std::shared_ptr<const CompressedContext> WithEntries(const CompressedContext& fu
 
 }  // namespace
 
-std::optional<size_t> FirstInvalidUtf8(std::string_view text) {
-  const auto* p = reinterpret_cast<const unsigned char*>(text.data());
-  const size_t n = text.size();
-  size_t i = 0;
-  while (i < n) {
-    const unsigned c = p[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t len = 0;
-    uint32_t cp = 0, min = 0;
-    if ((c & 0xE0) == 0xC0) {
-      len = 2, cp = c & 0x1F, min = 0x80;
-    } else if ((c & 0xF0) == 0xE0) {
-      len = 3, cp = c & 0x0F, min = 0x800;
-    } else if ((c & 0xF8) == 0xF0) {
-      len = 4, cp = c & 0x07, min = 0x10000;
-    }
-    bool ok = len != 0 && i + len <= n;
-    for (size_t k = 1; ok && k < len; ++k) {
-      ok = (p[i + k] & 0xC0) == 0x80;
-      cp = (cp << 6) | (p[i + k] & 0x3F);
-    }
-    // Overlong forms, UTF-16 surrogates and code points past U+10FFFF are not UTF-8 either.
-    ok = ok && cp >= min && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF);
-    if (!ok) return i;
-    i += len;
-  }
-  return std::nullopt;
-}
-
 absl::Status CheckUtf8(std::string_view text, const std::string& field) {
-  const std::optional<size_t> bad = FirstInvalidUtf8(text);
+  const std::optional<size_t> bad = unicode::FirstInvalidUtf8(text);
   if (!bad) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat(field, " is not valid UTF-8 (first bad byte at offset ", *bad,

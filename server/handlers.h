@@ -106,9 +106,6 @@ struct GenerateOutcome {
 // decode), to composition, and to the store (its single flight and Redis lookups).
 using StopCheck = StopFn;
 
-// The byte offset of the first invalid UTF-8 sequence in `text` (overlong forms, surrogates
-// and code points past U+10FFFF included); nullopt when it is all UTF-8.
-std::optional<size_t> FirstInvalidUtf8(std::string_view text);
 // InvalidArgument naming `field` and the byte offset of the first invalid sequence.
 absl::Status CheckUtf8(std::string_view text, const std::string& field);
 

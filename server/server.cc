@@ -176,6 +176,7 @@ bool ServerInstance::WaitIdle(double timeout_seconds) {
 bool ServerInstance::Drain(double timeout_seconds) {
   if (shut_down_) return true;
   shut_down_ = true;
+  const auto start = std::chrono::steady_clock::now();
   BeginDrain();
   const bool idle = WaitIdle(timeout_seconds);
   if (!idle) {
@@ -189,8 +190,20 @@ bool ServerInstance::Drain(double timeout_seconds) {
   if (scheduler_) scheduler_->Shutdown();
   // Cancels whatever is left; returns once every call has finished.
   server_->Shutdown(std::chrono::system_clock::now());
+  // Contexts computed before or during the drain may still be on their way to Redis, where
+  // other replicas would find them: the writes get what is left of the drain time.
+  bool flushed = true;
+  if (store_) {
+    const double left = timeout_seconds - std::chrono::duration<double>(
+                                              std::chrono::steady_clock::now() - start).count();
+    flushed = store_->WaitForWrites(absl::Seconds(std::max(0.0, left)));
+    if (!flushed) {
+      spdlog::warn("drain timeout ({} s): {} Redis write(s) not finished; they are dropped",
+                   timeout_seconds, store_->Stats().redis_write_queue_depth);
+    }
+  }
   spdlog::info("server stopped");
-  return idle;
+  return idle && flushed;
 }
 
 ServerInstance::~ServerInstance() {

@@ -307,15 +307,17 @@ absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::
 // deletes it.
 class CompressReactor final : public grpc::ServerUnaryReactor {
  public:
-  CompressReactor(Scheduler* scheduler, Clock::time_point deadline)
-      : scheduler_(scheduler), deadline_(deadline) {}
+  explicit CompressReactor(Clock::time_point deadline) : deadline_(deadline) {}
 
   const std::atomic<bool>* cancelled() const { return &cancelled_; }
 
-  // Records the scheduler ticket; a cancellation that came first takes the job back out.
-  void SetTicket(uint64_t ticket) {
+  // Records the scheduler and ticket of the submitted job (the reactor learns the scheduler
+  // here, not when it is made: a call may arrive while the model loads, before Attach has
+  // published one); a cancellation that came first takes the job back out.
+  void SetTicket(Scheduler* scheduler, uint64_t ticket) {
     {
       std::lock_guard<std::mutex> lock(mu_);
+      scheduler_ = scheduler;
       ticket_ = ticket;
     }
     if (cancelled_.load()) TakeBack();
@@ -330,17 +332,19 @@ class CompressReactor final : public grpc::ServerUnaryReactor {
  private:
   void TakeBack() {
     uint64_t ticket = 0;
+    Scheduler* scheduler = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       ticket = ticket_;
+      scheduler = scheduler_;
     }
-    if (ticket != 0) scheduler_->Cancel(ticket, CancelReason(deadline_));
+    if (ticket != 0) scheduler->Cancel(ticket, CancelReason(deadline_));
   }
 
-  Scheduler* scheduler_;
   const Clock::time_point deadline_;
   std::atomic<bool> cancelled_{false};
   std::mutex mu_;
+  Scheduler* scheduler_ ABSL_GUARDED_BY(mu_) = nullptr;
   uint64_t ticket_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
@@ -348,7 +352,7 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
                                                         const pb::CompressRequest* req,
                                                         pb::CompressResponse* resp) {
   const Clock::time_point deadline = SteadyDeadline(ctx);
-  auto* reactor = new CompressReactor(scheduler_, deadline);
+  auto* reactor = new CompressReactor(deadline);
   absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "Compress");
   if (!call.ok()) {
     reactor->Finish(ToGrpcStatus(call.status()));
@@ -396,7 +400,7 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
   if (!ticket.ok()) {
     c->Finish(reactor, ticket.status());
   } else {
-    reactor->SetTicket(*ticket);
+    reactor->SetTicket(scheduler_, *ticket);
   }
   return reactor;
 }
@@ -407,19 +411,21 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
 // run as soon as Finish has been called.
 class GenerateReactor final : public grpc::ServerWriteReactor<pb::GenerateResponse> {
  public:
-  GenerateReactor(grpc::CallbackServerContext* ctx, Scheduler* scheduler,
-                  Clock::time_point deadline)
-      : ctx_(ctx), scheduler_(scheduler), deadline_(deadline) {}
+  GenerateReactor(grpc::CallbackServerContext* ctx, Clock::time_point deadline)
+      : ctx_(ctx), deadline_(deadline) {}
 
   void Begin(std::shared_ptr<ContextCacheService::Call> call) { call_ = std::move(call); }
   grpc::CallbackServerContext* context() const { return ctx_; }
   bool cancelled() const { return cancelled_.load(); }
   const std::atomic<bool>* cancelled_flag() const { return &cancelled_; }
 
-  // Records the scheduler ticket; a cancellation that came first takes the job back out.
-  void SetTicket(uint64_t ticket) {
+  // Records the scheduler and ticket of the submitted job (the reactor learns the scheduler
+  // here, not when it is made: a call may arrive while the model loads, before Attach has
+  // published one); a cancellation that came first takes the job back out.
+  void SetTicket(Scheduler* scheduler, uint64_t ticket) {
     {
       std::lock_guard<std::mutex> lock(mu_);
+      scheduler_ = scheduler;
       ticket_ = ticket;
     }
     if (cancelled_.load()) TakeBack();
@@ -493,19 +499,21 @@ class GenerateReactor final : public grpc::ServerWriteReactor<pb::GenerateRespon
 
   void TakeBack() {
     uint64_t ticket = 0;
+    Scheduler* scheduler = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       ticket = ticket_;
+      scheduler = scheduler_;
     }
-    if (ticket != 0) scheduler_->Cancel(ticket, CancelReason(deadline_));
+    if (ticket != 0) scheduler->Cancel(ticket, CancelReason(deadline_));
   }
 
   grpc::CallbackServerContext* ctx_;
-  Scheduler* scheduler_;
   const Clock::time_point deadline_;
   std::shared_ptr<ContextCacheService::Call> call_;
   std::atomic<bool> cancelled_{false};
   std::mutex mu_;
+  Scheduler* scheduler_ ABSL_GUARDED_BY(mu_) = nullptr;
   uint64_t ticket_ ABSL_GUARDED_BY(mu_) = 0;
   pb::GenerateResponse writing_;  // owned by gRPC while write_in_flight_
   std::string pending_text_ ABSL_GUARDED_BY(mu_);
@@ -520,7 +528,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<pb::GenerateRespon
 grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
     grpc::CallbackServerContext* ctx, const pb::GenerateRequest* req) {
   const Clock::time_point deadline = SteadyDeadline(ctx);
-  auto* reactor = new GenerateReactor(ctx, scheduler_, deadline);
+  auto* reactor = new GenerateReactor(ctx, deadline);
   absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "Generate");
   if (!call.ok()) {
     reactor->Complete(call.status(), std::nullopt, "");
@@ -571,14 +579,14 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
   if (!ticket.ok()) {
     reactor->Complete(ticket.status(), std::nullopt, "");
   } else {
-    reactor->SetTicket(*ticket);
+    reactor->SetTicket(scheduler_, *ticket);
   }
   return reactor;
 }
 
 grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::RefuseGenerate(
     grpc::CallbackServerContext* ctx, const absl::Status& status) {
-  auto* reactor = new GenerateReactor(ctx, scheduler_, SteadyDeadline(ctx));
+  auto* reactor = new GenerateReactor(ctx, SteadyDeadline(ctx));
   absl::StatusOr<std::shared_ptr<Call>> call = BeginCall(ctx, "Generate");
   if (call.ok()) reactor->Begin(*call);
   reactor->Complete(call.ok() ? status : call.status(), std::nullopt, "");

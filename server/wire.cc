@@ -18,6 +18,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/unicode.h"
 #include "server/handlers.h"
 
 namespace ctxcache::server {
@@ -86,7 +87,7 @@ bool FindBadString(const gpb::Message& twin, const gpb::Descriptor* original,
         const std::string& v = f->is_repeated()
                                    ? r->GetRepeatedStringReference(twin, f, i, &scratch)
                                    : r->GetStringReference(twin, f, &scratch);
-        if (std::optional<size_t> bad = FirstInvalidUtf8(v)) {
+        if (std::optional<size_t> bad = unicode::FirstInvalidUtf8(v)) {
           *path = at;
           *offset = *bad;
           return true;

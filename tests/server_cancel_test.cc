@@ -15,14 +15,18 @@
 #include <sys/wait.h>
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "ctxcache/v1/ctxcache.grpc.pb.h"
 #include "server/logging.h"
 #include "server/server.h"
@@ -314,12 +318,13 @@ class DrainTest : public ServerCancelTest {
     pid_t pid = -1;
     std::shared_ptr<grpc::Channel> channel;
   };
-  static Process Spawn(double drain_timeout_seconds) {
+  static Process Spawn(double drain_timeout_seconds, int workers = 1) {
     Process p;
     const int port = FreeLoopbackPort();
     EXPECT_GT(port, 0);
     const std::string address = absl::StrCat("127.0.0.1:", port);
-    std::vector<std::string> args = {CTXCACHE_SERVER_BIN, "--listen", address, "--workers", "1",
+    std::vector<std::string> args = {CTXCACHE_SERVER_BIN, "--listen", address, "--workers",
+                                     absl::StrCat(workers),
                                      "--threads-per-worker", "1", "--drain-timeout-seconds",
                                      absl::StrCat(drain_timeout_seconds), "--log-level", "warn"};
     std::vector<char*> argv;
@@ -379,6 +384,98 @@ TEST_F(DrainTest, DrainIsBoundedByItsTimeoutWhateverIsRunning) {
   EXPECT_EQ(WEXITSTATUS(status), 1);  // not a clean drain
   call.Join();
   EXPECT_FALSE(call.status.ok());
+}
+
+// Drain under load (issue 14's campaign): two workers busy and a queue behind them (six
+// clients streaming answers over documents of their own, one long compression), then
+// SIGTERM with a 2 s drain timeout. Pass criterion: the process exits within the drain
+// timeout + 5 s; every client's call ends by then too (none hangs: their own deadlines are
+// 120 s); each ends OK (finished in the drain), or UNAVAILABLE (refused while draining, or
+// stopped when the drain timed out), never anything else; clients that call again after the
+// SIGTERM are refused, not left waiting.
+TEST_F(DrainTest, DrainUnderLoadExitsInTimeAndNoClientHangs) {
+  constexpr double kDrainSeconds = 2;
+  Process p = Spawn(kDrainSeconds, /*workers=*/2);
+  ASSERT_GT(p.pid, 0);
+  AsyncCompress long_call;
+  std::unique_ptr<pb::ContextCache::Stub> stub;
+  StartLongWork(p, long_call, stub);
+
+  std::atomic<bool> terminated{false};
+  std::atomic<int> ok{0}, unavailable{0}, calls_after{0};
+  std::vector<double> ended_after(6, -1);  // seconds from SIGTERM to a client's last call end
+  Clock::time_point term_at;
+  std::mutex mu;
+  std::vector<std::string> unexpected;
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 6; ++c) {
+    clients.emplace_back([&, c] {
+      auto client_stub = pb::ContextCache::NewStub(p.channel);
+      for (int i = 0; i < 1000; ++i) {
+        const bool after = terminated.load();
+        pb::GenerateRequest req;
+        pb::ChatMessage* m = req.mutable_chat()->add_messages();
+        m->set_role("user");
+        m->set_content("Who founded the library?");
+        req.set_max_tokens(32);
+        req.set_ignore_eos(true);
+        req.mutable_sampling()->set_temperature(0);
+        pb::CompressRequest* doc = req.add_contexts()->mutable_inline_();
+        doc->mutable_document()->set_text(
+            LongDocument(absl::StrCat(" client ", c, " call ", i)).substr(0, 2000));
+        doc->mutable_compression()->set_method("snapkv");
+        doc->mutable_compression()->set_ratio(4);
+        grpc::ClientContext ctx;
+        SetDeadline(ctx, 120);
+        auto reader = client_stub->Generate(&ctx, req);
+        pb::GenerateResponse msg;
+        while (reader->Read(&msg)) {
+        }
+        const grpc::Status s = reader->Finish();
+        if (after) ++calls_after;
+        if (s.ok()) {
+          ++ok;
+        } else if (s.error_code() == grpc::StatusCode::UNAVAILABLE) {
+          ++unavailable;
+        } else {
+          std::lock_guard<std::mutex> lock(mu);
+          unexpected.push_back(absl::StrCat(s.error_code(), ": ", s.error_message()));
+        }
+        if (terminated.load()) {
+          std::lock_guard<std::mutex> lock(mu);
+          ended_after[c] = SecondsSince(term_at);
+          if (after) return;  // one call after SIGTERM, then stop
+        }
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(3));  // queue filled, workers busy
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    term_at = Clock::now();
+  }
+  terminated = true;
+  ASSERT_EQ(kill(p.pid, SIGTERM), 0);
+  int status = 0;
+  const double exited = WaitExit(p.pid, 60, &status);
+  for (std::thread& t : clients) t.join();
+  long_call.Join();
+  std::printf("[ drain under load ] exit after %.2f s (drain timeout %.0f s); %d calls OK, %d "
+              "UNAVAILABLE, %d made after SIGTERM; last client call ended %.2f s after SIGTERM\n",
+              exited, kDrainSeconds, ok.load(), unavailable.load(), calls_after.load(),
+              *std::max_element(ended_after.begin(), ended_after.end()));
+  EXPECT_GE(exited, 0) << "still running 60 s after SIGTERM";
+  EXPECT_LE(exited, kDrainSeconds + 5);
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 1);  // the long compression outlived the drain timeout
+  for (double t : ended_after) {
+    EXPECT_GE(t, 0);
+    EXPECT_LE(t, kDrainSeconds + 5) << "a client waited past the drain";
+  }
+  EXPECT_EQ(calls_after.load(), 6);
+  EXPECT_TRUE(unexpected.empty()) << absl::StrJoin(unexpected, "\n");
+  EXPECT_FALSE(long_call.status.ok());
+  EXPECT_GT(unavailable.load(), 0);
 }
 
 TEST_F(DrainTest, SecondSigtermExitsAtOnce) {

@@ -5,6 +5,7 @@
 // code point's shortest encoding, no surrogates, nothing past U+10FFFF) by computing the code
 // point, where the code under test checks byte ranges (Table 3-7).
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -101,6 +102,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string_view in(reinterpret_cast<const char*>(data), size);
   const bool valid = unicode::IsValidUtf8(in);
   FUZZ_CHECK(valid == RefValid(in));
+  // The first bad offset (what the server's INVALID_ARGUMENT names): everything before it is
+  // valid, and the text from it on is not.
+  const std::optional<size_t> bad = unicode::FirstInvalidUtf8(in);
+  FUZZ_CHECK(bad.has_value() == !valid);
+  if (bad) {
+    FUZZ_CHECK(*bad < in.size());
+    FUZZ_CHECK(RefValid(in.substr(0, *bad)));
+    FUZZ_CHECK(!RefValid(in.substr(*bad)));
+  }
 
   const std::string repaired = unicode::ToValidUtf8(in);
   FUZZ_CHECK(repaired == RefRepair(in));
