@@ -49,6 +49,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_server.h"
 #include "ctxcache/v1/ctxcache.grpc.pb.h"
 #include "engine/model.h"
 #include "server/logging.h"
@@ -61,13 +62,6 @@ namespace pb = ::ctxcache::v1;
 using Clock = std::chrono::steady_clock;
 
 double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
-
-std::string LoadAverage() {
-  std::ifstream in("/proc/loadavg");
-  std::string one;
-  in >> one;
-  return one.empty() ? "null" : one;
-}
 
 constexpr char kDocument[] =
     "The Harbor Street Library was founded in 1887 by the shipbuilder Margaret Olsen, who "
@@ -195,27 +189,14 @@ int Main(int argc, char** argv) {
       return 2;
     }
   }
-  if (model_path.empty()) {
-    absl::StatusOr<std::string> found = FindDefaultModel();
-    if (!found.ok()) {
-      std::fprintf(stderr, "%s\n", std::string(found.status().message()).c_str());
-      return 1;
-    }
-    model_path = *found;
-  }
-  (void)server::ConfigureLogging("plain", "error");
-  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(model_path);
-  if (!model.ok()) {
-    std::fprintf(stderr, "cannot load %s: %s\n", model_path.c_str(),
-                 std::string(model.status().message()).c_str());
-    return 1;
-  }
+  const std::unique_ptr<Model> model = bench::LoadBenchModel(model_path);
+  if (model == nullptr) return 1;
   server::ServerConfig config;
   config.listen = "127.0.0.1:0";
   config.workers = 2;
   config.threads_per_worker = threads;
   absl::StatusOr<std::unique_ptr<server::ServerInstance>> srv =
-      server::ServerInstance::Start(config, model->get());
+      server::ServerInstance::Start(config, model.get());
   if (!srv.ok() || !(*srv)->Load().ok()) {
     std::fprintf(stderr, "cannot start the server\n");
     return 1;
@@ -250,7 +231,7 @@ int Main(int argc, char** argv) {
   const pb::GenerateRequest probe = Question(context_id, "What is the name of the cat?", 4);
   (void)Drain(*stub, probe);  // warm
 
-  const std::string load_at_start = LoadAverage();
+  const std::string load_at_start = bench::LoadAverage();
   std::vector<Phase> phases;
   // One phase: `attack` runs on its own threads until `stop`; the probe and health poll run
   // here, one probe every 100 ms.
@@ -410,7 +391,7 @@ int Main(int argc, char** argv) {
       "  \"seconds_per_phase\": %d,\n  \"loadavg_start\": %s,\n  \"loadavg_end\": %s,\n"
       "  \"criterion\": \"health SERVING throughout; probe p99 < 2x the baseline's\",\n"
       "  \"phases\": {\n",
-      (*model)->config().name, threads, seconds, load_at_start, LoadAverage());
+      model->config().name, threads, seconds, load_at_start, bench::LoadAverage());
   std::printf("%-15s %6s %9s %9s %7s %8s %8s  %s\n", "phase", "probes", "p50 ms", "p99 ms",
               "x base", "failed", "!SERVING", "pass");
   for (size_t i = 0; i < phases.size(); ++i) {

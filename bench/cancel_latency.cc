@@ -36,6 +36,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_server.h"
 #include "ctxcache/v1/ctxcache.grpc.pb.h"
 #include "engine/model.h"
 #include "server/logging.h"
@@ -48,14 +49,6 @@ namespace pb = ::ctxcache::v1;
 using Clock = std::chrono::steady_clock;
 
 double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
-
-// The 1-minute load average (the machines these run on are shared: say how busy it was).
-std::string LoadAverage() {
-  std::ifstream in("/proc/loadavg");
-  std::string one;
-  in >> one;
-  return one.empty() ? "null" : one;
-}
 
 // About `tokens` tokens of English prose (~4.5 tokens per 20 bytes on these tokenizers).
 std::string Document(const Model& model, int64_t tokens, int salt) {
@@ -115,21 +108,8 @@ int Main(int argc, char** argv) {
       return 2;
     }
   }
-  if (model_path.empty()) {
-    absl::StatusOr<std::string> found = FindDefaultModel();
-    if (!found.ok()) {
-      std::fprintf(stderr, "%s\n", std::string(found.status().message()).c_str());
-      return 1;
-    }
-    model_path = *found;
-  }
-  (void)server::ConfigureLogging("plain", "error");
-  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(model_path);
-  if (!model.ok()) {
-    std::fprintf(stderr, "cannot load %s: %s\n", model_path.c_str(),
-                 std::string(model.status().message()).c_str());
-    return 1;
-  }
+  const std::unique_ptr<Model> model = bench::LoadBenchModel(model_path);
+  if (model == nullptr) return 1;
   server::ServerConfig config;
   config.listen = "127.0.0.1:0";
   config.workers = 1;
@@ -137,7 +117,7 @@ int Main(int argc, char** argv) {
   config.memory_cache_bytes = 0;  // nothing cached: every sample computes
   config.max_kv_bytes = int64_t{8} << 30;
   absl::StatusOr<std::unique_ptr<server::ServerInstance>> srv =
-      server::ServerInstance::Start(config, model->get());
+      server::ServerInstance::Start(config, model.get());
   if (!srv.ok() || !(*srv)->Load().ok()) {
     std::fprintf(stderr, "cannot start the server\n");
     return 1;
@@ -152,7 +132,7 @@ int Main(int argc, char** argv) {
   };
   int salt = 0;
   std::map<std::string, std::vector<double>> samples;
-  const std::string load_at_start = LoadAverage();
+  const std::string load_at_start = bench::LoadAverage();
 
   // Calibration: one compression and one prompt prefill run to the end, so that the cancels
   // below land anywhere in the work (uniformly over 5%..95% of it), late chunks included,
@@ -164,14 +144,14 @@ int Main(int argc, char** argv) {
   };
   auto prompt_req = [&](int s) {
     pb::GenerateRequest req;
-    req.set_text(Document(**model, tokens, s) + "\nHow many vessels were logged?");
+    req.set_text(Document(*model, tokens, s) + "\nHow many vessels were logged?");
     req.set_max_tokens(1);
     return req;
   };
   const auto compress_ms = time_it([&] {
     grpc::ClientContext ctx;
     pb::CompressResponse resp;
-    (void)stub->Compress(&ctx, CompressReq(Document(**model, tokens, ++salt)), &resp);
+    (void)stub->Compress(&ctx, CompressReq(Document(*model, tokens, ++salt)), &resp);
   });
   const pb::GenerateRequest calibration = prompt_req(++salt);
   const auto prefill_ms = time_it([&] {
@@ -204,8 +184,8 @@ int Main(int argc, char** argv) {
         "  \"loadavg_start\": %s,\n  \"loadavg_end\": %s,\n"
         "  \"criterion\": \"p99 <= 250 ms per row (p99 is the max below 100 samples)\",\n"
         "  \"rows\": {\n",
-        (*model)->config().name, tokens, threads, done, compress_ms.count(), prefill_ms.count(),
-        load_at_start, LoadAverage());
+        model->config().name, tokens, threads, done, compress_ms.count(), prefill_ms.count(),
+        load_at_start, bench::LoadAverage());
     if (print) {
       std::printf("%-18s %6s %9s %9s %9s  %s\n", "where", "n", "p50 ms", "p99 ms", "max ms",
                   "pass");
@@ -237,11 +217,11 @@ int Main(int argc, char** argv) {
     {
       grpc::ClientContext blocker_ctx, queued_ctx;
       pb::CompressResponse r1, r2;
-      const std::string blocker_doc = Document(**model, tokens, ++salt);
+      const std::string blocker_doc = Document(*model, tokens, ++salt);
       std::thread blocker(
           [&] { (void)stub->Compress(&blocker_ctx, CompressReq(blocker_doc), &r1); });
       watch.Until([](const server::SchedulerStats& s) { return s.running == 1; });
-      const std::string doc = Document(**model, tokens, ++salt);
+      const std::string doc = Document(*model, tokens, ++salt);
       std::thread queued([&] { (void)stub->Compress(&queued_ctx, CompressReq(doc), &r2); });
       watch.Until([](const server::SchedulerStats& s) { return s.queued == 1; });
       std::this_thread::sleep_for(uniform_ms(0, 50));
@@ -265,7 +245,7 @@ int Main(int argc, char** argv) {
       const auto deadline = Clock::now() + budget;
       ctx.set_deadline(std::chrono::system_clock::now() + budget);
       pb::CompressResponse resp;
-      (void)stub->Compress(&ctx, CompressReq(Document(**model, tokens, ++salt)), &resp);
+      (void)stub->Compress(&ctx, CompressReq(Document(*model, tokens, ++salt)), &resp);
       samples["compress_deadline"].push_back(Ms(watch.UntilIdle() - deadline));
     }
     // prefilling

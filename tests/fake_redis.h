@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "gtest/gtest.h"
+#include "tests/loopback_acceptor.h"
 
 namespace ctxcache::testing {
 
@@ -33,63 +33,25 @@ namespace ctxcache::testing {
 //    per-syscall timeout).
 class FakeRedis {
  public:
-  FakeRedis() {
-    listen_fd_ = socket(AF_INET, SOCK_STREAM, 0);
-    const int one = 1;
-    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = 0;
-    if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-        listen(listen_fd_, 16) != 0) {
-      ADD_FAILURE() << "FakeRedis: cannot listen on loopback";
-      return;
-    }
-    socklen_t len = sizeof(addr);
-    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
-    port_ = ntohs(addr.sin_port);
-    acceptor_ = std::thread([this] { AcceptLoop(); });
-  }
-  ~FakeRedis() {
-    stop_ = true;
-    if (acceptor_.joinable()) acceptor_.join();
-    std::vector<std::thread> threads;
-    {
-      absl::MutexLock lock(&mu_);
-      threads.swap(conns_);
-    }
-    for (std::thread& t : threads) t.join();
-    close(listen_fd_);
-  }
+  FakeRedis() : acceptor_([this](int fd) { Serve(fd); }) {}
+  ~FakeRedis() { acceptor_.Stop(); }
 
   std::string Url(const std::string& credentials = "") const {
-    return absl::StrCat("redis://", credentials, "127.0.0.1:", port_);
+    return absl::StrCat("redis://", credentials, "127.0.0.1:", acceptor_.port());
   }
   int commands() const { return commands_.load(); }
 
   std::atomic<int> delay_ms{0}, set_delay_ms{0}, trickle_ms{0};
 
  private:
-  void AcceptLoop() {
-    while (!stop_) {
-      pollfd p{listen_fd_, POLLIN, 0};
-      if (poll(&p, 1, 20) <= 0) continue;
-      const int fd = accept(listen_fd_, nullptr, nullptr);
-      if (fd < 0) continue;
-      absl::MutexLock lock(&mu_);
-      conns_.emplace_back([this, fd] { Serve(fd); });
-    }
-  }
-
   // Sleeps up to `ms` in small steps, false when the server is stopping.
   bool Sleep(int ms) {
     const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
     while (std::chrono::steady_clock::now() < until) {
-      if (stop_) return false;
+      if (acceptor_.stopping()) return false;
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
-    return !stop_;
+    return !acceptor_.stopping();
   }
 
   static bool Send(int fd, std::string_view s) {
@@ -133,7 +95,7 @@ class FakeRedis {
   void Serve(int fd) {
     std::string buf;
     char chunk[65536];
-    while (!stop_) {
+    while (!acceptor_.stopping()) {
       pollfd p{fd, POLLIN, 0};
       if (poll(&p, 1, 20) <= 0) continue;
       const ssize_t n = recv(fd, chunk, sizeof(chunk), 0);
@@ -169,13 +131,8 @@ class FakeRedis {
     close(fd);
   }
 
-  int listen_fd_ = -1;
-  int port_ = 0;
-  std::atomic<bool> stop_{false};
   std::atomic<int> commands_{0};
-  std::thread acceptor_;
-  absl::Mutex mu_;
-  std::vector<std::thread> conns_ ABSL_GUARDED_BY(mu_);
+  LoopbackAcceptor acceptor_;  // last: its threads use the members above
 };
 
 }  // namespace ctxcache::testing

@@ -32,8 +32,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
-#include "gtest/gtest.h"
+#include "tests/loopback_acceptor.h"
 
 namespace ctxcache::testing {
 
@@ -53,61 +52,23 @@ class FaultProxy {
     return "?";
   }
 
-  explicit FaultProxy(int upstream_port) : upstream_port_(upstream_port) {
-    listen_fd_ = socket(AF_INET, SOCK_STREAM, 0);
-    const int one = 1;
-    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = 0;
-    if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-        listen(listen_fd_, 64) != 0) {
-      ADD_FAILURE() << "FaultProxy: cannot listen on loopback";
-      return;
-    }
-    socklen_t len = sizeof(addr);
-    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
-    port_ = ntohs(addr.sin_port);
-    acceptor_ = std::thread([this] { AcceptLoop(); });
-  }
-  ~FaultProxy() {
-    stop_ = true;
-    if (acceptor_.joinable()) acceptor_.join();
-    std::vector<std::thread> threads;
-    {
-      absl::MutexLock lock(&mu_);
-      threads.swap(conns_);
-    }
-    for (std::thread& t : threads) t.join();
-    close(listen_fd_);
-  }
+  explicit FaultProxy(int upstream_port)
+      : upstream_port_(upstream_port), acceptor_([this](int fd) { Serve(fd); }) {}
+  ~FaultProxy() { acceptor_.Stop(); }
   FaultProxy(const FaultProxy&) = delete;
   FaultProxy& operator=(const FaultProxy&) = delete;
 
-  std::string Url() const { return absl::StrCat("redis://127.0.0.1:", port_); }
+  std::string Url() const { return absl::StrCat("redis://127.0.0.1:", acceptor_.port()); }
   void set_mode(Mode m) { mode_ = m; }
   Mode mode() const { return mode_.load(); }
   // Connections the proxy has accepted, and the ones it has broken (reset or truncated).
-  int accepted() const { return accepted_.load(); }
+  int accepted() const { return acceptor_.accepted(); }
   int broken() const { return broken_.load(); }
 
   std::atomic<int> latency_ms{200}, trickle_ms{20};
 
  private:
   using Clock = std::chrono::steady_clock;
-
-  void AcceptLoop() {
-    while (!stop_) {
-      pollfd p{listen_fd_, POLLIN, 0};
-      if (poll(&p, 1, 20) <= 0) continue;
-      const int fd = accept(listen_fd_, nullptr, nullptr);
-      if (fd < 0) continue;
-      ++accepted_;
-      absl::MutexLock lock(&mu_);
-      conns_.emplace_back([this, fd] { Serve(fd); });
-    }
-  }
 
   int ConnectUpstream() const {
     const int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -149,7 +110,7 @@ class FaultProxy {
     bool client_open = true;
     bool broken = false;
     char buf[65536];
-    while (!stop_ && client_open && !broken) {
+    while (!acceptor_.stopping() && client_open && !broken) {
       const Clock::time_point now = Clock::now();
       // Deliver what is due.
       while (!pending.empty() && pending.front().due <= now) {
@@ -208,14 +169,9 @@ class FaultProxy {
   }
 
   const int upstream_port_;
-  int listen_fd_ = -1;
-  int port_ = 0;
   std::atomic<Mode> mode_{kPass};
-  std::atomic<bool> stop_{false};
-  std::atomic<int> accepted_{0}, broken_{0};
-  std::thread acceptor_;
-  absl::Mutex mu_;
-  std::vector<std::thread> conns_ ABSL_GUARDED_BY(mu_);
+  std::atomic<int> broken_{0};
+  LoopbackAcceptor acceptor_;  // last: its threads use the members above
 };
 
 }  // namespace ctxcache::testing

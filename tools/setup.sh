@@ -30,6 +30,9 @@ apt_packages=(
   # Coverage-guided fuzzing (tools/fuzz.sh): clang 14 and its runtimes; libFuzzer itself
   # (libclang_rt.fuzzer-x86_64.a) and the sanitizer runtimes ship in libclang-rt-14-dev.
   clang libclang-rt-14-dev
+  # ThreadSanitizer run (tools/tsan.sh): Debian's Abseil source is fetched and patched
+  # (tools/tsan_absl.sh builds it with -fsanitize=thread).
+  dpkg-dev patch xz-utils
 )
 # `kubectl kustomize` for the deploy checks: Debian's kubernetes-client (1.20, kustomize
 # v2.0.3, which deploy/k8s is written for) unless a kubectl is installed already (another

@@ -52,3 +52,6 @@ echo "== release build and full test suite" >&2
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$jobs"
 ctest --test-dir build --output-on-failure -j"$jobs" "$@"
+
+echo "== ThreadSanitizer build: server, scheduler, cache tiers, Redis client" >&2
+tools/tsan.sh
