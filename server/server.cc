@@ -188,6 +188,13 @@ bool ServerInstance::Drain(double timeout_seconds) {
   }
   // Queued jobs end now (UNAVAILABLE) rather than wait for a worker.
   if (scheduler_) scheduler_->Shutdown();
+  if (!idle) {
+    // A short grace for the stopped calls to finish on their own, with UNAVAILABLE (which
+    // clients retry elsewhere), before Shutdown cancels what is left (CANCELLED): a stop
+    // check is at most a layer away, milliseconds in a release build.
+    constexpr double kStopGraceSeconds = 2.0;
+    WaitIdle(kStopGraceSeconds);
+  }
   // Cancels whatever is left; returns once every call has finished.
   server_->Shutdown(std::chrono::system_clock::now());
   // Contexts computed before or during the drain may still be on their way to Redis, where

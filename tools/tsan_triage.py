@@ -6,9 +6,10 @@ usage: tools/tsan_triage.py LOG_DIR      exit 1 if any report is ctxcache's, els
 gRPC is Debian's build, not instrumented: TSan sees the header-inline parts of its C++ API
 (compiled into our objects) but not the core that hands a call's objects from one thread to
 another, so it reports races between two gRPC accesses to gRPC's own objects (a batch, a tag,
-a reactor's vptr) that are ordered inside libgrpc. A data race counts as gRPC's when the
-innermost frame of *every* access in it is gRPC code (namespace grpc:: or grpc_core::, a
-grpcpp header, libgrpc or libgpr). Everything else counts as ours and fails the run: a race
+a reactor's vptr) that are ordered inside libgrpc. A data race counts as gRPC's when, for
+*every* access in it, the innermost frame outside the C++ standard library (and TSan's own
+interceptors) is gRPC code (namespace grpc:: or grpc_core::, a grpcpp header, libgrpc or
+libgpr): gRPC's code touching gRPC's objects, e.g. a std::function inside its tag. Everything else counts as ours and fails the run: a race
 where one access is ctxcache code, and every other kind of report (lock-order inversion,
 use after free, signal-unsafe call, ...). Each report is printed with its verdict.
 """
@@ -18,7 +19,9 @@ import sys
 
 ACCESS = re.compile(r"^\s+(Previous )?(atomic )?(write|read) of size|^\s+(Atomic )?(Write|Read) of size",
                     re.IGNORECASE)
-FRAME0 = re.compile(r"^\s+#0 (.*)$")
+FRAME = re.compile(r"^\s+#(\d+) (.*)$")
+STDLIB = re.compile(r"^(std::|__gnu_cxx::|operator new|operator delete|malloc|free|memcpy|memmove|memset)"
+                    r"|/usr/include/c\+\+/|libstdc\+\+|libtsan")
 GRPC = re.compile(r"(^|[\s(<])(grpc::|grpc_core::|grpc_)|/grpcpp/|libgrpc|libgpr")
 
 
@@ -36,9 +39,17 @@ def verdict(report):
     lines = report.splitlines()
     frames = []
     for i, line in enumerate(lines):
-        if ACCESS.match(line) and i + 1 < len(lines):
-            m = FRAME0.match(lines[i + 1])
-            frames.append(m.group(1) if m else "")
+        if not ACCESS.match(line):
+            continue
+        owner = ""
+        for next_line in lines[i + 1:]:
+            m = FRAME.match(next_line)
+            if not m:
+                break
+            if not STDLIB.search(m.group(2)):
+                owner = m.group(2)
+                break
+        frames.append(owner)
     if frames and all(GRPC.search(f) for f in frames):
         return "grpc", kind
     return "ours", kind
