@@ -301,20 +301,19 @@ absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::
   return call;
 }
 
-// A unary call queued on the scheduler: OnCancel (client cancel, deadline, server shutdown)
-// takes a queued job back out at once (its slot and reservation with it) and makes a running
-// one's stop check fire. Finish, called once by the job or its abandon, ends it; OnDone
-// deletes it.
-class CompressReactor final : public grpc::ServerUnaryReactor {
+// A call's job on the scheduler, as its reactor holds it. The scheduler and ticket arrive
+// together when the job is submitted (not when the reactor is made: a call may arrive while
+// the model loads, before Attach has published a scheduler); a cancellation, before or
+// after, takes the job back out (a queued one leaves the queue with its reservation, a
+// running one's stop check fires through the flag).
+class ScheduledJob {
  public:
-  explicit CompressReactor(Clock::time_point deadline) : deadline_(deadline) {}
+  explicit ScheduledJob(Clock::time_point deadline) : deadline_(deadline) {}
 
-  const std::atomic<bool>* cancelled() const { return &cancelled_; }
+  const std::atomic<bool>* cancelled_flag() const { return &cancelled_; }
+  bool cancelled() const { return cancelled_.load(); }
 
-  // Records the scheduler and ticket of the submitted job (the reactor learns the scheduler
-  // here, not when it is made: a call may arrive while the model loads, before Attach has
-  // published one); a cancellation that came first takes the job back out.
-  void SetTicket(Scheduler* scheduler, uint64_t ticket) {
+  void Submitted(Scheduler* scheduler, uint64_t ticket) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       scheduler_ = scheduler;
@@ -322,12 +321,10 @@ class CompressReactor final : public grpc::ServerUnaryReactor {
     }
     if (cancelled_.load()) TakeBack();
   }
-
-  void OnCancel() override {
+  void Cancel() {
     cancelled_.store(true);
     TakeBack();
   }
-  void OnDone() override { delete this; }
 
  private:
   void TakeBack() {
@@ -346,6 +343,24 @@ class CompressReactor final : public grpc::ServerUnaryReactor {
   std::mutex mu_;
   Scheduler* scheduler_ ABSL_GUARDED_BY(mu_) = nullptr;
   uint64_t ticket_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// A unary call queued on the scheduler: OnCancel (client cancel, deadline, server shutdown)
+// takes a queued job back out at once (its slot and reservation with it) and makes a running
+// one's stop check fire. Finish, called once by the job or its abandon, ends it; OnDone
+// deletes it.
+class CompressReactor final : public grpc::ServerUnaryReactor {
+ public:
+  explicit CompressReactor(Clock::time_point deadline) : job_(deadline) {}
+
+  const std::atomic<bool>* cancelled() const { return job_.cancelled_flag(); }
+  void SetTicket(Scheduler* scheduler, uint64_t ticket) { job_.Submitted(scheduler, ticket); }
+
+  void OnCancel() override { job_.Cancel(); }
+  void OnDone() override { delete this; }
+
+ private:
+  ScheduledJob job_;
 };
 
 grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerContext* ctx,
@@ -412,29 +427,19 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
 class GenerateReactor final : public grpc::ServerWriteReactor<pb::GenerateResponse> {
  public:
   GenerateReactor(grpc::CallbackServerContext* ctx, Clock::time_point deadline)
-      : ctx_(ctx), deadline_(deadline) {}
+      : ctx_(ctx), job_(deadline) {}
 
   void Begin(std::shared_ptr<ContextCacheService::Call> call) { call_ = std::move(call); }
   grpc::CallbackServerContext* context() const { return ctx_; }
-  bool cancelled() const { return cancelled_.load(); }
-  const std::atomic<bool>* cancelled_flag() const { return &cancelled_; }
+  bool cancelled() const { return job_.cancelled(); }
+  const std::atomic<bool>* cancelled_flag() const { return job_.cancelled_flag(); }
 
-  // Records the scheduler and ticket of the submitted job (the reactor learns the scheduler
-  // here, not when it is made: a call may arrive while the model loads, before Attach has
-  // published one); a cancellation that came first takes the job back out.
-  void SetTicket(Scheduler* scheduler, uint64_t ticket) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      scheduler_ = scheduler;
-      ticket_ = ticket;
-    }
-    if (cancelled_.load()) TakeBack();
-  }
+  void SetTicket(Scheduler* scheduler, uint64_t ticket) { job_.Submitted(scheduler, ticket); }
 
   // Worker: append a text delta. False once the client is gone.
   bool Push(std::string_view delta) {
     std::unique_lock<std::mutex> lock(mu_);
-    if (broken_ || cancelled_.load()) return false;
+    if (broken_ || job_.cancelled()) return false;
     pending_text_.append(delta.data(), delta.size());
     Pump(lock);
     return true;
@@ -457,10 +462,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<pb::GenerateRespon
     Pump(lock);
   }
 
-  void OnCancel() override {
-    cancelled_.store(true);
-    TakeBack();
-  }
+  void OnCancel() override { job_.Cancel(); }
 
   void OnDone() override { delete this; }
 
@@ -497,24 +499,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<pb::GenerateRespon
     Finish(ToGrpcStatus(status));
   }
 
-  void TakeBack() {
-    uint64_t ticket = 0;
-    Scheduler* scheduler = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      ticket = ticket_;
-      scheduler = scheduler_;
-    }
-    if (ticket != 0) scheduler->Cancel(ticket, CancelReason(deadline_));
-  }
-
   grpc::CallbackServerContext* ctx_;
-  const Clock::time_point deadline_;
+  ScheduledJob job_;
   std::shared_ptr<ContextCacheService::Call> call_;
-  std::atomic<bool> cancelled_{false};
   std::mutex mu_;
-  Scheduler* scheduler_ ABSL_GUARDED_BY(mu_) = nullptr;
-  uint64_t ticket_ ABSL_GUARDED_BY(mu_) = 0;
   pb::GenerateResponse writing_;  // owned by gRPC while write_in_flight_
   std::string pending_text_ ABSL_GUARDED_BY(mu_);
   std::optional<pb::GenerateResponse> last_ ABSL_GUARDED_BY(mu_);
