@@ -17,7 +17,11 @@
 // "Somewhere": uniformly over 5%..95% of the time a whole run takes (measured first).
 //   decoding          a Generate decoding (ignore_eos, 4000 tokens) is cancelled after its
 //                     first message: until idle
-// Not covered yet: a call waiting on a slow Redis (Redis operation deadlines are item 5).
+//   waiting_on_redis  a Generate by context_id on a second server whose Redis (an in-process
+//                     fake, tests/fake_redis.h) answers nothing for 10 s, with no memory tier,
+//                     no circuit breaker and a 2 s command timeout, is cancelled 50..1500 ms
+//                     into its lookup: until idle (without the stop reaching the Redis wait
+//                     this is the rest of the command timeout)
 // Each sample uses a fresh document (a numbered prefix) so nothing is served from the cache.
 #include <grpcpp/grpcpp.h>
 
@@ -41,6 +45,7 @@
 #include "engine/model.h"
 #include "server/logging.h"
 #include "server/server.h"
+#include "tests/fake_redis.h"
 
 namespace ctxcache {
 namespace {
@@ -286,6 +291,47 @@ int Main(int argc, char** argv) {
     }
     std::fprintf(stderr, "rep %d/%d done\n", rep + 1, reps);
     if (rep + 1 < reps) (void)report(rep + 1, /*print=*/false);
+  }
+
+  // waiting_on_redis: its own server, whose Redis stalls.
+  {
+    testing::FakeRedis fake;
+    server::ServerConfig redis_config = config;
+    redis_config.redis_url = fake.Url();
+    redis_config.redis_command_timeout_ms = 2000;
+    redis_config.redis_circuit_failures = 0;  // every lookup meets the stall
+    absl::StatusOr<std::unique_ptr<server::ServerInstance>> rsrv =
+        server::ServerInstance::Start(redis_config, model.get());
+    if (!rsrv.ok() || !(*rsrv)->Load().ok()) {
+      std::fprintf(stderr, "cannot start the server with Redis\n");
+      return 1;
+    }
+    auto rstub = pb::ContextCache::NewStub(
+        grpc::CreateChannel((*rsrv)->address(), grpc::InsecureChannelCredentials()));
+    Watch rwatch{(*rsrv)->scheduler()};
+    fake.delay_ms = 10000;
+    for (int rep = 0; rep < reps; ++rep) {
+      pb::GenerateRequest req;
+      // A well-formed id no tier holds: the lookup goes to Redis (each rep its own flight).
+      req.add_contexts()->set_context_id(absl::StrFormat("%064x", 0xc0ffee00 + rep));
+      req.set_text("How many vessels were logged?");
+      req.set_max_tokens(1);
+      grpc::ClientContext ctx;
+      std::thread client([&] {
+        auto reader = rstub->Generate(&ctx, req);
+        pb::GenerateResponse msg;
+        while (reader->Read(&msg)) {
+        }
+        (void)reader->Finish();
+      });
+      rwatch.Until([](const server::SchedulerStats& s) { return s.running == 1; });
+      std::this_thread::sleep_for(uniform_ms(50, 1500));
+      const auto t0 = Clock::now();
+      ctx.TryCancel();
+      samples["waiting_on_redis"].push_back(Ms(rwatch.UntilIdle() - t0));
+      client.join();
+    }
+    fake.delay_ms = 0;  // lets the fake's connections finish before it is destroyed
   }
   return report(reps, /*print=*/true) ? 0 : 3;
 }

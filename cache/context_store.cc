@@ -84,7 +84,8 @@ class TwoTierStore final : public ContextStore {
         redis_(std::move(redis)),
         observer_(options.redis_observer),
         breaker_(BreakerOptions(options.redis)),
-        max_queued_writes_(options.redis.write_queue_entries) {
+        max_queued_writes_(options.redis.write_queue_entries),
+        max_queued_bytes_(options.redis.write_queue_bytes) {
     if (redis_ != nullptr) writer_ = std::thread([this] { WriterLoop(); });
   }
 
@@ -95,6 +96,7 @@ class TwoTierStore final : public ContextStore {
       // Not written: dropping is this tier's failure mode, and shutdown must not wait on Redis.
       writes_dropped_.fetch_add(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
       queue_.clear();
+      queued_bytes_ = 0;
     }
     if (writer_.joinable()) writer_.join();
   }
@@ -113,8 +115,14 @@ class TwoTierStore final : public ContextStore {
       }
       RETURN_IF_ERROR(CheckStop(flight_stop));
       // Bounded by the leading caller's deadline and command_timeout_ms (an operation
-      // deadline); the waiters leave on their own stops.
-      if (auto context = RedisGet(tenant, key, deadline)) {
+      // deadline) and by the flight's stop (every caller gone); the waiters leave on their
+      // own stops.
+      std::shared_ptr<const CompressedContext> from_redis;
+      {
+        ScopedRedisStop redis_stop(&flight_stop);
+        from_redis = RedisGet(tenant, key, deadline);
+      }
+      if (auto context = std::move(from_redis)) {
         const bool in_memory = memory_.Put(tenant, key, context);
         return StoreResult{std::move(context), CacheTier::kRedis, 0, in_memory, true};
       }
@@ -143,6 +151,7 @@ class TwoTierStore final : public ContextStore {
       const bool in_memory = memory_.Put(tenant, key, context);
       return StoreResult{std::move(context), CacheTier::kRedis, 0, in_memory, true};
     }
+    if (!redis_error.ok() && !CurrentRedisStop().ok()) return redis_error;  // the caller left
     if (!redis_error.ok()) {
       // Not "not found": the entry may well be in Redis, and asking again later may find it.
       return absl::UnavailableError(
@@ -164,6 +173,12 @@ class TwoTierStore final : public ContextStore {
       }
       const auto start = std::chrono::steady_clock::now();
       absl::StatusOr<bool> deleted = redis_->Delete(tenant, key, deadline);
+      if (!deleted.ok() && !CurrentRedisStop().ok()) {
+        // The caller left while Redis was asked: neither Redis's fault nor an answer.
+        return absl::Status(deleted.status().code(),
+                            absl::StrCat(found ? "context removed from memory; " : "",
+                                         deleted.status().message()));
+      }
       breaker_.Record(IsRedisFailure(deleted.status()), std::chrono::steady_clock::now() - start);
       Observe(RedisOp::kDelete, !deleted.ok(), start);
       if (!deleted.ok()) {
@@ -255,6 +270,14 @@ class TwoTierStore final : public ContextStore {
     }
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<CompressedContext> got = redis_->Get(tenant, key, deadline);
+    if (!got.ok()) {
+      if (absl::Status stop = CurrentRedisStop(); !stop.ok()) {
+        // The caller gave up while Redis was asked (ScopedRedisStop): nothing is known about
+        // the entry or about Redis; not counted, the breaker not told.
+        if (error != nullptr) *error = got.status();
+        return nullptr;
+      }
+    }
     // A hit moved the whole entry: its transfer time at kSlowAllowanceBytesPerSecond is not
     // slowness, so that large contexts do not open the circuit on a healthy Redis.
     const auto allowance = std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -306,17 +329,26 @@ class TwoTierStore final : public ContextStore {
   bool EnqueueWrite(const std::string& tenant, const std::string& key,
                     std::shared_ptr<const CompressedContext> context) {
     if (redis_ == nullptr) return false;
+    const int64_t bytes = MemoryTier::EntryBytes(tenant, key, *context);
+    int64_t waiting = 0, waiting_bytes = 0;
     {
       absl::MutexLock lock(&write_mu_);
-      if (static_cast<int64_t>(queue_.size()) < max_queued_writes_) {
-        queue_.push_back(PendingWrite{tenant, key, std::move(context)});
+      waiting = static_cast<int64_t>(queue_.size());
+      waiting_bytes = queued_bytes_;
+      if (waiting < max_queued_writes_ &&
+          (waiting == 0 || queued_bytes_ + bytes <= max_queued_bytes_)) {
+        queue_.push_back(PendingWrite{tenant, key, std::move(context), bytes});
+        queued_bytes_ += bytes;
         return true;
       }
     }
     writes_dropped_.fetch_add(1, std::memory_order_relaxed);
-    write_warning_.Log(absl::StrCat("redis tier: write queue full (", max_queued_writes_,
-                                    " writes waiting): a computed context was not stored in "
-                                    "Redis (raise redis write_queue_entries, or Redis is slow)"));
+    write_warning_.Log(absl::StrCat(
+        "redis tier: write queue full (", waiting, " writes, ", waiting_bytes,
+        " bytes waiting; limits ", max_queued_writes_, " writes, ", max_queued_bytes_,
+        " bytes): a computed context of ", bytes,
+        " bytes was not stored in Redis (raise redis_write_queue_entries or "
+        "redis_write_queue_bytes, or Redis is slow)"));
     return false;
   }
 
@@ -327,8 +359,11 @@ class TwoTierStore final : public ContextStore {
     const std::string flight = FlightKey(tenant, key);
     absl::MutexLock lock(&write_mu_);
     const size_t before = queue_.size();
-    std::erase_if(queue_,
-                  [&](const PendingWrite& w) { return w.tenant == tenant && w.key == key; });
+    std::erase_if(queue_, [&](const PendingWrite& w) {
+      const bool match = w.tenant == tenant && w.key == key;
+      if (match) queued_bytes_ -= w.bytes;
+      return match;
+    });
     const bool dropped = queue_.size() != before;
     std::pair<TwoTierStore*, const std::string*> arg(this, &flight);
     write_mu_.Await(absl::Condition(
@@ -351,6 +386,7 @@ class TwoTierStore final : public ContextStore {
         if (stopping_) return;
         w = std::move(queue_.front());
         queue_.pop_front();
+        queued_bytes_ -= w.bytes;
         in_flight_ = FlightKey(w.tenant, w.key);
       }
       if (breaker_.Allow()) {
@@ -398,10 +434,13 @@ class TwoTierStore final : public ContextStore {
   struct PendingWrite {
     std::string tenant, key;
     std::shared_ptr<const CompressedContext> context;
+    int64_t bytes = 0;  // MemoryTier::EntryBytes
   };
   const int64_t max_queued_writes_;
+  const int64_t max_queued_bytes_;
   mutable absl::Mutex write_mu_;
   std::deque<PendingWrite> queue_ ABSL_GUARDED_BY(write_mu_);
+  int64_t queued_bytes_ ABSL_GUARDED_BY(write_mu_) = 0;
   std::string in_flight_ ABSL_GUARDED_BY(write_mu_);  // FlightKey of the write in progress
   bool stopping_ ABSL_GUARDED_BY(write_mu_) = false;
   std::atomic<int64_t> writes_dropped_{0};
@@ -463,6 +502,10 @@ absl::StatusOr<std::unique_ptr<ContextStore>> ContextStore::Create(
   if (r.write_queue_entries < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("redis write_queue_entries must be >= 1, got ", r.write_queue_entries));
+  }
+  if (r.write_queue_bytes < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("redis write_queue_bytes must be >= 1, got ", r.write_queue_bytes));
   }
   std::unique_ptr<RedisTier> redis;
   if (!options.redis.url.empty()) {

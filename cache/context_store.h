@@ -60,8 +60,13 @@ struct RedisOptions {
   int circuit_failures = 5;
   int circuit_slow_ms = 250;
   int circuit_cool_down_ms = 5000;
-  // Writes waiting for the background writer; a write beyond this is dropped (counted).
+  // Writes waiting for the background writer, by count and by the contexts' resident bytes
+  // (MemoryTier::EntryBytes); a write beyond either is dropped (counted). A context larger
+  // than write_queue_bytes is still queued when nothing else waits, so that every size can be
+  // stored. The bytes bound keeps a slow Redis from holding more than this much memory in
+  // contexts the memory tier has already evicted.
   int write_queue_entries = 64;
+  int64_t write_queue_bytes = int64_t{256} << 20;
 };
 
 // The Redis commands the store issues, for RedisObserver.

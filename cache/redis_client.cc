@@ -2,6 +2,7 @@
 #include "cache/redis_client.h"
 
 #include <hiredis/hiredis.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/time.h>
@@ -129,13 +130,37 @@ bool ArmTimeout(redisContext* c, RedisDeadline deadline) {
   return redisSetTimeout(c, tv) == REDIS_OK;
 }
 
-enum class IoOutcome { kOk, kDeadline, kLost };
+enum class IoOutcome { kOk, kDeadline, kLost, kStopped };
+
+thread_local const StopFn* current_stop = nullptr;
+
+// With a stop in scope: waits until `c`'s socket is readable, asking the stop every
+// kRedisStopPollMs; kStopped (and the stop's status in *stopped) when it fires, kDeadline at
+// `deadline`, kOk when there are bytes (or an error, which the read then reports).
+IoOutcome AwaitReadable(redisContext* c, RedisDeadline deadline, absl::Status* stopped) {
+  if (current_stop == nullptr || !*current_stop) return IoOutcome::kOk;
+  for (;;) {
+    if (absl::Status s = (*current_stop)(); !s.ok()) {
+      *stopped = std::move(s);
+      return IoOutcome::kStopped;
+    }
+    const auto left = deadline - RedisClock::now();
+    if (left <= RedisClock::duration::zero()) return IoOutcome::kDeadline;
+    const int64_t left_ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(left).count() + 1;
+    pollfd p{};
+    p.fd = c->fd;
+    p.events = POLLIN;
+    const int r = poll(&p, 1, static_cast<int>(std::min<int64_t>(left_ms, kRedisStopPollMs)));
+    if (r > 0 || (r < 0 && errno != EINTR)) return IoOutcome::kOk;
+  }
+}
 
 // Sends what hiredis has queued on `c`, then reads replies until `replies` holds `n`, all by
 // `deadline`: the socket timeout is re-armed to the time left before every write and read,
 // so a server that trickles its reply cannot stretch the call (see redis_client.h).
 IoOutcome DriveIo(redisContext* c, size_t n, RedisDeadline deadline,
-                  std::vector<RedisReply>* replies) {
+                  std::vector<RedisReply>* replies, absl::Status* stopped) {
   auto failed = [&]() {
     // A socket timeout (EAGAIN) or an error at the deadline is the deadline; anything else
     // (EOF, reset, protocol error) lost the connection.
@@ -157,6 +182,9 @@ IoOutcome DriveIo(redisContext* c, size_t n, RedisDeadline deadline,
     if (reply != nullptr) {
       replies->emplace_back(static_cast<redisReply*>(reply));
       continue;
+    }
+    if (IoOutcome waited = AwaitReadable(c, deadline, stopped); waited != IoOutcome::kOk) {
+      return waited;
     }
     if (!ArmTimeout(c, deadline)) return IoOutcome::kDeadline;
     errno = 0;
@@ -184,6 +212,15 @@ int64_t MsBetween(RedisClock::time_point a, RedisClock::time_point b) {
 }
 
 }  // namespace
+
+ScopedRedisStop::ScopedRedisStop(const StopFn* stop) : previous_(current_stop) {
+  current_stop = stop;
+}
+ScopedRedisStop::~ScopedRedisStop() { current_stop = previous_; }
+
+absl::Status CurrentRedisStop() {
+  return current_stop == nullptr ? absl::OkStatus() : CheckStop(*current_stop);
+}
 
 absl::StatusOr<RedisUrl> ParseRedisUrl(std::string_view url) {
   if (absl::StartsWith(absl::string_view(url.data(), url.size()), "rediss://")) {
@@ -358,7 +395,11 @@ absl::StatusOr<redisContext*> RedisClient::Connect(RedisDeadline deadline) {
       what.push_back(absl::StrCat("SELECT ", db));
     }
     std::vector<RedisReply> replies;
-    switch (DriveIo(c, what.size(), deadline, &replies)) {
+    // Set-up is not cut by the call's stop: a connection half set up would count against
+    // Redis (backoff), and it is short; the operation after it asks the stop.
+    ScopedRedisStop no_stop(nullptr);
+    absl::Status unused;
+    switch (DriveIo(c, what.size(), deadline, &replies, &unused)) {
       case IoOutcome::kOk:
         for (size_t i = 0; i < replies.size() && status.ok(); ++i) {
           if (replies[i]->type == REDIS_REPLY_ERROR) {
@@ -374,6 +415,7 @@ absl::StatusOr<redisContext*> RedisClient::Connect(RedisDeadline deadline) {
                          ") did not finish within ", MsBetween(start, RedisClock::now()), " ms"));
         break;
       case IoOutcome::kLost:
+      case IoOutcome::kStopped:  // not reached: no stop in scope
         status = absl::UnavailableError(absl::StrCat("redis at ", endpoint_, ": ",
                                                      absl::StrJoin(what, ", "),
                                                      " got no answer: ", c->errstr));
@@ -408,6 +450,12 @@ absl::StatusOr<RedisClient::Conn> RedisClient::Acquire(RedisDeadline deadline) {
     absl::MutexLock lock(&mu_);
     const auto start = RedisClock::now();
     while (true) {
+      if (absl::Status stop = CurrentRedisStop(); !stop.ok()) {
+        result = absl::Status(stop.code(), absl::StrCat("redis at ", endpoint_,
+                                                        ": stopped waiting for a connection: ",
+                                                        stop.message()));
+        break;
+      }
       const int64_t now = NowMs();
       if (!healthy_ && now < retry_at_ms_) {
         result = absl::UnavailableError(absl::StrCat("redis at ", endpoint_,
@@ -462,14 +510,17 @@ absl::StatusOr<RedisClient::Conn> RedisClient::Acquire(RedisDeadline deadline) {
                          MsBetween(start, RedisClock::now()), " ms)"));
         break;
       }
-      // Woken when a connection comes back or is closed; the loop re-checks everything.
+      // Woken when a connection comes back or is closed (or, with a stop in scope, every
+      // kRedisStopPollMs to ask it); the loop re-checks everything.
       mu_.AwaitWithTimeout(absl::Condition(
                                +[](RedisClient* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
                                  return !self->idle_.empty() ||
                                         self->open_ < self->options_.pool_size;
                                },
                                this),
-                           absl::Milliseconds(left));
+                           absl::Milliseconds(current_stop != nullptr
+                                                  ? std::min<int64_t>(left, kRedisStopPollMs)
+                                                  : left));
     }
   }
   for (redisContext* c : stale) redisFree(c);
@@ -520,7 +571,16 @@ absl::StatusOr<std::vector<RedisReply>> RedisClient::Pipeline(absl::Span<const R
   }
   std::vector<RedisReply> replies;
   replies.reserve(commands.size());
-  const IoOutcome outcome = DriveIo(c, commands.size(), op_deadline, &replies);
+  absl::Status stopped;
+  const IoOutcome outcome = DriveIo(c, commands.size(), op_deadline, &replies, &stopped);
+  if (outcome == IoOutcome::kStopped) {
+    // The caller gave up: the connection, mid-reply, cannot be reused, but nothing is said
+    // about Redis (no backoff, the other connections stay).
+    Release(conn, /*healthy=*/false, /*lost=*/false);
+    return absl::Status(stopped.code(),
+                        absl::StrCat("redis at ", endpoint_, ": stopped waiting for the reply after ",
+                                     MsBetween(start, RedisClock::now()), " ms: ", stopped.message()));
+  }
   if (outcome != IoOutcome::kOk) {
     const int64_t ran_ms = MsBetween(start, RedisClock::now());
     const absl::Status status =

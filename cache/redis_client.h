@@ -20,6 +20,12 @@
 // connections opened before it, since they died with it, so that one request, not one per
 // pooled connection, pays for the discovery.
 //
+// Cancellation: an operation also ends when the call it serves gives up. The caller names that
+// call's stop for a scope (ScopedRedisStop, per thread); while an operation waits for a reply it
+// asks the stop every kRedisStopPollMs and, when it fires, ends with the stop's status (the
+// connection, mid-reply, is closed; Redis is not blamed). So a cancelled call frees its thread
+// within a poll interval instead of waiting out command_timeout_ms on a stalled Redis.
+//
 // SIGPIPE: hiredis 0.14 writes with write(2), which raises SIGPIPE on a socket the server has
 // closed and would kill the process. Every call blocks SIGPIPE in the calling thread for its
 // duration and consumes one it raised, leaving the process's signal disposition alone.
@@ -36,6 +42,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "common/stop.h"
 
 struct redisContext;
 struct redisReply;
@@ -74,6 +81,24 @@ struct RedisOperationDeadline {
   RedisDeadline at = kNoRedisDeadline;
   bool by_timeout = true;
 };
+
+// How often an operation waiting for Redis's reply asks the current stop (see the top).
+inline constexpr int kRedisStopPollMs = 10;
+
+// Makes `stop` the stop of every Redis operation this thread starts until the scope ends
+// (scopes nest: the innermost wins, the outer one is back after it). Null: none.
+class ScopedRedisStop {
+ public:
+  explicit ScopedRedisStop(const StopFn* stop);
+  ~ScopedRedisStop();
+  ScopedRedisStop(const ScopedRedisStop&) = delete;
+  ScopedRedisStop& operator=(const ScopedRedisStop&) = delete;
+
+ private:
+  const StopFn* previous_;
+};
+// The current scope's stop asked now: OK when none is set or it has not fired.
+absl::Status CurrentRedisStop();
 
 struct RedisReplyDeleter {
   void operator()(redisReply* reply) const;

@@ -124,6 +124,10 @@ const std::vector<Setting>& Settings() {
        "Computed contexts waiting for the background Redis writer; more are dropped "
        "(default 64)",
        Integer(&ServerConfig::redis_write_queue_entries)},
+      {"redis_write_queue_bytes",
+       "Bytes of computed contexts waiting for the background Redis writer; more are dropped "
+       "(default 256MiB)",
+       Bytes(&ServerConfig::redis_write_queue_bytes)},
       {"workers", "engine workers, 0 = min(4, cores) (default 0)", Integer(&ServerConfig::workers)},
       {"threads_per_worker", "threads per engine worker, 0 = cores / workers (default 0)",
        Integer(&ServerConfig::threads_per_worker)},
@@ -347,6 +351,8 @@ absl::Status ValidateServerConfig(const ServerConfig& c) {
   RETURN_IF_ERROR(range("redis_circuit_slow_ms", c.redis_circuit_slow_ms, 0, 600000));
   RETURN_IF_ERROR(range("redis_circuit_cool_down_ms", c.redis_circuit_cool_down_ms, 0, 3600000));
   RETURN_IF_ERROR(range("redis_write_queue_entries", c.redis_write_queue_entries, 1, 1 << 20));
+  RETURN_IF_ERROR(range("redis_write_queue_bytes", c.redis_write_queue_bytes, 1,
+                        int64_t{1} << 50));
   if (!c.redis_url.empty()) {
     // The cache's own parser, so that what starts is what connects; its messages never
     // carry the password.

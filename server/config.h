@@ -39,6 +39,7 @@ struct ServerConfig {
   int redis_circuit_slow_ms = 250;  // 0 = only errors count
   int redis_circuit_cool_down_ms = 5000;
   int redis_write_queue_entries = 64;
+  int64_t redis_write_queue_bytes = int64_t{256} << 20;
   // Engine workers: each owns a Runner with threads_per_worker threads; 0 = automatic
   // (workers = min(4, cores), threads = cores / workers).
   int workers = 0;

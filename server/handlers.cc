@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "cache/redis_client.h"
 #include "common/status.h"
 #include "engine/unicode.h"
 #include "server/context_key.h"
@@ -421,8 +422,10 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
                                                    const TextCallback& on_text,
                                                    RedisDeadline deadline) const {
   const auto t0 = Clock::now();
-  // Every forward pass of this call (selection, prompt prefill, decode steps) asks it.
+  // Every forward pass of this call (selection, prompt prefill, decode steps) asks it, and so
+  // does a Redis lookup by context_id (a compression's lookup asks its flight's stop instead).
   Runner::ScopedStop scoped(runner, stop);
+  ScopedRedisStop redis_stop(&stop);
   GenerateOutcome out;
   const ModelConfig& mc = model_.config();
   int64_t contexts_bytes = 0;

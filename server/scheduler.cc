@@ -1,6 +1,8 @@
 // Engine workers and admission control (see scheduler.h).
 #include "server/scheduler.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
@@ -191,6 +193,13 @@ void Scheduler::WorkerLoop(int index) {
     Reservation reservation(this, job.kv_bytes, std::move(job.tenant));
     job.work(runner, reservation, queue_seconds);
     ReleaseRunning(&reservation);
+    // Give the job's freed working memory back to the system. glibc keeps freed blocks in its
+    // arenas (the mmap threshold grows to 32 MiB after the first large free, so the engine's
+    // big buffers come from the arenas): in the memory soak (bench/soak.py memory) RSS climbed
+    // to 1.8 GiB, and one malloc_trim brought it to 0.95 GiB. Measured cost: 0.02 ms when
+    // nothing is free, 42 ms to return 256 MiB (the kernel freeing the pages), paid after the
+    // job's answer has been sent.
+    malloc_trim(0);
     {
       std::lock_guard<std::mutex> lock(mu_);
       busy_seconds_ += std::chrono::duration<double>(Clock::now() - job_started_[index]).count();

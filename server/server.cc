@@ -110,6 +110,7 @@ absl::Status ServerInstance::Load() {
   so.redis.circuit_slow_ms = config_.redis_circuit_slow_ms;
   so.redis.circuit_cool_down_ms = config_.redis_circuit_cool_down_ms;
   so.redis.write_queue_entries = config_.redis_write_queue_entries;
+  so.redis.write_queue_bytes = config_.redis_write_queue_bytes;
   so.redis_observer = metrics_->MakeRedisObserver();
   ASSIGN_OR_RETURN(store_, ContextStore::Create(so));
 
@@ -136,7 +137,8 @@ absl::Status ServerInstance::Load() {
   sources.model = model_->config().name;
   metrics_->SetSources(std::move(sources));
   service_->Attach(handlers_.get(), scheduler_.get(),
-                   ServiceInfo{!config_.redis_url.empty(), sched.workers});
+                   ServiceInfo{!config_.redis_url.empty(), sched.workers,
+                               config_.tenant_max_inflight, config_.tenant_memory_cache_bytes});
   SetServing(true);
   if (config_.tenant_max_inflight > 0 || config_.tenant_memory_cache_bytes > 0) {
     spdlog::info(

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "cache/redis_client.h"
 #include "server/convert.h"
 #include "server/logging.h"
 #include "server/status_map.h"
@@ -600,7 +601,10 @@ grpc::ServerUnaryReactor* ContextCacheService::GetContext(grpc::CallbackServerCo
       c->Finish(reactor, s);
       return;
     }
-    // The Redis lookup ends by the smaller of `deadline` and command_timeout_ms.
+    // The Redis lookup ends by the smaller of `deadline` and command_timeout_ms, or when the
+    // call is cancelled.
+    const StopFn stop = [ctx, deadline] { return IoStop(ctx, deadline); };
+    ScopedRedisStop redis_stop(&stop);
     absl::StatusOr<ContextOutcome> out = handlers->GetContext(c->tenant(), id, deadline);
     if (out.ok()) ToProto(*out, resp->mutable_context());
     c->Finish(reactor, out.status(), out.ok() ? absl::StrCat("tier=", CacheTierName(out->tier)) : "");
@@ -630,6 +634,8 @@ grpc::ServerUnaryReactor* ContextCacheService::DeleteContext(grpc::CallbackServe
       c->Finish(reactor, s);
       return;
     }
+    const StopFn stop = [ctx, deadline] { return IoStop(ctx, deadline); };
+    ScopedRedisStop redis_stop(&stop);
     c->Finish(reactor, handlers->DeleteContext(c->tenant(), id, deadline));
   });
   if (!queued) {
@@ -669,6 +675,8 @@ grpc::ServerUnaryReactor* ContextCacheService::GetModelInfo(grpc::CallbackServer
   resp->set_tenant((*call)->tenant());
   resp->set_redis_enabled(info_.redis_enabled);
   ToProto(handlers->limits(), resp->mutable_limits());
+  resp->mutable_limits()->set_tenant_max_inflight(info_.tenant_max_inflight);
+  resp->mutable_limits()->set_tenant_memory_cache_bytes(info_.tenant_memory_cache_bytes);
   (*call)->Finish(reactor, absl::OkStatus());
   return reactor;
 }

@@ -28,6 +28,8 @@ class IoExecutor;
 struct ServiceInfo {
   bool redis_enabled = false;
   int workers = 0;
+  int tenant_max_inflight = 0;            // reported in GetModelInfo limits
+  int64_t tenant_memory_cache_bytes = 0;
 };
 
 class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackService {

@@ -4,6 +4,8 @@
 //  * an operation ends by its deadline (configured timeout or the caller's remaining time)
 //    with a clear DeadlineExceeded, however the server trickles, and GetOrCompute serves from
 //    the compute function instead of failing;
+//  * a call that gives up while waiting on Redis (its stop fires) stops waiting within a poll
+//    interval, and neither Redis nor the pool is blamed for it;
 //  * writes run off the caller's thread: a slow SET does not delay GetOrCompute, a full write
 //    queue drops (and counts) instead of blocking;
 //  * the circuit breaker opens on slowness as well as errors, skips Redis while open,
@@ -32,6 +34,7 @@
 #include "absl/synchronization/mutex.h"
 #include "cache/circuit_breaker.h"
 #include "cache/context_store.h"
+#include "cache/memory_tier.h"
 #include "cache/redis_client.h"
 #include "cache/redis_tier.h"
 #include "common/half.h"
@@ -143,6 +146,84 @@ TEST(RedisDeadlineTest, GetOrComputeServesFromComputeWhenRedisTrickles) {
   EXPECT_GE((*store)->Stats().redis_read_errors, 1);
 }
 
+// ---- Cancellation while waiting on Redis ----------------------------------------------------
+
+// A stop that fires `after` from now, with CANCELLED (a client that gave up).
+StopFn CancelAfter(Clock::duration after) {
+  const Clock::time_point at = Clock::now() + after;
+  return [at] {
+    return Clock::now() >= at ? absl::CancelledError("the client cancelled the call")
+                              : absl::OkStatus();
+  };
+}
+
+// Caught: a call cancelled while its Redis lookup waited on a stalled Redis held its worker
+// until the command timeout (here 5 s; 1 s by default, four times the 250 ms the issue
+// allows). Now the wait asks the call's stop every kRedisStopPollMs, ends with the stop's
+// status, and blames neither Redis nor the pool: the next operation is served normally.
+TEST(RedisCancelTest, AStopEndsAWaitOnRedisAndBlamesNoOne) {
+  FakeRedis fake;
+  absl::StatusOr<std::unique_ptr<RedisTier>> tier =
+      RedisTier::Create(TierOptions(fake, /*command_timeout_ms=*/5000), kFingerprint);
+  ASSERT_TRUE(tier.ok()) << tier.status();
+  fake.delay_ms = 3000;
+  const StopFn stop = CancelAfter(milliseconds(100));
+  const auto start = Clock::now();
+  absl::StatusOr<CompressedContext> got;
+  {
+    ScopedRedisStop scoped(&stop);
+    got = (*tier)->Get("t", "k");
+  }
+  const double took = Seconds(Clock::now() - start);
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kCancelled) << got.status();
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr("stopped waiting for the reply"));
+  EXPECT_GE(took, 0.09);
+  EXPECT_LT(took, 0.6) << "the reply comes after 3 s: the stop did not end the wait";
+  // Outside the scope nothing stops, and a cancelled wait put the client in no backoff.
+  fake.delay_ms = 0;
+  EXPECT_EQ((*tier)->Get("t", "k").status().code(), absl::StatusCode::kNotFound);
+}
+
+// Through the store: every caller of a flight gone, its Redis lookup stops at once, is not
+// counted as a Redis error, does not feed the circuit breaker, and nothing is computed.
+TEST(RedisCancelTest, AFlightWhoseCallersLeftStopsItsRedisLookup) {
+  FakeRedis fake;
+  ContextStoreOptions o;
+  o.model_fingerprint = kFingerprint;
+  o.redis = TierOptions(fake, /*command_timeout_ms=*/5000);
+  o.redis.circuit_failures = 1;  // one counted failure would open it
+  o.redis.circuit_slow_ms = 0;
+  absl::StatusOr<std::unique_ptr<ContextStore>> store = ContextStore::Create(o);
+  ASSERT_TRUE(store.ok()) << store.status();
+  fake.delay_ms = 3000;
+  std::atomic<int> computed{0};
+  const auto start = Clock::now();
+  absl::StatusOr<StoreResult> r = (*store)->GetOrCompute(
+      "t", "k",
+      [&](const StopFn&) -> absl::StatusOr<CompressedContext> {
+        ++computed;
+        return MakeContext();
+      },
+      CancelAfter(milliseconds(100)));
+  const double took = Seconds(Clock::now() - start);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_LT(took, 0.6);
+  // The flight may still be finishing its stop on the leader's thread: it returned already
+  // (the leader is this thread), so its effects are all visible now.
+  EXPECT_EQ(computed.load(), 0);
+  const ContextStoreStats stats = (*store)->Stats();
+  EXPECT_EQ(stats.redis_read_errors, 0);
+  EXPECT_EQ(stats.redis_circuit, CircuitState::kClosed);
+  // A lookup by id (GetContext, Generate by context_id) stops the same way, with the
+  // caller's status rather than "Redis unavailable".
+  const StopFn stop = CancelAfter(milliseconds(100));
+  ScopedRedisStop scoped(&stop);
+  const auto t1 = Clock::now();
+  EXPECT_EQ((*store)->Get("t", "k").status().code(), absl::StatusCode::kCancelled);
+  EXPECT_LT(Seconds(Clock::now() - t1), 0.6);
+  EXPECT_EQ((*store)->Stats().redis_circuit, CircuitState::kClosed);
+}
+
 // ---- Writes off the caller's thread -------------------------------------------------------------
 
 // Caught: Put ran inside GetOrCompute, so a SET answered after 1.5 s made the computing
@@ -193,6 +274,46 @@ TEST(RedisWriteTest, AFullQueueDropsAndCounts) {
   // before the second arrived, so 2 or 3 were dropped).
   EXPECT_GE(s.redis_writes_dropped, 2);
   EXPECT_EQ(s.redis_writes + s.redis_writes_dropped, 5);
+}
+
+// Caught: the queue was bounded only by its count, so 64 waiting contexts of any size (tens of
+// MB each for long documents) could sit in memory while Redis was slow, outside every memory
+// budget. Now it is bounded by bytes too: here room for one and a half contexts.
+TEST(RedisWriteTest, TheQueueIsBoundedByBytesToo) {
+  FakeRedis fake;
+  ContextStoreOptions o;
+  o.model_fingerprint = kFingerprint;
+  o.redis = TierOptions(fake, /*command_timeout_ms=*/5000);
+  o.redis.write_queue_entries = 64;
+  const int64_t one = MemoryTier::EntryBytes("t", "k0", MakeContext());
+  o.redis.write_queue_bytes = one * 3 / 2;
+  absl::StatusOr<std::unique_ptr<ContextStore>> store = ContextStore::Create(o);
+  ASSERT_TRUE(store.ok()) << store.status();
+  fake.set_delay_ms = 500;
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(
+        (*store)
+            ->GetOrCompute("t", absl::StrCat("k", i),
+                           []() -> absl::StatusOr<CompressedContext> { return MakeContext(); })
+            .ok());
+  }
+  EXPECT_LE((*store)->Stats().redis_write_queue_depth, 1);
+  EXPECT_TRUE((*store)->WaitForWrites(absl::Seconds(30)));
+  const ContextStoreStats s = (*store)->Stats();
+  // At most one being written and one waiting: 3 or more dropped.
+  EXPECT_GE(s.redis_writes_dropped, 3);
+  EXPECT_EQ(s.redis_writes + s.redis_writes_dropped, 5);
+  // A context larger than the whole bound is still stored when nothing else waits.
+  o.redis.write_queue_bytes = 1;
+  fake.set_delay_ms = 0;
+  absl::StatusOr<std::unique_ptr<ContextStore>> small = ContextStore::Create(o);
+  ASSERT_TRUE(small.ok()) << small.status();
+  ASSERT_TRUE((*small)
+                  ->GetOrCompute("t", "big",
+                                 []() -> absl::StatusOr<CompressedContext> { return MakeContext(); })
+                  .ok());
+  EXPECT_TRUE((*small)->WaitForWrites(absl::Seconds(30)));
+  EXPECT_EQ((*small)->Stats().redis_writes, 1);
 }
 
 // ---- Circuit breaker ----------------------------------------------------------------------------

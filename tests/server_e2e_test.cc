@@ -2074,6 +2074,14 @@ TEST_F(ServerE2ETest, ATenantAtItsLimitIsRefusedWhileAnotherIsServed) {
   rmdir(dir);
   ASSERT_NE(r.stub, nullptr);
   const auto alice = Bearer("alice-token-0001"), bob = Bearer("bob-token-0002");
+  {  // The limit is reported, so a tenant can read it instead of finding it.
+    grpc::ClientContext ctx;
+    alice(ctx);
+    pb::GetModelInfoResponse info;
+    ASSERT_TRUE(r.stub->GetModelInfo(&ctx, pb::GetModelInfoRequest(), &info).ok());
+    EXPECT_EQ(info.limits().tenant_max_inflight(), 1);
+    EXPECT_EQ(info.limits().tenant_memory_cache_bytes(), 0);
+  }
   // Back to back: a finished call's slot is free before its client sees the end.
   const std::string alice_id = MustCompress(*r.stub, kDocument, alice).context().context_id();
   ASSERT_EQ(MustCompress(*r.stub, kDocument, alice).context().tier(), pb::CACHE_TIER_MEMORY);
