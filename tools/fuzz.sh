@@ -60,6 +60,26 @@ export ASAN_OPTIONS="detect_leaks=1:${ASAN_OPTIONS:-}"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
 failed=()
 rows=()
+# Writes FILE.json with the rows so far (after every target, so that a run cut short still
+# leaves the targets it finished).
+write_results() {
+  [[ -n "$results" ]] || return 0
+  mkdir -p "$(dirname "$results")"
+  {
+    printf '{\n  "date": "%s",\n  "commit": "%s",\n  "cpu": "%s",\n  "clang": "%s",\n' \
+      "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(git rev-parse --short HEAD)" \
+      "$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')" \
+      "$(clang --version | head -1)"
+    printf '  "limits": {"runs": %s, "seconds": %s, "rss_limit_mb": 2048, "timeout_s": 10},\n' \
+      "$( ((runs >= 0)) && echo "$runs" || echo null)" "${seconds:-null}"
+    printf '  "targets": [\n'
+    for i in "${!rows[@]}"; do
+      printf '    %s%s\n' "${rows[$i]}" "$( ((i + 1 < ${#rows[@]})) && echo ,)"
+    done
+    printf '  ]\n}\n'
+  } >"$results"
+}
+
 for t in "${targets[@]}"; do
   mkdir -p "$build/corpus/$t" "$build/artifacts/$t" "$build/logs"
   dirs=("$build/corpus/$t")
@@ -93,25 +113,10 @@ for t in "${targets[@]}"; do
     "$t" "$status" "${execs:-?}" "$wall" "$edges" "$features" "$corpus" >&2
   rows+=("$(printf '{"target": "%s", "status": "%s", "execs": %s, "seconds": %s, "edges": %s, "features": %s, "corpus": %s, "findings": [%s]}' \
     "$t" "$status" "${execs:-0}" "$wall" "$edges" "$features" "$corpus" "$findings")")
+  write_results
 done
 
-if [[ -n "$results" ]]; then
-  mkdir -p "$(dirname "$results")"
-  {
-    printf '{\n  "date": "%s",\n  "commit": "%s",\n  "cpu": "%s",\n  "clang": "%s",\n' \
-      "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(git rev-parse --short HEAD)" \
-      "$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')" \
-      "$(clang --version | head -1)"
-    printf '  "limits": {"runs": %s, "seconds": %s, "rss_limit_mb": 2048, "timeout_s": 10},\n' \
-      "$( ((runs >= 0)) && echo "$runs" || echo null)" "${seconds:-null}"
-    printf '  "targets": [\n'
-    for i in "${!rows[@]}"; do
-      printf '    %s%s\n' "${rows[$i]}" "$( ((i + 1 < ${#rows[@]})) && echo ,)"
-    done
-    printf '  ]\n}\n'
-  } >"$results"
-  echo "fuzz.sh: results in $results" >&2
-fi
+[[ -n "$results" ]] && echo "fuzz.sh: results in $results" >&2
 if ((${#failed[@]})); then
   echo "fuzz.sh: FAILED: ${failed[*]}" >&2
   exit 1
