@@ -257,7 +257,7 @@ TEST_F(ServerCancelTest, GenerateCancelledDuringPromptPrefillStops) {
 }
 
 // Resident memory of this process (VmRSS).
-int64_t RssBytes() {
+[[maybe_unused]] int64_t RssBytes() {  // unused in sanitizer builds
   std::ifstream in("/proc/self/status");
   std::string line;
   while (std::getline(in, line)) {
