@@ -14,7 +14,10 @@
 //   huge_messages   two clients send Compress requests, 10 a second each, of 64 MiB (over
 //                   the message limit) and of 15 MiB (under it: far longer than the window)
 //   slow_readers    eight clients open Generate streams (64 tokens) and never read them,
-//                   holding the streams open to the end of the phase
+//                   holding the streams open to the end of the phase. Their generation is
+//                   ordinary work (8 x 64 tokens, seconds on Qwen2.5-0.5B with 2 workers and
+//                   no batching yet), so the probe starts measuring once the workers are idle
+//                   again: what is measured is the cost of streams held open and unread
 //   reset_storm     four clients, up to 1000 times a second each: two open TCP connections,
 //                   send half an HTTP/2 preface and reset them (SO_LINGER 0), two start
 //                   Generate calls they cancel at once
@@ -235,8 +238,10 @@ int Main(int argc, char** argv) {
   std::vector<Phase> phases;
   // One phase: `attack` runs on its own threads until `stop`; the probe and health poll run
   // here, one probe every 100 ms.
+  // `settled`, when given, is waited for (up to 60 s) before the probe starts measuring.
   auto run_phase = [&](const std::string& name,
-                       const std::function<void(std::atomic<bool>&, Phase&, std::mutex&)>& attack) {
+                       const std::function<void(std::atomic<bool>&, Phase&, std::mutex&)>& attack,
+                       const std::function<bool()>& settled = {}) {
     if (!only.empty() && name != "baseline" && name != only) return;
     Phase phase;
     phase.name = name;
@@ -246,6 +251,9 @@ int Main(int argc, char** argv) {
       if (attack) attack(stop, phase, mu);
     });
     std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the attack under way
+    for (int i = 0; settled && !settled() && i < 600; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
     const auto end = Clock::now() + std::chrono::seconds(seconds);
     while (Clock::now() < end) {
       const auto t0 = Clock::now();
@@ -338,6 +346,9 @@ int Main(int argc, char** argv) {
       }
       count(p, mu, readers[i]->Finish().error_code());
     }
+  }, [&] {
+    const server::SchedulerStats st = server.scheduler()->Stats();
+    return st.queued == 0 && st.running == 0;
   });
 
   {
