@@ -146,6 +146,13 @@ class Runner {
 
   const Model& model() const { return model_; }
 
+  // Working buffers keep the size of the largest pass so far (an 8K-token prefill's attention
+  // scores alone are hundreds of MiB): the bytes they hold now, and a way to give them back
+  // (the scheduler does after a job that grew them past its limit; the next pass allocates
+  // again, with the same results).
+  int64_t ScratchBytes() const;
+  void ReleaseScratch();
+
   // Cooperative stop (common/stop.h): while set, every forward pass asks it before each layer
   // and between a layer's heavy stages (attention, output projection, each feed-forward
   // product), and returns its status when it is not OK. The cache is then partly written

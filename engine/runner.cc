@@ -67,14 +67,38 @@ struct Runner::Scratch {
   DecodeAttention decode;
 };
 
-Runner::Runner(const Model& model, ThreadPool* pool)
-    : model_(model), pool_(pool), scratch_(std::make_unique<Scratch>()) {
+Runner::Runner(const Model& model, ThreadPool* pool) : model_(model), pool_(pool) {
   // Our pool provides the parallelism; BLAS calls run inside its tasks.
   openblas_set_num_threads(1);
+  ReleaseScratch();
+}
+
+void Runner::ReleaseScratch() {
+  scratch_ = std::make_unique<Scratch>();
   scratch_->scores.resize(pool_->n_threads());
   scratch_->rows.resize(pool_->n_threads());
-  scratch_->kf.resize(model.config().n_kv_heads);
-  scratch_->vf.resize(model.config().n_kv_heads);
+  scratch_->kf.resize(model_.config().n_kv_heads);
+  scratch_->vf.resize(model_.config().n_kv_heads);
+}
+
+int64_t Runner::ScratchBytes() const {
+  const Scratch& s = *scratch_;
+  int64_t bytes = 0;
+  auto add = [&](const auto& v) {
+    bytes += static_cast<int64_t>(v.capacity() * sizeof(v[0]));
+  };
+  for (const std::vector<float>* v : {&s.x, &s.xn, &s.q, &s.k, &s.v, &s.attn, &s.tmp, &s.gate,
+                                      &s.up, &s.obs, &s.full_probs}) {
+    add(*v);
+  }
+  add(s.pos);
+  add(s.obs_index);
+  for (const auto* vv : {&s.scores, &s.kf, &s.vf, &s.rows}) {
+    for (const std::vector<float>& v : *vv) add(v);
+  }
+  // The recycled view's rows and the decode kernel's tiles are small next to these (one
+  // decode step's keys, per-thread tiles): not counted.
+  return bytes;
 }
 
 Runner::~Runner() = default;

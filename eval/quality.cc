@@ -17,8 +17,9 @@
 //
 //   ctxcache-eval --samples eval/work/samples.jsonl --out eval/work/raw.jsonl
 //                 [--methods streaming,snapkv,...,query_select] [--ratios 2,4,8,16,32]
-//                 [--kv-dtypes fp16,int8,int4] [--head-budget uniform,adaptive]
-//                 [--recycled] [--threads N] [--model PATH] [--limit N]
+//                 [--kv-dtypes fp16,int8,int4] [--head-budget uniform,adaptive,global]
+//                 [--recycled [--recycled-stride S] [--recycled-topk K]] [--threads N]
+//                 [--model PATH] [--limit N]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -62,14 +63,20 @@ struct Options {
   std::vector<std::string> kv_dtypes = {"fp16"};
   std::vector<std::string> head_budgets = {"uniform"};
   bool recycled = false;
+  DecodePolicy recycled_policy = [] {  // stride 10, top-K 1/8 of the keys unless told
+    DecodePolicy p;
+    p.kind = DecodePolicy::Kind::kRecycled;
+    return p;
+  }();
   int threads = 0;
   int limit = 0;
 };
 
 constexpr char kUsage[] =
     "usage: ctxcache-eval --samples FILE --out FILE [--methods a,b,...] [--ratios 2,4,...]\n"
-    "                     [--kv-dtypes fp16,int8,int4] [--head-budget uniform,adaptive]\n"
-    "                     [--recycled] [--threads N] [--model PATH] [--limit N]\n";
+    "                     [--kv-dtypes fp16,int8,int4] [--head-budget uniform,adaptive,global]\n"
+    "                     [--recycled [--recycled-stride S] [--recycled-topk K]] [--threads N]\n"
+    "                     [--model PATH] [--limit N]\n";
 
 // Whether `method` takes `head_budget` (streaming and anchor take only "uniform").
 absl::Status CheckHeadBudget(const std::string& method, const std::string& head_budget) {
@@ -124,6 +131,14 @@ absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
       }
     } else if (a == "--recycled") {
       o.recycled = true;
+    } else if (a == "--recycled-stride" || a == "--recycled-topk") {
+      ASSIGN_OR_RETURN(std::string v, value());
+      int64_t x = 0;
+      if (!absl::SimpleAtoi(v, &x) || x < 0) {
+        return absl::InvalidArgumentError(absl::StrCat(a, ": '", v, "' is not a count"));
+      }
+      if (a == "--recycled-stride") o.recycled_policy.stride = static_cast<int>(x);
+      else o.recycled_policy.top_k = x;
     } else if (a == "--threads" || a == "--limit") {
       ASSIGN_OR_RETURN(std::string v, value());
       int x = 0;
@@ -413,11 +428,11 @@ absl::Status Run(const Options& opt) {
       }
     }
     if (opt.recycled) {
-      DecodePolicy recycled;
-      recycled.kind = DecodePolicy::Kind::kRecycled;
-      ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, prefill, s, recycled, nullptr));
+      ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, prefill, s, opt.recycled_policy, nullptr));
       json r = base("none", 1);
       r["decode"] = "recycled";
+      r["recycled_stride"] = opt.recycled_policy.stride;
+      r["recycled_topk"] = opt.recycled_policy.top_k;  // 0: 1/8 of the keys
       r["score"] = o.score;
       r["full_score"] = full.score;
       r["prediction"] = o.prediction;

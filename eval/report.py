@@ -34,7 +34,7 @@ BEGIN, END = "<!-- BEGIN quality-tables (eval/report.py) -->", "<!-- END quality
 METHODS = ("streaming", "snapkv", "finch", "expected_attention", "kvzip", "anchor")
 QUERY_AGNOSTIC = ("streaming", "expected_attention", "kvzip", "anchor")
 KV_DTYPES = ("fp16", "int8", "int4")
-HEAD_BUDGETS = ("uniform", "adaptive")
+HEAD_BUDGETS = ("uniform", "adaptive", "global")
 # What raw rows written before these fields existed were run with.
 DEFAULTS = {"model": "SmolLM2-135M-Instruct.Q4_1", "kv_dtype": "fp16", "head_budget": "uniform"}
 SERVED_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"  # listed first when present
@@ -224,13 +224,17 @@ def recycled(rows):
     by = collections.defaultdict(list)
     for r in map(normalize, rows):
         if r.get("decode") == "recycled":
-            by[(r["model"], r["length"])].append(r)
+            # Rows from before the stride / top-K flags ran the defaults (10, 1/8 of the keys).
+            by[(r["model"], r["length"], r.get("recycled_stride", 10),
+                r.get("recycled_topk", 0))].append(r)
     out = []
-    for (model, L), v in sorted(by.items(), key=lambda kv: ((kv[0][0] != SERVED_MODEL,) + kv[0])):
+    for (model, L, stride, topk), v in sorted(by.items(),
+                                              key=lambda kv: ((kv[0][0] != SERVED_MODEL,) + kv[0])):
         s = stats([r["score"] for r in v])
         f = stats([r["full_score"] for r in v])
         same = stats([1.0 if r["same_as_full"] else 0.0 for r in v])
-        out.append({"model": model, "length": L, "n": len(v), "score": round(s["score"], 4),
+        out.append({"model": model, "length": L, "stride": stride, "top_k": topk, "n": len(v),
+                    "score": round(s["score"], 4),
                     "ci_low": round(s["ci_low"], 4), "ci_high": round(s["ci_high"], 4),
                     "full_score": round(f["score"], 4), "full_ci_low": round(f["ci_low"], 4),
                     "full_ci_high": round(f["ci_high"], 4),
@@ -271,7 +275,7 @@ def plot(cells, path, rows=None):
     colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(
         list(METHODS) + sorted({c["method"] for c in cells} - set(METHODS)))}
     styles = {"fp16": "-", "int8": "--", "int4": ":"}
-    markers = {"uniform": "o", "adaptive": "^"}
+    markers = {"uniform": "o", "adaptive": "^", "global": "D"}
     full = full_context(rows) if rows is not None else full_from_cells(cells)
     # One column per length, plus "all lengths" when there are several.
     columns = [None] + [[L] for L in lengths] if len(lengths) > 1 else [lengths]
@@ -516,13 +520,16 @@ def model_tables(model, cells, full, rec):
     # 6. Recycled Attention.
     rs = [r for r in rec if r["model"] == model]
     if rs:
-        lines += ["", "Recycled Attention decoding over the full context (stride 10, top-K = 1/8 "
-                  "of the keys; [95% Wilson interval]):", "",
-                  "| length | n | score | full-attention score | same text |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "Recycled Attention decoding over the full context (a full step every "
+                  "`stride` steps, top-K recycled keys per KV head, 1/8 of the keys unless "
+                  "given; [95% Wilson interval]):", "",
+                  "| length | stride | top-K | n | score | full-attention score | same text |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rs:
+            topk = r["top_k"] or "1/8"
             lines.append(
-                f"| {kfmt(r['length'])} | {r['n']} | {r['score']:.2f} [{r['ci_low']:.2f}, "
+                f"| {kfmt(r['length'])} | {r['stride']} | {topk} | {r['n']} | "
+                f"{r['score']:.2f} [{r['ci_low']:.2f}, "
                 f"{r['ci_high']:.2f}] | {r['full_score']:.2f} [{r['full_ci_low']:.2f}, "
                 f"{r['full_ci_high']:.2f}] | {r['same_text_as_full']:.0%} "
                 f"[{r['same_ci_low']:.0%}, {r['same_ci_high']:.0%}] |")
@@ -555,7 +562,8 @@ def main():
     for path in args.raw:
         for r in load(path):
             key = (r["model"], r["id"], r["method"], r.get("ratio"), r["kv_dtype"],
-                   r["head_budget"], r.get("decode"))
+                   r["head_budget"], r.get("decode"), r.get("recycled_stride"),
+                   r.get("recycled_topk"))
             if key not in seen:
                 seen.add(key)
                 rows.append(r)

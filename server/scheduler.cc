@@ -13,6 +13,10 @@ namespace {
 
 std::string Mb(int64_t bytes) { return absl::StrFormat("%.1f MB", bytes / 1e6); }
 
+// A worker's scratch above this after a job is released (see WorkerLoop). A 1-2K-token
+// request's decode and prefill stay below it.
+constexpr int64_t kKeepScratchBytes = int64_t{64} << 20;
+
 }  // namespace
 
 absl::Status Reservation::Resize(int64_t bytes) {
@@ -193,6 +197,12 @@ void Scheduler::WorkerLoop(int index) {
     Reservation reservation(this, job.kv_bytes, std::move(job.tenant));
     job.work(runner, reservation, queue_seconds);
     ReleaseRunning(&reservation);
+    // A worker's scratch keeps the size of its largest job (one 8K-token prefill: hundreds of
+    // MiB); kept, every worker's would ratchet up to the largest document it ever saw (the
+    // memory soak's idle RSS climbed 880 -> 1210 MiB in 15 minutes). Past kKeepScratchBytes it
+    // goes back; the next large job allocates again (page faults, milliseconds next to its
+    // seconds of prefill).
+    if (runner.ScratchBytes() > kKeepScratchBytes) runner.ReleaseScratch();
     // Give the job's freed working memory back to the system. glibc keeps freed blocks in its
     // arenas (the mmap threshold grows to 32 MiB after the first large free, so the engine's
     // big buffers come from the arenas): in the memory soak (bench/soak.py memory) RSS climbed

@@ -332,6 +332,48 @@ TEST(SelectTest, AdaptiveRejectsPerLayerAndAlphaOutOfRange) {
   }
 }
 
+// KVzip's one threshold: the same sharing over every head of every layer. Layer 1's scores all
+// beat layer 0's, so layer 0's heads keep their floors and layer 1's take the rest; the model
+// keeps the uniform total (which no single layer does any more).
+TEST(SelectTest, GlobalMovesBudgetAcrossLayers) {
+  KvCache cache = SyntheticCache(2, 2, 2, 20);
+  HeadScores scores = ZeroScores(cache);
+  for (int h = 0; h < 2; ++h) {
+    for (int t = 0; t < 20; ++t) {
+      scores[0 * 2 + h][t] = 0.001f * static_cast<float>(t + 1);
+      scores[1 * 2 + h][t] = 0.1f + 0.001f * static_cast<float>(t + 20 * h);
+    }
+  }
+  SelectOptions opt = Adaptive(6, 0.5);
+  opt.global = true;
+  absl::StatusOr<KvCache> out = Select(cache, scores, opt);
+  ASSERT_TRUE(out.ok()) << out.status();
+  // Floor 3 per head (alpha 0.5 of 6); the other 4 x 6 - 4 x 3 = 12 go to layer 1's heads,
+  // which hold 17 unkept entries each: the best 12 of their 34, head 1's (higher) first.
+  for (int h = 0; h < 2; ++h) {
+    EXPECT_THAT(out->head(0, h).pos, ::testing::ElementsAre(17, 18, 19)) << "head " << h;
+  }
+  EXPECT_EQ(out->head(1, 1).n(), 15);
+  EXPECT_EQ(out->head(1, 0).n(), 3);
+  EXPECT_EQ(out->TotalEntries(), 2 * 2 * 6);
+  for (int l = 0; l < 2; ++l) {  // rows moved with their positions
+    for (int h = 0; h < 2; ++h) {
+      const KvHead& kh = out->head(l, h);
+      for (int64_t i = 0; i < kh.n(); ++i) EXPECT_EQ(Fp16ToFp32(kh.k[i * 2]), Code(l, h, kh.pos[i]));
+    }
+  }
+  // The same scores per layer alone (adaptive): every layer keeps its own uniform total.
+  opt.global = false;
+  out = Select(cache, scores, opt);
+  ASSERT_TRUE(out.ok());
+  EXPECT_EQ(out->head(0, 0).n() + out->head(0, 1).n(), 12);
+  // global is a kind of adaptive selection: alone it is refused.
+  SelectOptions bare;
+  bare.budget = 6;
+  bare.global = true;
+  EXPECT_EQ(Select(cache, scores, bare).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(SelectTest, PoolingMatchesPyTorchZeroPadding) {
   std::vector<float> s = {0, 0, 5, 0, 0, 0, 1};
   std::vector<float> avg = s;
@@ -494,6 +536,35 @@ TEST(SpecTest, HeadBudgetValidation) {
   EXPECT_TRUE(bad.Validate().ok());
   bad.head_budget = "uniform";  // an alpha that would do nothing is refused
   EXPECT_THAT(message(bad), HasSubstr("only with head_budget \"adaptive\""));
+  // "global": KVzip's one threshold over the whole model; not finch (chunk by chunk).
+  CompressionSpec g = s;
+  g.head_budget = "global";
+  for (const char* m : {"snapkv", "expected_attention", "kvzip"}) {
+    g.method = m;
+    EXPECT_TRUE(g.Validate().ok()) << m << ": " << g.Validate();
+  }
+  g.method = "finch";
+  EXPECT_THAT(message(g), HasSubstr("chunk by chunk"));
+  g.method = "streaming";
+  EXPECT_THAT(message(g), HasSubstr("by position"));
+  g.method = "kvzip";
+  g.per_layer = true;
+  EXPECT_THAT(message(g), HasSubstr("per_layer"));
+  bad = s;
+  bad.head_budget = "Global";
+  EXPECT_THAT(message(bad), HasSubstr("\"global\""));
+  // Unset: the method's default, global for kvzip (uniform with per_layer), else uniform.
+  CompressionSpec d;
+  d.ratio = 4;
+  for (const char* m : {"snapkv", "finch", "expected_attention", "kvzip", "streaming"}) {
+    d.method = m;
+    d.per_layer = false;
+    EXPECT_EQ(d.HeadBudget(), std::string(m) == "kvzip" ? "global" : "uniform") << m;
+    EXPECT_TRUE(d.Validate().ok()) << m << ": " << d.Validate();
+    d.per_layer = true;
+    EXPECT_EQ(d.HeadBudget(), "uniform") << m;
+    EXPECT_TRUE(d.Validate().ok()) << m << " per_layer: " << d.Validate();
+  }
 }
 
 TEST(SpecTest, CanonicalParamsAreSortedAndMethodSpecific) {
@@ -735,6 +806,9 @@ TEST_P(CompressModelTest, EveryMethodKeepsTheBudgetAndSinksDeterministically) {
     spec.chunk = 128;  // several finch / kvzip chunks
     spec.window = 16;
     spec.question = "What does the farmer sell?";
+    // Every head keeps exactly the budget (kvzip's default, "global", is checked by
+    // GlobalHeadBudgetKeepsTheModelsTotalAcrossLayers).
+    spec.head_budget = "uniform";
     const int64_t budget = (n + 3) / 4;
     absl::StatusOr<CompressedContext> a = Compress(runner(), doc, spec);
     ASSERT_TRUE(a.ok()) << method << ": " << a.status();
@@ -786,6 +860,7 @@ TEST_P(DefaultCompressModelTest, AdaptiveHeadBudgetKeepsTheUniformTotalForEveryS
     spec.chunk = 128;
     spec.question = "What does the farmer sell?";
     const int64_t budget = (n + 3) / 4;
+    spec.head_budget = "uniform";
     absl::StatusOr<CompressedContext> uniform = Compress(runner(), doc, spec);
     spec.head_budget = "adaptive";
     absl::StatusOr<CompressedContext> a = Compress(runner(), doc, spec);
@@ -847,6 +922,49 @@ TEST_P(DefaultCompressModelTest, AdaptiveHeadBudgetKeepsTheUniformTotalForEveryS
   absl::Status st = Compress(runner(), long_doc, finch).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kOutOfRange);
   EXPECT_THAT(std::string(st.message()), HasSubstr("budget x KV heads"));
+}
+
+// head_budget "global" (KVzip's one threshold): the model keeps the uniform total, every head
+// at least its sinks plus the safeguard, the layers' totals differ, and the result is usable.
+TEST_P(DefaultCompressModelTest, GlobalHeadBudgetKeepsTheModelsTotalAcrossLayers) {
+  const std::vector<int32_t> doc = Tokens(Filler(40), true);
+  const int64_t n = static_cast<int64_t>(doc.size());
+  const ModelConfig& c = model().config();
+  for (const char* method : {"snapkv", "expected_attention", "kvzip"}) {
+    CompressionSpec spec;
+    spec.method = method;
+    spec.ratio = 4;
+    spec.chunk = 128;
+    spec.question = "What does the farmer sell?";
+    const int64_t budget = (n + 3) / 4;
+    spec.head_budget = "uniform";
+    absl::StatusOr<CompressedContext> uniform = Compress(runner(), doc, spec);
+    spec.head_budget = "global";
+    absl::StatusOr<CompressedContext> g = Compress(runner(), doc, spec);
+    ASSERT_TRUE(uniform.ok() && g.ok()) << method << ": " << g.status();
+    EXPECT_THAT(g->params, HasSubstr("head_budget=global;head_budget_alpha=0.2;")) << method;
+    EXPECT_EQ(g->kv.TotalEntries(), uniform->kv.TotalEntries()) << method;
+    const int64_t floor = spec.n_sink + static_cast<int64_t>(0.2 * (budget - spec.n_sink));
+    int uneven_layers = 0;
+    for (int l = 0; l < c.n_layers; ++l) {
+      int64_t total = 0;
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        const KvHead& kh = g->kv.head(l, h);
+        total += kh.n();
+        ASSERT_GE(kh.n(), floor) << method << " layer " << l << " head " << h;
+        ASSERT_TRUE(std::is_sorted(kh.pos.begin(), kh.pos.end())) << method;
+        for (int s = 0; s < spec.n_sink; ++s) ASSERT_EQ(kh.pos[s], s) << method << " sink " << s;
+      }
+      uneven_layers += total != budget * c.n_kv_heads;
+    }
+    EXPECT_GT(uneven_layers, 0) << method << ": every layer kept exactly its uniform total";
+    std::printf("%s global: %d of %d layers differ from the uniform total\n", method,
+                uneven_layers, c.n_layers);
+    KvCache work = g->kv;
+    std::vector<float> logits;
+    ASSERT_TRUE(runner().Forward(Tokens("\nAnswer:", false), work, {}, &logits).ok()) << method;
+    ExpectFinite(logits, method);
+  }
 }
 
 // The quality harness prefills a document once and scores it once per method, then selects

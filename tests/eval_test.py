@@ -301,7 +301,7 @@ class ReportTest(unittest.TestCase):
         self.assertIn("| niah_single_noise | 1.00 [0.34, 1.00] (n=2) | 1.00 [0.34, 1.00] (n=2) |",
                       text)  # full context per task and length, interval and n
         self.assertIn("| kvzip | int4 | uniform | 8x | 28.6x | 2 | 1.00 [0.34, 1.00] |", text)
-        self.assertIn("| 1K | 1 | 1.00 [0.21, 1.00] |", text)  # recycled, with its interval
+        self.assertIn("| 1K | 10 | 1/8 | 1 | 1.00 [0.21, 1.00] |", text)  # recycled, interval
         self.assertIn("0.33 [0.06, 0.79]", text)  # SmolLM2's 1 of 3
         try:
             import matplotlib  # noqa: F401

@@ -99,15 +99,19 @@ CompressionSpec SpecFor(const std::string& method) {
 }
 
 // Each method's digested specs: the defaults, plus the shared paths its output can take:
-// Ada-KV head budgets (select.cc) for the methods that accept them, and int8 storage
+// the other head budgets (Ada-KV's and the global one, select.cc; uniform where it is not the
+// method's default) for the methods that accept them, and int8 storage
 // (kv_cache.cc quantization; int8 rather than int4 because one int8 step is small enough for
 // the sum tolerance, see kSumRelTol). A change in a shared path shows as several methods'
 // digests changing: bump each of them.
 std::vector<std::pair<std::string, CompressionSpec>> Variants(const std::string& method) {
   std::vector<std::pair<std::string, CompressionSpec>> out = {{"default", SpecFor(method)}};
-  CompressionSpec adaptive = SpecFor(method);
-  adaptive.head_budget = "adaptive";
-  if (adaptive.Validate().ok()) out.emplace_back("adaptive", adaptive);
+  const std::string default_budget = SpecFor(method).HeadBudget();
+  for (const char* budget : {"adaptive", "global", "uniform"}) {
+    CompressionSpec spec = SpecFor(method);
+    spec.head_budget = budget;
+    if (budget != default_budget && spec.Validate().ok()) out.emplace_back(budget, spec);
+  }
   CompressionSpec int8 = SpecFor(method);
   int8.kv_dtype = "int8";
   out.emplace_back("int8", int8);

@@ -147,6 +147,33 @@ TEST_P(ModelTest, ChunkedPrefillMatchesOneBatch) {
   EXPECT_EQ(a.next_position, b.next_position);
 }
 
+// A Runner's scratch grows to its largest pass (the scheduler releases it past a limit after a
+// job): ScratchBytes sees the growth, ReleaseScratch gives it back, and the passes after a
+// release compute exactly what they computed before (same buffers' contents are never read
+// across passes).
+TEST_P(ModelTest, ReleasedScratchGivesTheSameLogits) {
+  ThreadPool pool(2);
+  Runner runner(model(), &pool);
+  const int64_t empty = runner.ScratchBytes();
+  const auto ids = Prompt(300);
+  std::vector<float> before, after;
+  KvCache a = model().NewKvCache();
+  ForwardOptions observe;  // observed attention: the largest buffer
+  observe.observe_rows = {0, 150, 299};
+  observe.observer = [](int, const float*, int, int64_t) {};
+  ASSERT_TRUE(runner.Forward(ids, a, observe, &before).ok());
+  const int64_t grown = runner.ScratchBytes();
+  // At least the residual stream, the feed-forward rows and the observations of 300 tokens.
+  const ModelConfig& c = model().config();
+  EXPECT_GT(grown, 300 * int64_t{4} * (c.d_model + 2 * c.d_ff)) << "empty " << empty;
+  runner.ReleaseScratch();
+  EXPECT_EQ(runner.ScratchBytes(), empty);
+  KvCache b = model().NewKvCache();
+  ASSERT_TRUE(runner.Forward(ids, b, observe, &after).ok());
+  EXPECT_EQ(before, after);
+  EXPECT_EQ(runner.ScratchBytes(), grown);
+}
+
 TEST_P(ModelTest, EmbeddingsInputEqualsTokenInput) {
   ThreadPool pool(2);
   Runner runner(model(), &pool);

@@ -391,7 +391,7 @@ TEST(LoggingTest, RequestIdsAndJsonEscaping) {
 
 // ---- proto -> native ---------------------------------------------------------------------------
 
-TEST(ConvertTest, HeadBudgetReachesTheSpecAndDefaultsToUniform) {
+TEST(ConvertTest, HeadBudgetReachesTheSpecAndDefaultsToTheMethods) {
   ctxcache::v1::CompressRequest req;
   req.mutable_document()->set_text("doc");
   ctxcache::v1::CompressionParams* p = req.mutable_compression();
@@ -399,8 +399,19 @@ TEST(ConvertTest, HeadBudgetReachesTheSpecAndDefaultsToUniform) {
   p->set_ratio(4);
   absl::StatusOr<CompressInput> in = FromProto(req);
   ASSERT_TRUE(in.ok());
-  EXPECT_EQ(in->spec.head_budget, "uniform");
+  EXPECT_EQ(in->spec.HeadBudget(), "global");  // kvzip's default (KVzip's one threshold)
   EXPECT_EQ(in->spec.head_budget_alpha, CompressionSpec().head_budget_alpha);
+  EXPECT_EQ(in->spec.CanonicalParams(),
+            "chunk=512;head_budget=global;head_budget_alpha=0.2;n_sink=4;per_layer=0;ratio=4");
+  p->set_method("snapkv");
+  in = FromProto(req);
+  ASSERT_TRUE(in.ok());
+  EXPECT_EQ(in->spec.HeadBudget(), "uniform");
+  EXPECT_EQ(in->spec.CanonicalParams(), "kernel=5;n_sink=4;per_layer=0;pooling=avg;ratio=4");
+  p->set_method("kvzip");
+  p->set_head_budget("uniform");  // kvzip's previous selection, with its previous key
+  in = FromProto(req);
+  ASSERT_TRUE(in.ok());
   EXPECT_EQ(in->spec.CanonicalParams(), "chunk=512;n_sink=4;per_layer=0;ratio=4");
   p->set_head_budget("adaptive");
   p->set_head_budget_alpha(0.25);

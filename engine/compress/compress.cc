@@ -165,7 +165,8 @@ absl::StatusOr<CompressedContext> SelectScored(const Model& model, const KvCache
   SelectOptions select;
   select.budget = BudgetFor(spec, n);
   select.per_layer = spec.per_layer;
-  select.adaptive = spec.head_budget == "adaptive";
+  select.adaptive = spec.HeadBudget() != "uniform";
+  select.global = spec.HeadBudget() == "global";
   select.alpha_safeguard = spec.head_budget_alpha;
   select.n_sink = spec.n_sink;
   select.recent_from = scores.recent_from;

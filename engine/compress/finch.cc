@@ -87,7 +87,7 @@ absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
   const bool compact = n + nq > n_ctx;
   const int64_t chunk = spec.chunk;
   // The most survivors one head can hold (adaptive: a whole layer's budget, when alpha is 0).
-  const bool adaptive = spec.head_budget == "adaptive";
+  const bool adaptive = spec.HeadBudget() == "adaptive";
   const int64_t span = adaptive ? budget * c.n_kv_heads : budget;
   if (compact && span + chunk + nq > n_ctx) {
     return absl::OutOfRangeError(absl::StrCat(

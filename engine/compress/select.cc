@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 #include "engine/cpu/attention.h"
 
 namespace ctxcache {
@@ -155,8 +156,38 @@ absl::StatusOr<KvCache> Select(const KvCache& cache, const HeadScores& scores,
   auto tier = [&](int32_t pos) {
     return pos < options.n_sink ? 2 : (pos >= options.recent_from ? 1 : 0);
   };
+  if (options.global && !options.adaptive) {
+    return absl::InvalidArgumentError("global head budgets are adaptive ones over the whole model");
+  }
   KvCache out(cache.n_layers(), n_kv, cache.head_dim());
   out.next_position = cache.next_position;
+  auto head_ranks = [&](int l, int h) -> absl::StatusOr<std::vector<Rank>> {
+    const KvHead& kh = cache.head(l, h);
+    const std::vector<float>& s = scores[l * n_kv + h];
+    if (s.size() != kh.pos.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", l, " head ", h, " has ", kh.n(),
+                                                     " entries but ", s.size(), " scores"));
+    }
+    std::vector<Rank> r(kh.n());
+    for (int64_t i = 0; i < kh.n(); ++i) r[i] = {tier(kh.pos[i]), Clean(s[i]), kh.pos[i]};
+    return r;
+  };
+  if (options.global) {
+    std::vector<std::vector<Rank>> ranks;
+    for (int l = 0; l < cache.n_layers(); ++l) {
+      for (int h = 0; h < n_kv; ++h) {
+        ASSIGN_OR_RETURN(ranks.emplace_back(), head_ranks(l, h));
+      }
+    }
+    const std::vector<std::vector<int64_t>> kept =
+        AdaptiveTopBudget(ranks, options.budget, options.alpha_safeguard);
+    for (int l = 0; l < cache.n_layers(); ++l) {
+      for (int h = 0; h < n_kv; ++h) {
+        Gather(cache.head(l, h), kept[l * n_kv + h], cache.head_dim(), out.head(l, h));
+      }
+    }
+    return out;
+  }
   for (int l = 0; l < cache.n_layers(); ++l) {
     if (options.per_layer) {
       const KvHead& first = cache.head(l, 0);
@@ -178,14 +209,7 @@ absl::StatusOr<KvCache> Select(const KvCache& cache, const HeadScores& scores,
     }
     std::vector<std::vector<Rank>> ranks(n_kv);
     for (int h = 0; h < n_kv; ++h) {
-      const KvHead& kh = cache.head(l, h);
-      const std::vector<float>& s = scores[l * n_kv + h];
-      if (s.size() != kh.pos.size()) {
-        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " head ", h, " has ", kh.n(),
-                                                       " entries but ", s.size(), " scores"));
-      }
-      ranks[h].resize(kh.n());
-      for (int64_t i = 0; i < kh.n(); ++i) ranks[h][i] = {tier(kh.pos[i]), Clean(s[i]), kh.pos[i]};
+      ASSIGN_OR_RETURN(ranks[h], head_ranks(l, h));
     }
     if (options.adaptive) {
       const std::vector<std::vector<int64_t>> kept =

@@ -35,6 +35,11 @@ struct SelectOptions {
   // heads of a layer, so they must be in common units (compress.h head_budget). Not with
   // per_layer (one shared set cannot differ per head).
   bool adaptive = false;
+  // KVzip's one threshold (Kim et al., arXiv 2505.23416, section 3.3): Ada-KV's sharing over
+  // every (layer, KV head) of the model at once instead of within each layer: the whole model
+  // keeps min(budget * n_layers * n_kv_heads, its entries), each head guaranteed the same
+  // floor as with adaptive. Needs scores in common units across layers too. With adaptive.
+  bool global = false;
   double alpha_safeguard = 0.2;  // kvpress AdaKVPress default; AdaKV's floor_alpha
   int32_t n_sink = 0;      // entries at positions < n_sink are always kept ...
   // ... and so are entries at positions >= recent_from. Forced entries count against the

@@ -23,13 +23,15 @@ namespace {
 //  large K biases, e.g. Qwen2.5).
 //  finch 2: the full budget after every chunk, each chunk judged in the next chunk's pass,
 //  scores pooled over positions (finch.cc: it kept about half the answer snapkv keeps).
+//  kvzip 2: head_budget "global" by default (KVzip's one threshold over every layer and head;
+//  docs/quality.md).
 struct MethodInfo {
   const char* name;
   uint32_t version;
 };
 constexpr MethodInfo kMethodTable[] = {
     {"none", 1},  {"streaming", 1},          {"snapkv", 1}, {"finch", 2},
-    {"expected_attention", 2}, {"kvzip", 1}, {"anchor", 1},
+    {"expected_attention", 2}, {"kvzip", 2}, {"anchor", 1},
 };
 constexpr size_t kMethodCount = sizeof(kMethodTable) / sizeof(kMethodTable[0]);
 constexpr std::array<const char*, kMethodCount> kMethods = [] {
@@ -76,6 +78,16 @@ uint32_t MethodVersion(std::string_view method) {
     if (method == m.name) return m.version;
   }
   return 0;
+}
+
+std::string_view DefaultHeadBudget(std::string_view method) {
+  return method == "kvzip" ? "global" : "uniform";
+}
+
+std::string CompressionSpec::HeadBudget() const {
+  if (!head_budget.empty()) return head_budget;
+  // per_layer keeps one set per layer: no head budget but uniform applies to it.
+  return per_layer ? "uniform" : std::string(DefaultHeadBudget(method));
 }
 
 absl::Status CompressionSpec::Validate() const {
@@ -142,16 +154,19 @@ absl::Status CompressionSpec::Validate() const {
                                                    " (each byte counts once)"));
   }
   if (absl::StatusOr<KvDtype> d = ParseKvDtype(kv_dtype); !d.ok()) return d.status();
-  if (head_budget != "uniform" && head_budget != "adaptive") {
+  const std::string hb = HeadBudget();
+  if (hb != "uniform" && hb != "adaptive" && hb != "global") {
     return absl::InvalidArgumentError(absl::StrCat(
-        "head_budget must be \"uniform\" (every KV head keeps the budget) or \"adaptive\" "
-        "(Ada-KV: the heads of a layer share its budget by score), got \"",
-        head_budget, "\""));
+        "head_budget must be \"uniform\" (every KV head keeps the budget), \"adaptive\" "
+        "(Ada-KV: the heads of a layer share its budget by score) or \"global\" (KVzip: every "
+        "head of every layer shares the model's budget by score), got \"",
+        hb, "\""));
   }
-  if (head_budget == "adaptive") {
+  if (hb != "uniform") {
     if (!ScoresHeadsApart(method)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "head_budget \"adaptive\" needs a method that scores each KV head's entries "
+          "head_budget \"", hb,
+          "\" needs a method that scores each KV head's entries "
           "(snapkv, finch, expected_attention, kvzip); \"",
           method,
           method == "none" ? "\" keeps everything"
@@ -159,9 +174,15 @@ absl::Status CompressionSpec::Validate() const {
                              "change nothing"));
     }
     if (per_layer) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "head_budget \"", hb,
+          "\" gives each KV head its own share of the budget, per_layer keeps one set shared "
+          "by the heads of a layer: use one or the other"));
+    }
+    if (hb == "global" && method == "finch") {
       return absl::InvalidArgumentError(
-          "head_budget \"adaptive\" gives each KV head its own share of the layer's budget, "
-          "per_layer keeps one set shared by the heads: use one or the other");
+          "head_budget \"global\" is not available for finch, which selects chunk by chunk "
+          "(each chunk's survivors bound what a head may hold): use \"adaptive\"");
     }
     if (!(head_budget_alpha >= 0 && head_budget_alpha <= 1)) {
       return absl::InvalidArgumentError(
@@ -171,7 +192,7 @@ absl::Status CompressionSpec::Validate() const {
     }
   } else if (head_budget_alpha != CompressionSpec().head_budget_alpha) {
     return absl::InvalidArgumentError(
-        "head_budget_alpha applies only with head_budget \"adaptive\"");
+        "head_budget_alpha applies only with head_budget \"adaptive\" or \"global\"");
   }
   if (method == "anchor" && separators.empty()) {
     return absl::InvalidArgumentError("anchor needs at least one separator character");
@@ -188,8 +209,8 @@ std::string CompressionSpec::CanonicalParams() const {
     kv["n_sink"] = absl::StrCat(n_sink);
   }
   // Only when not the default, so that the keys of uniform contexts stay what they were.
-  if (head_budget != "uniform") {
-    kv["head_budget"] = head_budget;
+  if (const std::string hb = HeadBudget(); hb != "uniform") {
+    kv["head_budget"] = hb;
     kv["head_budget_alpha"] = ExactDecimal(head_budget_alpha);
   }
   if (UsesWindow(method)) kv["window"] = absl::StrCat(window);

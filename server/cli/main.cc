@@ -72,9 +72,11 @@ compress flags:
   --per-layer         one kept set per layer instead of per KV head
   --kv-dtype fp16|int8|int4  how the kept entries are stored (default fp16; int8/int4 are
                       KIVI-style quantized, read as they are: 0.56x / 0.31x the bytes)
-  --head-budget uniform|adaptive   adaptive: Ada-KV, a layer's KV heads share its budget by
-                      score (snapkv finch expected_attention kvzip)   --head-budget-alpha A
-                      (adaptive: share of its budget every head keeps, default 0.2)
+  --head-budget uniform|adaptive|global   adaptive: Ada-KV, a layer's KV heads share its
+                      budget by score (snapkv finch expected_attention kvzip); global: every
+                      head of every layer shares the model's (KVzip; kvzip's default, not
+                      finch)   --head-budget-alpha A (share of its budget every head keeps,
+                      default 0.2)
   --dtype fp16|bf16|fp32|int8  file encoding of an fp16 context (default fp16)
   --chunk N (finch/kvzip, default 512)
   methods: none streaming snapkv finch expected_attention kvzip anchor

@@ -19,9 +19,12 @@ namespace ctxcache::fuzz {
 //  * IncrementalDecoder streams exactly the tokens' bytes (hidden specials left out) with
 //    malformed bytes as U+FFFD each and an unfinished last character as one U+FFFD, and its
 //    output is always valid UTF-8, token by token.
-inline void CheckTokenizer(const Tokenizer& tok, std::string_view text) {
+// Returns the ids of the plain encoding (special tokens not parsed, the vocabulary's default
+// BOS), so a caller checks more of it without encoding again (encoding is most of the time).
+inline std::vector<int32_t> CheckTokenizer(const Tokenizer& tok, std::string_view text) {
+  std::vector<int32_t> plain;
   for (bool parse_special : {true, false}) {
-    const std::vector<int32_t> ids = tok.Encode(text, tok.add_bos_default(), parse_special);
+    std::vector<int32_t> ids = tok.Encode(text, tok.add_bos_default(), parse_special);
     std::string raw;
     for (int32_t id : ids) {
       FUZZ_CHECK(id >= 0 && id < tok.n_vocab());
@@ -42,7 +45,9 @@ inline void CheckTokenizer(const Tokenizer& tok, std::string_view text) {
         unicode::ToValidUtf8(std::string_view(raw).substr(0, raw.size() - hold)) +
         (hold ? "\xEF\xBF\xBD" : "");
     FUZZ_CHECK(streamed == want);
+    if (!parse_special) plain = std::move(ids);
   }
+  return plain;
 }
 
 }  // namespace ctxcache::fuzz
