@@ -13,9 +13,11 @@ namespace {
 
 std::string Mb(int64_t bytes) { return absl::StrFormat("%.1f MB", bytes / 1e6); }
 
-// A worker's scratch above this after a job is released (see WorkerLoop). A 1-2K-token
-// request's decode and prefill stay below it.
-constexpr int64_t kKeepScratchBytes = int64_t{64} << 20;
+// A worker's scratch above this after a job is released (see WorkerLoop). A plain prefill
+// chunk (2048 tokens) of Qwen2.5-0.5B needs ~120 MB (its feed-forward rows: 80 MB) and stays;
+// what grows with the context (observed attention for scoring: 250 MB for kvzip on 8K tokens,
+// ~1 GB at 32K) goes back.
+constexpr int64_t kKeepScratchBytes = int64_t{128} << 20;
 
 }  // namespace
 
@@ -197,11 +199,12 @@ void Scheduler::WorkerLoop(int index) {
     Reservation reservation(this, job.kv_bytes, std::move(job.tenant));
     job.work(runner, reservation, queue_seconds);
     ReleaseRunning(&reservation);
-    // A worker's scratch keeps the size of its largest job (one 8K-token prefill: hundreds of
-    // MiB); kept, every worker's would ratchet up to the largest document it ever saw (the
-    // memory soak's idle RSS climbed 880 -> 1210 MiB in 15 minutes). Past kKeepScratchBytes it
-    // goes back; the next large job allocates again (page faults, milliseconds next to its
-    // seconds of prefill).
+    // A worker's scratch keeps the size of its largest job; kept, every worker's would ratchet
+    // up to the largest document it ever saw (memory soak, SmolLM2: idle RSS swung between
+    // 877 and 1210 MiB with the worker that last ran a large document; 612-961 MiB with the
+    // release). Past kKeepScratchBytes it goes back; the next large job allocates again:
+    // measured 360 ms for 200 MB (page faults and zeroing, on a busy 2-core machine), next to
+    // the ~10 s of a 2K-token kvzip compression whose scratch is that large.
     if (runner.ScratchBytes() > kKeepScratchBytes) runner.ReleaseScratch();
     // Give the job's freed working memory back to the system. glibc keeps freed blocks in its
     // arenas (the mmap threshold grows to 32 MiB after the first large free, so the engine's
