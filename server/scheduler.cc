@@ -200,9 +200,8 @@ void Scheduler::WorkerLoop(int index) {
     job.work(runner, reservation, queue_seconds);
     ReleaseRunning(&reservation);
     // A worker's scratch keeps the size of its largest job; kept, every worker's would ratchet
-    // up to the largest document it ever saw (memory soak, SmolLM2: idle RSS swung between
-    // 877 and 1210 MiB with the worker that last ran a large document; 612-961 MiB with the
-    // release). Past kKeepScratchBytes it goes back; the next large job allocates again:
+    // up to the largest document it ever saw (memory soak, SmolLM2: idle RSS ranged 877-1210
+    // MiB over 40 minutes without the release, 612-961 MiB with it). Past kKeepScratchBytes it goes back; the next large job allocates again:
     // measured 360 ms for 200 MB (page faults and zeroing, on a busy 2-core machine), next to
     // the ~10 s of a 2K-token kvzip compression whose scratch is that large.
     if (runner.ScratchBytes() > kKeepScratchBytes) runner.ReleaseScratch();
