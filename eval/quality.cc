@@ -18,7 +18,7 @@
 //   ctxcache-eval --samples eval/work/samples.jsonl --out eval/work/raw.jsonl
 //                 [--methods streaming,snapkv,...,query_select] [--ratios 2,4,8,16,32]
 //                 [--kv-dtypes fp16,int8,int4] [--head-budget uniform,adaptive,global]
-//                 [--recycled [--recycled-stride S] [--recycled-topk K]] [--threads N]
+//                 [--recycled [--recycled-stride S,...] [--recycled-topk K,...]] [--threads N]
 //                 [--model PATH] [--limit N]
 #include <algorithm>
 #include <chrono>
@@ -63,11 +63,10 @@ struct Options {
   std::vector<std::string> kv_dtypes = {"fp16"};
   std::vector<std::string> head_budgets = {"uniform"};
   bool recycled = false;
-  DecodePolicy recycled_policy = [] {  // stride 10, top-K 1/8 of the keys unless told
-    DecodePolicy p;
-    p.kind = DecodePolicy::Kind::kRecycled;
-    return p;
-  }();
+  // Recycled Attention settings, every (stride, top-K) pair evaluated on each sample's one
+  // prefill: stride 10 and top-K 1/8 of the keys (0) unless told.
+  std::vector<int> recycled_strides = {10};
+  std::vector<int64_t> recycled_topks = {0};
   int threads = 0;
   int limit = 0;
 };
@@ -75,7 +74,8 @@ struct Options {
 constexpr char kUsage[] =
     "usage: ctxcache-eval --samples FILE --out FILE [--methods a,b,...] [--ratios 2,4,...]\n"
     "                     [--kv-dtypes fp16,int8,int4] [--head-budget uniform,adaptive,global]\n"
-    "                     [--recycled [--recycled-stride S] [--recycled-topk K]] [--threads N]\n"
+    "                     [--recycled [--recycled-stride S,...] [--recycled-topk K,...]]\n"
+    "                     [--threads N]\n"
     "                     [--model PATH] [--limit N]\n";
 
 // Whether `method` takes `head_budget` (streaming and anchor take only "uniform").
@@ -133,12 +133,30 @@ absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
       o.recycled = true;
     } else if (a == "--recycled-stride" || a == "--recycled-topk") {
       ASSIGN_OR_RETURN(std::string v, value());
-      int64_t x = 0;
-      if (!absl::SimpleAtoi(v, &x) || x < 0) {
-        return absl::InvalidArgumentError(absl::StrCat(a, ": '", v, "' is not a count"));
+      const bool stride = a == "--recycled-stride";
+      if (stride) o.recycled_strides.clear();
+      else o.recycled_topks.clear();
+      for (absl::string_view item : absl::StrSplit(v, ',', absl::SkipEmpty())) {
+        DecodePolicy p;
+        p.kind = DecodePolicy::Kind::kRecycled;
+        int64_t x = 0;
+        if (!absl::SimpleAtoi(item, &x) || x < 0 || x > kMaxRecycledTopK) {
+          return absl::InvalidArgumentError(absl::StrCat(a, ": '", item, "' is not a count"));
+        }
+        if (stride) p.stride = static_cast<int>(x);
+        else p.top_k = x;
+        if (absl::Status st = p.Validate(); !st.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat(a, ": ", st.message()));
+        }
+        if (stride) {
+          o.recycled_strides.push_back(static_cast<int>(x));
+        } else {
+          o.recycled_topks.push_back(x);
+        }
       }
-      if (a == "--recycled-stride") o.recycled_policy.stride = static_cast<int>(x);
-      else o.recycled_policy.top_k = x;
+      if (o.recycled_strides.empty() || o.recycled_topks.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(a, " needs a comma-separated list"));
+      }
     } else if (a == "--threads" || a == "--limit") {
       ASSIGN_OR_RETURN(std::string v, value());
       int x = 0;
@@ -427,20 +445,27 @@ absl::Status Run(const Options& opt) {
         add(none, d, stored, o, 0);
       }
     }
-    if (opt.recycled) {
-      ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, prefill, s, opt.recycled_policy, nullptr));
-      json r = base("none", 1);
-      r["decode"] = "recycled";
-      r["recycled_stride"] = opt.recycled_policy.stride;
-      r["recycled_topk"] = opt.recycled_policy.top_k;  // 0: 1/8 of the keys
-      r["score"] = o.score;
-      r["full_score"] = full.score;
-      r["prediction"] = o.prediction;
-      r["full_prediction"] = full.prediction;
-      r["same_as_full"] = o.prediction == full.prediction;
-      rows.push_back(std::move(r));
-      std::fprintf(stderr, "  recycled decode     score %.2f, %s full\n", o.score,
-                   o.prediction == full.prediction ? "same text as" : "differs from");
+    for (const int stride : opt.recycled ? opt.recycled_strides : std::vector<int>{}) {
+      for (const int64_t top_k : opt.recycled_topks) {
+        DecodePolicy policy;
+        policy.kind = DecodePolicy::Kind::kRecycled;
+        policy.stride = stride;
+        policy.top_k = top_k;
+        ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, prefill, s, policy, nullptr));
+        json r = base("none", 1);
+        r["decode"] = "recycled";
+        r["recycled_stride"] = stride;
+        r["recycled_topk"] = top_k;  // 0: 1/8 of the keys
+        r["score"] = o.score;
+        r["full_score"] = full.score;
+        r["prediction"] = o.prediction;
+        r["full_prediction"] = full.prediction;
+        r["same_as_full"] = o.prediction == full.prediction;
+        rows.push_back(std::move(r));
+        std::fprintf(stderr, "  recycled decode (stride %d, top-K %lld) score %.2f, %s full\n",
+                     stride, static_cast<long long>(top_k), o.score,
+                     o.prediction == full.prediction ? "same text as" : "differs from");
+      }
     }
     for (const std::string& method : opt.methods) {
       if (method == "query_select") {

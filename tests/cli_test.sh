@@ -103,6 +103,10 @@ if [[ -s "$model" ]]; then
   expect unknown_method 1 "unknown compression method" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" --method bogus --ratio 8 --out "$tmp/x.ctx"
   expect bad_ratio 1 "ratio must be > 1" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" --method finch --ratio 1 --out "$tmp/x.ctx"
   expect bad_budget 1 "" -- "$bin" compress --model "$model" --doc "$tmp/doc.txt" --method snapkv --budget 0 --out "$tmp/x.ctx"
+  expect bench_compare_decode 0 "median of 2 pairs" -- "$bin" bench --model "$model" --n-prompt 64 \
+    --n-gen 4 --threads 1 --compare-decode --repeat 2 --stride 2 --topk 8
+  expect bench_compare_needs_gen 1 "needs --n-gen >= 1" -- "$bin" bench --model "$model" \
+    --n-prompt 64 --n-gen 0 --compare-decode
   : > "$tmp/empty.txt"
   expect empty_doc 1 "empty" -- "$bin" compress --model "$model" --doc "$tmp/empty.txt" --method streaming --ratio 4 --out "$tmp/x.ctx"
   [[ ! -e "$tmp/x.ctx" ]] || { echo "FAIL a failed compress left $tmp/x.ctx behind"; fail=$((fail + 1)); }

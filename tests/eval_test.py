@@ -324,7 +324,8 @@ class RunnerTest(unittest.TestCase):
                              "SmolLM2-135M-Instruct.Q4_1")
             cmd = [EVAL, "--samples", samples, "--out", raw, "--methods", "streaming,finch,snapkv",
                    "--ratios", "2,16", "--head-budget", "uniform,adaptive", "--kv-dtypes",
-                   "fp16,int4", "--recycled", "--threads", "2", "--model", SMOLLM]
+                   "fp16,int4", "--recycled", "--recycled-stride", "4,10", "--threads", "2",
+                   "--model", SMOLLM]
             r = subprocess.run(cmd, capture_output=True, text=True)
             self.assertEqual(r.returncode, 0, r.stderr)
             rows = [json.loads(l) for l in open(raw)]
@@ -373,7 +374,9 @@ class RunnerTest(unittest.TestCase):
                 self.assertEqual(x["score"], 1.0, x)
                 self.assertLess(x["kl"], 0.5, x)
             self.assertTrue(all(x["kl"] > 0.5 for x in uniform if x["ratio"] == 16), uniform)
-            self.assertEqual(len([x for x in rows if x.get("decode") == "recycled"]), 1)
+            # One recycled row per (stride, top-K) pair, from the one prefill.
+            self.assertEqual(sorted((x["recycled_stride"], x["recycled_topk"]) for x in rows
+                                    if x.get("decode") == "recycled"), [(4, 0), (10, 0)])
             # Resuming skips finished samples.
             r = subprocess.run(cmd, capture_output=True, text=True)
             self.assertEqual(r.returncode, 0, r.stderr)

@@ -21,6 +21,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/cpu_features.h"
 #include "common/progress.h"
 #include "common/status.h"
@@ -92,6 +93,9 @@ tokenize flags:
 bench flags:
   --n-prompt N (512)  --n-gen M (64)  --json
   --observe ROWS      the prefill also reports its last ROWS rows' attention (score extraction)
+  --compare-decode    prefill once, then time --n-gen decode steps with full attention and
+                      with Recycled Attention (--stride, --topk) from copies of that cache,
+                      alternating, --repeat N (3) times each: a paired speed-up on one machine
 )";
 
 // A tiny flag parser: --name value, --name=value, boolean --name, and positionals.
@@ -463,6 +467,71 @@ absl::Status CmdCompress(const Flags& flags) {
   return absl::OkStatus();
 }
 
+// bench --compare-decode: from one prefilled cache, n_gen greedy decode steps with full
+// attention and with the recycled policy, alternating (full first), `repeat` times each, each
+// run on its own copy of the cache. Pairs measured back to back share the machine's state, so
+// the median of the per-pair ratios is steadier than two separate runs' tok/s.
+absl::Status CompareDecode(const Model& model, Runner& runner, const KvCache& prefilled,
+                           int32_t first, int n_gen, int repeat, const DecodePolicy& policy,
+                           int threads, bool json) {
+  using Clock = std::chrono::steady_clock;
+  const ModelConfig& c = model.config();
+  std::vector<double> full_tps, recycled_tps, ratios;
+  std::vector<float> logits;
+  for (int r = 0; r < repeat; ++r) {
+    for (const bool use_recycled : {false, true}) {
+      KvCache cache = prefilled;
+      std::unique_ptr<RecycledAttentionState> state;
+      if (use_recycled) {
+        state = std::make_unique<RecycledAttentionState>(policy, c.n_layers, c.n_kv_heads,
+                                                         c.n_heads, c.head_dim);
+      }
+      int32_t next = first;
+      const auto t0 = Clock::now();
+      for (int i = 0; i < n_gen; ++i) {
+        RETURN_IF_ERROR(runner.Decode(next, cache, &logits, state.get()));
+        next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) -
+                                    logits.begin());
+      }
+      const double tps = n_gen / std::chrono::duration<double>(Clock::now() - t0).count();
+      (use_recycled ? recycled_tps : full_tps).push_back(tps);
+    }
+    ratios.push_back(recycled_tps.back() / full_tps.back());
+    if (!json) {
+      std::printf("pair %d: full %.2f tok/s, recycled %.2f tok/s, %.3fx\n", r + 1,
+                  full_tps.back(), recycled_tps.back(), ratios.back());
+      std::fflush(stdout);
+    }
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t m = v.size() / 2;
+    return v.size() % 2 == 1 ? v[m] : (v[m - 1] + v[m]) / 2;
+  };
+  auto list = [](const std::vector<double>& v) {
+    std::string out;
+    for (double x : v) absl::StrAppend(&out, out.empty() ? "" : ",", absl::StrFormat("%.3f", x));
+    return out;
+  };
+  const int64_t n_prompt = prefilled.head(0, 0).n();
+  if (json) {
+    std::printf(
+        "{\"n_prompt\":%lld,\"n_gen\":%d,\"threads\":%d,\"stride\":%d,\"top_k\":%lld,"
+        "\"full_tok_s\":[%s],\"recycled_tok_s\":[%s],\"speedup\":[%s],"
+        "\"speedup_median\":%.4f,\"cpu\":\"%s\"}\n",
+        static_cast<long long>(n_prompt), n_gen, threads, policy.stride,
+        static_cast<long long>(policy.top_k), list(full_tps).c_str(), list(recycled_tps).c_str(),
+        list(ratios).c_str(), median(ratios), GetCpuFeatures().ToString().c_str());
+  } else {
+    const std::string top_k = policy.top_k > 0 ? absl::StrCat(policy.top_k) : "1/8 of keys";
+    std::printf("decode %d tokens after %lld: full %.2f tok/s, recycled (stride %d, top-K %s) "
+                "%.2f tok/s (medians); speed-up %.3fx (median of %d pairs)\n",
+                n_gen, static_cast<long long>(n_prompt), median(full_tps), policy.stride,
+                top_k.c_str(), median(recycled_tps), median(ratios), repeat);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CmdBench(const Flags& flags) {
   ASSIGN_OR_RETURN(std::string path, ModelPath(flags));
   int n_prompt = 512, n_gen = 64;
@@ -475,9 +544,16 @@ absl::Status CmdBench(const Flags& flags) {
   DecodePolicy policy;
   RETURN_IF_ERROR(ParseDecodePolicy(flags, &policy));
   const bool json = flags.Bool("json");
+  const bool compare = flags.Bool("compare-decode");
+  int repeat = 3;
+  RETURN_IF_ERROR(flags.Number("repeat", &repeat));
   const int threads = Threads(flags);
   RETURN_IF_ERROR(flags.CheckAllUsed());
   if (n_prompt < 1 || n_gen < 0) return absl::InvalidArgumentError("need --n-prompt >= 1, --n-gen >= 0");
+  if (compare && (n_gen < 1 || repeat < 1 || repeat > 100)) {
+    return absl::InvalidArgumentError("--compare-decode needs --n-gen >= 1 and 1 <= --repeat <= 100");
+  }
+  if (compare) policy.kind = DecodePolicy::Kind::kRecycled;
   if (observe < 0 || observe > n_prompt) {
     return absl::InvalidArgumentError("--observe needs 0 <= ROWS <= --n-prompt");
   }
@@ -517,6 +593,9 @@ absl::Status CmdBench(const Flags& flags) {
   RETURN_IF_ERROR(runner.Forward(ids, cache, prefill_options, &logits));
   const auto t1 = Clock::now();
   int32_t next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  if (compare) {
+    return CompareDecode(*model, runner, cache, next, n_gen, repeat, policy, threads, json);
+  }
   std::unique_ptr<RecycledAttentionState> recycled;
   if (policy.kind == DecodePolicy::Kind::kRecycled) {
     const ModelConfig& c = model->config();
@@ -556,7 +635,8 @@ int Main(int argc, char** argv) {
   Flags flags;
   absl::Status s = flags.Parse(argc, argv, 2,
                                {"chat", "raw-template", "ignore-eos", "no-bos", "quiet",
-                                "ids-only", "parse-special", "json", "dynamic", "per-layer"});
+                                "ids-only", "parse-special", "json", "dynamic", "per-layer",
+                                "compare-decode"});
   if (s.ok()) {
     if (flags.Has("server")) {
       s = cli::RunRemote(cmd, cli::FlagSource{
