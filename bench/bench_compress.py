@@ -7,13 +7,20 @@ Cases (issue "Compression"):
                             (the 8192 case is 8064 tokens, leaving room for the question),
                             measured by `ctxcache compress --json` (prefill + scoring +
                             selection; model loading excluded), median of --reps runs.
-  decode_full_<len>         decode tok/s after prefilling <len> tokens, full attention
-  decode_recycled_<len>     the same with Recycled Attention (stride 10, top-K 1/8 of the keys)
-                            measured by `ctxcache bench --json`, alternating full/recycled.
+  decode_recycled_<len>_s<S>_k<K>
+                            decode tok/s after prefilling <len> tokens, full attention and
+                            Recycled Attention (stride S, top-K K keys per KV head; 0 = 1/8 of
+                            the keys), measured by `ctxcache bench --compare-decode --json`:
+                            one prefill, then --reps pairs of full and recycled runs from
+                            copies of that cache, back to back; the speed-up is the median of
+                            the pairs' ratios (steadier than two separate medians on a noisy
+                            machine). --recycled lists the settings, e.g. 10:0,16:512.
 
 The document is deterministic English-like filler with a few facts, cut to exactly <len>
 tokens by the model's tokenizer (via `ctxcache tokenize`). Rerun:
   python3 bench/bench_compress.py [--lengths 1024,2048,4096,8192] [--reps 3]
+  python3 bench/bench_compress.py --lengths '' --decode-lengths 8192 --recycled 10:0,16:512 \
+      --threads 1 --reps 7                      # the Recycled Attention speed-ups only
 """
 import argparse
 import json
@@ -85,6 +92,8 @@ def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "build/server/ctxcache"))
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
     ap.add_argument("--decode-lengths", default="4096,8192")
+    ap.add_argument("--recycled", default="10:0",
+                    help="Recycled Attention settings STRIDE:TOPK,... (TOPK 0 = 1/8 of the keys)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n-gen", type=int, default=64)
@@ -97,7 +106,8 @@ def main():
     cases = []
     tmpdir = os.path.join(ROOT, "bench/work")
     os.makedirs(tmpdir, exist_ok=True)
-    for n in [int(x) for x in args.lengths.split(",")]:
+    settings = [tuple(int(v) for v in x.split(":")) for x in args.recycled.split(",") if x]
+    for n in [int(x) for x in args.lengths.split(",") if x]:
         doc = os.path.join(tmpdir, f"doc_{n}.txt")
         with open(doc, "w") as f:
             f.write(make_document(args.binary, doc_tokens(n)))
@@ -122,20 +132,22 @@ def main():
                               "tokens": r["source_tokens"], "kv_bytes": r["kv_bytes"],
                               "full_kv_bytes": r["full_kv_bytes"]})
             save(args.out, args, cases)
-    for n in [int(x) for x in args.decode_lengths.split(",")]:
+    for n in [int(x) for x in args.decode_lengths.split(",") if x]:
         prompt = min(n, 8192 - args.n_gen)
-        full, rec = [], []
-        for rep in range(args.reps):
-            base = [args.binary, "bench", "--n-prompt", str(prompt), "--n-gen", str(args.n_gen),
-                    "--threads", str(args.threads), "--json"]
-            full.append(run_json(base)["decode_tok_s"])
-            rec.append(run_json(base + ["--decode", "recycled", "--stride", "10"])["decode_tok_s"])
-            print(f"decode_{n} rep {rep + 1}/{args.reps}: full {full[-1]:.1f} tok/s, "
-                  f"recycled {rec[-1]:.1f} tok/s", flush=True)
-        cases.append({"name": f"decode_full_{n}", "tok_s": statistics.median(full), "prompt_tokens": prompt})
-        cases.append({"name": f"decode_recycled_{n}", "tok_s": statistics.median(rec), "prompt_tokens": prompt,
-                      "stride": 10, "top_k": "1/8 of keys"})
-        save(args.out, args, cases)
+        for stride, top_k in settings:
+            r = run_json([args.binary, "bench", "--n-prompt", str(prompt), "--n-gen", str(args.n_gen),
+                          "--threads", str(args.threads), "--compare-decode", "--repeat", str(args.reps),
+                          "--stride", str(stride), "--topk", str(top_k), "--json"])
+            print(f"decode_{n} stride {stride} top-K {top_k or '1/8'}: full {r['full_tok_s']} tok/s, "
+                  f"recycled {r['recycled_tok_s']} tok/s, speed-up {r['speedup_median']:.3f}x "
+                  f"(median of {args.reps} pairs)", flush=True)
+            cases.append({"name": f"decode_recycled_{n}_s{stride}_k{top_k}", "prompt_tokens": prompt,
+                          "n_gen": args.n_gen, "stride": stride, "top_k": top_k,
+                          "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+                          "full_tok_s": statistics.median(r["full_tok_s"]),
+                          "recycled_tok_s": statistics.median(r["recycled_tok_s"]),
+                          "speedup_median": r["speedup_median"], "speedups": r["speedup"]})
+            save(args.out, args, cases)
     result = save(args.out, args, cases)
     print(f"wrote {args.out}")
     if not args.no_doc:
@@ -168,13 +180,20 @@ def write_doc(result):
                 return ""
             return "fails (see json)" if c.get("seconds") is None else f"{c['seconds']:.2f}"
         lines.append(f"| {m} | " + " | ".join(cell(f"compress_{m}_{n}") for n in lengths) + " |")
-    dl = sorted({int(c["name"].rsplit("_", 1)[1]) for c in result["cases"] if c["name"].startswith("decode_full_")})
-    if dl:
-        lines += ["", "Decode tok/s, full attention vs Recycled Attention (stride 10, top-K = 1/8 of keys):", "",
-                  "| context | full | recycled | speed-up |", "|---:|---:|---:|---:|"]
-        for n in dl:
-            f, r = by[f"decode_full_{n}"]["tok_s"], by[f"decode_recycled_{n}"]["tok_s"]
-            lines.append(f"| {n} | {f:.1f} | {r:.1f} | {r / f:.2f}x |")
+    rec = sorted((c for c in result["cases"] if c["name"].startswith("decode_recycled_") and "stride" in c
+                  and "speedup_median" in c), key=lambda c: (c["prompt_tokens"], c["stride"], c["top_k"]))
+    if rec:
+        lines += ["", "Decode tok/s, full attention vs Recycled Attention, paired (`ctxcache bench "
+                  "--compare-decode`: one prefill, full and recycled runs back to back; medians; the "
+                  "speed-up is the median of the pairs' ratios):", "",
+                  "| context | stride | top-K | threads | full | recycled | speed-up | pairs | date |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+        for c in rec:
+            k = c["top_k"] or "1/8"
+            pairs = ", ".join(f"{x:.2f}" for x in c["speedups"])
+            lines.append(f"| {c['prompt_tokens']} | {c['stride']} | {k} | {c['threads']} | "
+                         f"{c['full_tok_s']:.1f} | {c['recycled_tok_s']:.1f} | "
+                         f"{c['speedup_median']:.2f}x | {pairs} | {c['date']} |")
     lines.append(END)
     block = "\n".join(lines)
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
