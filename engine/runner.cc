@@ -233,7 +233,9 @@ absl::Status Runner::Attention(int layer, int64_t n, const KvCache& cache,
     rec->RecordRecycledStep(layer);
     return absl::OkStatus();
   }
-  if (rec != nullptr) s.full_probs.assign(static_cast<size_t>(c.n_heads) * max_keys, 0.f);
+  // Not cleared: the decode kernel writes the probability of every visible entry, and a decode
+  // step's query is the newest position, so every entry is visible.
+  if (rec != nullptr) s.full_probs.resize(static_cast<size_t>(c.n_heads) * max_keys);
   if (n == 1 && n_obs == 0) {
     // A plain decode step, or Recycled Attention's full step: the fused kernel, which also
     // hands the full step its attention probabilities.
