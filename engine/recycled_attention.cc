@@ -2,7 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 
@@ -69,7 +69,7 @@ void RecycledAttentionState::RecordFullStep(int layer, const float* q, const flo
   Layer& l = layers_[layer];
   const int group = n_heads_ / n_kv_heads_;
   const int half = policy_.pool_kernel / 2;
-  std::vector<float> agg, pooled;
+  std::vector<float> agg, pooled, order;
   for (int g = 0; g < n_kv_heads_; ++g) {
     // The full step's own token (the last entry) is attended by every later step anyway, as
     // one of the tokens generated since; rank only the entries before it.
@@ -81,21 +81,38 @@ void RecycledAttentionState::RecordFullStep(int layer, const float* q, const flo
       const float* p = probs + (static_cast<int64_t>(g) * group + j) * probs_stride;
       for (int64_t k = 0; k < n; ++k) agg[k] = std::max(agg[k], p[k]);
     }
-    pooled.assign(n, 0.f);
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t lo = std::max<int64_t>(0, k - half), hi = std::min(n - 1, k + half);
-      pooled[k] = *std::max_element(agg.begin() + lo, agg.begin() + hi + 1);
+    // Max-pooling over the window [k - half, k + half] (clipped), as the max of shifted
+    // copies: plain loops the compiler vectorizes.
+    pooled = agg;
+    for (int64_t d = 1; d <= half; ++d) {
+      for (int64_t k = 0; k + d < n; ++k) pooled[k] = std::max(pooled[k], agg[k + d]);
+      for (int64_t k = d; k < n; ++k) pooled[k] = std::max(pooled[k], agg[k - d]);
     }
     const int64_t k_keep = std::min(n, policy_.top_k > 0 ? policy_.top_k : std::max<int64_t>(1, n / 8));
+    // The k_keep largest, ties broken by the lower index so the selection is deterministic:
+    // the k_keep-th largest value, then one pass in index order taking every entry above it
+    // and the first entries equal to it (sorted indices without a sort; the plain
+    // nth_element-over-indices reference is in attention_test.cc).
     std::vector<int64_t>& idx = l.indices[g];
-    idx.resize(n);
-    std::iota(idx.begin(), idx.end(), 0);
-    // Ties broken by index so the selection is deterministic.
-    std::nth_element(idx.begin(), idx.begin() + k_keep, idx.end(), [&](int64_t a, int64_t b) {
-      return pooled[a] > pooled[b] || (pooled[a] == pooled[b] && a < b);
-    });
-    idx.resize(k_keep);
-    std::sort(idx.begin(), idx.end());
+    idx.clear();
+    if (k_keep > 0) {
+      order = pooled;
+      std::nth_element(order.begin(), order.begin() + (k_keep - 1), order.end(),
+                       std::greater<float>());
+      const float threshold = order[k_keep - 1];
+      int64_t above = 0;
+      for (int64_t k = 0; k < n; ++k) above += pooled[k] > threshold;
+      int64_t ties = k_keep - above;
+      idx.reserve(k_keep);
+      for (int64_t k = 0; k < n; ++k) {
+        if (pooled[k] > threshold) {
+          idx.push_back(k);
+        } else if (pooled[k] == threshold && ties > 0) {
+          idx.push_back(k);
+          --ties;
+        }
+      }
+    }
     l.first_new[g] = n;  // == n_all - 1: the full step's token onwards
   }
   l.q_mean = MeanQuery(q);

@@ -22,6 +22,7 @@
 #include "common/half.h"
 #include "common/thread_pool.h"
 #include "engine/kv_cache.h"
+#include "engine/recycled_attention.h"
 
 namespace ctxcache {
 namespace {
@@ -322,6 +323,60 @@ INSTANTIATE_TEST_SUITE_P(Levels, AttentionTest,
                          [](const ::testing::TestParamInfo<CpuLevel>& info) {
                            return std::string(LevelName(info.param));
                          });
+
+// Recycled Attention's selection of the keys a full step attended to most (max over the
+// group's query heads, max-pooled, the top-K with ties to the lower index) against the plain
+// reference it replaced: pooling by max_element over each window, nth_element with the
+// (value desc, index asc) order, then a sort. Scores with many ties (quantized to a few
+// levels) and without.
+TEST(RecycledSelectionTest, MatchesThePlainReference) {
+  constexpr int kHeads = 6, kKvHeads = 2, kHeadDim = 4, kGroup = kHeads / kKvHeads;
+  std::mt19937 rng(7);
+  for (const int levels : {0, 3, 50}) {
+    for (const int64_t n_all : {int64_t{1}, int64_t{2}, int64_t{9}, int64_t{300}, int64_t{2049}}) {
+      for (const int64_t top_k : {int64_t{0}, int64_t{1}, int64_t{5}, int64_t{64}, int64_t{5000}}) {
+        for (const int kernel : {1, 7}) {
+          DecodePolicy policy;
+          policy.kind = DecodePolicy::Kind::kRecycled;
+          policy.top_k = top_k;
+          policy.pool_kernel = kernel;
+          RecycledAttentionState state(policy, 1, kKvHeads, kHeads, kHeadDim);
+          std::uniform_real_distribution<float> u(0.f, 1.f);
+          std::vector<float> probs(kHeads * n_all), q(kHeads * kHeadDim, 0.5f);
+          for (float& p : probs) p = levels == 0 ? u(rng) : std::floor(u(rng) * levels) / levels;
+          state.RecordFullStep(0, q.data(), probs.data(), n_all, {n_all, n_all});
+          for (int g = 0; g < kKvHeads; ++g) {
+            const int64_t n = n_all > 1 ? n_all - 1 : n_all;
+            std::vector<float> agg(n, 0.f), pooled(n);
+            for (int j = 0; j < kGroup; ++j) {
+              for (int64_t k = 0; k < n; ++k) {
+                agg[k] = std::max(agg[k], probs[(g * kGroup + j) * n_all + k]);
+              }
+            }
+            const int64_t half = kernel / 2;
+            for (int64_t k = 0; k < n; ++k) {
+              const int64_t lo = std::max<int64_t>(0, k - half), hi = std::min(n - 1, k + half);
+              pooled[k] = *std::max_element(agg.begin() + lo, agg.begin() + hi + 1);
+            }
+            const int64_t keep = std::min(n, top_k > 0 ? top_k : std::max<int64_t>(1, n / 8));
+            std::vector<int64_t> want(n);
+            for (int64_t k = 0; k < n; ++k) want[k] = k;
+            std::nth_element(want.begin(), want.begin() + keep, want.end(),
+                             [&](int64_t a, int64_t b) {
+                               return pooled[a] > pooled[b] || (pooled[a] == pooled[b] && a < b);
+                             });
+            want.resize(keep);
+            std::sort(want.begin(), want.end());
+            ASSERT_EQ(state.recycled(0, g), want)
+                << "levels " << levels << ", n " << n_all << ", top_k " << top_k << ", kernel "
+                << kernel << ", kv head " << g;
+            EXPECT_EQ(state.first_new(0, g), n);
+          }
+        }
+      }
+    }
+  }
+}
 
 }  // namespace
 }  // namespace ctxcache
