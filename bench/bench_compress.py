@@ -155,10 +155,15 @@ def main():
 
 
 def save(path, args, new_cases):
-    """Writes the results, keeping earlier cases that this run did not measure (--lengths)."""
+    """Writes the results, keeping earlier cases that this run did not measure (--lengths).
+    The top-level fields describe the compression cases: a run that measured none (--lengths '')
+    keeps the earlier ones (each decode case carries its own threads and date)."""
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "threads": args.threads, "ratio": 8, "reps": args.reps,
             "date": time.strftime("%Y-%m-%d")}
+    if not any(c["name"].startswith("compress_") for c in new_cases) and os.path.exists(path):
+        with open(path) as f:
+            meta = {k: v for k, v in json.load(f).items() if k != "cases"}
     return save_merged(path, meta, new_cases)
 
 
