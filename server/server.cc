@@ -197,8 +197,21 @@ bool ServerInstance::Drain(double timeout_seconds) {
     constexpr double kStopGraceSeconds = 2.0;
     WaitIdle(kStopGraceSeconds);
   }
-  // Cancels whatever is left; returns once every call has finished.
-  server_->Shutdown(std::chrono::system_clock::now());
+  // A call leaves the in-flight count just before its Finish, so "idle" can come while the
+  // last calls' final messages and statuses are still on their way out: Shutdown gives
+  // those up to kFlushSeconds (within the drain time) and returns as soon as they are out.
+  // With an immediate deadline it cancelled them: a stream that had produced its whole
+  // answer reached its client as CANCELLED ("Cancelling all calls"; the e2e test
+  // BinaryServesTheCliAndDrainsOnSigterm, on a loaded machine). Past the deadline Shutdown
+  // cancels whatever is left and returns once every call has finished.
+  constexpr double kFlushSeconds = 5.0;
+  const double drain_left =
+      timeout_seconds -
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double flush = idle ? std::clamp(drain_left, 0.0, kFlushSeconds) : 0.0;
+  server_->Shutdown(std::chrono::system_clock::now() +
+                    std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                        std::chrono::duration<double>(flush)));
   // Contexts computed before or during the drain may still be on their way to Redis, where
   // other replicas would find them: the writes get what is left of the drain time.
   bool flushed = true;
