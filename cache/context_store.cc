@@ -235,6 +235,7 @@ class TwoTierStore final : public ContextStore {
     s.redis_circuit_opens = b.opens;
     s.redis_short_circuited = b.short_circuited;
     s.redis_slow = b.slow;
+    s.flights = flights_.InFlight();
     return s;
   }
 

@@ -121,6 +121,9 @@ struct ContextStoreStats {
   // Circuit breaker: state, times it opened, operations it skipped, slow reads it counted.
   CircuitState redis_circuit = CircuitState::kClosed;
   int64_t redis_circuit_opens = 0, redis_short_circuited = 0, redis_slow = 0;
+  // Lookups in flight past the memory tier (Redis read or computation; single flight: one
+  // per context however many callers wait on it).
+  int64_t flights = 0;
   // Memory tier bytes per tenant (every tenant that stored a context; 0 when all evicted).
   std::map<std::string, int64_t> memory_tenant_bytes;
 };

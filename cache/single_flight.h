@@ -73,6 +73,13 @@ class SingleFlight {
     }
   }
 
+  // Runs in flight (keys with a leader). For tests that must know a first caller leads
+  // before a second one arrives.
+  int64_t InFlight() const {
+    absl::MutexLock lock(&mu_);
+    return static_cast<int64_t>(calls_.size());
+  }
+
   // Callers waiting on the run in flight for `key` (0 when none is). For tests that need to
   // know every thread has joined before letting the leader finish.
   int64_t Waiters(const std::string& key) const {
