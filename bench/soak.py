@@ -33,9 +33,10 @@ minutes the clients pause (each finishes its call), and once nothing is in fligh
 is sampled: what the server retains (memory tier, allocator, caches), without the working
 memory of whatever happens to be running, which swings the busy samples by hundreds of MiB.
   Pass: RSS never above model file + memory tier + KV budget + 512 MiB; no upward trend: a least
-  squares line through the idle samples less the memory tier's bytes (read from /metrics at
-  the same moment: the tier holds contexts by design, its fill moves with evictions) after the
-  first 10 minutes rises by at most 32 MiB over that span.
+  squares line through the idle samples less the memory tier's bytes and the workers' kept
+  scratch (both read from /metrics at the same moment: the tier holds contexts by design, its
+  fill moves with evictions; each worker keeps up to 128 MiB of scratch, sized by its last
+  jobs) after the first 10 minutes rises by at most 32 MiB over that span.
 """
 
 import argparse
@@ -579,18 +580,19 @@ def run_memory(args):
                 for _ in range(3):
                     time.sleep(1)
                     readings.append(rss_bytes(pid))
-                return min(readings), memory_tier_bytes()
+                return (min(readings), gauge('ctxcache_cache_bytes{tier="memory"}'),
+                        gauge("ctxcache_worker_scratch_bytes"))
             finally:
                 paused.clear()
 
-        def memory_tier_bytes():
-            """The memory tier's bytes from /metrics (ctxcache_cache_bytes{tier="memory"})."""
+        def gauge(series):
+            """One series' value from the server's /metrics (None: not there or no answer)."""
             import urllib.request
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                             timeout=10) as r:
                     for line in r.read().decode().splitlines():
-                        if line.startswith('ctxcache_cache_bytes{tier="memory"}'):
+                        if line.startswith(series + " "):
                             return int(float(line.split()[-1]))
             except OSError:
                 pass
@@ -604,20 +606,22 @@ def run_memory(args):
             t.start()
         t_start = time.time()
         next_log, next_idle = 0, args.idle_every_minutes * 60
-        idle_samples, tier_samples, rest_samples = [], [], []
+        idle_samples, tier_samples, scratch_samples, rest_samples = [], [], [], []
         while time.time() - t_start < args.minutes * 60 and server.proc.poll() is None:
             if time.time() - t_start >= next_idle:
                 next_idle += args.idle_every_minutes * 60
                 at = round(time.time() - t_start, 1)
                 idle = idle_rss()
                 if idle is not None:
-                    rss, tier = idle
+                    rss, tier, scratch = idle
                     idle_samples.append((at, rss))
-                    if tier is not None:
+                    if tier is not None and scratch is not None:
                         tier_samples.append((at, tier))
-                        rest_samples.append((at, rss - tier))
+                        scratch_samples.append((at, scratch))
+                        rest_samples.append((at, rss - tier - scratch))
                     log(f"{at / 60:.1f} min: idle RSS {rss / MiB:.0f} MiB, memory tier "
-                        f"{(tier or 0) / MiB:.0f} MiB")
+                        f"{(tier or 0) / MiB:.0f} MiB, worker scratch {(scratch or 0) / MiB:.0f} "
+                        f"MiB")
             samples.append((round(time.time() - t_start, 1), rss_bytes(pid)))
             if time.time() - t_start >= next_log:
                 next_log += 60
@@ -634,8 +638,10 @@ def run_memory(args):
         # The trend is judged on the idle RSS less the memory tier's bytes: the tier holds
         # contexts by design (up to its cap, inside the bound) and its fill moves with
         # evictions and deletes (the idle RSS swung by +-175 MiB around a flat middle in the
-        # first idle-sampled run, 5x the 32 MiB criterion); what a leak adds is in the rest.
-        # Without tier readings (no /metrics), the raw idle RSS is judged.
+        # first idle-sampled run, 5x the 32 MiB criterion); and less the scratch the workers
+        # keep between jobs (up to 128 MiB each, sized by the last jobs: with the tier alone
+        # subtracted the rest still swung +-200 MiB). What a leak adds is in the rest.
+        # Without those readings (no /metrics), the raw idle RSS is judged.
         rise, span = (trend(rest_samples, args.warmup_minutes * 60)
                       if len(rest_samples) == len(idle_samples) else (raw_rise, span))
         busy_rise, _ = trend(samples, args.warmup_minutes * 60)
@@ -652,13 +658,16 @@ def run_memory(args):
             "idle_trend_after_warmup_bytes": rise, "idle_trend_span_s": span,
             "idle_rss_trend_after_warmup_bytes": raw_rise,
             "idle_memory_tier_samples": tier_samples,
+            "idle_worker_scratch_samples": scratch_samples,
+            "idle_rest_samples": rest_samples,
             "busy_trend_after_warmup_bytes": busy_rise, "idle_every_minutes": args.idle_every_minutes,
             "idle_samples": idle_samples,
             "warmup_minutes": args.warmup_minutes, "server_alive": alive,
             "counts": tally.counts, "latency": tally.latency(), "samples": samples, "loadavg": bs.loadavg(), "pass": passed,
             "criterion": "RSS <= model + memory tier + KV budget + 512 MiB at every sample; a "
                          "least-squares line through the idle samples (RSS less the memory "
-                         "tier's bytes) after the warm-up rises <= 32 MiB",
+                         "tier's bytes and the workers' kept scratch) after the warm-up rises "
+                         "<= 32 MiB",
         }
         save(args.results or os.path.join(ROOT, "bench", "results", "soak_memory.json"), result)
         # The documented plot for the documented results; beside the JSON for any other run.
@@ -688,6 +697,10 @@ def plot_memory(result, path):
         ax.plot([s[0] / 60 for s in result["idle_samples"]],
                 [s[1] / MiB for s in result["idle_samples"]], "ko", ms=4,
                 label="idle RSS (clients paused)")
+    if result.get("idle_rest_samples"):
+        ax.plot([s[0] / 60 for s in result["idle_rest_samples"]],
+                [s[1] / MiB for s in result["idle_rest_samples"]], "g^", ms=4,
+                label="idle RSS less memory tier and worker scratch (judged)")
     ax.axhline(result["bound_bytes"] / MiB, color="red", ls="--",
                label="bound: model + memory tier + KV budget + 512 MiB")
     ax.axvline(result["warmup_minutes"], color="gray", ls=":", label="end of warm-up")

@@ -30,7 +30,8 @@ absl::Status Reservation::Resize(int64_t bytes) {
 void Reservation::Release() { scheduler_->ReleaseRunning(this); }
 
 Scheduler::Scheduler(const Model& model, const SchedulerOptions& options)
-    : model_(model), options_(options), job_started_(std::max(0, options.workers)) {
+    : model_(model), options_(options), job_started_(std::max(0, options.workers)),
+      scratch_bytes_(std::max(0, options.workers)) {
   for (int i = 0; i < options_.workers; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
 }
 
@@ -143,6 +144,7 @@ SchedulerStats Scheduler::Stats() const {
   }
   SchedulerStats stats{static_cast<int>(queue_.size()), running_, reserved_,
                        options_.max_kv_bytes, options_.max_queue_depth, options_.workers, busy};
+  for (int64_t b : scratch_bytes_) stats.scratch_bytes += b;
   stats.tenants.insert(tenants_.begin(), tenants_.end());
   return stats;
 }
@@ -201,10 +203,13 @@ void Scheduler::WorkerLoop(int index) {
     ReleaseRunning(&reservation);
     // A worker's scratch keeps the size of its largest job; kept, every worker's would ratchet
     // up to the largest document it ever saw (memory soak, SmolLM2: idle RSS ranged 877-1210
-    // MiB over 40 minutes without the release, 612-961 MiB with it). Past kKeepScratchBytes it goes back; the next large job allocates again:
-    // measured 360 ms for 200 MB (page faults and zeroing, on a busy 2-core machine), next to
-    // the ~10 s of a 2K-token kvzip compression whose scratch is that large.
+    // MiB over 40 minutes without the release, 612-961 MiB with it). Past kKeepScratchBytes
+    // it goes back; the next large job allocates again: measured 360 ms for 200 MB (page
+    // faults and zeroing, on a busy 2-core machine), next to the ~10 s of a 2K-token kvzip
+    // compression whose scratch is that large. What is kept is exported (worker scratch gauge)
+    // so that the memory soak can tell it from a leak.
     if (runner.ScratchBytes() > kKeepScratchBytes) runner.ReleaseScratch();
+    const int64_t scratch = runner.ScratchBytes();
     // Give the job's freed working memory back to the system. glibc keeps freed blocks in its
     // arenas (the mmap threshold grows to 32 MiB after the first large free, so the engine's
     // big buffers come from the arenas): in the memory soak (bench/soak.py memory) RSS climbed
@@ -216,6 +221,7 @@ void Scheduler::WorkerLoop(int index) {
       std::lock_guard<std::mutex> lock(mu_);
       busy_seconds_ += std::chrono::duration<double>(Clock::now() - job_started_[index]).count();
       job_started_[index] = Clock::time_point{};
+      scratch_bytes_[index] = scratch;
       --running_;
     }
   }

@@ -79,6 +79,9 @@ struct SchedulerStats {
   int max_queue_depth = 0;
   int workers = 0;
   double busy_seconds = 0;  // total time workers spent running jobs (monotonic)
+  // Scratch buffers the workers' Runners hold, as of each worker's last finished job (each
+  // keeps up to 128 MiB between jobs, scheduler.cc; what a running job grows is not seen here).
+  int64_t scratch_bytes = 0;
   // Every tenant that has submitted a job (bounded by the tenants auth knows).
   std::map<std::string, TenantSchedulerStats> tenants;
 };
@@ -145,6 +148,8 @@ class Scheduler {
   double busy_seconds_ ABSL_GUARDED_BY(mu_) = 0;  // jobs finished
   // Per worker: when its current job started; Clock::time_point{} while idle.
   std::vector<Clock::time_point> job_started_ ABSL_GUARDED_BY(mu_);
+  // Per worker: its Runner's ScratchBytes() after its last job (after the release).
+  std::vector<int64_t> scratch_bytes_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, TenantSchedulerStats> tenants_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;

@@ -157,6 +157,11 @@ ServerMetrics::ServerMetrics(const std::string& version)
                                   "Requests running on engine workers.")
                    .Get()),
       workers_(registry_.AddGauge("ctxcache_workers", "Engine workers.").Get()),
+      worker_scratch_(registry_
+                          .AddGauge("ctxcache_worker_scratch_bytes",
+                                    "Scratch buffers the engine workers keep between requests "
+                                    "(each up to 128 MiB), as of each worker's last request.")
+                          .Get()),
       rss_(registry_
                .AddGauge("ctxcache_process_resident_memory_bytes",
                          "Resident memory of the server process (/proc/self/statm).")
@@ -340,6 +345,7 @@ void ServerMetrics::Collect() {
     queue_depth_.Set(s.queued);
     running_.Set(s.running);
     workers_.Set(s.workers);
+    worker_scratch_.Set(static_cast<double>(s.scratch_bytes));
     SetTotal(busy_seconds_, s.busy_seconds);
     SetPerTenant(tenant_in_flight_, s.tenants,
                  [](const TenantSchedulerStats& t) { return static_cast<double>(t.in_flight); });

@@ -406,6 +406,9 @@ TEST_F(MetricsE2ETest, ScrapeMatchesTheCallsMade) {
   EXPECT_EQ(value("ctxcache_queue_depth"), 0);
   EXPECT_EQ(value("ctxcache_running_requests"), 0);
   EXPECT_GT(value("ctxcache_worker_busy_seconds_total"), 0);
+  // The one worker ran requests, so its Runner holds scratch, at most what it keeps.
+  EXPECT_GT(value("ctxcache_worker_scratch_bytes"), 0);
+  EXPECT_LE(value("ctxcache_worker_scratch_bytes"), 128.0 * (1 << 20));
   EXPECT_GT(value("ctxcache_process_resident_memory_bytes"), 1e6);
   EXPECT_EQ(value(absl::StrCat("ctxcache_build_info{version=\"", CTXCACHE_VERSION,
                                "\",model=\"", model().config().name, "\"}")),
