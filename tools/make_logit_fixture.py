@@ -281,6 +281,43 @@ def write_fixture(path, source, model_name, n_vocab, prompts, summaries):
     os.replace(path + ".part", path)
 
 
+def read_fixture(path):
+    """The fixture back: (source, model_name, n_vocab, [(name, ids, records)]), records as
+    write_fixture takes them (train/frozen_llm.py checks PyTorch against it)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    header = struct.unpack_from(f"<{HEADER_INTS}i", data, 0)
+    if header[0] != MAGIC or header[1] != VERSION:
+        raise ValueError(f"{path}: not a version-{VERSION} logit fixture")
+    n_prompts, n_vocab, n_top, n_rand, _, name_bytes, text_bytes = header[2:9]
+    off = HEADER_INTS * 4
+    text = lambda n: data[off:off + n].split(b"\0", 1)[0].decode()  # noqa: E731
+    source = text(text_bytes)
+    off += text_bytes
+    model_name = text(text_bytes)
+    off += text_bytes
+    n_ids, prompts = n_top + n_rand, []
+    for _ in range(n_prompts):
+        name = text(name_bytes)
+        off += name_bytes
+        (n_tokens,) = struct.unpack_from("<i", data, off)
+        ids = np.frombuffer(data, "<i4", n_tokens, off + 4).tolist()
+        off += 4 + 4 * n_tokens
+        records = []
+        for _ in range(n_tokens):
+            argmax, gap, lse, lse_f32 = struct.unpack_from("<ifff", data, off)
+            off += 16
+            at = np.frombuffer(data, "<i4", n_ids, off)
+            logits = np.frombuffer(data, "<f4", n_ids, off + 4 * n_ids)
+            logits_f32 = np.frombuffer(data, "<f4", n_ids, off + 8 * n_ids)
+            off += 12 * n_ids
+            records.append((argmax, gap, lse, lse_f32, at, logits, logits_f32))
+        prompts.append((name, ids, records))
+    if struct.unpack_from("<i", data, off)[0] != MAGIC:
+        raise ValueError(f"{path}: truncated or misread (no end marker)")
+    return source, model_name, n_vocab, prompts
+
+
 # ---- the independent fp32 numpy reference ------------------------------------------------
 
 class NumpyLlama:
