@@ -109,6 +109,9 @@ class KvCache {
   // The bytes K and V actually take: frozen segments at their dtype (codes, scales, minima),
   // the rest at fp16. Positions are not counted (4 bytes per entry, whatever the dtype).
   int64_t StoredBytes() const;
+  // The bytes the cache's buffers hold in memory: StoredBytes' segments, and the fp16 rows
+  // and positions at their vectors' capacity (which outgrows their size as a pass appends).
+  int64_t ResidentBytes() const;
   // The most entries any head holds (the attention span).
   int64_t MaxEntries() const;
   // Whether any head holds a quantized segment, and the dtype of the first one (kF16 if none).
@@ -117,6 +120,9 @@ class KvCache {
   // Moves every head's entries into one frozen segment of `dtype` (a stored context: the last
   // step of compression). InvalidArgument when the head_dim does not suit the dtype.
   absl::Status Freeze(KvDtype dtype);
+  // Gives back every vector's spare capacity (a finished context that will only be read:
+  // what a memory tier charges for an entry must be what it holds).
+  void ShrinkToFit();
   // Every head's entries back into plain fp16 rows (the inverse of Freeze, lossy for int
   // dtypes), for work that rewrites entries (re-rotation, per-query selection).
   void Thaw();

@@ -154,8 +154,29 @@ TEST(KvQuantTest, FreezeKeepsEntriesAndShrinksBytes) {
     const KvHead& b = frozen.head(1, 2);
     EXPECT_EQ(b.n_frozen(), 100);
     EXPECT_TRUE(b.k.empty());
+    // The fp16 rows are released, not only cleared (a cleared vector keeps its capacity: a
+    // frozen context held its fp16 copy beside its codes, uncounted).
+    EXPECT_EQ(b.k.capacity() + b.v.capacity(), 0u);
+    EXPECT_EQ(frozen.ResidentBytes(),
+              frozen.StoredBytes() + frozen.TotalEntries() * int64_t{sizeof(int32_t)});
     EXPECT_EQ(a.pos, b.pos);
   }
+}
+
+TEST(KvQuantTest, ShrinkToFitLeavesOnlyWhatIsStored) {
+  std::mt19937 rng(5);
+  KvCache cache(2, 2, 64);
+  // Appended a few rows at a time, as a prefill does: the vectors grow past their size.
+  for (int32_t t = 0; t < 37; t += 3) {
+    const std::vector<float> k = Random(3 * 2 * 64, 1.f, rng), v = Random(3 * 2 * 64, 1.f, rng);
+    const int32_t pos[3] = {t, t + 1, t + 2};
+    for (int l = 0; l < 2; ++l) cache.Append(l, k.data(), v.data(), pos, 3);
+  }
+  const int64_t exact = cache.StoredBytes() + cache.TotalEntries() * int64_t{sizeof(int32_t)};
+  EXPECT_GT(cache.ResidentBytes(), exact);
+  cache.ShrinkToFit();
+  EXPECT_EQ(cache.ResidentBytes(), exact);
+  EXPECT_EQ(cache.TotalEntries(), 2 * 2 * 39);
 }
 
 TEST(KvQuantTest, AppendTruncateAndLoadAcrossTheFrozenEnd) {

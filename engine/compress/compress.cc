@@ -45,10 +45,13 @@ absl::Status Prefill(Runner& runner, absl::Span<const int32_t> doc, KvCache& cac
 
 // The last step of every method: the kept entries in the spec's kv_dtype. fp16 stays plain
 // rows (what the codec has always stored); int8 / int4 become one frozen segment per head.
+// Either way the context keeps no spare capacity (a prefill's rows grow by doubling): caches
+// charge it its StoredBytes.
 absl::Status StoreAs(const CompressionSpec& spec, KvCache& kv) {
   ASSIGN_OR_RETURN(const KvDtype dtype, ParseKvDtype(spec.kv_dtype));
-  if (dtype == KvDtype::kF16) return absl::OkStatus();
-  return kv.Freeze(dtype);
+  if (dtype != KvDtype::kF16) RETURN_IF_ERROR(kv.Freeze(dtype));
+  kv.ShrinkToFit();
+  return absl::OkStatus();
 }
 
 }  // namespace
