@@ -271,7 +271,8 @@ def plot(history, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4))
     train = history["train"]
-    keys = sorted({k for row in train for k in row if k.startswith(("ae_", "cont_"))})
+    keys = sorted({k for row in train + history["eval"] for k in row
+                   if k.startswith(("ae_", "cont_"))})
     for k in keys:
         pts = [(row["step"], row[k]) for row in train if k in row]
         # A running mean over 20 steps: each step's loss is of a few windows only.
@@ -282,6 +283,12 @@ def plot(history, path):
         ev = [(row["step"], row[k]) for row in history["eval"] if k in row]
         if ev:
             ax.plot([s for s, _ in ev], [y for _, y in ev], "o--", ms=3, label=f"held-out {k}")
+    styles = {"cont_full_text": "continuation, whole chunk as text",
+              "cont_no_context": "continuation, no context",
+              "ae_no_digest": "reconstruction, no digest (the text's own LM loss)"}
+    for k, v in history.get("bounds", {}).items():
+        ax.axhline(v, ls=":", lw=1, color="gray")
+        ax.annotate(styles.get(k, k), (0, v), fontsize=7, color="gray", va="bottom")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title("digest compressor (IC-Former) training")
