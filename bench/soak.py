@@ -581,7 +581,8 @@ def run_memory(args):
                     time.sleep(1)
                     readings.append(rss_bytes(pid))
                 return (min(readings), gauge('ctxcache_cache_bytes{tier="memory"}'),
-                        gauge("ctxcache_worker_scratch_bytes"))
+                        gauge("ctxcache_worker_scratch_bytes"),
+                        gauge("ctxcache_heap_in_use_bytes"))
             finally:
                 paused.clear()
 
@@ -607,21 +608,24 @@ def run_memory(args):
         t_start = time.time()
         next_log, next_idle = 0, args.idle_every_minutes * 60
         idle_samples, tier_samples, scratch_samples, rest_samples = [], [], [], []
+        heap_rest_samples = []  # heap in use less tier and scratch: allocations, not RSS
         while time.time() - t_start < args.minutes * 60 and server.proc.poll() is None:
             if time.time() - t_start >= next_idle:
                 next_idle += args.idle_every_minutes * 60
                 at = round(time.time() - t_start, 1)
                 idle = idle_rss()
                 if idle is not None:
-                    rss, tier, scratch = idle
+                    rss, tier, scratch, heap = idle
                     idle_samples.append((at, rss))
                     if tier is not None and scratch is not None:
                         tier_samples.append((at, tier))
                         scratch_samples.append((at, scratch))
                         rest_samples.append((at, rss - tier - scratch))
+                        if heap:
+                            heap_rest_samples.append((at, heap - tier - scratch))
                     log(f"{at / 60:.1f} min: idle RSS {rss / MiB:.0f} MiB, memory tier "
                         f"{(tier or 0) / MiB:.0f} MiB, worker scratch {(scratch or 0) / MiB:.0f} "
-                        f"MiB")
+                        f"MiB, heap in use {(heap or 0) / MiB:.0f} MiB")
             samples.append((round(time.time() - t_start, 1), rss_bytes(pid)))
             if time.time() - t_start >= next_log:
                 next_log += 60
@@ -660,6 +664,9 @@ def run_memory(args):
             "idle_memory_tier_samples": tier_samples,
             "idle_worker_scratch_samples": scratch_samples,
             "idle_rest_samples": rest_samples,
+            "idle_heap_rest_samples": heap_rest_samples,
+            "idle_heap_rest_trend_after_warmup_bytes":
+                trend(heap_rest_samples, args.warmup_minutes * 60)[0],
             "busy_trend_after_warmup_bytes": busy_rise, "idle_every_minutes": args.idle_every_minutes,
             "idle_samples": idle_samples,
             "warmup_minutes": args.warmup_minutes, "server_alive": alive,

@@ -6,6 +6,8 @@
 // is rate-limited per kind: a Redis outage must not turn into one log line per request.
 #include "cache/context_store.h"
 
+#include <malloc.h>
+
 #include <atomic>
 #include <chrono>
 #include <deque>
@@ -397,8 +399,18 @@ class TwoTierStore final : public ContextStore {
       } else {
         writes_dropped_.fetch_add(1, std::memory_order_relaxed);
       }
-      absl::MutexLock lock(&write_mu_);
-      in_flight_.clear();
+      bool drained;
+      {
+        absl::MutexLock lock(&write_mu_);
+        in_flight_.clear();
+        drained = queue_.empty();
+      }
+      // The encoded blob is freed by now, and the context too when no tier holds it: once
+      // the queue is empty, give that memory back to the system. Workers trim after each job
+      // (scheduler.cc), but a write finishes after its job's trim: in the memory soak the idle
+      // RSS kept ~100 MiB of such freed memory (heap in use was tier + scratch + ~26 MiB).
+      w = PendingWrite{};
+      if (drained) malloc_trim(0);
     }
   }
 

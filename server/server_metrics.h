@@ -95,7 +95,8 @@ class ServerMetrics {
   metrics::GaugeFamily &redis_circuit_, &redis_write_queue_;
   metrics::CounterFamily &redis_circuit_opens_, &redis_short_circuited_, &redis_slow_,
       &redis_writes_dropped_;
-  metrics::Gauge &queue_depth_, &running_, &workers_, &worker_scratch_, &rss_;
+  metrics::Gauge &queue_depth_, &running_, &workers_, &worker_scratch_, &rss_,
+      &heap_in_use_;
   // Per tenant (tenant capacity), read from the scheduler and the memory tier.
   metrics::CounterFamily& tenant_refused_;
   metrics::GaugeFamily &tenant_in_flight_, &tenant_memory_bytes_;

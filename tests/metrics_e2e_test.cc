@@ -410,6 +410,10 @@ TEST_F(MetricsE2ETest, ScrapeMatchesTheCallsMade) {
   EXPECT_GT(value("ctxcache_worker_scratch_bytes"), 0);
   EXPECT_LE(value("ctxcache_worker_scratch_bytes"), 128.0 * (1 << 20));
   EXPECT_GT(value("ctxcache_process_resident_memory_bytes"), 1e6);
+  // The heap holds at least the memory tier's two contexts and the worker's scratch.
+  EXPECT_GE(value("ctxcache_heap_in_use_bytes"),
+            value("ctxcache_cache_bytes{tier=\"memory\"}") +
+                value("ctxcache_worker_scratch_bytes"));
   EXPECT_EQ(value(absl::StrCat("ctxcache_build_info{version=\"", CTXCACHE_VERSION,
                                "\",model=\"", model().config().name, "\"}")),
             1);
