@@ -716,7 +716,7 @@ def plot_memory(result, path):
     ax.set_ylim(0, result["bound_bytes"] / MiB * 1.1)
     ax.set_title(f"memory soak, {result['model']}, {result['date'][:10]}: "
                  f"{'pass' if result['pass'] else 'FAIL'}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     log(f"plot: {path}")
