@@ -580,24 +580,27 @@ def run_memory(args):
                 for _ in range(3):
                     time.sleep(1)
                     readings.append(rss_bytes(pid))
-                return (min(readings), gauge('ctxcache_cache_bytes{tier="memory"}'),
-                        gauge("ctxcache_worker_scratch_bytes"),
-                        gauge("ctxcache_heap_in_use_bytes"))
+                g = gauges()
+                return (min(readings), g.get('ctxcache_cache_bytes{tier="memory"}'),
+                        g.get("ctxcache_worker_scratch_bytes"),
+                        g.get("ctxcache_heap_in_use_bytes"))
             finally:
                 paused.clear()
 
-        def gauge(series):
-            """One series' value from the server's /metrics (None: not there or no answer)."""
+        def gauges():
+            """Every series' value from one scrape of the server's /metrics ({}: no answer)."""
             import urllib.request
+            out = {}
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                             timeout=10) as r:
                     for line in r.read().decode().splitlines():
-                        if line.startswith(series + " "):
-                            return int(float(line.split()[-1]))
-            except OSError:
+                        if line and not line.startswith("#"):
+                            series, _, value = line.rpartition(" ")
+                            out[series] = int(float(value))
+            except (OSError, ValueError):
                 pass
-            return None
+            return out
 
         log(f"memory soak: {args.minutes} min, bound {bound / MiB:.0f} MiB (model "
             f"{model_bytes / MiB:.0f} + tier {args.memory_tier_mib} + KV {args.kv_budget_mib} + 512)")
