@@ -597,8 +597,11 @@ def run_memory(args):
                     for line in r.read().decode().splitlines():
                         if line and not line.startswith("#"):
                             series, _, value = line.rpartition(" ")
-                            out[series] = int(float(value))
-            except (OSError, ValueError):
+                            try:
+                                out[series] = int(float(value))
+                            except (ValueError, OverflowError):  # NaN, +Inf: not a byte count
+                                pass
+            except OSError:
                 pass
             return out
 
