@@ -3,7 +3,9 @@
 docs/benchmarks.md.
 
 Cases (issue "Compression"):
-  compress_<method>_<len>   seconds to compress a <len>-token document (ratio 8) with <method>
+  compress_<method>_<len>   seconds to compress a <len>-token document (ratio 8) with <method>;
+                            digest (with --digest-compressor, after streaming in --methods)
+                            also states its speed-up over streaming's plain prefill
                             (the 8192 case is 8064 tokens, leaving room for the question),
                             measured by `ctxcache compress --json` (prefill + scoring +
                             selection; model loading excluded), median of --reps runs.
@@ -83,6 +85,18 @@ def run_json(cmd, fatal=True):
 
 # The 8K case leaves room for the question (and for the tokens prompt-guided methods append)
 # inside the model's 8192-token window.
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), e.g. "AMD EPYC 9R14 96-Core Processor"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def doc_tokens(n):
     return n - 128 if n >= 8192 else n
 
@@ -100,6 +114,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/compress.json"))
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--digest-compressor", default="",
+                    help="method digest's compressor GGUF (docs/digest.md); digest is measured "
+                         "only with one")
     args = ap.parse_args()
     if not os.path.exists(args.binary):
         sys.exit(f"{args.binary} not found: build it first (cmake --build build --target ctxcache)")
@@ -112,12 +129,15 @@ def main():
         with open(doc, "w") as f:
             f.write(make_document(args.binary, doc_tokens(n)))
         for method in args.methods.split(","):
+            if method == "digest" and not args.digest_compressor:
+                sys.exit("--methods digest needs --digest-compressor FILE")
+            extra = ["--digest-compressor", args.digest_compressor] if method == "digest" else []
             times = []
             for rep in range(args.reps):
                 r = run_json([args.binary, "compress", "--doc", doc, "--method", method, "--ratio", "8",
                               "--question", "In which year was the northern bridge opened?",
                               "--out", os.path.join(tmpdir, "out.ctx"), "--json", "--quiet",
-                              "--threads", str(args.threads)], fatal=False)
+                              "--threads", str(args.threads)] + extra, fatal=False)
                 if "error" in r:
                     break
                 times.append(r["seconds"])
@@ -128,9 +148,20 @@ def main():
                 print(f"compress_{method}_{n}: FAILED: {r['error']}", flush=True)
                 cases.append({"name": f"compress_{method}_{n}", "seconds": None, "error": r["error"]})
             else:
-                cases.append({"name": f"compress_{method}_{n}", "seconds": statistics.median(times),
-                              "tokens": r["source_tokens"], "kv_bytes": r["kv_bytes"],
-                              "full_kv_bytes": r["full_kv_bytes"]})
+                # Each case says when and how it was measured: a partial rerun keeps the
+                # others (save_merged), whose top-level fields may be another run's.
+                case = {"name": f"compress_{method}_{n}", "seconds": statistics.median(times),
+                        "tokens": r["source_tokens"], "kv_bytes": r["kv_bytes"],
+                        "full_kv_bytes": r["full_kv_bytes"], "threads": args.threads,
+                        "reps": args.reps, "date": time.strftime("%Y-%m-%d"),
+                        "machine": cpu_model()}
+                # Digest form against prefill-based compression of the same document, measured
+                # in this run (streaming: a plain prefill, the cheapest KV method).
+                base = next((c for c in cases if c["name"] == f"compress_streaming_{n}"
+                             and c.get("seconds")), None)
+                if method == "digest" and base:
+                    case["speedup_vs_streaming"] = base["seconds"] / case["seconds"]
+                cases.append(case)
             save(args.out, args, cases)
     for n in [int(x) for x in args.decode_lengths.split(",") if x]:
         prompt = min(n, 8192 - args.n_gen)

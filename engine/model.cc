@@ -14,20 +14,12 @@
 #include "common/sha256.h"
 #include "common/status.h"
 #include "engine/cpu/quant.h"
+#include "engine/icformer.h"
 
 namespace ctxcache {
 namespace {
 
 std::string Key(const std::string& arch, const char* suffix) { return absl::StrCat(arch, ".", suffix); }
-
-absl::StatusOr<int> GetPositiveInt(const GgufFile& g, const std::string& key) {
-  ASSIGN_OR_RETURN(int64_t v, g.GetInt(key));
-  if (v <= 0 || v > (int64_t{1} << 24)) {
-    return absl::InvalidArgumentError(absl::StrCat("model metadata ", key, " = ", v,
-                                                   " is out of range"));
-  }
-  return static_cast<int>(v);
-}
 
 std::string DimsString(const std::vector<int64_t>& d) { return absl::StrCat("[", absl::StrJoin(d, ", "), "]"); }
 
@@ -35,7 +27,7 @@ absl::StatusOr<const GgufTensorInfo*> FindTensor(const GgufFile& g, const std::s
                                                  const std::vector<int64_t>& dims) {
   const GgufTensorInfo* t = g.FindTensor(name);
   if (t == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("model is missing tensor '", name, "'"));
+    return absl::InvalidArgumentError(absl::StrCat("missing tensor '", name, "'"));
   }
   if (t->dims != dims) {
     return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' has shape ",
@@ -52,8 +44,10 @@ absl::StatusOr<const GgufTensorInfo*> FindTensor(const GgufFile& g, const std::s
   return t;
 }
 
-absl::StatusOr<WeightMatrix> Matrix(const GgufFile& g, const std::string& name, int64_t n_in,
-                                    int64_t n_out) {
+}  // namespace
+
+absl::StatusOr<WeightMatrix> GgufMatrix(const GgufFile& g, const std::string& name, int64_t n_in,
+                                        int64_t n_out) {
   ASSIGN_OR_RETURN(const GgufTensorInfo* t, FindTensor(g, name, {n_in, n_out}));
   WeightMatrix w;
   w.type = t->type;
@@ -70,12 +64,24 @@ absl::StatusOr<WeightMatrix> Matrix(const GgufFile& g, const std::string& name, 
   return w;
 }
 
-absl::StatusOr<std::vector<float>> Vector(const GgufFile& g, const std::string& name, int64_t n) {
+absl::StatusOr<std::vector<float>> GgufVector(const GgufFile& g, const std::string& name,
+                                              int64_t n) {
   ASSIGN_OR_RETURN(const GgufTensorInfo* t, FindTensor(g, name, {n}));
   std::vector<float> v(n);
   RETURN_IF_ERROR(DequantizeRow(t->type, t->data, v.data(), n));
   return v;
 }
+
+absl::StatusOr<int> GgufPositiveInt(const GgufFile& g, const std::string& key) {
+  ASSIGN_OR_RETURN(int64_t v, g.GetInt(key));
+  if (v <= 0 || v > (int64_t{1} << 24)) {
+    return absl::InvalidArgumentError(absl::StrCat("metadata ", key, " = ", v,
+                                                   " is out of range"));
+  }
+  return static_cast<int>(v);
+}
+
+namespace {
 
 absl::StatusOr<ModelConfig> ReadConfig(const GgufFile& g) {
   ModelConfig c;
@@ -86,12 +92,12 @@ absl::StatusOr<ModelConfig> ReadConfig(const GgufFile& g) {
   }
   c.name = g.GetString("general.name").value_or(c.arch);
   const std::string& a = c.arch;
-  ASSIGN_OR_RETURN(c.n_layers, GetPositiveInt(g, Key(a, "block_count")));
-  ASSIGN_OR_RETURN(c.d_model, GetPositiveInt(g, Key(a, "embedding_length")));
-  ASSIGN_OR_RETURN(c.n_heads, GetPositiveInt(g, Key(a, "attention.head_count")));
+  ASSIGN_OR_RETURN(c.n_layers, GgufPositiveInt(g, Key(a, "block_count")));
+  ASSIGN_OR_RETURN(c.d_model, GgufPositiveInt(g, Key(a, "embedding_length")));
+  ASSIGN_OR_RETURN(c.n_heads, GgufPositiveInt(g, Key(a, "attention.head_count")));
   c.n_kv_heads = c.n_heads;
   if (g.Has(Key(a, "attention.head_count_kv"))) {
-    ASSIGN_OR_RETURN(c.n_kv_heads, GetPositiveInt(g, Key(a, "attention.head_count_kv")));
+    ASSIGN_OR_RETURN(c.n_kv_heads, GgufPositiveInt(g, Key(a, "attention.head_count_kv")));
   }
   if (c.n_heads % c.n_kv_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat("head_count ", c.n_heads,
@@ -100,10 +106,10 @@ absl::StatusOr<ModelConfig> ReadConfig(const GgufFile& g) {
   }
   c.head_dim = c.d_model / c.n_heads;
   if (g.Has(Key(a, "attention.key_length"))) {
-    ASSIGN_OR_RETURN(c.head_dim, GetPositiveInt(g, Key(a, "attention.key_length")));
+    ASSIGN_OR_RETURN(c.head_dim, GgufPositiveInt(g, Key(a, "attention.key_length")));
   }
-  ASSIGN_OR_RETURN(c.d_ff, GetPositiveInt(g, Key(a, "feed_forward_length")));
-  ASSIGN_OR_RETURN(c.n_ctx_train, GetPositiveInt(g, Key(a, "context_length")));
+  ASSIGN_OR_RETURN(c.d_ff, GgufPositiveInt(g, Key(a, "feed_forward_length")));
+  ASSIGN_OR_RETURN(c.n_ctx_train, GgufPositiveInt(g, Key(a, "context_length")));
   ASSIGN_OR_RETURN(double eps, g.GetFloat(Key(a, "attention.layer_norm_rms_epsilon")));
   c.rms_eps = static_cast<float>(eps);
   if (g.Has(Key(a, "rope.freq_base"))) {
@@ -112,7 +118,7 @@ absl::StatusOr<ModelConfig> ReadConfig(const GgufFile& g) {
   }
   c.rope_dim = c.head_dim;
   if (g.Has(Key(a, "rope.dimension_count"))) {
-    ASSIGN_OR_RETURN(c.rope_dim, GetPositiveInt(g, Key(a, "rope.dimension_count")));
+    ASSIGN_OR_RETURN(c.rope_dim, GgufPositiveInt(g, Key(a, "rope.dimension_count")));
   }
   if (c.rope_dim > c.head_dim || c.rope_dim % 2 != 0 || c.rope_dim > 1024) {
     return absl::InvalidArgumentError(absl::StrCat("rope.dimension_count ", c.rope_dim,
@@ -153,13 +159,13 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
   }
   c.n_vocab = static_cast<int>(embd->dims[1]);
   auto load = [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(m->token_embd_, Matrix(g, "token_embd.weight", c.d_model, c.n_vocab));
-    ASSIGN_OR_RETURN(m->output_norm_, Vector(g, "output_norm.weight", c.d_model));
+    ASSIGN_OR_RETURN(m->token_embd_, GgufMatrix(g, "token_embd.weight", c.d_model, c.n_vocab));
+    ASSIGN_OR_RETURN(m->output_norm_, GgufVector(g, "output_norm.weight", c.d_model));
     c.tied_output = g.FindTensor("output.weight") == nullptr;
     if (c.tied_output) {
       m->output_ = m->token_embd_;
     } else {
-      ASSIGN_OR_RETURN(m->output_, Matrix(g, "output.weight", c.d_model, c.n_vocab));
+      ASSIGN_OR_RETURN(m->output_, GgufMatrix(g, "output.weight", c.d_model, c.n_vocab));
     }
     const int64_t d = c.d_model, dq = int64_t{c.n_heads} * c.head_dim,
                   dkv = int64_t{c.n_kv_heads} * c.head_dim;
@@ -168,21 +174,21 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
     for (int i = 0; i < c.n_layers; ++i) {
       LayerWeights& L = m->layers_[i];
       const std::string p = absl::StrCat("blk.", i, ".");
-      ASSIGN_OR_RETURN(m->norms_[2 * i], Vector(g, p + "attn_norm.weight", d));
-      ASSIGN_OR_RETURN(m->norms_[2 * i + 1], Vector(g, p + "ffn_norm.weight", d));
+      ASSIGN_OR_RETURN(m->norms_[2 * i], GgufVector(g, p + "attn_norm.weight", d));
+      ASSIGN_OR_RETURN(m->norms_[2 * i + 1], GgufVector(g, p + "ffn_norm.weight", d));
       L.attn_norm = m->norms_[2 * i].data();
       L.ffn_norm = m->norms_[2 * i + 1].data();
-      ASSIGN_OR_RETURN(L.wq, Matrix(g, p + "attn_q.weight", d, dq));
-      ASSIGN_OR_RETURN(L.wk, Matrix(g, p + "attn_k.weight", d, dkv));
-      ASSIGN_OR_RETURN(L.wv, Matrix(g, p + "attn_v.weight", d, dkv));
-      ASSIGN_OR_RETURN(L.wo, Matrix(g, p + "attn_output.weight", dq, d));
-      ASSIGN_OR_RETURN(L.w_gate, Matrix(g, p + "ffn_gate.weight", d, c.d_ff));
-      ASSIGN_OR_RETURN(L.w_up, Matrix(g, p + "ffn_up.weight", d, c.d_ff));
-      ASSIGN_OR_RETURN(L.w_down, Matrix(g, p + "ffn_down.weight", c.d_ff, d));
+      ASSIGN_OR_RETURN(L.wq, GgufMatrix(g, p + "attn_q.weight", d, dq));
+      ASSIGN_OR_RETURN(L.wk, GgufMatrix(g, p + "attn_k.weight", d, dkv));
+      ASSIGN_OR_RETURN(L.wv, GgufMatrix(g, p + "attn_v.weight", d, dkv));
+      ASSIGN_OR_RETURN(L.wo, GgufMatrix(g, p + "attn_output.weight", dq, d));
+      ASSIGN_OR_RETURN(L.w_gate, GgufMatrix(g, p + "ffn_gate.weight", d, c.d_ff));
+      ASSIGN_OR_RETURN(L.w_up, GgufMatrix(g, p + "ffn_up.weight", d, c.d_ff));
+      ASSIGN_OR_RETURN(L.w_down, GgufMatrix(g, p + "ffn_down.weight", c.d_ff, d));
       if (c.qkv_bias) {
-        ASSIGN_OR_RETURN(L.bq, Vector(g, p + "attn_q.bias", dq));
-        ASSIGN_OR_RETURN(L.bk, Vector(g, p + "attn_k.bias", dkv));
-        ASSIGN_OR_RETURN(L.bv, Vector(g, p + "attn_v.bias", dkv));
+        ASSIGN_OR_RETURN(L.bq, GgufVector(g, p + "attn_q.bias", dq));
+        ASSIGN_OR_RETURN(L.bk, GgufVector(g, p + "attn_k.bias", dkv));
+        ASSIGN_OR_RETURN(L.bv, GgufVector(g, p + "attn_v.bias", dkv));
       }
     }
     return absl::OkStatus();
@@ -296,6 +302,10 @@ absl::StatusOr<std::string> FindDefaultModel() {
   return absl::NotFoundError(absl::StrCat(
       "default model ", kFile, " not found (looked in ", absl::StrJoin(candidates, ", "),
       "); run tools/fetch_model.sh, or pass --model PATH / set CTXCACHE_MODEL"));
+}
+
+void Model::AttachDigestCompressor(std::unique_ptr<IcFormer> compressor) {
+  digest_compressor_ = std::move(compressor);
 }
 
 }  // namespace ctxcache

@@ -22,6 +22,8 @@
 
 namespace ctxcache {
 
+class IcFormer;
+
 enum class RopeStyle {
   kNormal,  // rotate adjacent pairs (x[2i], x[2i+1]): GGUF llama (Q/K permuted at conversion)
   kNeox,    // rotate halves (x[i], x[i + d/2]): qwen2
@@ -52,6 +54,16 @@ struct ModelConfig {
 // every ModelConfig field, exactly (a field added to ModelConfig belongs there too).
 std::string Fingerprint(const GgufFile& g, const ModelConfig& config);
 std::string ConfigFingerprintText(const ModelConfig& config);
+
+// Tensor and metadata lookups shared by Model::Load and the digest compressor (icformer.h):
+// a weight matrix of [n_out rows of n_in] (shape and type checked, the data not copied), a
+// vector dequantized to fp32, an integer key in 1..2^24. InvalidArgument naming the tensor
+// or key when it is missing or does not fit.
+absl::StatusOr<WeightMatrix> GgufMatrix(const GgufFile& g, const std::string& name, int64_t n_in,
+                                        int64_t n_out);
+absl::StatusOr<std::vector<float>> GgufVector(const GgufFile& g, const std::string& name,
+                                              int64_t n);
+absl::StatusOr<int> GgufPositiveInt(const GgufFile& g, const std::string& key);
 
 // The RoPE parameters of a model (used by the forward pass and by key re-rotation).
 RopeParams RopeParamsFor(const ModelConfig& config);
@@ -86,6 +98,12 @@ class Model {
   const float* output_norm() const { return output_norm_.data(); }
   const LayerWeights& layer(int i) const { return layers_[i]; }
 
+  // The digest compressor trained for this model (icformer.h), when one is attached: method
+  // "digest" needs it. Attach before any Runner uses the model (the model is shared,
+  // read-only, from then on); IcFormer::Load has checked it belongs to this model.
+  const IcFormer* digest_compressor() const { return digest_compressor_.get(); }
+  void AttachDigestCompressor(std::unique_ptr<IcFormer> compressor);
+
   KvCache NewKvCache() const {
     return KvCache(config_.n_layers, config_.n_kv_heads, config_.head_dim);
   }
@@ -105,6 +123,7 @@ class Model {
   std::vector<float> output_norm_;
   std::vector<std::vector<float>> norms_;  // fp32 copies of every layer's norm weights
   std::vector<LayerWeights> layers_;
+  std::shared_ptr<const IcFormer> digest_compressor_;
 };
 
 // Called once per layer during a forward pass that asked for attention observations:
@@ -145,6 +164,7 @@ class Runner {
   }
 
   const Model& model() const { return model_; }
+  ThreadPool* pool() const { return pool_; }
 
   // Working buffers keep the size of the largest pass so far (an 8K-token prefill's attention
   // scores alone are hundreds of MiB): the bytes they hold now, and a way to give them back

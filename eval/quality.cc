@@ -19,7 +19,9 @@
 //                 [--methods streaming,snapkv,...,query_select] [--ratios 2,4,8,16,32]
 //                 [--kv-dtypes fp16,int8,int4] [--head-budget uniform,adaptive,global]
 //                 [--recycled [--recycled-stride S,...] [--recycled-topk K,...]] [--threads N]
-//                 [--model PATH] [--limit N]
+//                 [--model PATH] [--limit N] [--digest-compressor FILE]
+// Method "digest" (digest form) compresses each ratio with the compressor given, and the
+// model reads the digests before the question (stored bytes: the digest's).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -42,6 +44,7 @@
 #include "engine/cpu/blas_kernels.h"
 #include "engine/compress/compress.h"
 #include "engine/generate.h"
+#include "engine/icformer.h"
 #include "engine/model.h"
 #include "nlohmann/json.hpp"
 
@@ -57,6 +60,7 @@ double Since(Clock::time_point t0) {
 
 struct Options {
   std::string samples, out, model;
+  std::string digest_compressor;  // method "digest" needs it
   std::vector<std::string> methods = {"streaming", "snapkv",   "finch",
                                       "expected_attention", "kvzip", "anchor"};
   std::vector<double> ratios = {2, 4, 8, 16, 32};
@@ -76,7 +80,7 @@ constexpr char kUsage[] =
     "                     [--kv-dtypes fp16,int8,int4] [--head-budget uniform,adaptive,global]\n"
     "                     [--recycled [--recycled-stride S,...] [--recycled-topk K,...]]\n"
     "                     [--threads N]\n"
-    "                     [--model PATH] [--limit N]\n";
+    "                     [--model PATH] [--limit N] [--digest-compressor FILE]\n";
 
 // Whether `method` takes `head_budget` (streaming and anchor take only "uniform").
 absl::Status CheckHeadBudget(const std::string& method, const std::string& head_budget) {
@@ -101,6 +105,8 @@ absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
       ASSIGN_OR_RETURN(o.out, value());
     } else if (a == "--model") {
       ASSIGN_OR_RETURN(o.model, value());
+    } else if (a == "--digest-compressor") {
+      ASSIGN_OR_RETURN(o.digest_compressor, value());
     } else if (a == "--kv-dtypes") {
       ASSIGN_OR_RETURN(std::string v, value());
       o.kv_dtypes = absl::StrSplit(v, ',', absl::SkipEmpty());
@@ -169,6 +175,10 @@ absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
     }
   }
   if (o.samples.empty() || o.out.empty()) return absl::InvalidArgumentError(kUsage);
+  if (std::find(o.methods.begin(), o.methods.end(), "digest") != o.methods.end() &&
+      o.digest_compressor.empty()) {
+    return absl::InvalidArgumentError("--methods digest needs --digest-compressor FILE");
+  }
   for (const std::string& m : o.methods) {
     const auto known = CompressionMethods();
     const bool compress = std::find(known.begin(), known.end(), m) != known.end() && m != "none";
@@ -316,6 +326,11 @@ absl::Status Run(const Options& opt) {
     ASSIGN_OR_RETURN(path, FindDefaultModel());
   }
   ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(path));
+  if (!opt.digest_compressor.empty()) {
+    ASSIGN_OR_RETURN(std::unique_ptr<IcFormer> compressor,
+                     IcFormer::Load(opt.digest_compressor, *model));
+    model->AttachDigestCompressor(std::move(compressor));
+  }
   const std::string tmpl_text = model->gguf().GetString("tokenizer.chat_template").value_or("");
   ASSIGN_OR_RETURN(ChatTemplate tmpl, DetectChatTemplate(tmpl_text, false));
 
@@ -480,6 +495,29 @@ absl::Status Run(const Options& opt) {
               std::ceil(static_cast<double>(s.doc.size()) / ratio));
           ASSIGN_OR_RETURN(KvCache kv, SelectForQuery(runner, prefill, s.suffix, budget));
           RETURN_IF_ERROR(add_dtypes(spec, kv, Since(t0)));
+        }
+        continue;
+      }
+      if (method == "digest") {
+        // Digest form: the document's chunks through the compressor; the model reads the
+        // digests (ComposeContexts) before the question. Stored bytes are the digest's; at
+        // generation it occupies its tokens' K/V ("attended_kv_bytes").
+        CompressionSpec spec;
+        spec.method = method;
+        for (double ratio : opt.ratios) {
+          spec.ratio = ratio;
+          const auto t0 = Clock::now();
+          ASSIGN_OR_RETURN(CompressedContext ctx, Compress(runner, s.doc, spec));
+          const double seconds = Since(t0);
+          const CompressedContext* ptr = &ctx;
+          ASSIGN_OR_RETURN(KvCache kv, ComposeContexts(absl::MakeConstSpan(&ptr, 1), runner));
+          ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, kv, s, DecodePolicy{}, &full.logp));
+          add(spec, "fp16", kv, o, seconds);
+          json& r = rows.back();
+          r["kv_bytes"] = ctx.KvBytes();
+          r["attended_kv_bytes"] = ctx.AttendedKvBytes();
+          r["bytes_ratio"] = static_cast<double>(full_bytes) / static_cast<double>(ctx.KvBytes());
+          r["digest_tokens"] = ctx.digest_tokens;
         }
         continue;
       }

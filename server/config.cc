@@ -95,6 +95,11 @@ const std::vector<Setting>& Settings() {
        "GGUF model path (default: $CTXCACHE_MODEL, else "
        "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)",
        String(&ServerConfig::model)},
+      {"digest_compressor",
+       "digest compressor GGUF trained for the served model (train/README.md); method "
+       "\"digest\" needs it, and the server refuses to start with one made for another model "
+       "(default: none)",
+       String(&ServerConfig::digest_compressor)},
       {"memory_cache_bytes", "memory tier budget in resident bytes, e.g. 1GiB (default 1GiB)",
        Bytes(&ServerConfig::memory_cache_bytes)},
       {"redis_url", "redis://[user:pass@]HOST:PORT[/db] for the shared tier (default: none)",

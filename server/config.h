@@ -25,6 +25,7 @@ struct ServerConfig {
   std::string listen = kDefaultListen;  // HOST:PORT (port 0 = any free port)
   std::string metrics_listen;           // HOST:PORT for Prometheus /metrics; empty = not served
   std::string model;                    // GGUF path; empty = FindDefaultModel()
+  std::string digest_compressor;        // IC-Former GGUF for method "digest"; empty = none
   // Cache tiers.
   int64_t memory_cache_bytes = int64_t{1} << 30;
   std::string redis_url;                // redis://[user:pass@]HOST:PORT[/db]; empty = none

@@ -196,7 +196,7 @@ void ToProto(const GenerateOutcome& o, double queue_seconds, pb::Usage* u) {
     cu->set_full_kv_bytes(ctx.FullKvBytes());
     cu->set_compute_ms(c.compute_seconds * 1e3);
     cu->set_attended_entries(c.attended().KeptEntries());
-    cu->set_kv_bytes_attended(c.attended().KvBytes());
+    cu->set_kv_bytes_attended(c.attended().AttendedKvBytes());
   }
   u->set_context_tokens_original(original);
   u->set_context_tokens_kept(kept);

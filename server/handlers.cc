@@ -11,6 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "cache/redis_client.h"
 #include "common/status.h"
+#include "engine/icformer.h"
 #include "engine/unicode.h"
 #include "server/context_key.h"
 #include "server/server_metrics.h"
@@ -151,6 +152,15 @@ absl::Status Handlers::ValidateCompress(const CompressInput& in, const std::stri
   if (!s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(field, "compression: ", s.message()));
   }
+  if (in.spec.method == "digest" && model_.digest_compressor() == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        field, "compression: method \"digest\" needs a digest compressor and this server has "
+        "none (start it with --digest-compressor FILE), or use a KV method"));
+  }
+  if (!in.spec.compressor.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, "compression: the compressor is the server's, not the request's"));
+  }
   if (static_cast<int64_t>(in.spec.question.size()) > limits_.max_prompt_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         field, "question is ", in.spec.question.size(), " bytes; this server accepts at most ",
@@ -284,6 +294,15 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
   CompressionSpec spec = in.spec;
   // A question the method ignores must not split the cache into per-question entries.
   if (!MethodUsesQuestion(spec.method)) spec.question.clear();
+  if (spec.method == "digest") {
+    // The compressor is part of the id: a retrained one never serves another's digests.
+    if (model_.digest_compressor() == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          field, ": method \"digest\" needs a digest compressor and this server has none "
+          "(start it with --digest-compressor FILE), or use a KV method"));
+    }
+    spec.compressor = model_.digest_compressor()->file_sha256();
+  }
   // A compression prefills the whole document before pruning: reserve that working cache.
   RETURN_IF_ERROR(reservation.Resize(
       reserved_base + static_cast<int64_t>(ids.size()) * WorkingBytesPerToken()));
@@ -465,7 +484,7 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
   if (!out.contexts.empty()) {
     std::vector<const CompressedContext*> ptrs;
     for (const ContextOutcome& o : out.contexts) ptrs.push_back(&o.attended());
-    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, model_, stop));
+    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, runner, stop));
   }
   out.context_seconds = Since(t0);
   RETURN_IF_ERROR(stop());  // also the check after a selection
@@ -492,7 +511,7 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
   for (const ContextOutcome& o : out.contexts) {
     out.kv_bytes_full += o.context->FullKvBytes();
     out.kv_bytes_used += o.context->KvBytes();
-    out.kv_bytes_attended += o.attended().KvBytes();
+    out.kv_bytes_attended += o.attended().AttendedKvBytes();
   }
   out.kv_bytes_full += own_tokens * per_token;
   out.kv_bytes_used += own_tokens * per_token;

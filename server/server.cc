@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "cache/redis_client.h"
 #include "common/status.h"
+#include "engine/icformer.h"
 #include "server/wire.h"
 
 namespace ctxcache::server {
@@ -92,8 +93,21 @@ absl::Status ServerInstance::Load() {
       ASSIGN_OR_RETURN(path, FindDefaultModel());
     }
     ASSIGN_OR_RETURN(owned_model_, Model::Load(path));
+    if (!config_.digest_compressor.empty()) {
+      ASSIGN_OR_RETURN(std::unique_ptr<IcFormer> compressor,
+                       IcFormer::Load(config_.digest_compressor, *owned_model_));
+      spdlog::info("digest compressor {} loaded ({} layers, chunk {}, up to {} digests per "
+                   "chunk, trained {} steps)",
+                   config_.digest_compressor, compressor->config().n_layers,
+                   compressor->config().chunk_length, compressor->config().digest_count,
+                   compressor->config().train_steps);
+      owned_model_->AttachDigestCompressor(std::move(compressor));
+    }
     model_ = owned_model_.get();
     spdlog::info("model {} loaded from {}", model_->config().name, path);
+  } else if (!config_.digest_compressor.empty()) {
+    return absl::FailedPreconditionError(
+        "digest_compressor is set but the model was handed in loaded: attach it to the model");
   }
   ContextStoreOptions so;
   so.memory_bytes = config_.memory_cache_bytes;

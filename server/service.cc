@@ -5,12 +5,14 @@
 
 #include <deque>
 #include <optional>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cache/redis_client.h"
+#include "engine/icformer.h"
 #include "server/convert.h"
 #include "server/logging.h"
 #include "server/status_map.h"
@@ -668,7 +670,19 @@ grpc::ServerUnaryReactor* ContextCacheService::GetModelInfo(grpc::CallbackServer
   resp->set_n_vocab(mc.n_vocab);
   resp->set_context_length(mc.n_ctx_train);
   resp->set_kv_bytes_per_token(model.KvBytesPerToken(2));
-  for (const char* m : CompressionMethods()) resp->add_methods(m);
+  const IcFormer* digest = model.digest_compressor();
+  for (const char* m : CompressionMethods()) {
+    if (digest != nullptr || std::string_view(m) != "digest") resp->add_methods(m);
+  }
+  if (digest != nullptr) {
+    v1::DigestCompressorInfo* d = resp->mutable_digest_compressor();
+    d->set_sha256(digest->file_sha256());
+    d->set_layers(digest->config().n_layers);
+    d->set_chunk_length(digest->config().chunk_length);
+    d->set_digest_count(digest->config().digest_count);
+    d->set_train_steps(digest->config().train_steps);
+    d->set_source(digest->config().source);
+  }
   resp->set_workers(info_.workers);
   resp->set_max_document_tokens(handlers->limits().max_document_tokens);
   resp->set_max_document_bytes(handlers->limits().max_document_bytes);

@@ -1414,8 +1414,33 @@ TEST_P(CompressModelTest, CompressedContextsComposeAndDecode) {
   every_key.stride = 5;
   every_key.top_k = 100000;  // at least every kept entry: same keys as full attention
   const GenerateResult recycled_all = Greedy(*composed, prompt, n_gen, every_key);
-  EXPECT_EQ(recycled_all.tokens, full.tokens)
-      << "full: \"" << full.text << "\", recycled: \"" << recycled_all.text << "\"";
+  // The same keys as full attention, summed by another kernel (a gather of the kept rows):
+  // the logits agree to rounding, so the texts agree up to a step where full attention's top
+  // two tokens are near-tied (then either is a right answer, and the texts part there).
+  // Measured on an Intel AMX machine: the texts part at step 4, where full attention's
+  // top-2 logits are 0.09 apart as replayed below (the CPU's GEMM kernels decide which near
+  // ties come up; where earlier runs of this test passed, none did). The replay prefills the
+  // steps in one batch, whose bf16 GEMM moves logits by a few hundredths, so a tie reads as
+  // up to ~0.1 there: 0.25 is the bound, far below what wrong keys do to a logit.
+  size_t same = 0;
+  while (same < full.tokens.size() && same < recycled_all.tokens.size() &&
+         full.tokens[same] == recycled_all.tokens[same]) {
+    ++same;
+  }
+  if (same < full.tokens.size()) {
+    ASSERT_LT(same, recycled_all.tokens.size());
+    // Full attention's logits at the first differing step.
+    KvCache replay = *composed;
+    std::vector<int32_t> upto = question;
+    upto.insert(upto.end(), full.tokens.begin(), full.tokens.begin() + same);
+    std::vector<float> last;
+    ASSERT_TRUE(runner().Forward(upto, replay, ForwardOptions{}, &last).ok());
+    const float gap = last[full.tokens[same]] - last[recycled_all.tokens[same]];
+    std::printf("recycled (every key) parts from full attention at step %zu: logit gap %.4f\n",
+                same, gap);
+    EXPECT_LT(gap, 0.25f)
+        << "full: \"" << full.text << "\", recycled: \"" << recycled_all.text << "\"";
+  }
   // The first generated token comes from the prompt's prefill; the n_gen - 1 decode steps are
   // full at steps 0, 5 and 10 (per layer), recycled otherwise.
   EXPECT_EQ(recycled_all.full_attention_steps, 3 * c.n_layers);

@@ -49,6 +49,9 @@ TEST_F(EngineStopTest, EveryMethodEndsWithTheStopsStatus) {
   ASSERT_GT(doc.size(), 200u);
   for (const char* method : CompressionMethods()) {
     SCOPED_TRACE(method);
+    // The shared test model has no digest compressor; digest_method_test's
+    // CompressionStopsWhenAsked and icformer_test's StopsWhenAsked stop that method.
+    if (std::string_view(method) == "digest") continue;
     CompressionSpec spec;
     spec.method = method;
     if (spec.method != "none") spec.ratio = 4;

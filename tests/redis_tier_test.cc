@@ -276,6 +276,34 @@ TEST_F(RedisTierTest, QuantizedContextRoundTripsAsStored) {
   }
 }
 
+// A digest context (method "digest": vectors the model reads as input embeddings, no kept
+// entries) travels through Redis like any other and comes back exactly (its values are
+// fp16-exact, as the engine makes them).
+TEST_F(RedisTierTest, DigestContextRoundTrips) {
+  std::unique_ptr<RedisTier> tier = NewTier(Options().redis);
+  ASSERT_NE(tier, nullptr);
+  CompressedContext c;
+  c.kind = ContextKind::kDigest;
+  c.model_fingerprint = kFingerprint;
+  c.method = "digest";
+  c.params = "compressor=" + std::string(64, 'c') + ";ratio=4";
+  c.source_tokens = 160;
+  c.kv = KvCache(2, 2, 8);  // no entries; the model's shape
+  c.kv.next_position = 40;
+  c.digest_tokens = 40;
+  for (int i = 0; i < 40 * 24; ++i) {
+    c.digest.push_back(Fp16ToFp32(Fp32ToFp16(0.01f * static_cast<float>(i % 89) - 0.4f)));
+  }
+  ASSERT_TRUE(tier->Put("acme", "d1", c).ok());
+  absl::StatusOr<CompressedContext> back = tier->Get("acme", "d1");
+  ASSERT_TRUE(back.ok()) << back.status();
+  ExpectSameContext(*back, c);
+  EXPECT_EQ(back->kind, ContextKind::kDigest);
+  EXPECT_EQ(back->digest, c.digest);
+  EXPECT_EQ(back->KeptEntries(), 40 * 2 * 2);
+  EXPECT_EQ(back->KvBytes(), 40 * 24 * 2);
+}
+
 TEST_F(RedisTierTest, MetadataIsWrittenLastAndAHalfWrittenEntryIsAMiss) {
   ContextStoreOptions o = Options();
   std::unique_ptr<RedisTier> tier = NewTier(o.redis);

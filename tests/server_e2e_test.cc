@@ -39,11 +39,13 @@
 #include "engine/chat_template.h"
 #include "engine/compress/compress.h"
 #include "engine/generate.h"
+#include "engine/icformer.h"
 #include "server/auth.h"
 #include "server/logging.h"
 #include "server/server.h"
 #include "spdlog/sinks/ostream_sink.h"
 #include "spdlog/spdlog.h"
+#include "tests/digest_util.h"
 #include "tests/fake_redis.h"
 #include "tests/fault_proxy.h"
 #include "tests/redis_server.h"
@@ -1624,6 +1626,107 @@ TEST_F(ServerE2ETest, CompressSaysWhichTiersRetainedTheContext) {
 }
 
 // Issue 14: the bounds are reported, so a client can read them instead of probing.
+// Digest form over gRPC: a server started with a digest compressor (a random one of the test
+// model's width and fingerprint: a trained one exists only for the served model) lists the
+// method, compresses with it, reports what a digest stores and occupies, and generates from a
+// digest composed with a KV context; a server without one refuses the method with
+// FAILED_PRECONDITION; one handed a compressor of another model does not start.
+TEST_F(ServerE2ETest, DigestContextsOverGrpc) {
+  const std::string compressor = ::testing::TempDir() + "/server_e2e.icformer.gguf";
+  std::ofstream(compressor, std::ios::binary)
+      << ::ctxcache::testing::RandomCompressorGguf(model().config().d_model,
+                                                   model().fingerprint(), 9);
+  const char* env = std::getenv("CTXCACHE_MODEL");
+  absl::StatusOr<std::string> model_path =
+      env != nullptr && *env != '\0' ? absl::StatusOr<std::string>(env)
+                                      : ::ctxcache::testing::FindTestModel("smollm2");
+  ASSERT_TRUE(model_path.ok()) << model_path.status();
+  ServerConfig config = BaseConfig();
+  config.model = *model_path;
+  config.digest_compressor = compressor;
+  absl::StatusOr<std::unique_ptr<ServerInstance>> server = ServerInstance::Start(config, nullptr);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Load().ok());
+  auto channel = grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials());
+  auto stub = pb::ContextCache::NewStub(channel);
+
+  grpc::ClientContext info_ctx;
+  pb::GetModelInfoResponse info;
+  ASSERT_TRUE(stub->GetModelInfo(&info_ctx, pb::GetModelInfoRequest(), &info).ok());
+  EXPECT_NE(std::find(info.methods().begin(), info.methods().end(), "digest"),
+            info.methods().end());
+  ASSERT_TRUE(info.has_digest_compressor());
+  EXPECT_EQ(info.digest_compressor().sha256().size(), 64u);
+  EXPECT_EQ(info.digest_compressor().chunk_length(), 32);
+  EXPECT_EQ(info.digest_compressor().digest_count(), 16);
+
+  pb::CompressRequest req = CompressRequest(kDocument);
+  req.mutable_compression()->set_method("digest");
+  req.mutable_compression()->set_ratio(4);
+  grpc::ClientContext cctx;
+  pb::CompressResponse digest;
+  grpc::Status st = stub->Compress(&cctx, req, &digest);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  const pb::ContextInfo& d = digest.context();
+  EXPECT_EQ(d.method(), "digest");
+  EXPECT_NE(d.params().find("compressor=" + info.digest_compressor().sha256()), std::string::npos)
+      << d.params();
+  const ModelConfig& mc = model().config();
+  const int64_t heads = int64_t{mc.n_layers} * mc.n_kv_heads;
+  const int64_t digest_tokens = d.kept_entries() / heads;
+  EXPECT_EQ(digest_tokens * heads, d.kept_entries());
+  EXPECT_GE(digest_tokens, d.original_tokens() / 4);
+  EXPECT_LE(digest_tokens, d.original_tokens() / 4 + 16);  // ceil per chunk
+  EXPECT_EQ(d.next_position(), digest_tokens);
+  EXPECT_EQ(d.kv_bytes(), digest_tokens * mc.d_model * 2);  // the stored vectors, fp16
+  EXPECT_EQ(d.full_kv_bytes(), d.original_tokens() * model().KvBytesPerToken(2));
+
+  // A digest, then a KV context of another document, then the question.
+  const std::string kv_id = MustCompress(*stub, kSecondDocument).context().context_id();
+  pb::GenerateRequest gen = AskAbout(d.context_id(), Questions()[0]);
+  gen.add_contexts()->set_context_id(kv_id);
+  StreamResult s = RunGenerate(*stub, gen);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  ExpectUsageConsistent(s.usage);
+  ASSERT_EQ(s.usage.contexts_size(), 2);
+  const pb::ContextUsage& du = s.usage.contexts(0);
+  EXPECT_EQ(du.kv_bytes(), d.kv_bytes());
+  // At generation the digest occupies its tokens' K/V at fp16.
+  EXPECT_EQ(du.kv_bytes_attended(), digest_tokens * model().KvBytesPerToken(2));
+  EXPECT_EQ(du.attended_entries(), d.kept_entries());
+  server->reset();  // stops it
+
+  // No compressor: the method is not listed, and asking for it is FAILED_PRECONDITION.
+  Running plain = Start(BaseConfig());
+  ASSERT_NE(plain.stub, nullptr);
+  grpc::ClientContext info2_ctx;
+  pb::GetModelInfoResponse info2;
+  ASSERT_TRUE(plain.stub->GetModelInfo(&info2_ctx, pb::GetModelInfoRequest(), &info2).ok());
+  EXPECT_EQ(std::find(info2.methods().begin(), info2.methods().end(), "digest"),
+            info2.methods().end());
+  EXPECT_FALSE(info2.has_digest_compressor());
+  grpc::ClientContext cctx2;
+  pb::CompressResponse none;
+  st = plain.stub->Compress(&cctx2, req, &none);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_NE(st.error_message().find("--digest-compressor"), std::string::npos)
+      << st.error_message();
+
+  // A compressor trained for another model: the server refuses to load.
+  const std::string other = ::testing::TempDir() + "/server_e2e_other.icformer.gguf";
+  std::ofstream(other, std::ios::binary)
+      << ::ctxcache::testing::RandomCompressorGguf(model().config().d_model,
+                                                   std::string(64, 'a'), 9);
+  config.digest_compressor = other;
+  absl::StatusOr<std::unique_ptr<ServerInstance>> wrong = ServerInstance::Start(config, nullptr);
+  ASSERT_TRUE(wrong.ok()) << wrong.status();
+  absl::Status load = (*wrong)->Load();
+  EXPECT_EQ(load.code(), absl::StatusCode::kFailedPrecondition) << load;
+  EXPECT_NE(load.message().find("trained against the model with fingerprint"), std::string::npos)
+      << load;
+
+}
+
 TEST_F(ServerE2ETest, GetModelInfoReportsTheLimits) {
   Running r = Start(BaseConfig());
   ASSERT_NE(r.stub, nullptr);

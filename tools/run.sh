@@ -9,4 +9,12 @@ cd "$root"
 tools/setup.sh
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" --target ctxcache-server ctxcache
-exec build/server/ctxcache-server "$@"
+# The digest compressor shipped for the default model (method "digest", docs/digest.md), unless
+# the arguments name another model or compressor.
+compressor=train/compressors/qwen2.5-coder-0.5b-instruct-q4_k_m.icformer.gguf
+extra=()
+if [[ -f "$compressor" && " $* " != *" --model"* && " $* " != *"--digest-compressor"* &&
+      -z "${CTXCACHE_MODEL:-}" ]]; then
+  extra=(--digest-compressor "$compressor")
+fi
+exec build/server/ctxcache-server "${extra[@]}" "$@"

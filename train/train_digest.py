@@ -117,6 +117,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--plot", help="draw the loss curves here (PNG) and exit")
+    ap.add_argument("--init-from", help="a compressor GGUF (export_gguf.py) to go on training "
+                    "from, when --out has no checkpoint: its weights, fresh optimizer state")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -152,6 +154,17 @@ def main():
     rng = random.Random(args.seed)
     history = {"config": cfg.to_dict(), "args": vars(args), "train": [], "eval": []}
     step = 0
+    if args.init_from and not os.path.exists(ckpt_path):
+        from export_gguf import read_gguf
+        g_cfg, g_sd, g_ae, g_steps = read_gguf(args.init_from)
+        if any(g_cfg[k] != getattr(cfg, k) for k in ("hidden", "layers", "ff", "max_digest",
+                                                      "chunk", "head_dim")):
+            sys.exit(f"--init-from {args.init_from}: shape {g_cfg} differs from this run's")
+        comp.load_state_dict({k: v.to(dtype) for k, v in g_sd.items()})
+        if g_ae is not None:
+            ae_emb.data.copy_(g_ae.to(dtype))
+        history["init_from"] = {"file": args.init_from, "train_steps": g_steps}
+        log(f"initialised from {args.init_from} ({g_steps} steps; fresh optimizer state)")
     if os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, weights_only=False)
         comp.load_state_dict(state["compressor"])

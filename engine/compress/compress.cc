@@ -187,6 +187,7 @@ absl::StatusOr<CompressedContext> Compress(Runner& runner, absl::Span<const int3
   const int64_t n = static_cast<int64_t>(doc_tokens.size());
   if (n == 0) return absl::InvalidArgumentError("cannot compress an empty document");
   RETURN_IF_ERROR(CheckQuestion(model, spec));
+  if (spec.method == "digest") return CompressDigest(runner, doc_tokens, spec, progress);
   const int64_t budget = BudgetFor(spec, n);
   if (spec.method == "finch") {
     CompressedContext out = ContextHeader(model, spec, n);
@@ -212,8 +213,39 @@ absl::StatusOr<CompressedContext> Compress(Runner& runner, absl::Span<const int3
   return SelectScored(model, prefill, scores, spec);
 }
 
-absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* const> contexts,
-                                        const Model& model, const StopFn& stop) {
+namespace {
+
+// A digest context read by the model at positions out.next_position..: its K/V rows become
+// one frozen fp16 segment per head, so that later contexts (segments) and the request's own
+// tokens (rows) follow it in order.
+absl::Status ReadDigest(Runner& runner, const CompressedContext& ctx, size_t i, KvCache& out) {
+  const ModelConfig& c = runner.model().config();
+  if (ctx.digest_tokens <= 0 ||
+      ctx.digest.size() != static_cast<size_t>(ctx.digest_tokens) * c.d_model) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "context ", i, " is a digest of ", ctx.digest_tokens, " tokens holding ",
+        ctx.digest.size(), " values, not ", ctx.digest_tokens, " x d_model ", c.d_model));
+  }
+  RETURN_IF_ERROR(runner.ForwardEmbeddings(ctx.digest.data(), ctx.digest_tokens, out,
+                                           ForwardOptions{}, nullptr));
+  for (int l = 0; l < c.n_layers; ++l) {
+    for (int h = 0; h < c.n_kv_heads; ++h) {
+      KvHead& dst = out.head(l, h);
+      KvSegment seg;
+      seg.n = dst.n() - dst.n_frozen();
+      seg.head_dim = c.head_dim;
+      seg.k16 = std::move(dst.k);
+      seg.v16 = std::move(dst.v);
+      dst.k.clear();
+      dst.v.clear();
+      dst.segments.push_back(std::make_shared<const KvSegment>(std::move(seg)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<KvCache> Compose(absl::Span<const CompressedContext* const> contexts,
+                                const Model& model, Runner* runner, const StopFn& stop) {
   const ModelConfig& c = model.config();
   KvCache out = model.NewKvCache();
   const RopeParams rope = RopeParamsFor(c);
@@ -227,9 +259,24 @@ absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* cons
           absl::StrCat("context ", i, " was made by model ", ctx->model_fingerprint,
                        ", not by the serving model ", model.fingerprint(), "; recompress it"));
     }
+    if (ctx->kind == ContextKind::kDigest) {
+      if (runner == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "context ", i, " is a digest context: composing it runs the model (ComposeContexts "
+            "with a Runner)"));
+      }
+      if (offset + ctx->digest_tokens > c.n_ctx_train) {
+        return absl::OutOfRangeError(absl::StrCat(
+            "composed contexts need ", offset + ctx->digest_tokens, " positions (context ", i,
+            "), more than the model's ", c.n_ctx_train, "-token window"));
+      }
+      out.next_position = static_cast<int32_t>(offset);
+      RETURN_IF_ERROR(ReadDigest(*runner, *ctx, i, out));
+      offset += ctx->digest_tokens;
+      continue;
+    }
     if (ctx->kind != ContextKind::kKv) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("context ", i, " is a digest context; only KV contexts compose here"));
+      return absl::InvalidArgumentError(absl::StrCat("context ", i, " has an unknown kind"));
     }
     const KvCache& kv = ctx->kv;
     if (kv.n_layers() != c.n_layers || kv.n_kv_heads() != c.n_kv_heads ||
@@ -279,6 +326,18 @@ absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* cons
   }
   out.next_position = static_cast<int32_t>(offset);
   return out;
+}
+
+}  // namespace
+
+absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* const> contexts,
+                                        const Model& model, const StopFn& stop) {
+  return Compose(contexts, model, nullptr, stop);
+}
+
+absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* const> contexts,
+                                        Runner& runner, const StopFn& stop) {
+  return Compose(contexts, runner.model(), &runner, stop);
 }
 
 absl::StatusOr<KvCache> SelectForQuery(Runner& runner, const KvCache& full,

@@ -11,6 +11,10 @@
 //   expected_attention  query-agnostic expected attention of future queries (kvpress)
 //   kvzip               query-agnostic context-reconstruction attention (KVzip)
 //   anchor              separator/anchor tokens + sinks + recent window (AnLLM / SepLLM)
+// and digest form:
+//   digest              the model's digest compressor (icformer.h, IC-Former): each chunk of
+//                       the document becomes ceil(chunk / ratio) digest vectors (or `budget`
+//                       per chunk), read by the model as input embeddings at generation
 #pragma once
 
 #include <cstdint>
@@ -41,11 +45,13 @@ inline constexpr int kMaxNFuture = 16384;                        // positions
 inline constexpr int64_t kMaxPositions = int64_t{1} << 24;       // finch max_positions
 inline constexpr int kMaxSeparatorsBytes = 256;
 inline constexpr double kMaxRatio = 1e6;
+inline constexpr int64_t kMaxDigestsPerChunk = 65536;            // digest budget
 
 struct CompressionSpec {
   std::string method;
   // Exactly one of: a compression factor > 1 (keep ceil(n / ratio) entries per head), or a
-  // token budget > 0 (entries per head). Method "none" takes neither.
+  // token budget > 0 (entries per head; for digest, digest tokens per chunk). Method "none"
+  // takes neither.
   double ratio = 0;
   int64_t budget = 0;
   // Select one token set per layer (shared by its KV heads) instead of one per KV head.
@@ -85,6 +91,10 @@ struct CompressionSpec {
   // How the kept entries are stored (every method): "fp16", or KIVI-style "int8" / "int4"
   // (kv_cache.h), which the cache tiers and decode attention read without expanding.
   std::string kv_dtype = "fp16";
+  // digest: the compressor's file SHA-256 (IcFormer::file_sha256), part of the cache key so
+  // that a retrained compressor never serves another's digests. Set by whoever holds the
+  // compressor (Compress fills it in when empty), never taken from a client.
+  std::string compressor;
 
   // InvalidArgument, with a message a person can act on, for unknown methods, a missing or
   // doubled budget, and knobs out of range.
@@ -160,9 +170,14 @@ absl::StatusOr<CompressedContext> SelectScored(const Model& model, const KvCache
 // context made by another model, InvalidArgument for a wrong kind or shape, OutOfRange when
 // the total does not fit the model's window.
 // `stop` (common/stop.h) is asked before each context's copy and re-rotation; its status ends
-// the composition.
+// the composition. This form takes KV contexts only (InvalidArgument for a digest).
 absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* const> contexts,
                                         const Model& model, const StopFn& stop = nullptr);
+// Any kinds, in any order: a digest context is read by the model (Runner::ForwardEmbeddings)
+// at the positions after the contexts before it, attending to them, and its K/V entries are
+// placed like a KV context's. The runner's own stop is asked inside those passes.
+absl::StatusOr<KvCache> ComposeContexts(absl::Span<const CompressedContext* const> contexts,
+                                        Runner& runner, const StopFn& stop = nullptr);
 
 // "Prefill once, select per query": runs `question` on top of a copy of `full`, scores the
 // cached entries by the question's attention (SnapKV-style), and returns a cache of at most

@@ -30,17 +30,34 @@ struct CompressedContext {
   int64_t digest_tokens = 0;
   std::vector<float> digest;
 
-  // Entries kept over all (layer, head) pairs, and what the full context would hold.
-  int64_t KeptEntries() const { return kv.TotalEntries(); }
+  // Entries kept over all (layer, head) pairs, and what the full context would hold. A digest
+  // keeps no entries but occupies digest_tokens positions of every (layer, KV head) once the
+  // model has read it (ComposeContexts runs it): those count as its kept entries. A digest
+  // context's kv is empty but has the model's shape.
+  int64_t KeptEntries() const {
+    return kind == ContextKind::kDigest ? digest_tokens * kv.n_layers() * kv.n_kv_heads()
+                                        : kv.TotalEntries();
+  }
   int64_t FullEntries() const {
     return source_tokens * kv.n_layers() * kv.n_kv_heads();
   }
-  // KV bytes: what the kept entries take as stored (fp16 rows, or int8 / int4 codes with
-  // their scales), and what the uncompressed context would need at fp16. Positions (4 bytes
-  // per kept entry) are counted in neither.
-  int64_t KvBytes() const { return kv.StoredBytes(); }
+  // Bytes as stored: the kept K/V entries (fp16 rows, or int8 / int4 codes with their
+  // scales), or a digest's vectors at fp16 (the codec's row type; the engine rounds digests
+  // to fp16 when it makes them, so every tier returns the same values). And what the
+  // uncompressed context would need at fp16. Positions (4 bytes per kept entry) are counted
+  // in neither.
+  int64_t KvBytes() const {
+    return kind == ContextKind::kDigest ? static_cast<int64_t>(digest.size()) * 2
+                                        : kv.StoredBytes();
+  }
   int64_t FullKvBytes() const {
     return FullEntries() * 2 * kv.head_dim() * 2;
+  }
+  // The KV this context occupies while a request attends to it: its stored entries for KV
+  // form; for a digest, the fp16 K/V rows the model writes when it reads the digests.
+  int64_t AttendedKvBytes() const {
+    return kind == ContextKind::kDigest ? KeptEntries() * 2 * kv.head_dim() * 2
+                                        : kv.StoredBytes();
   }
   // The compression every report states: fp16 bytes of the full KV / bytes stored.
   double BytesRatio() const {

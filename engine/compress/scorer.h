@@ -53,6 +53,13 @@ absl::StatusOr<KvCache> RunFinch(Runner& runner, absl::Span<const int32_t> doc,
                                  const CompressionSpec& spec, int64_t budget,
                                  const CompressProgress& progress);
 
+// Digest form (digest.cc): the document's chunks through the model's digest compressor.
+// FailedPrecondition when the model has none attached.
+absl::StatusOr<CompressedContext> CompressDigest(Runner& runner,
+                                                 absl::Span<const int32_t> doc_tokens,
+                                                 const CompressionSpec& spec,
+                                                 const CompressProgress& progress);
+
 // ---- Shared by the methods ------------------------------------------------------------------
 
 // The observation window of prompt-guided methods: the question's tokens, or the generic

@@ -31,7 +31,7 @@ struct MethodInfo {
 };
 constexpr MethodInfo kMethodTable[] = {
     {"none", 1},  {"streaming", 1},          {"snapkv", 1}, {"finch", 2},
-    {"expected_attention", 2}, {"kvzip", 2}, {"anchor", 1},
+    {"expected_attention", 2}, {"kvzip", 2}, {"anchor", 1}, {"digest", 1},
 };
 constexpr size_t kMethodCount = sizeof(kMethodTable) / sizeof(kMethodTable[0]);
 constexpr std::array<const char*, kMethodCount> kMethods = [] {
@@ -129,7 +129,7 @@ absl::Status CompressionSpec::Validate() const {
   };
   if (n_sink < 0 || n_sink > kMaxNSink) return out_of("n_sink", n_sink, 0, kMaxNSink, "tokens");
   if (window < 0 || window > kMaxWindow) return out_of("window", window, 0, kMaxWindow, "tokens");
-  if (budget > 0 && n_sink > budget) {
+  if (budget > 0 && n_sink > budget && method != "digest") {
     return absl::InvalidArgumentError(
         absl::StrCat("n_sink (", n_sink, ") exceeds the budget (", budget, ")"));
   }
@@ -194,6 +194,27 @@ absl::Status CompressionSpec::Validate() const {
     return absl::InvalidArgumentError(
         "head_budget_alpha applies only with head_budget \"adaptive\" or \"global\"");
   }
+  if (method == "digest") {
+    if (per_layer) {
+      return absl::InvalidArgumentError(
+          "per_layer selects KV entries; method \"digest\" keeps none (it writes digest vectors)");
+    }
+    if (kv_dtype != "fp16") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kv_dtype \"", kv_dtype, "\" quantizes kept KV entries; method \"digest\" stores "
+          "digest vectors (at fp16): leave kv_dtype at fp16"));
+    }
+    if (budget > kMaxDigestsPerChunk) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "budget = ", budget, " digest tokens per chunk is out of range: allowed 1 to ",
+          kMaxDigestsPerChunk, " (and at most the compressor's digest_count)"));
+    }
+    if (!compressor.empty() && compressor.size() != 64) {
+      return absl::InvalidArgumentError("compressor must be a digest compressor's hex SHA-256");
+    }
+  } else if (!compressor.empty()) {
+    return absl::InvalidArgumentError("compressor applies only to method \"digest\"");
+  }
   if (method == "anchor" && separators.empty()) {
     return absl::InvalidArgumentError("anchor needs at least one separator character");
   }
@@ -221,6 +242,11 @@ std::string CompressionSpec::CanonicalParams() const {
     kv["pooling"] = pooling;
   }
   if (method == "expected_attention") kv["n_future"] = absl::StrCat(n_future);
+  if (method == "digest") {
+    kv.erase("per_layer");
+    kv.erase("n_sink");
+    kv["compressor"] = compressor;
+  }
   if (method == "anchor") kv["separators"] = Escaped(separators);
   // Only when not the default, so that every fp16 context keeps the key it always had.
   if (kv_dtype != "fp16") kv["kv_dtype"] = kv_dtype;

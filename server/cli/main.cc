@@ -29,6 +29,7 @@
 #include "engine/chat_template.h"
 #include "engine/compress/compress.h"
 #include "engine/generate.h"
+#include "engine/icformer.h"
 #include "engine/model.h"
 #include "engine/cpu/blas_kernels.h"
 #include "server/cli/remote.h"
@@ -50,6 +51,8 @@ commands:
 common flags:
   --model PATH        GGUF model (default: $CTXCACHE_MODEL, else models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)
   --threads N         worker threads (default: all usable cores)
+  --digest-compressor FILE  the digest compressor trained for the model (method digest, and
+                      generating from digest contexts)
 
 generate flags:
   --prompt TEXT | --prompt-file FILE
@@ -80,7 +83,9 @@ compress flags:
                       default 0.2)
   --dtype fp16|bf16|fp32|int8  file encoding of an fp16 context (default fp16)
   --chunk N (finch/kvzip, default 512)
-  methods: none streaming snapkv finch expected_attention kvzip anchor
+  methods: none streaming snapkv finch expected_attention kvzip anchor, and digest (digest
+           form: --ratio R gives each chunk ceil(chunk / R) digest vectors, --budget N gives it
+           N; needs --digest-compressor)
 
 remote (against a running ctxcache-server; compress, generate, info):
   --server HOST:PORT  run the command on the server: compress prints a context id, which
@@ -178,6 +183,18 @@ absl::StatusOr<std::string> ModelPath(const Flags& flags) {
   return FindDefaultModel();
 }
 
+// The model, with the digest compressor --digest-compressor names attached (method digest,
+// and contexts made by it).
+absl::StatusOr<std::unique_ptr<Model>> LoadModel(const std::string& path,
+                                                 const std::optional<std::string>& compressor) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(path));
+  if (compressor) {
+    ASSIGN_OR_RETURN(std::unique_ptr<IcFormer> f, IcFormer::Load(*compressor, *model));
+    model->AttachDigestCompressor(std::move(f));
+  }
+  return model;
+}
+
 int Threads(const Flags& flags) {
   int n = ThreadPool::HardwareThreads();
   (void)flags.Number("threads", &n);
@@ -232,10 +249,11 @@ absl::Status CmdGenerate(const Flags& flags) {
                      select_ratio));
   }
   const int threads = Threads(flags);
+  const std::optional<std::string> compressor = flags.Get("digest-compressor");
   RETURN_IF_ERROR(flags.CheckAllUsed());
   RETURN_IF_ERROR(ValidateGenerateParams(params));
 
-  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(path));
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, LoadModel(path, compressor));
   const Tokenizer& tok = model->tokenizer();
   std::vector<int32_t> ids;
   if (chat) {
@@ -274,7 +292,7 @@ absl::Status CmdGenerate(const Flags& flags) {
       kv_bytes += c.KvBytes();
       full_bytes += c.FullKvBytes();
     }
-    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, *model));
+    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, runner));
     if (select_ratio > 0) {
       // Prefill once, select per query: keep the entries this prompt attends to.
       const int64_t budget =
@@ -410,16 +428,18 @@ absl::Status CmdCompress(const Flags& flags) {
   ASSIGN_OR_RETURN(BlobDtype dtype, ParseDtype(flags.Get("dtype").value_or("fp16")));
   const bool quiet = flags.Bool("quiet"), json = flags.Bool("json");
   const int threads = Threads(flags);
+  const std::optional<std::string> compressor = flags.Get("digest-compressor");
   RETURN_IF_ERROR(flags.CheckAllUsed());
   if (!doc_file) return absl::InvalidArgumentError("compress needs --doc FILE (or - for stdin)");
   if (!out) return absl::InvalidArgumentError("compress needs --out FILE");
   if (spec.method.empty()) {
     return absl::InvalidArgumentError(
-        "compress needs --method (none, streaming, snapkv, finch, expected_attention, kvzip, anchor)");
+        "compress needs --method (none, streaming, snapkv, finch, expected_attention, kvzip, "
+        "anchor, digest)");
   }
   RETURN_IF_ERROR(spec.Validate());
   ASSIGN_OR_RETURN(std::string doc, ReadFileOrStdin(*doc_file));
-  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(path));
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, LoadModel(path, compressor));
   const Tokenizer& tok = model->tokenizer();
   const std::vector<int32_t> ids = tok.Encode(doc, tok.add_bos_default(), /*parse_special=*/false);
   if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat("document '", *doc_file, "' is empty"));
@@ -458,6 +478,11 @@ absl::Status CmdCompress(const Flags& flags) {
   }
   cli::PrintContextSummary(ctx.source_tokens, double(ctx.KeptEntries()) / heads, ctx.KeptEntries(),
                            ctx.FullEntries(), ctx.FullKvBytes(), ctx.KvBytes(), spec.kv_dtype);
+  if (ctx.kind == ContextKind::kDigest) {
+    std::printf("digest:            %lld vectors of %d values (the model reads them in place of "
+                "the document; kept per head counts the entries they occupy then)\n",
+                static_cast<long long>(ctx.digest_tokens), model->config().d_model);
+  }
   std::printf("file:              %s (%zu bytes, %s)\n"
               "time:              %.2f s\n",
               out->c_str(), bytes.size(),
