@@ -399,8 +399,10 @@ absl::Status Run(const Options& opt) {
     ASSIGN_OR_RETURN(Outcome full, Evaluate(runner, prefill, s, DecodePolicy{}, nullptr));
     const int64_t heads = int64_t{prefill.n_layers()} * prefill.n_kv_heads();
     const int64_t full_bytes = prefill.Bytes(2);
+    // stored_bytes: what the context stores when that is not its KV (a digest's vectors).
     auto add = [&](const CompressionSpec& spec, const std::string& kv_dtype, const KvCache& kv,
-                   const Outcome& o, double seconds) {
+                   const Outcome& o, double seconds, int64_t stored_bytes = -1) {
+      if (stored_bytes < 0) stored_bytes = kv.StoredBytes();
       json r = base(spec.method, spec.ratio);
       r["head_budget"] = spec.head_budget;
       r["kv_dtype"] = kv_dtype;
@@ -410,10 +412,10 @@ absl::Status Run(const Options& opt) {
       r["full_ll"] = full.ll;
       r["kl"] = o.kl;
       r["kept_tokens"] = static_cast<double>(kv.TotalEntries()) / static_cast<double>(heads);
-      r["kv_bytes"] = kv.StoredBytes();
+      r["kv_bytes"] = stored_bytes;
       r["full_kv_bytes"] = full_bytes;
       const double bytes_ratio =
-          static_cast<double>(full_bytes) / static_cast<double>(kv.StoredBytes());
+          static_cast<double>(full_bytes) / static_cast<double>(stored_bytes);
       r["bytes_ratio"] = bytes_ratio;
       r["compress_seconds"] = seconds;
       r["prediction"] = o.prediction;
@@ -512,11 +514,9 @@ absl::Status Run(const Options& opt) {
           const CompressedContext* ptr = &ctx;
           ASSIGN_OR_RETURN(KvCache kv, ComposeContexts(absl::MakeConstSpan(&ptr, 1), runner));
           ASSIGN_OR_RETURN(Outcome o, Evaluate(runner, kv, s, DecodePolicy{}, &full.logp));
-          add(spec, "fp16", kv, o, seconds);
+          add(spec, "fp16", kv, o, seconds, ctx.KvBytes());
           json& r = rows.back();
-          r["kv_bytes"] = ctx.KvBytes();
           r["attended_kv_bytes"] = ctx.AttendedKvBytes();
-          r["bytes_ratio"] = static_cast<double>(full_bytes) / static_cast<double>(ctx.KvBytes());
           r["digest_tokens"] = ctx.digest_tokens;
         }
         continue;
