@@ -294,13 +294,9 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
   CompressionSpec spec = in.spec;
   // A question the method ignores must not split the cache into per-question entries.
   if (!MethodUsesQuestion(spec.method)) spec.question.clear();
-  if (spec.method == "digest") {
-    // The compressor is part of the id: a retrained one never serves another's digests.
-    if (model_.digest_compressor() == nullptr) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          field, ": method \"digest\" needs a digest compressor and this server has none "
-          "(start it with --digest-compressor FILE), or use a KV method"));
-    }
+  // The compressor is part of a digest's id: a retrained one never serves another's digests.
+  // (ValidateCompress refused digest on a server without one; Compress would too.)
+  if (spec.method == "digest" && model_.digest_compressor() != nullptr) {
     spec.compressor = model_.digest_compressor()->file_sha256();
   }
   // A compression prefills the whole document before pruning: reserve that working cache.

@@ -1,7 +1,9 @@
 // Method "digest": the document's chunks through the model's digest compressor (icformer.h).
 // No layer of the model runs on the document: each chunk's token embeddings go through the
 // compressor's few cross-attention layers, and the digests are stored in place of any KV.
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
