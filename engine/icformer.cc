@@ -87,6 +87,16 @@ int DigestsFor(int64_t n_chunk_tokens, double ratio, int digest_count) {
   return static_cast<int>(std::clamp<double>(n, 1.0, digest_count));
 }
 
+std::vector<int> DigestPlan(int64_t n_tokens, const IcFormerConfig& c, double ratio,
+                            int64_t budget) {
+  std::vector<int> out;
+  for (const auto& [b, e] : DigestChunks(n_tokens, c.chunk_length)) {
+    out.push_back(budget > 0 ? static_cast<int>(std::min<int64_t>(budget, e - b))
+                             : DigestsFor(e - b, ratio, c.digest_count));
+  }
+  return out;
+}
+
 absl::StatusOr<std::unique_ptr<IcFormer>> IcFormer::Load(const std::string& path,
                                                          const Model& model) {
   return Load(path, model.config().d_model, model.fingerprint());

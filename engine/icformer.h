@@ -108,5 +108,9 @@ std::vector<std::pair<int64_t, int64_t>> DigestChunks(int64_t n_tokens, int chun
 // Digests a chunk of n tokens gets at compression `ratio`: ceil(n / ratio), within
 // 1..digest_count.
 int DigestsFor(int64_t n_chunk_tokens, double ratio, int digest_count);
+// Digests of each of DigestChunks(n_tokens, c.chunk_length): `budget` per chunk (at most the
+// chunk's length) when budget > 0, else DigestsFor at `ratio`.
+std::vector<int> DigestPlan(int64_t n_tokens, const IcFormerConfig& c, double ratio,
+                            int64_t budget);
 
 }  // namespace ctxcache

@@ -252,7 +252,17 @@ int64_t Handlers::EstimateKvBytes(const CompressInput& in) const {
   const int64_t tokens = in.document.is_text
                              ? static_cast<int64_t>(in.document.text.size()) / 4 + 1
                              : static_cast<int64_t>(in.document.tokens.size());
-  return tokens * WorkingBytesPerToken();
+  return CompressWorkingTokens(tokens, in.spec) * WorkingBytesPerToken();
+}
+
+int64_t Handlers::CompressWorkingTokens(int64_t n_tokens, const CompressionSpec& spec) const {
+  const IcFormer* f = model_.digest_compressor();
+  if (spec.method != "digest" || f == nullptr) return n_tokens;
+  // A digest runs no layer of the model on the document: no prefill to hold. It reserves
+  // what it will occupy when read (its digest tokens' K/V), as a generation would.
+  int64_t total = 0;
+  for (int k : DigestPlan(n_tokens, f->config(), spec.ratio, spec.budget)) total += k;
+  return total;
 }
 
 int64_t Handlers::EstimateKvBytes(const GenerateInput& in) const {
@@ -299,9 +309,11 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
   if (spec.method == "digest" && model_.digest_compressor() != nullptr) {
     spec.compressor = model_.digest_compressor()->file_sha256();
   }
-  // A compression prefills the whole document before pruning: reserve that working cache.
+  // A KV compression prefills the whole document before pruning: reserve that working cache
+  // (a digest: the K/V its tokens will occupy).
   RETURN_IF_ERROR(reservation.Resize(
-      reserved_base + static_cast<int64_t>(ids.size()) * WorkingBytesPerToken()));
+      reserved_base + CompressWorkingTokens(static_cast<int64_t>(ids.size()), spec) *
+                          WorkingBytesPerToken()));
   const uint32_t version = MethodVersion(spec.method);
   ContextOutcome out;
   out.context_id = ContextId(tenant, model_.fingerprint(), spec, version, ids);

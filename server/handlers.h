@@ -169,6 +169,9 @@ class Handlers {
                               const GenerateInput& in, absl::Span<const int32_t> prompt,
                               const StopCheck& stop, std::vector<ContextOutcome>& contexts) const;
   int64_t WorkingBytesPerToken() const { return model_.KvBytesPerToken(sizeof(float)); }
+  // Tokens of working cache compressing n_tokens with `spec` needs: all of them for a
+  // prefill-based method, the digest tokens for "digest".
+  int64_t CompressWorkingTokens(int64_t n_tokens, const CompressionSpec& spec) const;
   // One kept entry (K and V rows of one layer and KV head) in the working cache.
   int64_t WorkingBytesPerEntry() const {
     return int64_t{2} * model_.config().head_dim * static_cast<int64_t>(sizeof(float));

@@ -1696,6 +1696,27 @@ TEST_F(ServerE2ETest, DigestContextsOverGrpc) {
   EXPECT_EQ(du.attended_entries(), d.kept_entries());
   server->reset();  // stops it
 
+  // Admission: a digest runs no prefill, so a KV budget below the document's prefill (a KV
+  // method is refused) admits its digest, which reserves only the K/V its tokens will occupy.
+  {
+    ServerConfig tight = config;
+    tight.max_kv_bytes = d.original_tokens() * model().KvBytesPerToken(sizeof(float)) / 2;
+    absl::StatusOr<std::unique_ptr<ServerInstance>> t = ServerInstance::Start(tight, nullptr);
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Load().ok());
+    auto tight_stub = pb::ContextCache::NewStub(
+        grpc::CreateChannel((*t)->address(), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext kv_ctx;
+    pb::CompressResponse kv;
+    st = tight_stub->Compress(&kv_ctx, CompressRequest(kDocument), &kv);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+    grpc::ClientContext digest_ctx;
+    pb::CompressResponse again;
+    st = tight_stub->Compress(&digest_ctx, req, &again);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(again.context().context_id(), d.context_id());
+  }
+
   // No compressor: the method is not listed, and asking for it is FAILED_PRECONDITION.
   Running plain = Start(BaseConfig());
   ASSERT_NE(plain.stub, nullptr);

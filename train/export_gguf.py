@@ -95,16 +95,22 @@ def main():
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     with open(os.path.join(args.run, "history.json")) as f:
-        command = json.load(f)["args"]
+        history = json.load(f)
+    command = history["args"]
+    # A run started --init-from a shipped compressor continues its steps.
+    init = history.get("init_from")
+    steps = state["step"] + (init["train_steps"] if init else 0)
 
-    write_gguf(args.out, cfg, sd, fingerprint, state["step"],
+    write_gguf(args.out, cfg, sd, fingerprint, steps,
                f"train/train_digest.py at {commit}", args.dtype, ae=state["ae"])
     with open(args.out, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     record = {"file": os.path.basename(args.out), "sha256": sha,
               "bytes": os.path.getsize(args.out), "base_model": os.path.basename(args.model),
-              "base_fingerprint": fingerprint, "train_steps": state["step"], "commit": commit,
+              "base_fingerprint": fingerprint, "train_steps": steps, "commit": commit,
               "config": cfg, "train_command": command}
+    if init:
+        record["init_from"] = init
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(record, f, indent=1)
     print(f"{args.out}: {record['bytes'] / 2**20:.1f} MiB, sha256 {sha}")

@@ -13,6 +13,13 @@ input embeddings, either to
 AE embedding learn; the LLM's weights are frozen and receive no gradients (its activations
 do, to reach the digests). AdamW, cosine decay after a linear warm-up.
 
+Phase 2 (`--qa-share`, the share of windows that are questions; the paper's instruction
+fine-tuning): a synthetic question over a window of `--qa-tokens` training tokens
+(train/qa_data.py), laid out as a document context and a question are at generation (the
+chat header and instruction belong to the compressed document). The loss is the KL divergence,
+on the answer's tokens, from the frozen model reading the whole text (the teacher) to the same
+model reading the document's digests: the full-context model's answer, distilled.
+
 Every `--eval-every` steps the same losses are measured on fixed windows of the held-out
 documents; every `--save-every` steps (and on Ctrl-C / SIGTERM) a checkpoint is written
 (compressor, AE embedding, optimizer, step, RNG states, the loss history), and a run started
@@ -37,7 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import frozen_llm  # noqa: E402
-from icformer import ICFormer, ICFormerConfig  # noqa: E402
+import qa_data  # noqa: E402
+from icformer import ICFormer, ICFormerConfig, digests_for, split_chunks  # noqa: E402
 
 
 def log(msg):
@@ -88,6 +96,35 @@ def losses(llm, comp, ae_emb, embed, windows, chunk, cont, n_digest, reconstruct
                            target.reshape(-1))
 
 
+def qa_losses(llm, comp, embed, ex, ratio, chunk, max_digest, teacher_logp=None):
+    """(KL from the teacher, cross-entropy of the answer, share of answer tokens that are the
+    argmax) of the frozen LLM reading the digests of the example's document (compressed in
+    the engine's chunks) before its question. ratio None: no document at all (a bound)."""
+    m = len(ex.answer)
+    tail = embed(torch.tensor([ex.suffix + ex.answer[:-1]]))
+    parts = []
+    if ratio is not None:
+        doc = torch.tensor([ex.doc])
+        for s, e in split_chunks(len(ex.doc), chunk):
+            parts.append(comp(embed(doc[:, s:e]), digests_for(e - s, ratio, max_digest)))
+    out = llm(inputs_embeds=torch.cat(parts + [tail], dim=1), logits_to_keep=m)
+    logp = F.log_softmax(out.logits[0].float(), dim=-1)
+    if teacher_logp is None:
+        teacher_logp = teacher(llm, ex)
+    kl = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
+    target = torch.tensor(ex.answer)
+    ce = F.nll_loss(logp.detach(), target)
+    acc = (logp.detach().argmax(-1) == target).float().mean()
+    return kl, float(ce), float(acc)
+
+
+def teacher(llm, ex):
+    """Log-probabilities on the answer's positions of the model reading the whole text."""
+    with torch.no_grad():
+        ids = torch.tensor([ex.doc + ex.suffix + ex.answer[:-1]])
+        return F.log_softmax(llm(ids, logits_to_keep=len(ex.answer)).logits[0].float(), dim=-1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="run folder: checkpoint, history (resumed)")
@@ -98,6 +135,13 @@ def main():
     ap.add_argument("--cont", type=int, default=64)
     ap.add_argument("--ratios", default="4,8", help="compression ratios drawn per step")
     ap.add_argument("--ae-share", type=float, default=0.5)
+    ap.add_argument("--qa-share", type=float, default=0.0,
+                    help="share of windows that are synthetic questions (phase 2)")
+    ap.add_argument("--qa-tokens", default="200,760",
+                    help="text tokens of a question's document: a range lo,hi")
+    ap.add_argument("--qa-eval", type=int, default=16, help="held-out questions per evaluation")
+    ap.add_argument("--eval-ae-every", type=int, default=0,
+                    help="phase-1 held-out losses every N steps (default: --eval-every)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--ff", type=int, default=1536)
     ap.add_argument("--batch", type=int, default=1)
@@ -139,6 +183,8 @@ def main():
     need = args.chunk + args.cont
     train = Texts(args.text, tok, need)
     held = Texts(args.heldout, tok, need)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    qa_lo, qa_hi = (int(x) for x in args.qa_tokens.split(","))
     log(f"text: {len(train.docs)} training documents ({sum(map(len, train.docs)) / 1e6:.1f} M "
         f"tokens), {len(held.docs)} held out")
 
@@ -183,12 +229,37 @@ def main():
     # Fixed held-out windows and settings, the same at every evaluation.
     eval_rng = random.Random(12345)
     eval_windows = [held.window(eval_rng, need) for _ in range(args.eval_windows)]
+    qa_rng = random.Random(54321)
+    qa_eval = [qa_data.draw_example(qa_rng, tok, held.docs, held.weights, qa_lo, qa_hi, im_end)
+               for _ in range(args.qa_eval if args.qa_share > 0 else 0)]
+    qa_teacher = [teacher(llm, ex) for ex in qa_eval]
+    if qa_eval and "qa_bounds" not in history:
+        # The teacher itself (KL 0 by definition) and the model with no document at all.
+        none = [qa_losses(llm, comp, embed, ex, None, args.chunk, cfg.max_digest, t)
+                for ex, t in zip(qa_eval, qa_teacher)]
+        history["qa_bounds"] = {
+            "teacher_ce": sum(float(F.nll_loss(t, torch.tensor(ex.answer)))
+                              for ex, t in zip(qa_eval, qa_teacher)) / len(qa_eval),
+            "teacher_acc": sum(float((t.argmax(-1) == torch.tensor(ex.answer)).float().mean())
+                               for ex, t in zip(qa_eval, qa_teacher)) / len(qa_eval),
+            "no_doc_kl": sum(float(k) for k, _, _ in none) / len(none),
+            "no_doc_ce": sum(c for _, c, _ in none) / len(none),
+            "no_doc_acc": sum(a for _, _, a in none) / len(none)}
+        log(f"question bounds: {json.dumps(history['qa_bounds'])}")
 
-    def evaluate():
+    def evaluate(final=False):
         comp.eval()
         row = {"step": step}
         with torch.no_grad():
             for r in ratios:
+                if qa_eval:
+                    res = [qa_losses(llm, comp, embed, ex, r, args.chunk, cfg.max_digest, t)
+                           for ex, t in zip(qa_eval, qa_teacher)]
+                    row[f"qa_{r:g}x"] = sum(float(k) for k, _, _ in res) / len(res)
+                    row[f"qa_ce_{r:g}x"] = sum(c for _, c, _ in res) / len(res)
+                    row[f"qa_acc_{r:g}x"] = sum(a for _, _, a in res) / len(res)
+                if step % (args.eval_ae_every or args.eval_every) and not final:
+                    continue
                 m = max(1, math.ceil(args.chunk / r))
                 for name, rec in (("ae", True), ("cont", False)):
                     row[f"{name}_{r:g}x"] = float(sum(
@@ -249,6 +320,14 @@ def main():
         total = {}
         for _ in range(args.accum):
             r = rng.choice(ratios)
+            if rng.random() < args.qa_share:
+                ex = qa_data.draw_example(rng, tok, train.docs, train.weights, qa_lo, qa_hi,
+                                          im_end)
+                loss, _, acc = qa_losses(llm, comp, embed, ex, r, args.chunk, cfg.max_digest)
+                (loss / args.accum).backward()
+                total.setdefault(f"qa_{r:g}x", []).append(loss.item())
+                total.setdefault(f"qa_acc_{r:g}x", []).append(acc)
+                continue
             rec = rng.random() < args.ae_share
             m = max(1, math.ceil(args.chunk / r))
             windows = [train.window(rng, need) for _ in range(args.batch)]
@@ -273,6 +352,9 @@ def main():
             log(f"eval at step {step}: {json.dumps(history['eval'][-1])}")
         if step % args.save_every == 0:
             save()
+    if step and history["eval"] and history["eval"][-1]["step"] != step:
+        history["eval"].append(evaluate(final=True))
+        log(f"final eval at step {step}: {json.dumps(history['eval'][-1])}")
     save()
     log(f"checkpoint at step {step}: {ckpt_path}")
     return 0
@@ -282,8 +364,12 @@ def plot(history, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4))
     train = history["train"]
+    qa_keys = sorted({k for row in history["eval"] for k in row
+                      if k.startswith("qa_") and not k.startswith(("qa_ce_", "qa_acc_"))})
+    fig, axes = plt.subplots(1, 2 if qa_keys else 1, figsize=(13 if qa_keys else 8, 4),
+                             squeeze=False)
+    ax = axes[0][0]
     keys = sorted({k for row in train + history["eval"] for k in row
                    if k.startswith(("ae_", "cont_"))})
     for k in keys:
@@ -306,6 +392,37 @@ def plot(history, path):
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title("digest compressor (IC-Former) training")
     ax.legend(fontsize=7)
+    if qa_keys:
+        # Phase 2: KL from the full-context model on the answers (left axis) and the share of
+        # answer tokens the digest-reading model ranks first (right axis), held out.
+        ax = axes[0][1]
+        for k in qa_keys:
+            ev = [(row["step"], row[k]) for row in history["eval"] if k in row]
+            ax.plot([s for s, _ in ev], [y for _, y in ev], "o-", ms=3, label=f"held-out KL {k[3:]}")
+        b = history.get("qa_bounds", {})
+        if "no_doc_kl" in b:
+            ax.axhline(b["no_doc_kl"], ls=":", lw=1, color="gray")
+            ax.annotate("KL with no document", (0, b["no_doc_kl"]), fontsize=7, color="gray",
+                        va="bottom")
+        ax.set_xlabel("optimizer step (phase 2)")
+        ax.set_ylabel("KL(full context || digest), nats / answer token")
+        acc = ax.twinx()
+        for k in qa_keys:
+            ev = [(row["step"], row[f"qa_acc_{k[3:]}"]) for row in history["eval"]
+                  if f"qa_acc_{k[3:]}" in row]
+            acc.plot([s for s, _ in ev], [y for _, y in ev], "s--", ms=3,
+                     label=f"held-out top-1 {k[3:]}")
+        for name, label in (("teacher_acc", "top-1, full context"),
+                            ("no_doc_acc", "top-1, no document")):
+            if name in b:
+                acc.axhline(b[name], ls="-.", lw=1, color="tab:red")
+                acc.annotate(label, (0, b[name]), fontsize=7, color="tab:red", va="bottom")
+        acc.set_ylim(0, 1)
+        acc.set_ylabel("answer tokens ranked first")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = acc.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
+        ax.set_title("phase 2: questions over held-out text")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     log(f"plot: {path}")

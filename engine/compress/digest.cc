@@ -45,13 +45,9 @@ absl::StatusOr<CompressedContext> CompressDigest(Runner& runner,
         fc.digest_count, " per chunk of up to ", fc.chunk_length, " tokens"));
   }
   const auto chunks = DigestChunks(n, fc.chunk_length);
-  std::vector<int> per_chunk;
+  const std::vector<int> per_chunk = DigestPlan(n, fc, spec.ratio, spec.budget);
   int64_t total = 0;
-  for (const auto& [b, e] : chunks) {
-    per_chunk.push_back(spec.budget > 0 ? static_cast<int>(std::min<int64_t>(spec.budget, e - b))
-                                        : DigestsFor(e - b, spec.ratio, fc.digest_count));
-    total += per_chunk.back();
-  }
+  for (int k : per_chunk) total += k;
   if (total > mc.n_ctx_train) {
     return absl::OutOfRangeError(absl::StrCat("document of ", n, " tokens makes ", total,
                                               " digest tokens, more than the model's ",
