@@ -69,6 +69,8 @@ def normalize(row):
     for k, v in DEFAULTS.items():
         if out.get(k) in (None, ""):
             out[k] = v
+    if out.get("method") == "digest":
+        out["head_budget"] = "–"  # a digest keeps no per-head entries (ctxcache-eval writes uniform)
     return out
 
 

@@ -255,6 +255,19 @@ class ReportTest(unittest.TestCase):
         self.assertEqual(full[(q, "niah_single_noise", 1024)]["n"], 2)
         self.assertEqual(full[("SmolLM2-135M-Instruct.Q4_1", "niah_single_noise", 1024)]["n"], 1)
 
+    def test_digest_rows_have_no_head_budget(self):
+        # ctxcache-eval writes a digest's spec default ("uniform"); a digest keeps no
+        # per-head entries, so its cell is labelled "–", apart from the KV methods' cells.
+        q = "qwen2.5-coder-0.5b-instruct-q4_k_m"
+        rows = [raw_row(model=q, method="digest", ratio=4.0, kv_dtype="fp16",
+                        head_budget="uniform", kv_bytes=700_000),
+                raw_row(model=q, method="kvzip", ratio=4.0, kv_dtype="fp16",
+                        head_budget="uniform")]
+        cells = {c["method"]: c for c in report.aggregate(rows)}
+        self.assertEqual(cells["digest"]["head_budget"], "–")
+        self.assertEqual(cells["kvzip"]["head_budget"], "uniform")
+        self.assertIn("digest | fp16 | –", report.markdown(report.aggregate(rows), []))
+
     def test_share_of_full_only_counts_cells_the_full_context_solves(self):
         rows = []
         for i in range(4):
