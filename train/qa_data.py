@@ -50,10 +50,6 @@ class Example:
     answer_text: str
 
 
-def _count(hay, needle):
-    return hay.count(needle)
-
-
 def make_question(rng, text):
     """(kind, question, answer) about `text`, or None when this text offers no unique cue."""
     words = _WORD.findall(text)
@@ -70,7 +66,7 @@ def make_question(rng, text):
                 continue
             i = rng.randrange(lo, hi)
             cue = " ".join(words[i:i + k])
-            if _count(text, cue) != 1:
+            if text.count(cue) != 1:
                 continue
             span = words[i + k:i + k + m] if kind == "next" else words[i - m:i]
             where = "after" if kind == "next" else "before"
