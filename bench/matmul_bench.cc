@@ -165,10 +165,17 @@ BENCHMARK(BM_MatMul<0>)
     ->UseRealTime();
 // The crossover between the two strategies (kBatchedMaxTokens in matmul.cc).
 BENCHMARK(BM_MatMul<1>)
-    ->ArgsProduct({{kQ4_1}, {1, 4, 8, 12, 16, 24, 32}, {576}, {1536}, {1, 2}})
+    ->ArgsProduct({{kQ4_1}, {1, 4, 8, 12, 16, 20, 24, 32, 48, 64}, {576}, {1536}, {1, 2}})
     ->UseRealTime();
 BENCHMARK(BM_MatMul<2>)
-    ->ArgsProduct({{kQ4_1}, {1, 4, 8, 12, 16, 24, 32}, {576}, {1536}, {1, 2}})
+    ->ArgsProduct({{kQ4_1}, {1, 4, 8, 12, 16, 20, 24, 32, 48, 64}, {576}, {1536}, {1, 2}})
+    ->UseRealTime();
+// The batched dot's cost per extra token (a continuous-batching decode step) on the other
+// models' shapes: SmolLM2's Q8_0 output head, Qwen2.5-0.5B's Q5_0 up and Q4_K/Q6_K down.
+BENCHMARK(BM_MatMul<1>)
+    ->ArgsProduct({{kQ8_0}, {1, 4, 8, 16, 32}, {576}, {49152}, {1}})
+    ->ArgsProduct({{kQ5_0}, {1, 4, 8, 16, 32}, {896}, {4864}, {1}})
+    ->ArgsProduct({{kQ4_K, kQ6_K}, {1, 4, 8, 16, 32}, {4864}, {896}, {1}})
     ->UseRealTime();
 
 // The bf16 GEMM (AMX, or AVX512-BF16 without it) against OpenBLAS sgemm on fp32-dequantized

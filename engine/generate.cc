@@ -81,9 +81,27 @@ std::string StopMatcher::Flush() {
 absl::StatusOr<GenerateResult> Generate(Runner& runner, KvCache& cache,
                                         absl::Span<const int32_t> prompt,
                                         const GenerateParams& params, const TextCallback& on_text) {
+  // The prompt in chunks (as compression prefills documents, compress.h kPrefillChunk): one
+  // pass over a long prompt makes stages so large (at 8K tokens, a single feed-forward product
+  // of tens of GFLOP) that the runner's stop could not react quickly. Prompts up to a chunk
+  // run in one pass.
+  constexpr int64_t kPromptChunk = 2048;
+  auto forward = [&runner](absl::Span<const int32_t> tokens, KvCache& c,
+                           RecycledAttentionState* recycled, std::vector<float>* logits) {
+    ForwardOptions options;
+    options.recycled = recycled;
+    return runner.Forward(tokens, c, options, logits);
+  };
+  return Generate(runner.model(), forward, kPromptChunk, cache, prompt, params, on_text);
+}
+
+absl::StatusOr<GenerateResult> Generate(const Model& model, const ForwardFn& forward,
+                                        int64_t prompt_chunk, KvCache& cache,
+                                        absl::Span<const int32_t> prompt,
+                                        const GenerateParams& params, const TextCallback& on_text) {
   RETURN_IF_ERROR(ValidateGenerateParams(params));
   if (prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
-  const Model& model = runner.model();
+  if (prompt_chunk < 1) return absl::InvalidArgumentError("prompt_chunk must be positive");
   const Tokenizer& tok = model.tokenizer();
   const int64_t n_ctx = model.config().n_ctx_train;
   if (cache.next_position + static_cast<int64_t>(prompt.size()) > n_ctx) {
@@ -107,16 +125,11 @@ absl::StatusOr<GenerateResult> Generate(Runner& runner, KvCache& cache,
   }
 
   const auto t0 = Clock::now();
-  // The prompt in chunks (as compression prefills documents, compress.h kPrefillChunk): one
-  // pass over a long prompt makes stages so large (at 8K tokens, a single feed-forward product
-  // of tens of GFLOP) that the runner's stop could not react quickly. Prompts up to a chunk
-  // run in one pass, as before.
-  constexpr int64_t kPromptChunk = 2048;
   const int64_t n_prompt = static_cast<int64_t>(prompt.size());
-  for (int64_t b = 0; b < n_prompt; b += kPromptChunk) {
-    const int64_t e = std::min(n_prompt, b + kPromptChunk);
-    RETURN_IF_ERROR(runner.Forward(prompt.subspan(b, e - b), cache, ForwardOptions{},
-                                   e == n_prompt ? &logits : nullptr));
+  for (int64_t b = 0; b < n_prompt; b += prompt_chunk) {
+    const int64_t e = std::min(n_prompt, b + prompt_chunk);
+    RETURN_IF_ERROR(
+        forward(prompt.subspan(b, e - b), cache, nullptr, e == n_prompt ? &logits : nullptr));
   }
   auto t_first = Clock::now();
   bool cancelled = false;
@@ -150,7 +163,7 @@ absl::StatusOr<GenerateResult> Generate(Runner& runner, KvCache& cache,
       result.finish = FinishReason::kContextFull;
       break;
     }
-    RETURN_IF_ERROR(runner.Decode(id, cache, &logits, recycled.get()));
+    RETURN_IF_ERROR(forward(absl::MakeConstSpan(&id, 1), cache, recycled.get(), &logits));
   }
   if (result.finish != FinishReason::kStop && result.finish != FinishReason::kCancelled) {
     bool stopped = false;

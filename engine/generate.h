@@ -55,6 +55,18 @@ absl::StatusOr<GenerateResult> Generate(Runner& runner, KvCache& cache,
                                         absl::Span<const int32_t> prompt,
                                         const GenerateParams& params, const TextCallback& on_text);
 
+// How Generate runs a forward pass: `tokens` appended to `cache`, the last token's logits into
+// *logits when it is set. A Runner's Forward, or a step of a worker's continuous batch
+// (server/scheduler.h).
+using ForwardFn =
+    std::function<absl::Status(absl::Span<const int32_t> tokens, KvCache& cache,
+                               RecycledAttentionState* recycled, std::vector<float>* logits)>;
+// The same through `forward`, the prompt in passes of at most prompt_chunk tokens.
+absl::StatusOr<GenerateResult> Generate(const Model& model, const ForwardFn& forward,
+                                        int64_t prompt_chunk, KvCache& cache,
+                                        absl::Span<const int32_t> prompt,
+                                        const GenerateParams& params, const TextCallback& on_text);
+
 // Streams text while holding back any suffix that could still become a stop string.
 class StopMatcher {
  public:

@@ -142,6 +142,14 @@ struct ForwardOptions {
   RecycledAttentionState* recycled = nullptr;
 };
 
+// One sequence of a batched forward pass (Runner::ForwardBatch).
+struct BatchSequence {
+  absl::Span<const int32_t> tokens;  // at least one: a decode step's token, or a prompt chunk
+  KvCache* cache = nullptr;          // the sequence's own cache; tokens append at next_position
+  RecycledAttentionState* recycled = nullptr;  // decode steps (one token) only
+  std::vector<float>* logits = nullptr;        // when set: the last token's logits [n_vocab]
+};
+
 class Runner {
  public:
   // pool may be shared with nothing else running concurrently; n_threads from it.
@@ -155,6 +163,15 @@ class Runner {
   // Same with input embeddings [n_tokens, d_model] instead of token ids (digest tokens).
   absl::Status ForwardEmbeddings(const float* embeddings, int64_t n_tokens, KvCache& cache,
                                  const ForwardOptions& options, std::vector<float>* logits);
+  // One pass over several sequences, each on its own cache (continuous batching): every
+  // weight product runs once for the decode tokens of all of them (weights read once per
+  // step) and once for their prompt chunks; attention runs per sequence over its own cache.
+  // A decode token's results are bitwise those of a Forward of it alone, whatever else is in
+  // the batch (the dot kernels compute each row as a lone row, matmul.h); prompt rows may
+  // round differently from a lone Forward (the product's kernel depends on the row count).
+  // Every sequence is checked first (InvalidArgument / OutOfRange naming its index, nothing
+  // written). On a stop, caches are partly written as with Forward.
+  absl::Status ForwardBatch(absl::Span<const BatchSequence> seqs);
   // One token (decode step): logits [n_vocab].
   absl::Status Decode(int32_t token, KvCache& cache, std::vector<float>* logits,
                       RecycledAttentionState* recycled = nullptr) {
@@ -203,12 +220,27 @@ class Runner {
 
  private:
   struct Scratch;
-  // Causal attention of the batch's queries (scratch q) over layer's cache entries, into
+  // Rows [row0, row0 + n) of a pass: one sequence's tokens, on its cache.
+  struct Segment {
+    KvCache* cache;
+    int64_t row0, n;
+    const ForwardOptions* options;
+  };
+  absl::Status CheckTokens(absl::Span<const int32_t> tokens) const;
+  // A pass of n tokens on `cache` fits: shape, at least one token, positions in the window.
+  absl::Status CheckCache(const KvCache& cache, int64_t n) const;
+  void EmbedTokens(absl::Span<const int32_t> tokens, float* out) const;  // [n, d_model]
+  // Every layer over the n rows of scratch x (segments in row order, the first n_decode_rows
+  // rows single-token segments), appending to each segment's cache.
+  absl::Status Layers(int64_t n, absl::Span<const Segment> segs, int64_t n_decode_rows);
+  // Causal attention of rows [row0, row0 + n) (scratch q) over layer's cache entries, into
   // scratch attn; reports observed rows' probabilities. The stop's status when it fires.
-  absl::Status Attention(int layer, int64_t n_tokens, const KvCache& cache,
+  absl::Status Attention(int layer, int64_t row0, int64_t n_tokens, const KvCache& cache,
                          const ForwardOptions& options);
-  // A decode step's attention over a recycled subset of the keys.
-  void RecycledAttention(int layer, const KvCache& cache, const RecycledAttentionState& rec);
+  // A decode step's attention (query q at query_pos, into out) over a recycled subset of the
+  // keys.
+  void RecycledAttention(int layer, const KvCache& cache, const RecycledAttentionState& rec,
+                         const float* q, int32_t query_pos, float* out);
 
   const Model& model_;
   ThreadPool* pool_;

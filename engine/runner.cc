@@ -65,6 +65,12 @@ struct Runner::Scratch {
   std::vector<std::vector<float>> rows;    // per thread: gathered K and V rows as fp32
   KvCache recycled_view;                   // a recycled step's keys: recycled + new rows
   DecodeAttention decode;
+  // ForwardBatch: the sequences in row order, their segments, options, logit rows, logits.
+  std::vector<size_t> batch_order;
+  std::vector<Segment> batch_segments;
+  std::vector<ForwardOptions> batch_options;
+  std::vector<int64_t> batch_rows;
+  std::vector<float> batch_logits;
 };
 
 Runner::Runner(const Model& model, ThreadPool* pool) : model_(model), pool_(pool) {
@@ -88,7 +94,7 @@ int64_t Runner::ScratchBytes() const {
     bytes += static_cast<int64_t>(v.capacity() * sizeof(v[0]));
   };
   for (const std::vector<float>* v : {&s.x, &s.xn, &s.q, &s.k, &s.v, &s.attn, &s.tmp, &s.gate,
-                                      &s.up, &s.obs, &s.full_probs}) {
+                                      &s.up, &s.obs, &s.full_probs, &s.batch_logits}) {
     add(*v);
   }
   add(s.pos);
@@ -103,31 +109,19 @@ int64_t Runner::ScratchBytes() const {
 
 Runner::~Runner() = default;
 
-absl::Status Runner::Forward(absl::Span<const int32_t> tokens, KvCache& cache,
-                             const ForwardOptions& options, std::vector<float>* logits) {
-  const ModelConfig& c = model_.config();
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  for (int64_t i = 0; i < n; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= c.n_vocab) {
+absl::Status Runner::CheckTokens(absl::Span<const int32_t> tokens) const {
+  const int n_vocab = model_.config().n_vocab;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= n_vocab) {
       return absl::InvalidArgumentError(absl::StrCat("token id ", tokens[i], " at index ", i,
-                                                     " is outside the vocabulary [0, ",
-                                                     c.n_vocab, ")"));
+                                                     " is outside the vocabulary [0, ", n_vocab,
+                                                     ")"));
     }
   }
-  std::vector<float>& emb = scratch_->tmp;
-  emb.resize(std::max<size_t>(emb.size(), n * c.d_model));
-  const WeightMatrix& te = model_.token_embd();
-  for (int64_t i = 0; i < n; ++i) {
-    RETURN_IF_ERROR(DequantizeRow(te.type, te.data + tokens[i] * te.row_bytes,
-                                  emb.data() + i * c.d_model, c.d_model));
-  }
-  // ForwardEmbeddings copies the embeddings into x before tmp is reused.
-  return ForwardEmbeddings(emb.data(), n, cache, options, logits);
+  return absl::OkStatus();
 }
 
-absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCache& cache,
-                                       const ForwardOptions& options,
-                                       std::vector<float>* logits) {
+absl::Status Runner::CheckCache(const KvCache& cache, int64_t n) const {
   const ModelConfig& c = model_.config();
   if (n <= 0) return absl::InvalidArgumentError("forward pass needs at least one token");
   if (cache.n_layers() != c.n_layers || cache.n_kv_heads() != c.n_kv_heads ||
@@ -139,6 +133,34 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
         "positions ", cache.next_position, "..", cache.next_position + n - 1,
         " exceed the model's context window of ", c.n_ctx_train, " tokens"));
   }
+  return absl::OkStatus();
+}
+
+void Runner::EmbedTokens(absl::Span<const int32_t> tokens, float* out) const {
+  const int64_t d = model_.config().d_model;
+  const WeightMatrix& te = model_.token_embd();
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    // Cannot fail: the ids were checked and the embedding matrix validated at load.
+    DequantizeRow(te.type, te.data + tokens[i] * te.row_bytes, out + i * d, d).IgnoreError();
+  }
+}
+
+absl::Status Runner::Forward(absl::Span<const int32_t> tokens, KvCache& cache,
+                             const ForwardOptions& options, std::vector<float>* logits) {
+  RETURN_IF_ERROR(CheckTokens(tokens));
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  std::vector<float>& emb = scratch_->tmp;
+  emb.resize(std::max<size_t>(emb.size(), n * model_.config().d_model));
+  EmbedTokens(tokens, emb.data());
+  // ForwardEmbeddings copies the embeddings into x before tmp is reused.
+  return ForwardEmbeddings(emb.data(), n, cache, options, logits);
+}
+
+absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCache& cache,
+                                       const ForwardOptions& options,
+                                       std::vector<float>* logits) {
+  const ModelConfig& c = model_.config();
+  RETURN_IF_ERROR(CheckCache(cache, n));
   if (!options.observe_rows.empty() && !options.observer) {
     return absl::InvalidArgumentError("observe_rows given without an observer");
   }
@@ -151,10 +173,104 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
     }
     s.obs_index[r] = static_cast<int>(i);
   }
+  s.x.assign(embeddings, embeddings + n * c.d_model);
+  const Segment seg{&cache, 0, n, &options};
+  RETURN_IF_ERROR(Layers(n, absl::MakeConstSpan(&seg, 1), /*n_decode_rows=*/0));
 
+  if (logits != nullptr) {
+    const int64_t first = options.all_logits ? 0 : n - 1;
+    const int64_t rows = n - first;
+    RmsNorm(s.x.data() + first * c.d_model, model_.output_norm(), rows, c.d_model, c.rms_eps,
+            s.xn.data());
+    logits->resize(rows * c.n_vocab);
+    Linear(model_.output(), s.xn.data(), rows, logits->data(), pool_);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Runner::ForwardBatch(absl::Span<const BatchSequence> seqs) {
+  const ModelConfig& c = model_.config();
+  if (seqs.empty()) return absl::InvalidArgumentError("a batch needs at least one sequence");
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const BatchSequence& q = seqs[i];
+    absl::Status st = q.cache == nullptr ? absl::InvalidArgumentError("no KV cache")
+                                         : CheckCache(*q.cache, static_cast<int64_t>(q.tokens.size()));
+    if (st.ok()) st = CheckTokens(q.tokens);
+    if (st.ok() && q.recycled != nullptr && q.tokens.size() != 1) {
+      st = absl::InvalidArgumentError("Recycled Attention applies to decode steps (one token)");
+    }
+    for (size_t j = 0; st.ok() && j < i; ++j) {
+      if (seqs[j].cache == q.cache) st = absl::InvalidArgumentError("a KV cache appears twice");
+    }
+    if (!st.ok()) return absl::Status(st.code(), absl::StrCat("batch sequence ", i, ": ", st.message()));
+  }
+  // Decode steps (one token) first, then prompt chunks: the two groups of rows go through
+  // the weight products separately, so a decode token's arithmetic is that of a decode step
+  // alone whatever else shares the batch (see ForwardBatch in model.h).
+  Scratch& s = *scratch_;
+  std::vector<size_t>& order = s.batch_order;
+  order.clear();
+  for (int pass = 0; pass < 2; ++pass) {
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if ((seqs[i].tokens.size() == 1) == (pass == 0)) order.push_back(i);
+    }
+  }
+  std::vector<Segment>& segs = s.batch_segments;
+  std::vector<ForwardOptions>& opts = s.batch_options;
+  segs.clear();
+  opts.assign(seqs.size(), ForwardOptions{});
+  int64_t n = 0, n_decode = 0;
+  for (size_t i : order) {
+    const int64_t len = static_cast<int64_t>(seqs[i].tokens.size());
+    opts[i].recycled = seqs[i].recycled;
+    segs.push_back(Segment{seqs[i].cache, n, len, &opts[i]});
+    n += len;
+    if (len == 1) ++n_decode;
+  }
+  s.x.resize(std::max<size_t>(s.x.size(), n * c.d_model));
+  for (const Segment& g : segs) {
+    const BatchSequence& q = seqs[order[&g - segs.data()]];
+    EmbedTokens(q.tokens, s.x.data() + g.row0 * c.d_model);
+  }
+  s.obs_index.assign(n, -1);
+  RETURN_IF_ERROR(Layers(n, segs, n_decode));
+
+  // The last row of every sequence that wants logits, decode steps first: one product per
+  // group of at most MatMulDotMaxTokens() rows, which computes each row as a lone one would.
+  std::vector<int64_t>& rows = s.batch_rows;
+  rows.clear();
+  for (const Segment& g : segs) {
+    if (seqs[order[&g - segs.data()]].logits != nullptr) rows.push_back(g.row0 + g.n - 1);
+  }
+  const int64_t n_rows = static_cast<int64_t>(rows.size());
+  if (n_rows == 0) return absl::OkStatus();
+  s.tmp.resize(std::max<size_t>(s.tmp.size(), n_rows * c.d_model));
+  for (int64_t r = 0; r < n_rows; ++r) {
+    RmsNorm(s.x.data() + rows[r] * c.d_model, model_.output_norm(), 1, c.d_model, c.rms_eps,
+            s.tmp.data() + r * c.d_model);
+  }
+  std::vector<float>& out = s.batch_logits;
+  out.resize(std::max<size_t>(out.size(), n_rows * c.n_vocab));
+  const int64_t group = MatMulDotMaxTokens();
+  for (int64_t r0 = 0; r0 < n_rows; r0 += group) {
+    const int64_t m = std::min(group, n_rows - r0);
+    Linear(model_.output(), s.tmp.data() + r0 * c.d_model, m, out.data() + r0 * c.n_vocab, pool_);
+  }
+  int64_t r = 0;
+  for (const Segment& g : segs) {
+    std::vector<float>* logits = seqs[order[&g - segs.data()]].logits;
+    if (logits == nullptr) continue;
+    logits->assign(out.begin() + r * c.n_vocab, out.begin() + (r + 1) * c.n_vocab);
+    ++r;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Runner::Layers(int64_t n, absl::Span<const Segment> segs, int64_t n_decode_rows) {
+  const ModelConfig& c = model_.config();
+  Scratch& s = *scratch_;
   const int64_t d = c.d_model, hd = c.head_dim;
   const int64_t dq = c.n_heads * hd, dkv = c.n_kv_heads * hd;
-  s.x.assign(embeddings, embeddings + n * d);
   s.xn.resize(n * d);
   s.q.resize(n * dq);
   s.k.resize(n * dkv);
@@ -164,7 +280,21 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
   s.gate.resize(n * c.d_ff);
   s.up.resize(n * c.d_ff);
   s.pos.resize(n);
-  for (int64_t i = 0; i < n; ++i) s.pos[i] = cache.next_position + static_cast<int32_t>(i);
+  for (const Segment& g : segs) {
+    for (int64_t i = 0; i < g.n; ++i) s.pos[g.row0 + i] = g.cache->next_position + static_cast<int32_t>(i);
+  }
+  // The rows' weight products: decode rows [0, n_decode_rows) in groups a dot kernel computes
+  // exactly as lone rows, then the rest (prompt rows) in one product.
+  auto linear = [&](const WeightMatrix& w, const float* x, float* y) {
+    const int64_t group = MatMulDotMaxTokens();
+    for (int64_t r0 = 0; r0 < n_decode_rows; r0 += group) {
+      const int64_t m = std::min(group, n_decode_rows - r0);
+      Linear(w, x + r0 * w.n_in, m, y + r0 * w.n_out, pool_);
+    }
+    if (n > n_decode_rows) {
+      Linear(w, x + n_decode_rows * w.n_in, n - n_decode_rows, y + n_decode_rows * w.n_out, pool_);
+    }
+  };
 
   const RopeParams rope = RopeParamsFor(c);
 
@@ -172,52 +302,53 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
     RETURN_IF_ERROR(CheckStop());
     const LayerWeights& L = model_.layer(l);
     RmsNorm(s.x.data(), L.attn_norm, n, c.d_model, c.rms_eps, s.xn.data());
-    Linear(L.wq, s.xn.data(), n, s.q.data(), pool_);
-    Linear(L.wk, s.xn.data(), n, s.k.data(), pool_);
-    Linear(L.wv, s.xn.data(), n, s.v.data(), pool_);
+    linear(L.wq, s.xn.data(), s.q.data());
+    linear(L.wk, s.xn.data(), s.k.data());
+    linear(L.wv, s.xn.data(), s.v.data());
     AddBias(s.q.data(), L.bq, n);
     AddBias(s.k.data(), L.bk, n);
     AddBias(s.v.data(), L.bv, n);
     ApplyRope(s.q.data(), s.pos.data(), n, c.n_heads, rope);
     ApplyRope(s.k.data(), s.pos.data(), n, c.n_kv_heads, rope);
-    cache.Append(l, s.k.data(), s.v.data(), s.pos.data(), n);  // rounds K/V to fp16
+    for (const Segment& g : segs) {  // rounds K/V to fp16
+      g.cache->Append(l, s.k.data() + g.row0 * dkv, s.v.data() + g.row0 * dkv,
+                      s.pos.data() + g.row0, g.n);
+    }
     // Between the heavy stages too (attention, the feed-forward's products): at 2048 tokens a
     // layer of the 0.5B model is ~60 GFLOP, so one check per layer would react in a whole
     // layer's time on a few cores; a check costs one call.
     RETURN_IF_ERROR(CheckStop());
-    RETURN_IF_ERROR(Attention(l, n, cache, options));  // asks the stop between slices too
+    for (const Segment& g : segs) {  // asks the stop between slices too
+      RETURN_IF_ERROR(Attention(l, g.row0, g.n, *g.cache, *g.options));
+    }
     RETURN_IF_ERROR(CheckStop());
-    Linear(L.wo, s.attn.data(), n, s.tmp.data(), pool_);
+    linear(L.wo, s.attn.data(), s.tmp.data());
     for (int64_t i = 0; i < n * d; ++i) s.x[i] += s.tmp[i];
     RETURN_IF_ERROR(CheckStop());
 
     RmsNorm(s.x.data(), L.ffn_norm, n, c.d_model, c.rms_eps, s.xn.data());
-    Linear(L.w_gate, s.xn.data(), n, s.gate.data(), pool_);
+    linear(L.w_gate, s.xn.data(), s.gate.data());
     RETURN_IF_ERROR(CheckStop());
-    Linear(L.w_up, s.xn.data(), n, s.up.data(), pool_);
+    linear(L.w_up, s.xn.data(), s.up.data());
     RETURN_IF_ERROR(CheckStop());
     SwiGlu(s.gate.data(), s.up.data(), n * c.d_ff);
-    Linear(L.w_down, s.gate.data(), n, s.tmp.data(), pool_);
+    linear(L.w_down, s.gate.data(), s.tmp.data());
     for (int64_t i = 0; i < n * d; ++i) s.x[i] += s.tmp[i];
   }
-  cache.next_position += static_cast<int32_t>(n);
-
-  if (logits != nullptr) {
-    const int64_t first = options.all_logits ? 0 : n - 1;
-    const int64_t rows = n - first;
-    RmsNorm(s.x.data() + first * d, model_.output_norm(), rows, c.d_model, c.rms_eps,
-            s.xn.data());
-    logits->resize(rows * c.n_vocab);
-    Linear(model_.output(), s.xn.data(), rows, logits->data(), pool_);
-  }
+  for (const Segment& g : segs) g.cache->next_position += static_cast<int32_t>(g.n);
   return absl::OkStatus();
 }
 
-absl::Status Runner::Attention(int layer, int64_t n, const KvCache& cache,
+absl::Status Runner::Attention(int layer, int64_t row0, int64_t n, const KvCache& cache,
                                const ForwardOptions& options) {
   const ModelConfig& c = model_.config();
   Scratch& s = *scratch_;
   const int64_t hd = c.head_dim, dq = int64_t{c.n_heads} * hd;
+  // This sequence's rows of the pass: queries, outputs, positions, observed-row indices.
+  float* const q_rows = s.q.data() + row0 * dq;
+  float* const attn_rows = s.attn.data() + row0 * dq;
+  const int32_t* const pos = s.pos.data() + row0;
+  const int* const obs_index = s.obs_index.data() + row0;
   const int group = c.n_heads / c.n_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int64_t n_blocks = (n + kQueryBlock - 1) / kQueryBlock;
@@ -227,9 +358,9 @@ absl::Status Runner::Attention(int layer, int64_t n, const KvCache& cache,
   if (n_obs > 0) s.obs.assign(static_cast<size_t>(c.n_heads) * n_obs * max_keys, 0.f);
   // Recycled Attention applies to plain decode steps (one row, nothing observed).
   RecycledAttentionState* rec = n == 1 && n_obs == 0 ? options.recycled : nullptr;
-  const bool recycled_step = rec != nullptr && !rec->WantsFullStep(layer, s.q.data());
+  const bool recycled_step = rec != nullptr && !rec->WantsFullStep(layer, q_rows);
   if (recycled_step) {
-    RecycledAttention(layer, cache, *rec);
+    RecycledAttention(layer, cache, *rec, q_rows, pos[0], attn_rows);
     rec->RecordRecycledStep(layer);
     return absl::OkStatus();
   }
@@ -239,12 +370,12 @@ absl::Status Runner::Attention(int layer, int64_t n, const KvCache& cache,
   if (n == 1 && n_obs == 0) {
     // A plain decode step, or Recycled Attention's full step: the fused kernel, which also
     // hands the full step its attention probabilities.
-    s.decode.Run(cache, layer, c.n_heads, s.pos[0], s.q.data(), scale, s.attn.data(), pool_,
+    s.decode.Run(cache, layer, c.n_heads, pos[0], q_rows, scale, attn_rows, pool_,
                  rec != nullptr ? s.full_probs.data() : nullptr, max_keys);
     if (rec != nullptr) {
       std::vector<int64_t> n_keys(c.n_kv_heads);
       for (int g = 0; g < c.n_kv_heads; ++g) n_keys[g] = cache.head(layer, g).n();
-      rec->RecordFullStep(layer, s.q.data(), s.full_probs.data(), max_keys, n_keys);
+      rec->RecordFullStep(layer, q_rows, s.full_probs.data(), max_keys, n_keys);
       // The recycled keys' rows, gathered once for the steps until the next full one.
       std::vector<float> k, v;
       for (int g = 0; g < c.n_kv_heads; ++g) {
@@ -271,7 +402,7 @@ absl::Status Runner::Attention(int layer, int64_t n, const KvCache& cache,
   // half of its entries).
   for (int g = 0; g < c.n_kv_heads; ++g) {
     const KvHead& kv = cache.head(layer, g);
-    const size_t n_vis = std::upper_bound(kv.pos.begin(), kv.pos.end(), s.pos[n - 1]) - kv.pos.begin();
+    const size_t n_vis = std::upper_bound(kv.pos.begin(), kv.pos.end(), pos[n - 1]) - kv.pos.begin();
     s.kf[g].resize(std::max(s.kf[g].size(), n_vis * hd));
     s.vf[g].resize(std::max(s.vf[g].size(), n_vis * hd));
   }
@@ -280,7 +411,7 @@ absl::Status Runner::Attention(int layer, int64_t n, const KvCache& cache,
       const int g = static_cast<int>(task / 2);
       const KvHead& kv = cache.head(layer, g);
       const int64_t n_vis =
-          std::upper_bound(kv.pos.begin(), kv.pos.end(), s.pos[n - 1]) - kv.pos.begin();
+          std::upper_bound(kv.pos.begin(), kv.pos.end(), pos[n - 1]) - kv.pos.begin();
       const int64_t b = task % 2 == 0 ? 0 : n_vis / 2, e = task % 2 == 0 ? n_vis / 2 : n_vis;
       kv.LoadRows(b, e, static_cast<int>(hd), s.kf[g].data() + b * hd, s.vf[g].data() + b * hd);
     }
@@ -307,9 +438,9 @@ absl::Status Runner::Attention(int layer, int64_t n, const KvCache& cache,
         // Entries are sorted by position, so the keys any row of this block may see form a
         // prefix; rows see a shorter prefix each (causal by position).
         const int64_t n_vis =
-            std::upper_bound(kv.pos.begin(), kv.pos.end(), s.pos[t1 - 1]) - kv.pos.begin();
-        const float* q = s.q.data() + t0 * dq + h * hd;
-        float* out = s.attn.data() + t0 * dq + h * hd;
+            std::upper_bound(kv.pos.begin(), kv.pos.end(), pos[t1 - 1]) - kv.pos.begin();
+        const float* q = q_rows + t0 * dq + h * hd;
+        float* out = attn_rows + t0 * dq + h * hd;
         if (rows == 1) {
           cblas_sgemv(CblasRowMajor, CblasNoTrans, n_vis, hd, scale, kf, hd, q, 1, 0.f, sc.data(),
                       1);
@@ -320,11 +451,11 @@ absl::Status Runner::Attention(int layer, int64_t n, const KvCache& cache,
         for (int64_t r = 0; r < rows; ++r) {
           float* row = sc.data() + r * n_vis;
           const int64_t vis =
-              std::upper_bound(kv.pos.begin(), kv.pos.begin() + n_vis, s.pos[t0 + r]) -
+              std::upper_bound(kv.pos.begin(), kv.pos.begin() + n_vis, pos[t0 + r]) -
               kv.pos.begin();
           Softmax(row, vis);
           std::fill(row + vis, row + n_vis, 0.f);
-          if (const int oi = s.obs_index[t0 + r]; oi >= 0) {
+          if (const int oi = obs_index[t0 + r]; oi >= 0) {
             std::copy_n(row, n_vis, s.obs.data() + (int64_t{h} * n_obs + oi) * max_keys);
           }
         }
@@ -342,8 +473,8 @@ absl::Status Runner::Attention(int layer, int64_t n, const KvCache& cache,
   return absl::OkStatus();
 }
 
-void Runner::RecycledAttention(int layer, const KvCache& cache,
-                               const RecycledAttentionState& rec) {
+void Runner::RecycledAttention(int layer, const KvCache& cache, const RecycledAttentionState& rec,
+                               const float* q, int32_t query_pos, float* out) {
   // One query row against the recycled keys (their rows gathered at the full step) plus
   // everything appended since: a small cache of those, attended with the fused decode kernel,
   // so a recycled step reads top_k + new rows once per KV head.
@@ -373,7 +504,7 @@ void Runner::RecycledAttention(int layer, const KvCache& cache,
     Fp32ToFp16Row(buf.data(), h.k.data(), n_new * hd);
     Fp32ToFp16Row(buf.data() + n_new * hd, h.v.data(), n_new * hd);
   }
-  s.decode.Run(view, 0, c.n_heads, s.pos[0], s.q.data(), scale, s.attn.data(), pool_);
+  s.decode.Run(view, 0, c.n_heads, query_pos, q, scale, out, pool_);
 }
 
 }  // namespace ctxcache

@@ -136,6 +136,13 @@ const std::vector<Setting>& Settings() {
       {"workers", "engine workers, 0 = min(4, cores) (default 0)", Integer(&ServerConfig::workers)},
       {"threads_per_worker", "threads per engine worker, 0 = cores / workers (default 0)",
        Integer(&ServerConfig::threads_per_worker)},
+      {"max_batch",
+       "requests each worker serves at once, their decode steps batched (default 16)",
+       Integer(&ServerConfig::max_batch)},
+      {"step_prompt_tokens",
+       "prompt tokens per batched step; longer prompts prefill in chunks between the others' "
+       "decode steps (default 512)",
+       Integer(&ServerConfig::step_prompt_tokens)},
       {"max_queue_depth", "requests waiting for a worker before RESOURCE_EXHAUSTED (default 64)",
        Integer(&ServerConfig::max_queue_depth)},
       {"max_kv_bytes", "KV bytes in-flight requests may reserve, 0 = 1/4 of RAM (default 0)",
@@ -337,6 +344,8 @@ absl::Status ValidateServerConfig(const ServerConfig& c) {
   RETURN_IF_ERROR(range("memory_cache_bytes", c.memory_cache_bytes, 0, int64_t{1} << 50));
   RETURN_IF_ERROR(range("workers", c.workers, 0, 256));
   RETURN_IF_ERROR(range("threads_per_worker", c.threads_per_worker, 0, 1024));
+  RETURN_IF_ERROR(range("max_batch", c.max_batch, 1, 256));
+  RETURN_IF_ERROR(range("step_prompt_tokens", c.step_prompt_tokens, 16, 8192));
   RETURN_IF_ERROR(range("max_queue_depth", c.max_queue_depth, 1, 1 << 20));
   RETURN_IF_ERROR(range("max_kv_bytes", c.max_kv_bytes, 0, int64_t{1} << 50));
   RETURN_IF_ERROR(range("tenant_max_inflight", c.tenant_max_inflight, 0, 1 << 20));

@@ -45,6 +45,11 @@ struct ServerConfig {
   // (workers = min(4, cores), threads = cores / workers).
   int workers = 0;
   int threads_per_worker = 0;
+  // Continuous batching: requests each worker serves at once (their decode tokens share one
+  // forward pass per step), and the prompt tokens a step takes (longer prompts are prefilled
+  // in chunks of this many, interleaved with the others' decode steps).
+  int max_batch = 16;
+  int step_prompt_tokens = 512;
   // Admission: requests waiting for a worker, and KV bytes (fp32 working caches) that queued
   // and running requests may reserve; 0 = automatic (a quarter of physical memory).
   int max_queue_depth = 64;

@@ -292,7 +292,7 @@ absl::StatusOr<std::vector<int32_t>> Handlers::Tokenize(const DocumentInput& doc
   return ids;
 }
 
-absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const std::string& tenant,
+absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(EngineWorker& worker, const std::string& tenant,
                                                         const CompressInput& in,
                                                         const std::string& field,
                                                         Reservation& reservation,
@@ -318,12 +318,19 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
   ContextOutcome out;
   out.context_id = ContextId(tenant, model_.fingerprint(), spec, version, ids);
   auto compute = [&](const StopFn& flight_stop) -> absl::StatusOr<CompressedContext> {
-    // The flight's stop, not this call's: other calls may be waiting for this context, and
-    // the compression goes on for them if this call's client leaves (single_flight.h).
-    Runner::ScopedStop scoped(runner, flight_stop);
     RETURN_IF_ERROR(CheckStop(flight_stop));
     const auto compress_start = Clock::now();
-    ASSIGN_OR_RETURN(CompressedContext c, ctxcache::Compress(runner, ids, spec));
+    // The compression needs the worker's runner to itself (the store's lookups, above and
+    // around it, do not).
+    absl::StatusOr<CompressedContext> computed;
+    RETURN_IF_ERROR(worker.Exclusive([&](Runner& runner) {
+      // The flight's stop, not this call's: other calls may be waiting for this context, and
+      // the compression goes on for them if this call's client leaves (single_flight.h).
+      Runner::ScopedStop scoped(runner, flight_stop);
+      computed = ctxcache::Compress(runner, ids, spec);
+      return computed.status();
+    }, flight_stop));
+    CompressedContext c = *std::move(computed);
     if (c.method_version != version) {
       return absl::InternalError(absl::StrCat(
           "method ", spec.method, " produced version ", c.method_version,
@@ -343,16 +350,15 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(Runner& runner, const st
   return out;
 }
 
-absl::StatusOr<CompressOutcome> Handlers::Compress(Runner& runner, Reservation& reservation,
+absl::StatusOr<CompressOutcome> Handlers::Compress(EngineWorker& worker, Reservation& reservation,
                                                    const std::string& tenant,
                                                    const CompressInput& in,
                                                    const StopCheck& stop,
                                                    RedisDeadline deadline) const {
   const auto t0 = Clock::now();
-  Runner::ScopedStop scoped(runner, stop);
   CompressOutcome out;
   ASSIGN_OR_RETURN(out.context,
-                   LoadOrCompress(runner, tenant, in, "document", reservation, 0, stop, deadline));
+                   LoadOrCompress(worker, tenant, in, "document", reservation, 0, stop, deadline));
   out.total_seconds = Since(t0);
   return out;
 }
@@ -410,7 +416,7 @@ absl::Span<const int32_t> Handlers::SelectionQuery(const GenerateInput& in,
   return prompt.subspan(head.size());
 }
 
-absl::Status Handlers::SelectByPrompt(Runner& runner, Reservation& reservation, int64_t own_bytes,
+absl::Status Handlers::SelectByPrompt(EngineWorker& worker, Reservation& reservation, int64_t own_bytes,
                                       const GenerateInput& in, absl::Span<const int32_t> prompt,
                                       const StopCheck& stop,
                                       std::vector<ContextOutcome>& contexts) const {
@@ -431,7 +437,14 @@ absl::Status Handlers::SelectByPrompt(Runner& runner, Reservation& reservation, 
     RETURN_IF_ERROR(reservation.Resize((held + o.context->KeptEntries()) * WorkingBytesPerEntry() +
                                        static_cast<int64_t>(query.size()) * WorkingBytesPerToken() +
                                        own_bytes));
-    absl::StatusOr<KvCache> kv = SelectForQuery(runner, o.context->kv, query, budget);
+    absl::StatusOr<KvCache> kv;
+    RETURN_IF_ERROR(worker.Exclusive(
+        [&](Runner& runner) {
+          Runner::ScopedStop scoped(runner, stop);
+          kv = SelectForQuery(runner, o.context->kv, query, budget);
+          return absl::OkStatus();  // kv holds the selection's status
+        },
+        stop));
     if (!kv.ok()) {
       return absl::Status(kv.status().code(),
                           absl::StrCat("contexts[", i, "].select: ", kv.status().message()));
@@ -443,7 +456,7 @@ absl::Status Handlers::SelectByPrompt(Runner& runner, Reservation& reservation, 
   return reservation.Resize(held * WorkingBytesPerEntry() + own_bytes);
 }
 
-absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& reservation,
+absl::StatusOr<GenerateOutcome> Handlers::Generate(EngineWorker& worker, Reservation& reservation,
                                                    const std::string& tenant,
                                                    const GenerateInput& in, const StopCheck& stop,
                                                    const TextCallback& on_text,
@@ -451,7 +464,6 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
   const auto t0 = Clock::now();
   // Every forward pass of this call (selection, prompt prefill, decode steps) asks it, and so
   // does a Redis lookup by context_id (a compression's lookup asks its flight's stop instead).
-  Runner::ScopedStop scoped(runner, stop);
   ScopedRedisStop redis_stop(&stop);
   GenerateOutcome out;
   const ModelConfig& mc = model_.config();
@@ -460,7 +472,7 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
     const ContextInput& c = in.contexts[i];
     if (c.inline_doc) {
       ASSIGN_OR_RETURN(ContextOutcome o,
-                       LoadOrCompress(runner, tenant, *c.inline_doc,
+                       LoadOrCompress(worker, tenant, *c.inline_doc,
                                       absl::StrCat("contexts[", i, "].inline.document"),
                                       reservation, contexts_bytes, stop, deadline));
       out.contexts.push_back(std::move(o));
@@ -485,14 +497,18 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
   RETURN_IF_ERROR(reservation.Resize(contexts_bytes + own_bytes));
   if (std::any_of(in.contexts.begin(), in.contexts.end(),
                   [](const ContextInput& c) { return c.select.has_value(); })) {
-    RETURN_IF_ERROR(SelectByPrompt(runner, reservation, own_bytes, in, prompt, stop, out.contexts));
+    RETURN_IF_ERROR(SelectByPrompt(worker, reservation, own_bytes, in, prompt, stop, out.contexts));
   }
 
   KvCache cache = model_.NewKvCache();
   if (!out.contexts.empty()) {
     std::vector<const CompressedContext*> ptrs;
     for (const ContextOutcome& o : out.contexts) ptrs.push_back(&o.attended());
-    ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, runner, stop));
+    RETURN_IF_ERROR(worker.Exclusive([&](Runner& runner) -> absl::Status {
+      Runner::ScopedStop scoped(runner, stop);
+      ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, runner, stop));
+      return absl::OkStatus();
+    }, stop));
   }
   out.context_seconds = Since(t0);
   RETURN_IF_ERROR(stop());  // also the check after a selection
@@ -509,7 +525,17 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(Runner& runner, Reservation& 
     }
     return true;
   };
-  ASSIGN_OR_RETURN(out.result, ctxcache::Generate(runner, cache, prompt, in.params, guarded));
+  {
+    // The prompt and every decode step ride the worker's batched steps with its other
+    // generations (scheduler.h).
+    EngineWorker::Sequence sequence(worker);
+    auto forward = [&](absl::Span<const int32_t> tokens, KvCache& c,
+                       RecycledAttentionState* recycled, std::vector<float>* logits) {
+      return worker.Step(tokens, c, recycled, logits, stop);
+    };
+    ASSIGN_OR_RETURN(out.result, ctxcache::Generate(model_, forward, worker.prompt_chunk(), cache,
+                                                    prompt, in.params, guarded));
+  }
   if (out.result.finish == FinishReason::kCancelled) {
     return stopped.ok() ? absl::CancelledError("generation cancelled") : stopped;
   }

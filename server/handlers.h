@@ -126,11 +126,13 @@ class Handlers {
   int64_t EstimateKvBytes(const GenerateInput& in) const;
 
   // On an engine worker.
-  absl::StatusOr<CompressOutcome> Compress(Runner& runner, Reservation& reservation,
+  // The worker's runner is taken only for the engine work (compression, selection,
+  // composition: EngineWorker::Exclusive); a generation's passes join its batched steps.
+  absl::StatusOr<CompressOutcome> Compress(EngineWorker& worker, Reservation& reservation,
                                            const std::string& tenant, const CompressInput& in,
                                            const StopCheck& stop,
                                            RedisDeadline deadline = kNoRedisDeadline) const;
-  absl::StatusOr<GenerateOutcome> Generate(Runner& runner, Reservation& reservation,
+  absl::StatusOr<GenerateOutcome> Generate(EngineWorker& worker, Reservation& reservation,
                                            const std::string& tenant, const GenerateInput& in,
                                            const StopCheck& stop, const TextCallback& on_text,
                                            RedisDeadline deadline = kNoRedisDeadline) const;
@@ -158,14 +160,14 @@ class Handlers {
   absl::StatusOr<std::vector<int32_t>> Tokenize(const DocumentInput& doc,
                                                 const std::string& field) const;
   // Looks up or computes one context (the store's single flight dedupes concurrent calls).
-  absl::StatusOr<ContextOutcome> LoadOrCompress(Runner& runner, const std::string& tenant,
+  absl::StatusOr<ContextOutcome> LoadOrCompress(EngineWorker& worker, const std::string& tenant,
                                                 const CompressInput& in, const std::string& field,
                                                 Reservation& reservation, int64_t reserved_base,
                                                 const StopCheck& stop,
                                                 RedisDeadline deadline) const;
   // Sets `selected` of every context the request selects from (ContextRef.select), and the
   // reservation to the selected cache plus `own_bytes` (prompt and answer).
-  absl::Status SelectByPrompt(Runner& runner, Reservation& reservation, int64_t own_bytes,
+  absl::Status SelectByPrompt(EngineWorker& worker, Reservation& reservation, int64_t own_bytes,
                               const GenerateInput& in, absl::Span<const int32_t> prompt,
                               const StopCheck& stop, std::vector<ContextOutcome>& contexts) const;
   int64_t WorkingBytesPerToken() const { return model_.KvBytesPerToken(sizeof(float)); }

@@ -14,6 +14,13 @@
 //
 // Jobs are plain functions; the network side keeps a ticket to take a job back out of the
 // queue when its call is cancelled or its deadline passes before a worker picked it up.
+//
+// Continuous batching: a worker serves up to max_batch jobs at once. Each job runs on a job
+// thread of its own and reaches the worker's engine through an EngineWorker: work that needs
+// the Runner to itself (compression, selection, composition) runs between steps (Exclusive),
+// and every forward pass of a generation joins the worker's next step (Step), which runs the
+// decode tokens of all its sequences, and at most step_prompt_tokens of their prompts, as one
+// Runner::ForwardBatch. Sequences join and leave between steps.
 #pragma once
 
 #include <chrono>
@@ -32,6 +39,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/stop.h"
 #include "engine/model.h"
 
 namespace ctxcache::server {
@@ -39,12 +47,96 @@ namespace ctxcache::server {
 struct SchedulerOptions {
   int workers = 1;
   int threads_per_worker = 1;
+  int max_batch = 1;                 // jobs a worker serves at once (sequences per step)
+  int64_t step_prompt_tokens = 512;  // prompt tokens per step (chunks of a long prompt)
   int max_queue_depth = 64;
   int64_t max_kv_bytes = int64_t{1} << 30;
   int tenant_max_inflight = 0;  // queued + running jobs per tenant; 0 = no per-tenant limit
 };
 
 class Scheduler;
+
+// One engine worker as its jobs see it: a Runner and its threads, shared by the jobs the
+// worker serves at once, and the step loop that batches their generations (see above).
+// Thread-safe; the worker's own thread does all engine work.
+class EngineWorker {
+ public:
+  EngineWorker(const Model& model, int threads, int64_t step_prompt_tokens);
+  // Finishes what was submitted, then stops the worker's thread.
+  ~EngineWorker();
+  EngineWorker(const EngineWorker&) = delete;
+  EngineWorker& operator=(const EngineWorker&) = delete;
+
+  const Model& model() const { return model_; }
+  // Runs fn with the worker's Runner to itself, between steps; fn's status. `stop` (the
+  // call's) is asked while it waits for its turn: a stopped call leaves without running fn.
+  absl::Status Exclusive(const std::function<absl::Status(Runner&)>& fn, const StopFn& stop);
+  // A forward pass of `tokens` on `cache` (logits of the last token into *logits when set)
+  // in the worker's next step, with the other sequences'. At most prompt_chunk() tokens.
+  // `stop` (this call's) is asked before joining and while waiting to; a step every sequence
+  // of which has stopped ends early (each cache then partly written: discard it).
+  absl::Status Step(absl::Span<const int32_t> tokens, KvCache& cache,
+                    RecycledAttentionState* recycled, std::vector<float>* logits,
+                    const StopFn& stop);
+  int64_t prompt_chunk() const { return step_prompt_tokens_; }
+  // A generation in progress on this worker: while one lives, a step waits (briefly) for its
+  // next forward pass before running, so that every sequence rides every step.
+  class Sequence {
+   public:
+    explicit Sequence(EngineWorker& worker);
+    ~Sequence();
+    Sequence(const Sequence&) = delete;
+    Sequence& operator=(const Sequence&) = delete;
+
+   private:
+    EngineWorker& worker_;
+  };
+
+  // Time spent running steps and exclusive work (growing while one runs), the Runner's
+  // scratch after its last work, steps run and the sequences they carried.
+  double busy_seconds() const;
+  int64_t scratch_bytes() const;
+  int64_t steps() const;
+  int64_t step_sequences() const;
+
+ private:
+  struct Request {
+    BatchSequence seq;
+    const StopFn* stop;
+    absl::Status status;
+    bool done = false;
+  };
+  struct Task {
+    const std::function<absl::Status(Runner&)>* fn;
+    absl::Status status;
+    bool done = false;
+  };
+  void Loop();
+  // Waits until the worker has done `item` (queued in `queue`); when `stop` fires first while
+  // it is still queued, takes it out and returns the stop's status.
+  template <typename T>
+  absl::Status WaitDone(std::unique_lock<std::mutex>& lock, std::list<T*>& queue, T& item,
+                        const StopFn& stop) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs the requests as one batch on the worker's runner, setting each one's status.
+  void RunStep(Runner& runner, std::vector<Request*>& batch);
+
+  const Model& model_;
+  const int threads_;
+  const int64_t step_prompt_tokens_;
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;  // the worker waits for requests and tasks
+  std::condition_variable done_cv_;  // callers wait for theirs to be done
+  std::list<Request*> steps_ ABSL_GUARDED_BY(mu_);
+  std::list<Task*> tasks_ ABSL_GUARDED_BY(mu_);
+  int sequences_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  double busy_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  std::chrono::steady_clock::time_point busy_since_ ABSL_GUARDED_BY(mu_){};
+  int64_t scratch_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t steps_run_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t step_sequences_ ABSL_GUARDED_BY(mu_) = 0;
+  std::thread thread_;
+};
 
 // A running job's share of the KV budget; released when the job returns.
 class Reservation {
@@ -78,7 +170,10 @@ struct SchedulerStats {
   int64_t max_kv_bytes = 0;
   int max_queue_depth = 0;
   int workers = 0;
+  int max_batch = 0;        // jobs each worker serves at once
   double busy_seconds = 0;  // total time workers spent running jobs (monotonic)
+  int64_t steps = 0;           // batched steps run (monotonic)
+  int64_t step_sequences = 0;  // sequences those steps carried (monotonic)
   // Scratch buffers the workers' Runners hold, as of each worker's last finished job (each
   // keeps up to 128 MiB between jobs, scheduler.cc; what a running job grows is not seen here).
   int64_t scratch_bytes = 0;
@@ -89,13 +184,14 @@ struct SchedulerStats {
 class Scheduler {
  public:
   using Clock = std::chrono::steady_clock;
-  // Runs on a worker with that worker's Runner. queue_seconds: time spent queued.
-  using Work = std::function<void(Runner& runner, Reservation& reservation, double queue_seconds)>;
+  // Runs on a job thread, served by `worker`. queue_seconds: time spent queued.
+  using Work =
+      std::function<void(EngineWorker& worker, Reservation& reservation, double queue_seconds)>;
   // The job will never run (cancelled, deadline passed in the queue, shutdown): the reason.
   using Abandon = std::function<void(const absl::Status& reason)>;
 
   Scheduler(const Model& model, const SchedulerOptions& options);
-  // Abandons queued jobs (UNAVAILABLE), lets running ones finish, joins the workers.
+  // Abandons queued jobs (UNAVAILABLE), lets running ones finish, joins the threads.
   ~Scheduler();
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
@@ -129,7 +225,7 @@ class Scheduler {
     Work work;
     Abandon abandon;
   };
-  void WorkerLoop(int index);
+  void JobLoop();
   absl::Status ResizeReservation(int64_t from, int64_t to);
   absl::Status KvExhausted(int64_t need) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A job of `tenant` left the scheduler: its slot is free again.
@@ -145,14 +241,12 @@ class Scheduler {
   uint64_t next_ticket_ ABSL_GUARDED_BY(mu_) = 1;
   int running_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t reserved_ ABSL_GUARDED_BY(mu_) = 0;
-  double busy_seconds_ ABSL_GUARDED_BY(mu_) = 0;  // jobs finished
-  // Per worker: when its current job started; Clock::time_point{} while idle.
-  std::vector<Clock::time_point> job_started_ ABSL_GUARDED_BY(mu_);
-  // Per worker: its Runner's ScratchBytes() after its last job (after the release).
-  std::vector<int64_t> scratch_bytes_ ABSL_GUARDED_BY(mu_);
+  // Per worker: the jobs it serves now (at most max_batch).
+  std::vector<int> active_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, TenantSchedulerStats> tenants_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::vector<std::thread> workers_;
+  std::vector<std::unique_ptr<EngineWorker>> workers_;
+  std::vector<std::thread> job_threads_;  // workers x max_batch
 };
 
 }  // namespace ctxcache::server

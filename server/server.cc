@@ -131,6 +131,8 @@ absl::Status ServerInstance::Load() {
   SchedulerOptions sched;
   ResolveWorkers(config_, ThreadPool::HardwareThreads(), &sched.workers,
                  &sched.threads_per_worker);
+  sched.max_batch = config_.max_batch;
+  sched.step_prompt_tokens = config_.step_prompt_tokens;
   sched.max_queue_depth = config_.max_queue_depth;
   sched.max_kv_bytes = config_.max_kv_bytes;
   sched.tenant_max_inflight = config_.tenant_max_inflight;
@@ -167,9 +169,9 @@ absl::Status ServerInstance::Load() {
     }
   }
   spdlog::info(
-      "serving {} on {}: {} worker(s) x {} thread(s), memory cache {} MB, redis {}, KV budget "
-      "{} MB, ready in {:.2f} s",
-      model_->config().name, address(), sched.workers, sched.threads_per_worker,
+      "serving {} on {}: {} worker(s) x {} thread(s), up to {} request(s) batched per worker, "
+      "memory cache {} MB, redis {}, KV budget {} MB, ready in {:.2f} s",
+      model_->config().name, address(), sched.workers, sched.threads_per_worker, sched.max_batch,
       config_.memory_cache_bytes >> 20,
       config_.redis_url.empty() ? "off" : RedactRedisUrl(config_.redis_url),  // no password
       sched.max_kv_bytes >> 20,

@@ -202,9 +202,20 @@ ServerMetrics::ServerMetrics(const std::string& version)
           {"tenant"}, kMaxTenantSeries)),
       busy_seconds_(registry_
                         .AddCounter("ctxcache_worker_busy_seconds_total",
-                                    "Time engine workers spent running requests, summed over "
-                                    "workers (added when a request ends).")
+                                    "Time engine workers spent running batched steps and "
+                                    "exclusive work (compression, selection, composition), "
+                                    "summed over workers.")
                         .Get()),
+      batch_steps_(registry_
+                       .AddCounter("ctxcache_batch_steps_total",
+                                   "Batched forward passes (continuous batching steps) run by "
+                                   "the engine workers.")
+                       .Get()),
+      batch_sequences_(registry_
+                           .AddCounter("ctxcache_batch_sequences_total",
+                                       "Sequences those steps carried: divided by "
+                                       "ctxcache_batch_steps_total, the mean batch size.")
+                           .Get()),
       build_info_(registry_.AddGauge("ctxcache_build_info",
                                      "Always 1: the server's version and served model.",
                                      {"version", "model"})),
@@ -369,6 +380,8 @@ void ServerMetrics::Collect() {
     workers_.Set(s.workers);
     worker_scratch_.Set(static_cast<double>(s.scratch_bytes));
     SetTotal(busy_seconds_, s.busy_seconds);
+    SetTotal(batch_steps_, static_cast<double>(s.steps));
+    SetTotal(batch_sequences_, static_cast<double>(s.step_sequences));
     SetPerTenant(tenant_in_flight_, s.tenants,
                  [](const TenantSchedulerStats& t) { return static_cast<double>(t.in_flight); });
     SetPerTenant(tenant_refused_, s.tenants,

@@ -101,6 +101,8 @@ class ServerMetrics {
   metrics::CounterFamily& tenant_refused_;
   metrics::GaugeFamily &tenant_in_flight_, &tenant_memory_bytes_;
   metrics::Counter& busy_seconds_;
+  metrics::Counter& batch_steps_;
+  metrics::Counter& batch_sequences_;
   metrics::GaugeFamily& build_info_;
   const std::string version_;
 

@@ -386,9 +386,9 @@ grpc::ServerUnaryReactor* ContextCacheService::Compress(grpc::CallbackServerCont
   auto input = std::make_shared<CompressInput>(*std::move(in));
   std::shared_ptr<Call> c = *call;
   const StopCheck stop = MakeStop(reactor->cancelled(), deadline);
-  auto work = [=](Runner& runner, Reservation& reservation, double queue_seconds) {
+  auto work = [=](EngineWorker& worker, Reservation& reservation, double queue_seconds) {
     absl::StatusOr<CompressOutcome> out =
-        handlers->Compress(runner, reservation, c->tenant(), *input, stop, deadline);
+        handlers->Compress(worker, reservation, c->tenant(), *input, stop, deadline);
     // The working cache is gone: release its reservation (and the tenant's slot) before the
     // client can see the end.
     reservation.Release();
@@ -537,9 +537,9 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* ContextCacheService::Generate(
   const std::string tenant = (*call)->tenant();
   ServerMetrics* const metrics = metrics_;
   const StopCheck stop = MakeStop(reactor->cancelled_flag(), deadline);
-  auto work = [=](Runner& runner, Reservation& reservation, double queue_seconds) {
+  auto work = [=](EngineWorker& worker, Reservation& reservation, double queue_seconds) {
     absl::StatusOr<GenerateOutcome> out = handlers->Generate(
-        runner, reservation, tenant, *input, stop,
+        worker, reservation, tenant, *input, stop,
         [reactor](std::string_view delta) { return reactor->Push(delta); }, deadline);
     reservation.Release();  // KV freed: release it and the slot before the client sees the end
     if (!out.ok()) {

@@ -269,6 +269,45 @@ TEST_P(MatMulParityTest, MatMulMatchesReference) {
   }
 }
 
+// Batching must change no result: a decode step that batches B sequences into one MatMul has
+// to produce, for each sequence, the bits it would get alone. So the multi-token kernels
+// (tiles of tokens sharing one unpacking of the weights) must give exactly MatVec's values,
+// whatever the token count (full tiles and every remainder), odd block counts (the scalar
+// tail block) and rows not a multiple of any tile.
+TEST_P(MatMulParityTest, BatchedDotMatchesMatVecExactly) {
+  const GgmlType type = GetParam().type;
+  const int64_t bs = GetGgmlTypeTraits(type).block_size;
+  const std::vector<int64_t> n_ins = bs == 256  ? std::vector<int64_t>{256, 768, 1536}
+                                     : bs == 32 ? std::vector<int64_t>{32, 96, 288, 576}
+                                                : std::vector<int64_t>{7, 288, 769};
+  uint32_t seed = 500;
+  for (int64_t n_in : n_ins) {
+    for (int64_t n_out : {1, 5, 67}) {
+      TestMatrix m = MakeMatrix(type, n_in, n_out, ++seed);
+      for (int64_t n_tok : {2, 3, 4, 5, 8, 13, 16, 32}) {
+        const std::vector<float> x = MakeActivations(n_tok, n_in, ++seed);
+        std::vector<float> want(n_tok * n_out);
+        for (int64_t t = 0; t < n_tok; ++t) {
+          MatVec(m.w, x.data() + t * n_in, want.data() + t * n_out, nullptr);
+        }
+        for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), pool2_}) {
+          std::vector<float> got(n_tok * n_out, -1.0f);
+          matmul_internal::MatMulBatchedDot(m.w, x.data(), n_tok, got.data(), pool);
+          for (int64_t i = 0; i < n_tok * n_out; ++i) {
+            if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0) {
+              ADD_FAILURE() << "BatchedDot n_tok=" << n_tok << " n_in=" << n_in
+                            << " n_out=" << n_out << " threads=" << (pool ? 2 : 1)
+                            << ": token " << i / n_out << " row " << i % n_out << " got "
+                            << got[i] << " MatVec " << want[i] << " (first difference)";
+              break;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 std::vector<Case> AllCases() {
   std::vector<Case> cases;
   for (CpuLevel level : {CpuLevel::kScalar, CpuLevel::kAvx2, CpuLevel::kAvx512}) {

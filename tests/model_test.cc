@@ -285,6 +285,78 @@ TEST_P(ModelTest, RecycledAttentionWithSmallTopKStillDecodesSensibly) {
   EXPECT_EQ(policy.Validate().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Continuous batching (Runner::ForwardBatch): sequences of different lengths decoding in one
+// pass get bitwise the logits each gets decoding alone, while sequences join (a prompt chunk
+// in the same pass) and leave.
+TEST_P(ModelTest, BatchedDecodeEqualsDecodeAlone) {
+  ThreadPool pool(2);
+  Runner runner(model(), &pool);
+  const int kSeqs = 5, kSteps = 6;
+  std::vector<KvCache> alone(kSeqs + 1, model().NewKvCache()), batched = alone;
+  std::vector<std::vector<float>> la(kSeqs + 1), lb(kSeqs + 1);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i <= kSeqs; ++i) {
+    std::vector<int32_t> p = Prompt(7 + 11 * i);
+    std::rotate(p.begin(), p.begin() + i, p.end());  // different contents, not just lengths
+    prompts.push_back(p);
+  }
+  for (int i = 0; i < kSeqs; ++i) {
+    ASSERT_TRUE(runner.Forward(prompts[i], alone[i], {}, &la[i]).ok());
+    ASSERT_TRUE(runner.Forward(prompts[i], batched[i], {}, &lb[i]).ok());
+    ASSERT_EQ(la[i], lb[i]);
+  }
+  std::vector<int32_t> next(kSeqs + 1);
+  for (int step = 0; step < kSteps; ++step) {
+    // Sequence 0 leaves after two steps; sequence kSeqs joins at step 3 with its prompt.
+    std::vector<BatchSequence> seqs;
+    for (int i = 0; i <= kSeqs; ++i) {
+      if ((i == 0 && step >= 2) || (i == kSeqs && step < 3)) continue;
+      if (i == kSeqs && step == 3) {
+        seqs.push_back({prompts[i], &batched[i], nullptr, &lb[i]});
+        ASSERT_TRUE(runner.Forward(prompts[i], alone[i], {}, &la[i]).ok());
+        continue;
+      }
+      next[i] = testing::Argmax(lb[i]);
+      seqs.push_back({absl::MakeConstSpan(&next[i], 1), &batched[i], nullptr, &lb[i]});
+      ASSERT_TRUE(runner.Decode(next[i], alone[i], &la[i]).ok());
+    }
+    ASSERT_TRUE(runner.ForwardBatch(seqs).ok());
+    for (int i = 0; i <= kSeqs; ++i) {
+      if ((i == 0 && step >= 2) || (i == kSeqs && step < 3)) continue;
+      ASSERT_EQ(batched[i].next_position, alone[i].next_position) << "sequence " << i;
+      ASSERT_EQ(batched[i].TotalEntries(), alone[i].TotalEntries()) << "sequence " << i;
+      // The joining prompt too: its 62 rows go through the products as one group beside the
+      // decode rows, as they would alone.
+      ASSERT_EQ(lb[i], la[i]) << "sequence " << i << " at step " << step
+                              << ": a batched pass must equal the pass alone";
+    }
+  }
+}
+
+TEST_P(ModelTest, ForwardBatchRefusesBadSequencesWithoutWriting) {
+  ThreadPool pool(1);
+  Runner runner(model(), &pool);
+  KvCache a = model().NewKvCache(), b = model().NewKvCache();
+  const std::vector<int32_t> ok = Prompt(4);
+  const std::vector<int32_t> bad = {1, model().config().n_vocab};
+  std::vector<float> logits;
+  auto check = [&](std::vector<BatchSequence> seqs, absl::StatusCode code, const char* what) {
+    absl::Status s = runner.ForwardBatch(seqs);
+    EXPECT_EQ(s.code(), code) << s;
+    EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr(what)) << s;
+    EXPECT_EQ(a.TotalEntries(), 0);
+    EXPECT_EQ(b.TotalEntries(), 0);
+  };
+  check({}, absl::StatusCode::kInvalidArgument, "at least one sequence");
+  check({{ok, &a, nullptr, &logits}, {bad, &b, nullptr, nullptr}},
+        absl::StatusCode::kInvalidArgument, "batch sequence 1: token id");
+  check({{ok, &a, nullptr, nullptr}, {ok, &a, nullptr, nullptr}},
+        absl::StatusCode::kInvalidArgument, "batch sequence 1: a KV cache appears twice");
+  b.next_position = model().config().n_ctx_train - 2;
+  check({{ok, &a, nullptr, nullptr}, {ok, &b, nullptr, nullptr}}, absl::StatusCode::kOutOfRange,
+        "batch sequence 1: positions");
+}
+
 TEST_P(ModelTest, FingerprintIsStableAndHex) {
   const std::string& f = model().fingerprint();
   EXPECT_EQ(f.size(), 64u);

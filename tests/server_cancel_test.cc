@@ -132,10 +132,12 @@ class ServerCancelTest : public FastModelTest {
 
   static void SetUpTestSuite() { (void)server::ConfigureLogging("plain", "warn"); }
 
-  static Running Start(int workers) {
+  // max_batch 1: a second call waits in the queue, not for a turn on the busy worker.
+  static Running Start(int workers, int max_batch = 1) {
     ServerConfig c;
     c.listen = "127.0.0.1:0";
     c.workers = workers;
+    c.max_batch = max_batch;
     c.threads_per_worker = 1;
     c.memory_cache_bytes = 256 << 20;
     c.max_kv_bytes = int64_t{4} << 30;
@@ -224,6 +226,42 @@ TEST_F(ServerCancelTest, CancelledQueuedCompressLeavesTheQueueAtOnce) {
       << m;
 }
 
+// With continuous batching a second call does not queue: it waits for its turn on the worker
+// (EngineWorker::Exclusive) behind the running compression. Cancelled there, it must leave at
+// once too, not when the compression ahead of it ends.
+TEST_F(ServerCancelTest, CompressCancelledWhileWaitingForItsTurnLeavesAtOnce) {
+  Running r = Start(1, /*max_batch=*/2);
+  ASSERT_NE(r.stub, nullptr);
+  AsyncCompress running, waiting;
+  // Ahead of it, a compression that outlasts the bound many times over: kvzip (two passes)
+  // over ~6.6K tokens (three documents; the test model's window is 8K), seconds even here.
+  pb::CompressRequest ahead = LongCompress("kvzip", " (running)");
+  std::string doc = ahead.document().text();
+  for (int i = 0; i < 2; ++i) doc += LongDocument(absl::StrCat(" (running ", i, ")"));
+  ahead.mutable_document()->set_text(doc);
+  running.Start(*r.stub, ahead);
+  ASSERT_TRUE(WaitFor([&] { return r.sched().Stats().running == 1; }, 30));
+  waiting.Start(*r.stub, LongCompress("snapkv", " (waiting)"));
+  ASSERT_TRUE(WaitFor([&] { return r.sched().Stats().running == 2; }, 30));
+  EXPECT_EQ(r.sched().Stats().queued, 0);
+
+  waiting.ctx.TryCancel();
+  const auto cancelled = Clock::now();
+  ASSERT_TRUE(WaitFor([&] { return r.sched().Stats().running <= 1; }, 60));
+  EXPECT_LT(SecondsSince(cancelled), kFreedWithinSeconds)
+      << "the call cancelled while waiting for its turn stayed until the turn came";
+  waiting.Join();
+  EXPECT_EQ(waiting.status.error_code(), grpc::StatusCode::CANCELLED);
+  // The compression ahead was still running (so the waiting call did leave before its turn):
+  // it too ends cancelled, not done.
+  running.ctx.TryCancel();
+  running.Join();
+  EXPECT_EQ(running.status.error_code(), grpc::StatusCode::CANCELLED)
+      << running.status.error_message();
+  ASSERT_TRUE(r.server->WaitIdle(30));
+  EXPECT_EQ(r.sched().Stats().reserved_kv_bytes, 0);
+}
+
 // Caught: a Generate cancelled while its prompt was prefilled ran the whole prefill (the stop
 // was asked only when decode emitted text).
 TEST_F(ServerCancelTest, GenerateCancelledDuringPromptPrefillStops) {
@@ -286,7 +324,7 @@ TEST_F(ServerCancelTest, AFinishedJobsFreedMemoryGoesBackToTheSystem) {
   std::atomic<bool> ran{false};
   absl::StatusOr<uint64_t> ticket = r.sched().Submit(
       1, Clock::time_point::max(),
-      [&](Runner&, server::Reservation&, double) {
+      [&](server::EngineWorker&, server::Reservation&, double) {
         void* large = std::malloc(size_t{30} << 20);  // mmapped; its free raises the threshold
         std::memset(large, 1, size_t{30} << 20);
         asm volatile("" : : "r"(large) : "memory");  // the compiler may not elide the pair

@@ -1064,6 +1064,61 @@ TEST_F(ServerE2ETest, CancelMidStreamStopsTheWorkAndFreesItsMemory) {
   EXPECT_TRUE(next.status.ok()) << next.status.error_message();
 }
 
+// Continuous batching: generations running at once on one worker share its steps (the mean
+// batch is well above one) and each streams exactly the text it streams alone (greedy); one of
+// them cancelled mid-stream leaves the others untouched.
+TEST_F(ServerE2ETest, ConcurrentGenerationsShareStepsAndMatchTheirLoneRuns) {
+  ServerConfig config = BaseConfig();
+  config.workers = 1;
+  config.max_batch = 8;
+  Running r = Start(config);
+  ASSERT_NE(r.stub, nullptr);
+  const std::string id = MustCompress(*r.stub, kDocument).context().context_id();
+  std::vector<pb::GenerateRequest> reqs;
+  for (int i = 0; i < 6; ++i) {
+    pb::GenerateRequest req =
+        i % 2 == 0 ? AskAbout(id, Questions()[i / 2 % Questions().size()], 16)
+                   : Ask(absl::StrCat("Count from ", i, " to ", i + 20, "."), 16);
+    req.set_ignore_eos(true);
+    reqs.push_back(req);
+  }
+  std::vector<std::string> alone;
+  for (const pb::GenerateRequest& req : reqs) {
+    StreamResult s = RunGenerate(*r.stub, req);
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.usage.completion_tokens(), 16);
+    alone.push_back(s.text);
+  }
+  const server::SchedulerStats before = r.server->scheduler()->Stats();
+  std::vector<StreamResult> together(reqs.size());
+  StreamResult cancelled;
+  {
+    std::vector<std::thread> clients;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      clients.emplace_back([&, i] { together[i] = RunGenerate(*r.stub, reqs[i]); });
+    }
+    clients.emplace_back([&] {
+      cancelled = RunGenerate(*r.stub, Endless(id), {},
+                              [](grpc::ClientContext& ctx) { ctx.TryCancel(); });
+    });
+    for (std::thread& t : clients) t.join();
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(together[i].status.ok()) << i << ": " << together[i].status.error_message();
+    EXPECT_EQ(together[i].text, alone[i]) << "request " << i << " batched vs alone";
+  }
+  EXPECT_EQ(cancelled.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(r.server->WaitIdle(10));
+  const server::SchedulerStats after = r.server->scheduler()->Stats();
+  const int64_t steps = after.steps - before.steps;
+  const int64_t carried = after.step_sequences - before.step_sequences;
+  ASSERT_GT(steps, 0);
+  // 6 x 16 tokens plus prompts: alone that would be ~100 steps of one sequence each.
+  EXPECT_GT(static_cast<double>(carried) / steps, 2.0)
+      << carried << " sequences in " << steps << " steps: the generations did not batch";
+  EXPECT_EQ(after.reserved_kv_bytes, 0);
+}
+
 TEST_F(ServerE2ETest, DeadlineExceededEndsTheCallAndTheWork) {
   ServerConfig config = BaseConfig();
   config.workers = 1;
@@ -2137,7 +2192,7 @@ TEST_F(ServerE2ETest, SchedulerRefusesBeyondItsQueueDepth) {
     abandoned.push_back(s);
   };
   const auto never = server::Scheduler::Clock::time_point::max();
-  ASSERT_TRUE(sched.Submit(10, never, [&](Runner&, server::Reservation& res, double) {
+  ASSERT_TRUE(sched.Submit(10, never, [&](server::EngineWorker&, server::Reservation& res, double) {
     EXPECT_EQ(res.bytes(), 10);
     // More than the whole budget: never fits (a smaller raise that does not fit now is
     // RESOURCE_EXHAUSTED, like `big` below).
@@ -2147,22 +2202,22 @@ TEST_F(ServerE2ETest, SchedulerRefusesBeyondItsQueueDepth) {
     release_f.wait();
   }, abandon).ok());
   started.get_future().wait();
-  absl::StatusOr<uint64_t> queued = sched.Submit(10, never, [](Runner&, server::Reservation&, double) {}, abandon);
+  absl::StatusOr<uint64_t> queued = sched.Submit(10, never, [](server::EngineWorker&, server::Reservation&, double) {}, abandon);
   ASSERT_TRUE(queued.ok());
-  absl::StatusOr<uint64_t> refused = sched.Submit(10, never, [](Runner&, server::Reservation&, double) {}, abandon);
+  absl::StatusOr<uint64_t> refused = sched.Submit(10, never, [](server::EngineWorker&, server::Reservation&, double) {}, abandon);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(refused.status().message().find("max_queue_depth 1"), std::string::npos);
   // KV: 500 running + 10 queued of 1000; 600 more does not fit.
   EXPECT_EQ(sched.Stats().reserved_kv_bytes, 510);
   ASSERT_TRUE(sched.Cancel(*queued, absl::CancelledError("test")));
   EXPECT_FALSE(sched.Cancel(*queued, absl::CancelledError("again")));
-  absl::StatusOr<uint64_t> big = sched.Submit(600, never, [](Runner&, server::Reservation&, double) {}, abandon);
+  absl::StatusOr<uint64_t> big = sched.Submit(600, never, [](server::EngineWorker&, server::Reservation&, double) {}, abandon);
   EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(big.status().message().find("KV memory"), std::string::npos);
   // A job whose deadline passes in the queue is abandoned, not run.
   bool ran = false;
   ASSERT_TRUE(sched.Submit(10, server::Scheduler::Clock::now(),
-                           [&](Runner&, server::Reservation&, double) { ran = true; }, abandon)
+                           [&](server::EngineWorker&, server::Reservation&, double) { ran = true; }, abandon)
                   .ok());
   release.set_value();
   sched_owner.reset();  // the running job finishes, the rest is abandoned, workers joined
@@ -2268,10 +2323,10 @@ TEST_F(ServerE2ETest, SchedulerKeepsATenantFloodingTheQueueFromStarvingTheOthers
     std::shared_future<void> release_f = release.get_future().share();
     std::atomic<int> abandoned{0};
     auto abandon = [&](const absl::Status&) { ++abandoned; };
-    auto noop = [](Runner&, server::Reservation&, double) {};
+    auto noop = [](server::EngineWorker&, server::Reservation&, double) {};
     const auto never = server::Scheduler::Clock::time_point::max();
     int in_flight_after_release = -1;
-    auto hold = [&](Runner&, server::Reservation& res, double) {
+    auto hold = [&](server::EngineWorker&, server::Reservation& res, double) {
       started.set_value();
       release_f.wait();
       // Released before the job returns: the tenant's next call must find its slot free.

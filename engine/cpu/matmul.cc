@@ -90,10 +90,13 @@ constexpr int64_t kRowAlign = 16;
 // so splitting gains nothing.
 constexpr size_t kMinParallelBytes = 64 << 10;
 // MatMul uses the batched dot kernels up to this many tokens, the GEMM above. Measured with
-// bench/matmul_bench (BM_MatMul<1> vs <2>, Q4_1 576x1536, 1 thread, AMX GEMM): batched
-// ~50 us per token; GEMM ~0.6 ms fixed (dequantize + pack W) + ~5 us per token. Equal at
-// 12-16 tokens (454 vs 861 us at 8, 606 vs 752 at 12, 800 vs 844 at 16, 1238 vs 805 at 24).
-constexpr int64_t kBatchedMaxTokens = 12;
+//   matmul_bench --benchmark_filter='BM_MatMul<[12]>/3/.*/576/1536/' (Q4_1 576x1536, AMX GEMM)
+// the dot kernels, which unpack a row's weights once for tiles of 4 tokens, take ~38 us for
+// one token + ~15 us per extra one on 1 thread; the GEMM ~0.31 ms (dequantize + pack W) up to
+// 32 tokens. Equal at ~19 tokens on 1 thread (145 vs 315 us at 8, 281 vs 315 at 16, 337 vs
+// 317 at 20, 404 vs 323 at 24, 544 vs 326 at 32), ~24 on 2 (141 vs 213 at 16, 175 vs 210 at
+// 20, 211 vs 224 at 24, 298 vs 200 at 32); 20 sits between the two.
+constexpr int64_t kBatchedMaxTokens = 20;
 // GEMM panel: about this many bytes of dequantized fp32 weights per sgemm call. OpenBLAS
 // repacks x on every call, so bigger is better: one-thread sgemm 512x576 by 1536 rows ran at
 // 100 GFLOP/s in one call, 93 in 768-row and 77 in 256-row panels (here, under load).
@@ -330,6 +333,8 @@ void MatMul(const WeightMatrix& w, const float* x, int64_t n_tok, float* y, Thre
     matmul_internal::MatMulGemm(w, x, n_tok, y, pool);
   }
 }
+
+int64_t MatMulDotMaxTokens() { return kBatchedMaxTokens; }
 
 void MatVecReference(const WeightMatrix& w, const float* x, float* y) {
   MatMulReference(w, x, 1, y);

@@ -36,4 +36,8 @@ void MatVecReference(const WeightMatrix& w, const float* x, float* y);
 void MatMul(const WeightMatrix& w, const float* x, int64_t n_tok, float* y, ThreadPool* pool);
 void MatMulReference(const WeightMatrix& w, const float* x, int64_t n_tok, float* y);
 
+// MatMul computes up to this many tokens with the dot kernels, which give every token row
+// bitwise what MatVec gives it alone (a batched decode step relies on it); above, a GEMM.
+int64_t MatMulDotMaxTokens();
+
 }  // namespace ctxcache

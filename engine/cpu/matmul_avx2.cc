@@ -1,7 +1,8 @@
 // AVX2 kernels for MatVec/MatMul (see matmul_internal.h), for x86-64 CPUs without AVX-512:
 // int8 dot products of every quantized weight type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
-// Q6_K) with quantized activations (vpmaddubsw, one 32-element block per step) and fp32 dots
-// for F32/F16/BF16 weights, and exact dequantizers for the GEMM's fp32 panels.
+// Q6_K) with quantized activations (vpmaddubsw, one 32-element block per step; one token or a
+// tile of a few, see kTile) and fp32 dots for F32/F16/BF16 weights, and exact dequantizers
+// for the GEMM's fp32 panels.
 #include <immintrin.h>
 
 #include <cstring>
@@ -97,22 +98,33 @@ CTX_AVX2 void QuantizeActs(const float* x, int64_t n, int8_t* qs, float* ds) {
   }
 }
 
-// dot(row, x), one block per iteration: vpmaddubsw of unsigned weights (Q4/Q5 codes, or |w|
-// with w's sign moved onto x for Q8_0) and int8 activations, summed to int32 by vpmaddwd.
-template <QKind K>
-CTX_AVX2 float DotRow(const uint8_t* row, int64_t nb, const int8_t* xq, const float* ds) {
+// MatVec is one token; MatMul with a few (a batched decode step) runs the kernels below on
+// tiles of up to kTile tokens: each block's weights are unpacked once per tile and applied to
+// every token of it, with per-token accumulators in registers (with 4 tokens, 4-8 of the 16
+// ymm). Each token goes through exactly the operations, in the order, of a tile of one token,
+// so batching changes no result bit (matmul_test: BatchedDotMatchesMatVecExactly).
+constexpr int kTile = 4;
+
+// out[t] = dot(row, x_t) for the T tokens of acts, one block per iteration: vpmaddubsw of
+// unsigned weights (Q4/Q5 codes, or |w| with w's sign moved onto x for Q8_0) and int8
+// activations, summed to int32 by vpmaddwd.
+template <QKind K, int T>
+CTX_AVX2 void DotRows(const uint8_t* row, int64_t nb, const QuantizedActs* acts, float* out) {
   constexpr size_t kB = kBlockBytes<K>;
   const __m256i shifts = _mm256_setr_epi64x(0, 0, 4, 4);
   const __m256i low4 = _mm256_set1_epi8(0x0f);
-  __m256 acc = _mm256_setzero_ps();
-  float offset = 0.0f;
+  __m256 acc[T];
+  float offset[T];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) {
+    acc[t] = _mm256_setzero_ps();
+    offset[t] = 0.0f;
+  }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* p = row + b * kB;
-    __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kActBlock));
-    __m256i wv;
+    __m256i w, wv;
     if constexpr (K == QKind::kQ8_0) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
-      xv = _mm256_sign_epi8(xv, w);
+      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
       wv = _mm256_abs_epi8(w);
     } else {
       const __m256i q = _mm256_broadcastsi128_si256(
@@ -125,16 +137,29 @@ CTX_AVX2 float DotRow(const uint8_t* row, int64_t nb, const int8_t* xq, const fl
       }
     }
     const float d = _cvtsh_ss(LoadU16(p));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DotU8S8(wv, xv)), _mm256_set1_ps(d * ds[2 * b]), acc);
-    if constexpr (kHasMin<K>) {
-      offset += _cvtsh_ss(LoadU16(p + 2)) * ds[2 * b + 1];
-    } else if constexpr (K != QKind::kQ8_0) {
-      offset += d * ds[2 * b + 1];
+    float m = 0.0f;
+    if constexpr (kHasMin<K>) m = _cvtsh_ss(LoadU16(p + 2));
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      const float* ds = acts[t].ds;
+      __m256i xv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acts[t].qs + b * kActBlock));
+      if constexpr (K == QKind::kQ8_0) xv = _mm256_sign_epi8(xv, w);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DotU8S8(wv, xv)),
+                               _mm256_set1_ps(d * ds[2 * b]), acc[t]);
+      if constexpr (kHasMin<K>) {
+        offset[t] += m * ds[2 * b + 1];
+      } else if constexpr (K != QKind::kQ8_0) {
+        offset[t] += d * ds[2 * b + 1];
+      }
     }
   }
-  // Q4_0/Q5_0 store q + 8 / q + 16: subtract 8 (16) * d * sum(x).
-  if constexpr (kCodeOffset<K> != 0.0f) offset *= -kCodeOffset<K>;
-  return HSum(acc) + offset;
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) {
+    // Q4_0/Q5_0 store q + 8 / q + 16: subtract 8 (16) * d * sum(x).
+    if constexpr (kCodeOffset<K> != 0.0f) offset[t] *= -kCodeOffset<K>;
+    out[t] = HSum(acc[t]) + offset[t];
+  }
 }
 
 // The 32 codes (0..31) of sub-block s of a Q4_K/Q5_K super-block at p: nibbles of qs (low
@@ -151,13 +176,20 @@ CTX_AVX2 inline __m256i CodesQ45K(const uint8_t* p, int s, __m256i qh) {
   return codes;
 }
 
-// Q4_K / Q5_K (see matmul_avx512.cc: DotRowQ45K): one sub-block of 32 (= one activation
-// block) per step, its scale d * sc * d_x and its min term -dmin * m * d_x * sum(x).
-template <bool kQ5>
-CTX_AVX2 float DotRowQ45K(const uint8_t* row, int64_t nb, const int8_t* xq, const float* ds) {
+// Q4_K / Q5_K (see matmul_avx512.cc: UnpackQ45K): one sub-block of 32 (= one activation
+// block) per step, its scale d * sc * d_x and its min term -dmin * m * d_x * sum(x);
+// out[t] = dot(row, x_t) for the T tokens of acts.
+template <bool kQ5, int T>
+CTX_AVX2 void DotRowsQ45K(const uint8_t* row, int64_t nb, const QuantizedActs* acts,
+                          float* out) {
   constexpr size_t kB = kQ5 ? 176 : 144;
-  __m256 acc = _mm256_setzero_ps();
-  float min_term = 0.0f;
+  __m256 acc[T];
+  float min_term[T];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) {
+    acc[t] = _mm256_setzero_ps();
+    min_term[t] = 0.0f;
+  }
   for (int64_t sb = 0; sb < nb / 8; ++sb) {
     const uint8_t* p = row + sb * kB;
     const float d = _cvtsh_ss(LoadU16(p)), dmin = _cvtsh_ss(LoadU16(p + 2));
@@ -165,33 +197,44 @@ CTX_AVX2 float DotRowQ45K(const uint8_t* row, int64_t nb, const int8_t* xq, cons
     for (int s = 0; s < 8; ++s) quant_internal::ScaleMinK4(s, p + 4, &sc[s], &m[s]);
     __m256i qh = _mm256_setzero_si256();
     if constexpr (kQ5) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
-    const int8_t* x = xq + sb * 256;
-    const float* dsb = ds + 16 * sb;
-    float mins = 0.0f;
+    float mins[T];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) mins[t] = 0.0f;
     for (int s = 0; s < 8; ++s) {
-      const __m256i dot = DotU8S8(CodesQ45K<kQ5>(p, s, qh),
-                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * s)));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
-                            _mm256_set1_ps(d * static_cast<float>(sc[s]) * dsb[2 * s]), acc);
-      mins += static_cast<float>(m[s]) * dsb[2 * s + 1];
+      const __m256i codes = CodesQ45K<kQ5>(p, s, qh);
+      const float d_sc = d * static_cast<float>(sc[s]);
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        const float* dsb = acts[t].ds + 16 * sb;
+        const __m256i dot = DotU8S8(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                               acts[t].qs + sb * 256 + 32 * s)));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d_sc * dsb[2 * s]),
+                                 acc[t]);
+        mins[t] += static_cast<float>(m[s]) * dsb[2 * s + 1];
+      }
     }
-    min_term += dmin * mins;
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) min_term[t] += dmin * mins[t];
   }
-  return HSum(acc) - min_term;
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) out[t] = HSum(acc[t]) - min_term[t];
 }
 
-// Q6_K (see matmul_avx512.cc: DotRowQ6K): one quarter of a half (32 elements = one activation
-// block, two chunks of 16 with their own scales) per step; q - 32 is signed, so its sign moves
-// onto x and |q - 32| <= 32 goes through vpmaddubsw as for Q8_0.
-CTX_AVX2 float DotRowQ6K(const uint8_t* row, int64_t nb, const int8_t* xq, const float* ds) {
+// Q6_K (see matmul_avx512.cc: UnpackQ6K): one quarter of a half (32 elements = one
+// activation block, two chunks of 16 with their own scales) per step; q - 32 is signed, so its
+// sign moves onto x and |q - 32| <= 32 goes through vpmaddubsw as for Q8_0. out[t] =
+// dot(row, x_t) for the T tokens of acts.
+template <int T>
+CTX_AVX2 void DotRowsQ6K(const uint8_t* row, int64_t nb, const QuantizedActs* acts, float* out) {
   const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
   const __m256i c32 = _mm256_set1_epi8(32);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+  __m256 acc0[T], acc1[T];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
   for (int64_t sb = 0; sb < nb / 8; ++sb) {
     const uint8_t* p = row + sb * 210;
     const float d = _cvtsh_ss(LoadU16(p + 208));
     const auto* sc = reinterpret_cast<const int8_t*>(p + 192);
-    const int8_t* x = xq + sb * 256;
     for (int h = 0; h < 2; ++h) {
       const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * h));
       const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * h + 32));
@@ -208,29 +251,78 @@ CTX_AVX2 float DotRowQ6K(const uint8_t* row, int64_t nb, const int8_t* xq, const
       for (int k = 0; k < 4; ++k) {
         const int blk = 4 * h + k;  // activation block within the super-block
         const __m256i w = _mm256_sub_epi8(quarter[k], c32);
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * blk));
-        const __m256i dot = DotU8S8(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
-        const float dx = d * ds[16 * sb + 2 * blk];
-        // Lanes 0-3 are chunk 2 * blk, lanes 4-7 chunk 2 * blk + 1.
-        const __m256 scale = _mm256_set_m128(_mm_set1_ps(dx * static_cast<float>(sc[2 * blk + 1])),
-                                             _mm_set1_ps(dx * static_cast<float>(sc[2 * blk])));
-        __m256& acc = (k & 1) ? acc1 : acc0;
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
+        const __m256i aw = _mm256_abs_epi8(w);
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) {
+          const __m256i xv = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(acts[t].qs + sb * 256 + 32 * blk));
+          const __m256i dot = DotU8S8(aw, _mm256_sign_epi8(xv, w));
+          const float dx = d * acts[t].ds[16 * sb + 2 * blk];
+          // Lanes 0-3 are chunk 2 * blk, lanes 4-7 chunk 2 * blk + 1.
+          const __m256 scale =
+              _mm256_set_m128(_mm_set1_ps(dx * static_cast<float>(sc[2 * blk + 1])),
+                              _mm_set1_ps(dx * static_cast<float>(sc[2 * blk])));
+          __m256& acc = (k & 1) ? acc1[t] : acc0[t];
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
+        }
       }
     }
   }
-  return HSum(_mm256_add_ps(acc0, acc1));
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) out[t] = HSum(_mm256_add_ps(acc0[t], acc1[t]));
 }
 
-using RowDotFn = float (*)(const uint8_t* row, int64_t nb, const int8_t* xq, const float* ds);
+// The tile kernels, by format, as QuantDot takes them: Dot<T>(row, nb, acts, out) sets
+// out[t] = dot(row, x_t) for the first T tokens of acts.
+template <QKind K>
+struct BlockTile {
+  template <int T>
+  CTX_AVX2 static void Dot(const uint8_t* row, int64_t nb, const QuantizedActs* acts,
+                           float* out) {
+    DotRows<K, T>(row, nb, acts, out);
+  }
+};
+template <bool kQ5>
+struct Q45KTile {
+  template <int T>
+  CTX_AVX2 static void Dot(const uint8_t* row, int64_t nb, const QuantizedActs* acts,
+                           float* out) {
+    DotRowsQ45K<kQ5, T>(row, nb, acts, out);
+  }
+};
+struct Q6KTile {
+  template <int T>
+  CTX_AVX2 static void Dot(const uint8_t* row, int64_t nb, const QuantizedActs* acts,
+                           float* out) {
+    DotRowsQ6K<T>(row, nb, acts, out);
+  }
+};
 
-template <RowDotFn Dot>
+// Row r against tokens [t0, t0 + T).
+template <class Kernel, int T>
+CTX_AVX2 inline void RowTile(const uint8_t* row, int64_t nb, const QuantizedActs* acts,
+                             int64_t t0, float* y, int64_t ldy, int64_t r) {
+  float out[T];
+  Kernel::template Dot<T>(row, nb, acts + t0, out);
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r] = out[t];
+}
+
+template <class Kernel>
 CTX_AVX2 void QuantDot(const uint8_t* w, size_t row_bytes, int64_t n_in, int64_t r0, int64_t r1,
                        const QuantizedActs* acts, int64_t n_tok, float* y, int64_t ldy) {
   const int64_t nb = n_in / kActBlock;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w + r * row_bytes;
-    for (int64_t t = 0; t < n_tok; ++t) y[t * ldy + r] = Dot(row, nb, acts[t].qs, acts[t].ds);
+    // The row stays in L1 across the tiles: one DRAM read per row.
+    int64_t t0 = 0;
+    for (; t0 + kTile <= n_tok; t0 += kTile) RowTile<Kernel, kTile>(row, nb, acts, t0, y, ldy, r);
+    switch (n_tok - t0) {
+      case 3: RowTile<Kernel, 3>(row, nb, acts, t0, y, ldy, r); break;
+      case 2: RowTile<Kernel, 2>(row, nb, acts, t0, y, ldy, r); break;
+      case 1: RowTile<Kernel, 1>(row, nb, acts, t0, y, ldy, r); break;
+      default: break;
+    }
   }
 }
 
@@ -405,14 +497,14 @@ const KernelTable& Avx2Kernels() {
   static const KernelTable table = {
       .name = "avx2",
       .quantize_acts = &QuantizeActs,
-      .q4_0 = &QuantDot<&DotRow<QKind::kQ4_0>>,
-      .q4_1 = &QuantDot<&DotRow<QKind::kQ4_1>>,
-      .q5_0 = &QuantDot<&DotRow<QKind::kQ5_0>>,
-      .q5_1 = &QuantDot<&DotRow<QKind::kQ5_1>>,
-      .q8_0 = &QuantDot<&DotRow<QKind::kQ8_0>>,
-      .q4_k = &QuantDot<&DotRowQ45K<false>>,
-      .q5_k = &QuantDot<&DotRowQ45K<true>>,
-      .q6_k = &QuantDot<&DotRowQ6K>,
+      .q4_0 = &QuantDot<BlockTile<QKind::kQ4_0>>,
+      .q4_1 = &QuantDot<BlockTile<QKind::kQ4_1>>,
+      .q5_0 = &QuantDot<BlockTile<QKind::kQ5_0>>,
+      .q5_1 = &QuantDot<BlockTile<QKind::kQ5_1>>,
+      .q8_0 = &QuantDot<BlockTile<QKind::kQ8_0>>,
+      .q4_k = &QuantDot<Q45KTile<false>>,
+      .q5_k = &QuantDot<Q45KTile<true>>,
+      .q6_k = &QuantDot<Q6KTile>,
       .f32 = &FloatDot<FKind::kF32>,
       .f16 = &FloatDot<FKind::kF16>,
       .bf16 = &FloatDot<FKind::kBF16>,
