@@ -157,8 +157,7 @@ absl::Status Runner::Forward(absl::Span<const int32_t> tokens, KvCache& cache,
 }
 
 absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCache& cache,
-                                       const ForwardOptions& options,
-                                       std::vector<float>* logits) {
+                                       const ForwardOptions& options, std::vector<float>* logits) {
   const ModelConfig& c = model_.config();
   RETURN_IF_ERROR(CheckCache(cache, n));
   if (!options.observe_rows.empty() && !options.observer) {
@@ -193,8 +192,9 @@ absl::Status Runner::ForwardBatch(absl::Span<const BatchSequence> seqs) {
   if (seqs.empty()) return absl::InvalidArgumentError("a batch needs at least one sequence");
   for (size_t i = 0; i < seqs.size(); ++i) {
     const BatchSequence& q = seqs[i];
-    absl::Status st = q.cache == nullptr ? absl::InvalidArgumentError("no KV cache")
-                                         : CheckCache(*q.cache, static_cast<int64_t>(q.tokens.size()));
+    absl::Status st = q.cache == nullptr
+                          ? absl::InvalidArgumentError("no KV cache")
+                          : CheckCache(*q.cache, static_cast<int64_t>(q.tokens.size()));
     if (st.ok()) st = CheckTokens(q.tokens);
     if (st.ok() && q.recycled != nullptr && q.tokens.size() != 1) {
       st = absl::InvalidArgumentError("Recycled Attention applies to decode steps (one token)");
@@ -202,7 +202,8 @@ absl::Status Runner::ForwardBatch(absl::Span<const BatchSequence> seqs) {
     for (size_t j = 0; st.ok() && j < i; ++j) {
       if (seqs[j].cache == q.cache) st = absl::InvalidArgumentError("a KV cache appears twice");
     }
-    if (!st.ok()) return absl::Status(st.code(), absl::StrCat("batch sequence ", i, ": ", st.message()));
+    if (!st.ok())
+      return absl::Status(st.code(), absl::StrCat("batch sequence ", i, ": ", st.message()));
   }
   // Decode steps (one token) first, then prompt chunks: the two groups of rows go through
   // the weight products separately, so a decode token's arithmetic is that of a decode step
@@ -281,7 +282,8 @@ absl::Status Runner::Layers(int64_t n, absl::Span<const Segment> segs, int64_t n
   s.up.resize(n * c.d_ff);
   s.pos.resize(n);
   for (const Segment& g : segs) {
-    for (int64_t i = 0; i < g.n; ++i) s.pos[g.row0 + i] = g.cache->next_position + static_cast<int32_t>(i);
+    for (int64_t i = 0; i < g.n; ++i)
+      s.pos[g.row0 + i] = g.cache->next_position + static_cast<int32_t>(i);
   }
   // The rows' weight products: decode rows [0, n_decode_rows) in groups a dot kernel computes
   // exactly as lone rows, then the rest (prompt rows) in one product.
@@ -402,7 +404,8 @@ absl::Status Runner::Attention(int layer, int64_t row0, int64_t n, const KvCache
   // half of its entries).
   for (int g = 0; g < c.n_kv_heads; ++g) {
     const KvHead& kv = cache.head(layer, g);
-    const size_t n_vis = std::upper_bound(kv.pos.begin(), kv.pos.end(), pos[n - 1]) - kv.pos.begin();
+    const size_t n_vis =
+        std::upper_bound(kv.pos.begin(), kv.pos.end(), pos[n - 1]) - kv.pos.begin();
     s.kf[g].resize(std::max(s.kf[g].size(), n_vis * hd));
     s.vf[g].resize(std::max(s.vf[g].size(), n_vis * hd));
   }

@@ -292,13 +292,10 @@ absl::StatusOr<std::vector<int32_t>> Handlers::Tokenize(const DocumentInput& doc
   return ids;
 }
 
-absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(EngineWorker& worker, const std::string& tenant,
-                                                        const CompressInput& in,
-                                                        const std::string& field,
-                                                        Reservation& reservation,
-                                                        int64_t reserved_base,
-                                                        const StopCheck& stop,
-                                                        RedisDeadline deadline) const {
+absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(
+    EngineWorker& worker, const std::string& tenant, const CompressInput& in,
+    const std::string& field, Reservation& reservation, int64_t reserved_base,
+    const StopCheck& stop, RedisDeadline deadline) const {
   RETURN_IF_ERROR(stop());
   ASSIGN_OR_RETURN(const std::vector<int32_t> ids, Tokenize(in.document, field));
   CompressionSpec spec = in.spec;
@@ -323,13 +320,15 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(EngineWorker& worker, co
     // The compression needs the worker's runner to itself (the store's lookups, above and
     // around it, do not).
     absl::StatusOr<CompressedContext> computed;
-    RETURN_IF_ERROR(worker.Exclusive([&](Runner& runner) {
-      // The flight's stop, not this call's: other calls may be waiting for this context, and
-      // the compression goes on for them if this call's client leaves (single_flight.h).
-      Runner::ScopedStop scoped(runner, flight_stop);
-      computed = ctxcache::Compress(runner, ids, spec);
-      return computed.status();
-    }, flight_stop));
+    RETURN_IF_ERROR(worker.Exclusive(
+        [&](Runner& runner) {
+          // The flight's stop, not this call's: other calls may be waiting for this context, and
+          // the compression goes on for them if this call's client leaves (single_flight.h).
+          Runner::ScopedStop scoped(runner, flight_stop);
+          computed = ctxcache::Compress(runner, ids, spec);
+          return computed.status();
+        },
+        flight_stop));
     CompressedContext c = *std::move(computed);
     if (c.method_version != version) {
       return absl::InternalError(absl::StrCat(
@@ -352,8 +351,7 @@ absl::StatusOr<ContextOutcome> Handlers::LoadOrCompress(EngineWorker& worker, co
 
 absl::StatusOr<CompressOutcome> Handlers::Compress(EngineWorker& worker, Reservation& reservation,
                                                    const std::string& tenant,
-                                                   const CompressInput& in,
-                                                   const StopCheck& stop,
+                                                   const CompressInput& in, const StopCheck& stop,
                                                    RedisDeadline deadline) const {
   const auto t0 = Clock::now();
   CompressOutcome out;
@@ -416,9 +414,9 @@ absl::Span<const int32_t> Handlers::SelectionQuery(const GenerateInput& in,
   return prompt.subspan(head.size());
 }
 
-absl::Status Handlers::SelectByPrompt(EngineWorker& worker, Reservation& reservation, int64_t own_bytes,
-                                      const GenerateInput& in, absl::Span<const int32_t> prompt,
-                                      const StopCheck& stop,
+absl::Status Handlers::SelectByPrompt(EngineWorker& worker, Reservation& reservation,
+                                      int64_t own_bytes, const GenerateInput& in,
+                                      absl::Span<const int32_t> prompt, const StopCheck& stop,
                                       std::vector<ContextOutcome>& contexts) const {
   const absl::Span<const int32_t> query = SelectionQuery(in, prompt);
   int64_t held = 0;  // entries the composed cache will hold
@@ -504,11 +502,13 @@ absl::StatusOr<GenerateOutcome> Handlers::Generate(EngineWorker& worker, Reserva
   if (!out.contexts.empty()) {
     std::vector<const CompressedContext*> ptrs;
     for (const ContextOutcome& o : out.contexts) ptrs.push_back(&o.attended());
-    RETURN_IF_ERROR(worker.Exclusive([&](Runner& runner) -> absl::Status {
-      Runner::ScopedStop scoped(runner, stop);
-      ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, runner, stop));
-      return absl::OkStatus();
-    }, stop));
+    RETURN_IF_ERROR(worker.Exclusive(
+        [&](Runner& runner) -> absl::Status {
+          Runner::ScopedStop scoped(runner, stop);
+          ASSIGN_OR_RETURN(cache, ComposeContexts(ptrs, runner, stop));
+          return absl::OkStatus();
+        },
+        stop));
   }
   out.context_seconds = Since(t0);
   RETURN_IF_ERROR(stop());  // also the check after a selection

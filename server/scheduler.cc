@@ -234,7 +234,9 @@ void Scheduler::JobLoop() {
 }
 
 EngineWorker::EngineWorker(const Model& model, int threads, int64_t step_prompt_tokens)
-    : model_(model), threads_(threads), step_prompt_tokens_(std::max<int64_t>(1, step_prompt_tokens)) {
+    : model_(model),
+      threads_(threads),
+      step_prompt_tokens_(std::max<int64_t>(1, step_prompt_tokens)) {
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -293,8 +295,8 @@ absl::Status EngineWorker::Step(absl::Span<const int32_t> tokens, KvCache& cache
                                 const StopFn& stop) {
   RETURN_IF_ERROR(CheckStop(stop));
   if (static_cast<int64_t>(tokens.size()) > step_prompt_tokens_) {
-    return absl::InvalidArgumentError(absl::StrCat("a step takes at most ", step_prompt_tokens_,
-                                                   " tokens, got ", tokens.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("a step takes at most ", step_prompt_tokens_, " tokens, got ", tokens.size()));
   }
   Request request{BatchSequence{tokens, &cache, recycled, logits}, &stop, absl::OkStatus()};
   std::unique_lock<std::mutex> lock(mu_);

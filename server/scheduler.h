@@ -172,7 +172,7 @@ struct SchedulerStats {
   int workers = 0;
   int max_batch = 0;        // jobs each worker serves at once
   double busy_seconds = 0;  // total time workers spent running jobs (monotonic)
-  int64_t steps = 0;           // batched steps run (monotonic)
+  int64_t steps = 0;        // batched steps run (monotonic)
   int64_t step_sequences = 0;  // sequences those steps carried (monotonic)
   // Scratch buffers the workers' Runners hold, as of each worker's last finished job (each
   // keeps up to 128 MiB between jobs, scheduler.cc; what a running job grows is not seen here).

@@ -1076,9 +1076,9 @@ TEST_F(ServerE2ETest, ConcurrentGenerationsShareStepsAndMatchTheirLoneRuns) {
   const std::string id = MustCompress(*r.stub, kDocument).context().context_id();
   std::vector<pb::GenerateRequest> reqs;
   for (int i = 0; i < 6; ++i) {
-    pb::GenerateRequest req =
-        i % 2 == 0 ? AskAbout(id, Questions()[i / 2 % Questions().size()], 16)
-                   : Ask(absl::StrCat("Count from ", i, " to ", i + 20, "."), 16);
+    pb::GenerateRequest req = i % 2 == 0
+                                  ? AskAbout(id, Questions()[i / 2 % Questions().size()], 16)
+                                  : Ask(absl::StrCat("Count from ", i, " to ", i + 20, "."), 16);
     req.set_ignore_eos(true);
     reqs.push_back(req);
   }
@@ -1098,8 +1098,8 @@ TEST_F(ServerE2ETest, ConcurrentGenerationsShareStepsAndMatchTheirLoneRuns) {
       clients.emplace_back([&, i] { together[i] = RunGenerate(*r.stub, reqs[i]); });
     }
     clients.emplace_back([&] {
-      cancelled = RunGenerate(*r.stub, Endless(id), {},
-                              [](grpc::ClientContext& ctx) { ctx.TryCancel(); });
+      cancelled =
+          RunGenerate(*r.stub, Endless(id), {}, [](grpc::ClientContext& ctx) { ctx.TryCancel(); });
     });
     for (std::thread& t : clients) t.join();
   }
@@ -2192,32 +2192,43 @@ TEST_F(ServerE2ETest, SchedulerRefusesBeyondItsQueueDepth) {
     abandoned.push_back(s);
   };
   const auto never = server::Scheduler::Clock::time_point::max();
-  ASSERT_TRUE(sched.Submit(10, never, [&](server::EngineWorker&, server::Reservation& res, double) {
-    EXPECT_EQ(res.bytes(), 10);
-    // More than the whole budget: never fits (a smaller raise that does not fit now is
-    // RESOURCE_EXHAUSTED, like `big` below).
-    EXPECT_EQ(res.Resize(2000).code(), absl::StatusCode::kFailedPrecondition);
-    EXPECT_TRUE(res.Resize(500).ok());
-    started.set_value();
-    release_f.wait();
-  }, abandon).ok());
+  ASSERT_TRUE(sched
+                  .Submit(
+                      10, never,
+                      [&](server::EngineWorker&, server::Reservation& res, double) {
+                        EXPECT_EQ(res.bytes(), 10);
+                        // More than the whole budget: never fits (a smaller raise that does not fit
+                        // now is RESOURCE_EXHAUSTED, like `big` below).
+                        EXPECT_EQ(res.Resize(2000).code(), absl::StatusCode::kFailedPrecondition);
+                        EXPECT_TRUE(res.Resize(500).ok());
+                        started.set_value();
+                        release_f.wait();
+                      },
+                      abandon)
+                  .ok());
   started.get_future().wait();
-  absl::StatusOr<uint64_t> queued = sched.Submit(10, never, [](server::EngineWorker&, server::Reservation&, double) {}, abandon);
+  absl::StatusOr<uint64_t> queued = sched.Submit(
+      10, never, [](server::EngineWorker&, server::Reservation&, double) {}, abandon);
   ASSERT_TRUE(queued.ok());
-  absl::StatusOr<uint64_t> refused = sched.Submit(10, never, [](server::EngineWorker&, server::Reservation&, double) {}, abandon);
+  absl::StatusOr<uint64_t> refused = sched.Submit(
+      10, never, [](server::EngineWorker&, server::Reservation&, double) {}, abandon);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(refused.status().message().find("max_queue_depth 1"), std::string::npos);
   // KV: 500 running + 10 queued of 1000; 600 more does not fit.
   EXPECT_EQ(sched.Stats().reserved_kv_bytes, 510);
   ASSERT_TRUE(sched.Cancel(*queued, absl::CancelledError("test")));
   EXPECT_FALSE(sched.Cancel(*queued, absl::CancelledError("again")));
-  absl::StatusOr<uint64_t> big = sched.Submit(600, never, [](server::EngineWorker&, server::Reservation&, double) {}, abandon);
+  absl::StatusOr<uint64_t> big = sched.Submit(
+      600, never, [](server::EngineWorker&, server::Reservation&, double) {}, abandon);
   EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(big.status().message().find("KV memory"), std::string::npos);
   // A job whose deadline passes in the queue is abandoned, not run.
   bool ran = false;
-  ASSERT_TRUE(sched.Submit(10, server::Scheduler::Clock::now(),
-                           [&](server::EngineWorker&, server::Reservation&, double) { ran = true; }, abandon)
+  ASSERT_TRUE(sched
+                  .Submit(
+                      10, server::Scheduler::Clock::now(),
+                      [&](server::EngineWorker&, server::Reservation&, double) { ran = true; },
+                      abandon)
                   .ok());
   release.set_value();
   sched_owner.reset();  // the running job finishes, the rest is abandoned, workers joined
