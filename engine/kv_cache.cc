@@ -183,11 +183,60 @@ KvCache::KvCache(int n_layers, int n_kv_heads, int head_dim)
     : n_layers_(n_layers), n_kv_heads_(n_kv_heads), head_dim_(head_dim),
       heads_(static_cast<size_t>(n_layers) * n_kv_heads) {}
 
+uint64_t KvCache::NewUid() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+KvCache::KvCache(const KvCache& other)
+    : next_position(other.next_position),
+      n_layers_(other.n_layers_),
+      n_kv_heads_(other.n_kv_heads_),
+      head_dim_(other.head_dim_),
+      heads_(other.heads_) {}
+
+KvCache& KvCache::operator=(const KvCache& other) {
+  if (this == &other) return *this;
+  next_position = other.next_position;
+  n_layers_ = other.n_layers_;
+  n_kv_heads_ = other.n_kv_heads_;
+  head_dim_ = other.head_dim_;
+  heads_ = other.heads_;
+  uid_ = NewUid();  // other entries under this name: not a rewrite of the old ones
+  return *this;
+}
+
+KvCache::KvCache(KvCache&& other) noexcept
+    : next_position(other.next_position),
+      n_layers_(other.n_layers_),
+      n_kv_heads_(other.n_kv_heads_),
+      head_dim_(other.head_dim_),
+      heads_(std::move(other.heads_)),
+      uid_(other.uid_),
+      generation_(other.generation_) {
+  other.heads_.clear();
+  other.uid_ = NewUid();
+}
+
+KvCache& KvCache::operator=(KvCache&& other) noexcept {
+  if (this == &other) return *this;
+  next_position = other.next_position;
+  n_layers_ = other.n_layers_;
+  n_kv_heads_ = other.n_kv_heads_;
+  head_dim_ = other.head_dim_;
+  heads_ = std::move(other.heads_);
+  uid_ = other.uid_;
+  generation_ = other.generation_;
+  other.heads_.clear();
+  other.uid_ = NewUid();
+  return *this;
+}
+
 void KvCache::Append(int layer, const float* k, const float* v, const int32_t* positions,
                      int64_t n) {
   const int64_t row = static_cast<int64_t>(n_kv_heads_) * head_dim_;
   for (int h = 0; h < n_kv_heads_; ++h) {
-    KvHead& kh = head(layer, h);
+    KvHead& kh = heads_[layer * n_kv_heads_ + h];  // not head(): an append is no rewrite
     const size_t base = kh.k.size();
     kh.k.resize(base + n * head_dim_);
     kh.v.resize(base + n * head_dim_);
@@ -200,6 +249,7 @@ void KvCache::Append(int layer, const float* k, const float* v, const int32_t* p
 }
 
 void KvCache::Truncate(int64_t n) {
+  ++generation_;
   for (KvHead& kh : heads_) {
     const int64_t keep = std::max(n, kh.n_frozen());
     if (kh.n() <= keep) continue;
@@ -219,6 +269,7 @@ void KvCache::Reserve(int64_t n_per_head) {
 }
 
 void KvCache::Clear() {
+  ++generation_;
   for (KvHead& kh : heads_) {
     kh.segments.clear();
     kh.pos.clear();
@@ -294,6 +345,7 @@ absl::Status KvCache::Freeze(KvDtype dtype) {
     frozen[i] = std::make_shared<const KvSegment>(*std::move(seg));
   }
   // Only now that every head succeeded: a failure leaves the cache as it was.
+  ++generation_;
   for (size_t i = 0; i < heads_.size(); ++i) {
     heads_[i].segments.clear();
     if (heads_[i].n() > 0) heads_[i].segments.push_back(std::move(frozen[i]));  // none if empty
@@ -307,6 +359,7 @@ absl::Status KvCache::Freeze(KvDtype dtype) {
 }
 
 void KvCache::Thaw() {
+  ++generation_;
   std::vector<float> buf;
   for (KvHead& kh : heads_) {
     if (kh.segments.empty()) continue;

@@ -14,6 +14,7 @@
 // convert with Fp16ToFp32Row (engine/cpu/attention.h) or Fp16ToFp32 (common/half.h).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -81,16 +82,34 @@ class KvCache {
  public:
   KvCache() = default;
   KvCache(int n_layers, int n_kv_heads, int head_dim);
+  // A copy is another cache (a new uid); a move hands the uid over with the entries.
+  KvCache(const KvCache& other);
+  KvCache& operator=(const KvCache& other);
+  KvCache(KvCache&& other) noexcept;
+  KvCache& operator=(KvCache&& other) noexcept;
 
   int n_layers() const { return n_layers_; }
   int n_kv_heads() const { return n_kv_heads_; }
   int head_dim() const { return head_dim_; }
 
-  KvHead& head(int layer, int kv_head) { return heads_[layer * n_kv_heads_ + kv_head]; }
+  // Write access may change any entry: it counts as a rewrite (generation() below).
+  KvHead& head(int layer, int kv_head) {
+    ++generation_;
+    return heads_[layer * n_kv_heads_ + kv_head];
+  }
   const KvHead& head(int layer, int kv_head) const { return heads_[layer * n_kv_heads_ + kv_head]; }
 
   // Position the next appended token gets.
   int32_t next_position = 0;
+
+  // For copies of the entries kept elsewhere (a GPU's mirror, engine/device_forward.h):
+  // uid() names this cache for as long as it lives (process-unique, never reused), and
+  // generation() changes whenever entries may have been rewritten or removed (write access
+  // through head(), Truncate, Clear, Freeze, Thaw), never on Append. So a copy that holds a
+  // head's first m entries stays valid while uid and generation are unchanged and only needs
+  // entries [m, n).
+  uint64_t uid() const { return uid_; }
+  uint64_t generation() const { return generation_; }
 
   // Appends n tokens' K and V for one layer: k, v are [n, n_kv_heads * head_dim] (row-major,
   // head-major within a row), positions [n]. Values are rounded to nearest fp16.
@@ -128,8 +147,12 @@ class KvCache {
   void Thaw();
 
  private:
+  static uint64_t NewUid();
+
   int n_layers_ = 0, n_kv_heads_ = 0, head_dim_ = 0;
   std::vector<KvHead> heads_;  // [n_layers * n_kv_heads]
+  uint64_t uid_ = NewUid();
+  uint64_t generation_ = 0;
 };
 
 }  // namespace ctxcache

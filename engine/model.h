@@ -15,6 +15,7 @@
 #include "common/thread_pool.h"
 #include "engine/cpu/matmul.h"
 #include "engine/cpu/ops.h"
+#include "engine/device_forward.h"
 #include "engine/gguf.h"
 #include "engine/kv_cache.h"
 #include "engine/recycled_attention.h"
@@ -183,6 +184,12 @@ class Runner {
   const Model& model() const { return model_; }
   ThreadPool* pool() const { return pool_; }
 
+  // Runs the forward passes on a device from now on (engine/device_forward.h): every pass it
+  // Supports; others (a Recycled Attention decode step) on the CPU. Null: all on the CPU.
+  // The device outlives the Runner's use of it.
+  void set_device(DeviceForward* device) { device_ = device; }
+  DeviceForward* device() const { return device_; }
+
   // Working buffers keep the size of the largest pass so far (an 8K-token prefill's attention
   // scores alone are hundreds of MiB): the bytes they hold now, and a way to give them back
   // (the scheduler does after a job that grew them past its limit; the next pass allocates
@@ -246,6 +253,7 @@ class Runner {
   ThreadPool* pool_;
   std::unique_ptr<Scratch> scratch_;
   StopFn stop_;
+  DeviceForward* device_ = nullptr;
 };
 
 // The default served model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (tools/fetch_model.sh). It

@@ -172,6 +172,10 @@ absl::Status Runner::ForwardEmbeddings(const float* embeddings, int64_t n, KvCac
     }
     s.obs_index[r] = static_cast<int>(i);
   }
+  if (device_ != nullptr && device_->Supports(options)) {
+    const DeviceForward::Sequence seq{&cache, 0, n, &options, logits};
+    return device_->Run(embeddings, n, absl::MakeConstSpan(&seq, 1), stop_);
+  }
   s.x.assign(embeddings, embeddings + n * c.d_model);
   const Segment seg{&cache, 0, n, &options};
   RETURN_IF_ERROR(Layers(n, absl::MakeConstSpan(&seg, 1), /*n_decode_rows=*/0));
@@ -232,6 +236,16 @@ absl::Status Runner::ForwardBatch(absl::Span<const BatchSequence> seqs) {
   for (const Segment& g : segs) {
     const BatchSequence& q = seqs[order[&g - segs.data()]];
     EmbedTokens(q.tokens, s.x.data() + g.row0 * c.d_model);
+  }
+  bool on_device = device_ != nullptr;
+  for (const ForwardOptions& o : opts) on_device = on_device && device_->Supports(o);
+  if (on_device) {
+    std::vector<DeviceForward::Sequence> dev(segs.size());
+    for (size_t j = 0; j < segs.size(); ++j) {
+      const BatchSequence& q = seqs[order[j]];
+      dev[j] = {segs[j].cache, segs[j].row0, segs[j].n, segs[j].options, q.logits};
+    }
+    return device_->Run(s.x.data(), n, dev, stop_);
   }
   s.obs_index.assign(n, -1);
   RETURN_IF_ERROR(Layers(n, segs, n_decode));

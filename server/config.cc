@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "cache/redis_client.h"
 #include "common/status.h"
+#include "server/devices.h"
 
 extern char** environ;
 
@@ -136,8 +137,11 @@ const std::vector<Setting>& Settings() {
       {"workers", "engine workers, 0 = min(4, cores) (default 0)", Integer(&ServerConfig::workers)},
       {"threads_per_worker", "threads per engine worker, 0 = cores / workers (default 0)",
        Integer(&ServerConfig::threads_per_worker)},
-      {"max_batch",
-       "requests each worker serves at once, their decode steps batched (default 16)",
+      {"device",
+       "where the engine runs: cpu, cuda (every GPU, else the CPU), cuda:N[,cuda:M] (one "
+       "worker per GPU; start-up fails if one is missing), or a list with cpu (default cpu)",
+       String(&ServerConfig::device)},
+      {"max_batch", "requests each worker serves at once, their decode steps batched (default 16)",
        Integer(&ServerConfig::max_batch)},
       {"step_prompt_tokens",
        "prompt tokens per batched step; longer prompts prefill in chunks between the others' "
@@ -345,6 +349,7 @@ absl::Status ValidateServerConfig(const ServerConfig& c) {
   RETURN_IF_ERROR(range("workers", c.workers, 0, 256));
   RETURN_IF_ERROR(range("threads_per_worker", c.threads_per_worker, 0, 1024));
   RETURN_IF_ERROR(range("max_batch", c.max_batch, 1, 256));
+  RETURN_IF_ERROR(ParseDevices(c.device).status());
   RETURN_IF_ERROR(range("step_prompt_tokens", c.step_prompt_tokens, 16, 8192));
   RETURN_IF_ERROR(range("max_queue_depth", c.max_queue_depth, 1, 1 << 20));
   RETURN_IF_ERROR(range("max_kv_bytes", c.max_kv_bytes, 0, int64_t{1} << 50));

@@ -45,6 +45,9 @@ struct ServerConfig {
   // (workers = min(4, cores), threads = cores / workers).
   int workers = 0;
   int threads_per_worker = 0;
+  // Where the engine runs (server/devices.h): "cpu", "cuda" (every GPU, else the CPU),
+  // "cuda:N[,cuda:M]" (one worker per GPU), or a list with cpu and GPUs.
+  std::string device = "cpu";
   // Continuous batching: requests each worker serves at once (their decode tokens share one
   // forward pass per step), and the prompt tokens a step takes (longer prompts are prefilled
   // in chunks of this many, interleaved with the others' decode steps).

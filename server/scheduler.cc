@@ -36,8 +36,10 @@ void Reservation::Release() { scheduler_->ReleaseRunning(this); }
 Scheduler::Scheduler(const Model& model, const SchedulerOptions& options)
     : model_(model), options_(options), active_(std::max(0, options.workers)) {
   for (int i = 0; i < options_.workers; ++i) {
+    DeviceForward* device =
+        i < static_cast<int>(options_.devices.size()) ? options_.devices[i] : nullptr;
     workers_.push_back(std::make_unique<EngineWorker>(model_, options_.threads_per_worker,
-                                                      options_.step_prompt_tokens));
+                                                      options_.step_prompt_tokens, device));
   }
   const int slots = std::max(0, options_.workers) * std::max(1, options_.max_batch);
   for (int i = 0; i < slots; ++i) job_threads_.emplace_back([this] { JobLoop(); });
@@ -233,10 +235,12 @@ void Scheduler::JobLoop() {
   }
 }
 
-EngineWorker::EngineWorker(const Model& model, int threads, int64_t step_prompt_tokens)
+EngineWorker::EngineWorker(const Model& model, int threads, int64_t step_prompt_tokens,
+                           DeviceForward* device)
     : model_(model),
       threads_(threads),
-      step_prompt_tokens_(std::max<int64_t>(1, step_prompt_tokens)) {
+      step_prompt_tokens_(std::max<int64_t>(1, step_prompt_tokens)),
+      device_(device) {
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -365,6 +369,7 @@ void EngineWorker::Loop() {
   // The worker owns its threads and scratch; the Model's weights are shared read-only.
   ThreadPool pool(threads_);
   Runner runner(model_, &pool);
+  runner.set_device(device_);
   using Clock = std::chrono::steady_clock;
   // How long a step waits for the sequences in a generation that have not asked for their
   // next pass yet (they sample and stream between steps: microseconds, unless a client's

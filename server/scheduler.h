@@ -52,6 +52,9 @@ struct SchedulerOptions {
   int max_queue_depth = 64;
   int64_t max_kv_bytes = int64_t{1} << 30;
   int tenant_max_inflight = 0;  // queued + running jobs per tenant; 0 = no per-tenant limit
+  // Worker i runs its passes on devices[i] when i < devices.size() and it is set (a GPU,
+  // engine/device_forward.h); the others on the CPU. The devices outlive the scheduler.
+  std::vector<DeviceForward*> devices;
 };
 
 class Scheduler;
@@ -61,7 +64,8 @@ class Scheduler;
 // Thread-safe; the worker's own thread does all engine work.
 class EngineWorker {
  public:
-  EngineWorker(const Model& model, int threads, int64_t step_prompt_tokens);
+  EngineWorker(const Model& model, int threads, int64_t step_prompt_tokens,
+               DeviceForward* device = nullptr);
   // Finishes what was submitted, then stops the worker's thread.
   ~EngineWorker();
   EngineWorker(const EngineWorker&) = delete;
@@ -123,6 +127,7 @@ class EngineWorker {
   const Model& model_;
   const int threads_;
   const int64_t step_prompt_tokens_;
+  DeviceForward* const device_;
   mutable std::mutex mu_;
   std::condition_variable work_cv_;  // the worker waits for requests and tasks
   std::condition_variable done_cv_;  // callers wait for theirs to be done

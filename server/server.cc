@@ -14,6 +14,7 @@
 #include "cache/redis_client.h"
 #include "common/status.h"
 #include "engine/icformer.h"
+#include "server/devices.h"
 #include "server/wire.h"
 
 namespace ctxcache::server {
@@ -131,6 +132,23 @@ absl::Status ServerInstance::Load() {
   SchedulerOptions sched;
   ResolveWorkers(config_, ThreadPool::HardwareThreads(), &sched.workers,
                  &sched.threads_per_worker);
+  // GPUs load here, before the health check says SERVING: one engine worker each, first in
+  // the worker list; the CPU workers after them when the device list has cpu.
+  ASSIGN_OR_RETURN(const DeviceSpec spec, ParseDevices(config_.device));
+  ASSIGN_OR_RETURN(OpenedDevices opened, OpenDevices(spec, *model_));
+  if (!opened.note.empty()) {
+    spdlog::warn("device = {}: no GPU serves ({}); the CPU workers serve instead", config_.device,
+                 opened.note);
+  }
+  gpus_ = std::move(opened.gpus);
+  worker_devices_.clear();
+  for (const auto& gpu : gpus_) {
+    sched.devices.push_back(gpu.get());
+    worker_devices_.push_back(gpu->name());
+  }
+  const int cpu_workers = opened.cpu ? sched.workers : 0;
+  for (int i = 0; i < cpu_workers; ++i) worker_devices_.push_back("cpu");
+  sched.workers = static_cast<int>(gpus_.size()) + cpu_workers;
   sched.max_batch = config_.max_batch;
   sched.step_prompt_tokens = config_.step_prompt_tokens;
   sched.max_queue_depth = config_.max_queue_depth;
@@ -151,10 +169,12 @@ absl::Status ServerInstance::Load() {
   sources.scheduler = [scheduler = scheduler_.get()] { return scheduler->Stats(); };
   sources.redis_enabled = !config_.redis_url.empty();
   sources.model = model_->config().name;
+  sources.worker_devices = worker_devices_;
   metrics_->SetSources(std::move(sources));
-  service_->Attach(handlers_.get(), scheduler_.get(),
-                   ServiceInfo{!config_.redis_url.empty(), sched.workers,
-                               config_.tenant_max_inflight, config_.tenant_memory_cache_bytes});
+  service_->Attach(
+      handlers_.get(), scheduler_.get(),
+      ServiceInfo{!config_.redis_url.empty(), sched.workers, config_.tenant_max_inflight,
+                  config_.tenant_memory_cache_bytes, worker_devices_});
   SetServing(true);
   if (config_.tenant_max_inflight > 0 || config_.tenant_memory_cache_bytes > 0) {
     spdlog::info(
@@ -169,10 +189,12 @@ absl::Status ServerInstance::Load() {
     }
   }
   spdlog::info(
-      "serving {} on {}: {} worker(s) x {} thread(s), up to {} request(s) batched per worker, "
-      "memory cache {} MB, redis {}, KV budget {} MB, ready in {:.2f} s",
-      model_->config().name, address(), sched.workers, sched.threads_per_worker, sched.max_batch,
-      config_.memory_cache_bytes >> 20,
+      "serving {} on {}: {} worker(s) x {} thread(s) on {}, up to {} request(s) batched per "
+      "worker, memory cache {} MB, redis {}, KV budget {} MB, ready in {:.2f} s",
+      model_->config().name, address(), sched.workers, sched.threads_per_worker,
+      gpus_.empty() ? std::string("the CPU")
+                    : absl::StrCat(gpus_.size(), " GPU(s)", cpu_workers > 0 ? " and the CPU" : ""),
+      sched.max_batch, config_.memory_cache_bytes >> 20,
       config_.redis_url.empty() ? "off" : RedactRedisUrl(config_.redis_url),  // no password
       sched.max_kv_bytes >> 20,
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());

@@ -69,6 +69,8 @@ class ServerInstance {
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<ContextStore> store_;
   std::unique_ptr<Handlers> handlers_;
+  std::vector<std::unique_ptr<DeviceForward>> gpus_;  // outlive the scheduler's workers
+  std::vector<std::string> worker_devices_;           // per worker: "cpu", "cuda:0 (...)"
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<ContextCacheService> service_;
   std::unique_ptr<grpc::Server> server_;

@@ -70,8 +70,8 @@ ServerMetrics::ServerMetrics(const std::string& version)
                                      {"rpc", "code"})),
       request_duration_(registry_.AddHistogram(
           "ctxcache_request_duration_seconds",
-          "Time from a call's arrival to its status (queueing and streaming included).",
-          {"rpc"}, LatencyBuckets())),
+          "Time from a call's arrival to its status (queueing and streaming included).", {"rpc"},
+          LatencyBuckets())),
       ttft_(registry_
                 .AddHistogram("ctxcache_ttft_seconds",
                               "Generate: time to first token from the start of work (contexts "
@@ -80,8 +80,8 @@ ServerMetrics::ServerMetrics(const std::string& version)
                 .Get()),
       compression_duration_(registry_.AddHistogram(
           "ctxcache_compression_duration_seconds",
-          "Time to compress a document, when computed (cache hits are not observed).",
-          {"method"}, {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300})),
+          "Time to compress a document, when computed (cache hits are not observed).", {"method"},
+          {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300})),
       compression_ratio_(registry_.AddHistogram(
           "ctxcache_compression_ratio",
           "Original KV entries over kept entries of each computed compression.", {"method"},
@@ -101,10 +101,9 @@ ServerMetrics::ServerMetrics(const std::string& version)
                           "Generate: context tokens kept (mean per layer and KV head, summed "
                           "over contexts; Usage.context_tokens_kept).")
               .Get()),
-      generated_tokens_(registry_
-                            .AddCounter("ctxcache_generated_tokens_total",
-                                        "Generate: tokens generated.")
-                            .Get()),
+      generated_tokens_(
+          registry_.AddCounter("ctxcache_generated_tokens_total", "Generate: tokens generated.")
+              .Get()),
       kv_bytes_full_(registry_
                          .AddCounter("ctxcache_kv_bytes_full_total",
                                      "Generate: fp16 K+V bytes an uncompressed cache of the "
@@ -134,13 +133,12 @@ ServerMetrics::ServerMetrics(const std::string& version)
           "Context cache lookups by tier and result (redis: miss excludes corrupt and "
           "wrong_model; error = Redis unreachable, slow or failing).",
           {"tier", "result"})),
-      cache_bytes_(registry_.AddGauge("ctxcache_cache_bytes", "Bytes held by a cache tier.",
-                                      {"tier"})),
-      cache_entries_(registry_.AddGauge("ctxcache_cache_entries",
-                                        "Entries held by a cache tier.", {"tier"})),
+      cache_bytes_(
+          registry_.AddGauge("ctxcache_cache_bytes", "Bytes held by a cache tier.", {"tier"})),
+      cache_entries_(
+          registry_.AddGauge("ctxcache_cache_entries", "Entries held by a cache tier.", {"tier"})),
       evictions_(registry_.AddCounter("ctxcache_cache_evictions_total",
-                                      "Entries evicted from a cache tier to make room.",
-                                      {"tier"})),
+                                      "Entries evicted from a cache tier to make room.", {"tier"})),
       redis_up_(registry_.AddGauge(
           "ctxcache_redis_up",
           "1 when the last Redis command or connect succeeded, else 0 (only with a Redis tier).")),
@@ -148,14 +146,14 @@ ServerMetrics::ServerMetrics(const std::string& version)
           "ctxcache_redis_circuit_state",
           "Redis circuit breaker: 0 closed (Redis used), 1 open (skipped after repeated errors "
           "or slow operations), 2 half-open (the next operation probes).")),
-      redis_write_queue_(registry_.AddGauge(
-          "ctxcache_redis_write_queue_depth",
-          "Computed contexts waiting for the background Redis writer.")),
+      redis_write_queue_(
+          registry_.AddGauge("ctxcache_redis_write_queue_depth",
+                             "Computed contexts waiting for the background Redis writer.")),
       redis_circuit_opens_(registry_.AddCounter("ctxcache_redis_circuit_opens_total",
                                                 "Times the Redis circuit breaker opened.")),
-      redis_short_circuited_(registry_.AddCounter(
-          "ctxcache_redis_short_circuited_total",
-          "Redis operations skipped because the circuit breaker was open.")),
+      redis_short_circuited_(
+          registry_.AddCounter("ctxcache_redis_short_circuited_total",
+                               "Redis operations skipped because the circuit breaker was open.")),
       redis_slow_(registry_.AddCounter(
           "ctxcache_redis_slow_operations_total",
           "Redis reads that succeeded but took longer than the breaker's slow threshold.")),
@@ -163,13 +161,12 @@ ServerMetrics::ServerMetrics(const std::string& version)
           "ctxcache_redis_writes_dropped_total",
           "Computed contexts not written to Redis: write queue full, circuit open, or "
           "shutdown.")),
-      queue_depth_(registry_
-                       .AddGauge("ctxcache_queue_depth",
-                                 "Requests waiting for an engine worker.")
-                       .Get()),
-      running_(registry_.AddGauge("ctxcache_running_requests",
-                                  "Requests running on engine workers.")
-                   .Get()),
+      queue_depth_(
+          registry_.AddGauge("ctxcache_queue_depth", "Requests waiting for an engine worker.")
+              .Get()),
+      running_(
+          registry_.AddGauge("ctxcache_running_requests", "Requests running on engine workers.")
+              .Get()),
       workers_(registry_.AddGauge("ctxcache_workers", "Engine workers.").Get()),
       worker_scratch_(registry_
                           .AddGauge("ctxcache_worker_scratch_bytes",
@@ -219,6 +216,10 @@ ServerMetrics::ServerMetrics(const std::string& version)
       build_info_(registry_.AddGauge("ctxcache_build_info",
                                      "Always 1: the server's version and served model.",
                                      {"version", "model"})),
+      workers_by_device_(registry_.AddGauge(
+          "ctxcache_workers_by_device",
+          "Engine workers per device (--device): \"cpu\", or a GPU as \"cuda:N (name)\".",
+          {"device"})),
       version_(version) {
   for (size_t i = 0; i < rpcs_.size(); ++i) {
     rpcs_[i].name = kRpcNames[i];
@@ -388,6 +389,9 @@ void ServerMetrics::Collect() {
                  [](const TenantSchedulerStats& t) { return static_cast<double>(t.refused); });
   }
   if (!sources_.model.empty()) build_info_.WithLabels({version_, sources_.model}).Set(1);
+  std::map<std::string, int> by_device;
+  for (const std::string& d : sources_.worker_devices) ++by_device[d];
+  for (const auto& [device, n] : by_device) workers_by_device_.WithLabels({device}).Set(n);
 }
 
 }  // namespace ctxcache::server

@@ -59,6 +59,7 @@ class ServerMetrics {
     std::function<SchedulerStats()> scheduler;
     bool redis_enabled = false;
     std::string model;
+    std::vector<std::string> worker_devices;  // per engine worker (ctxcache_workers_by_device)
   };
   void SetSources(Sources sources);
   void ClearSources();
@@ -104,6 +105,7 @@ class ServerMetrics {
   metrics::Counter& batch_steps_;
   metrics::Counter& batch_sequences_;
   metrics::GaugeFamily& build_info_;
+  metrics::GaugeFamily& workers_by_device_;
   const std::string version_;
 
   std::mutex sources_mu_;

@@ -684,6 +684,7 @@ grpc::ServerUnaryReactor* ContextCacheService::GetModelInfo(grpc::CallbackServer
     d->set_source(digest->config().source);
   }
   resp->set_workers(info_.workers);
+  for (const std::string& d : info_.worker_devices) resp->add_devices(d);
   resp->set_max_document_tokens(handlers->limits().max_document_tokens);
   resp->set_max_document_bytes(handlers->limits().max_document_bytes);
   resp->set_tenant((*call)->tenant());

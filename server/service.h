@@ -30,6 +30,7 @@ struct ServiceInfo {
   int workers = 0;
   int tenant_max_inflight = 0;            // reported in GetModelInfo limits
   int64_t tenant_memory_cache_bytes = 0;
+  std::vector<std::string> worker_devices;  // per engine worker: "cpu", "cuda:0 (...)"
 };
 
 class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackService {

@@ -341,6 +341,9 @@ print(" ".join(w for w in m.group(1).replace("\\", " ").split() if not w.startsw
     for bin in "$server_bin" "$(dirname "$server_bin")/ctxcache"; do
       [[ -x "$bin" ]] || continue
       while read -r lib; do
+        # The CUDA toolkit's libraries (cudart, cuBLAS): a build with the CUDA backend links
+        # them; Dockerfile.cpu builds with -DCTXCACHE_CUDA=OFF, so its binaries do not.
+        [[ "$(readlink -f "$lib")" == */cuda* ]] && continue
         # dpkg knows a file by one of its names (usrmerge: /lib is /usr/lib).
         real="$(readlink -f "$lib")"
         pkg="$( (dpkg -S "$real" || dpkg -S "${real#/usr}" || dpkg -S "$lib") 2>/dev/null |

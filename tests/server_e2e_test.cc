@@ -360,6 +360,35 @@ TEST_F(ServerE2ETest, CompressOnceThenThreeQuestionsFromMemory) {
 // kv_dtype int4 through the API: the context id differs from the fp16 one, the bytes stored
 // (and reported) are about 0.31x, the memory tier holds the quantized segments, and answers
 // come from them.
+// --device: "cuda" serves on every GPU, or on the CPU where there is none (this machine, and
+// any build without CUDA), saying so in GetModelInfo; a GPU that does not exist stops the
+// start-up with a message naming it, before the server reports SERVING.
+TEST_F(ServerE2ETest, DevicesAreNamedAndAMissingGpuStopsTheStartUp) {
+  ServerConfig config = BaseConfig();
+  config.device = "cuda";
+  Running r = Start(config);
+  ASSERT_NE(r.stub, nullptr);
+  grpc::ClientContext ctx;
+  pb::GetModelInfoResponse info;
+  ASSERT_TRUE(r.stub->GetModelInfo(&ctx, pb::GetModelInfoRequest(), &info).ok());
+  ASSERT_EQ(info.devices_size(), info.workers());
+  for (const std::string& d : info.devices()) {
+    EXPECT_TRUE(d == "cpu" || d.rfind("cuda:", 0) == 0) << d;
+  }
+  const std::string id = MustCompress(*r.stub, kDocument).context().context_id();
+  const StreamResult g = RunGenerate(*r.stub, AskAbout(id, Questions()[0]));
+  EXPECT_TRUE(g.status.ok()) << g.status.error_message();
+
+  config.device = "cuda:77";
+  absl::StatusOr<std::unique_ptr<ServerInstance>> s = ServerInstance::Start(config, &model());
+  ASSERT_TRUE(s.ok()) << s.status();
+  const absl::Status st = (*s)->Load();
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("cuda:77"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("--device cpu"), std::string::npos) << st;
+}
+
 TEST_F(ServerE2ETest, Int4ContextIsStoredQuantizedAndReportsBytes) {
   Running r = Start(BaseConfig());
   ASSERT_NE(r.stub, nullptr);

@@ -16,6 +16,7 @@
 #include "server/config.h"
 #include "server/context_key.h"
 #include "server/convert.h"
+#include "server/devices.h"
 #include "server/handlers.h"
 #include "server/logging.h"
 #include "server/server.h"
@@ -173,6 +174,28 @@ TEST(ServerConfigTest, ByteSizesAndAddresses) {
   EXPECT_TRUE(CheckHostPort("0.0.0.0:0", "listen").ok());
   EXPECT_FALSE(CheckHostPort(":50051", "listen").ok());
   EXPECT_FALSE(CheckHostPort("host:port", "listen").ok());
+}
+
+TEST(ServerConfigTest, DeviceListsAreParsedAndBadOnesNamed) {
+  absl::StatusOr<DeviceSpec> d = ParseDevices("cpu");
+  ASSERT_TRUE(d.ok());
+  EXPECT_TRUE(d->cpu);
+  EXPECT_TRUE(d->gpus.empty());
+  d = ParseDevices("cuda:1, cuda:0,cpu");
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->gpus, (std::vector<int>{1, 0}));
+  EXPECT_TRUE(d->cpu);
+  d = ParseDevices("cuda");
+  ASSERT_TRUE(d.ok());
+  EXPECT_TRUE(d->all_gpus);
+  ExpectInvalid(Load({"--device", "gpu"}), "\"gpu\" is not a device; allowed: cpu, cuda");
+  ExpectInvalid(Load({"--device", "cuda:x"}), "\"cuda:x\" is not a device");
+  ExpectInvalid(Load({"--device", "cuda:0,cuda:0"}), "names cuda:0 twice");
+  ExpectInvalid(Load({"--device", "cuda,cuda:1"}), "already means every GPU");
+  ExpectInvalid(Load({"--device", ""}), "is not a device");
+  absl::StatusOr<ServerConfig> c = Load({"--device", "cuda:0"});
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->device, "cuda:0");
 }
 
 TEST(ServerConfigTest, WorkerLayoutFollowsTheCores) {
