@@ -237,9 +237,22 @@ absl::Status Runner::ForwardBatch(absl::Span<const BatchSequence> seqs) {
     const BatchSequence& q = seqs[order[&g - segs.data()]];
     EmbedTokens(q.tokens, s.x.data() + g.row0 * c.d_model);
   }
-  bool on_device = device_ != nullptr;
-  for (const ForwardOptions& o : opts) on_device = on_device && device_->Supports(o);
-  if (on_device) {
+  int on_device = 0;
+  for (const ForwardOptions& o : opts) on_device += device_ != nullptr && device_->Supports(o);
+  if (on_device > 0 && on_device < static_cast<int>(seqs.size())) {
+    // Some on the device, the rest (Recycled Attention steps) on the CPU: two passes.
+    std::vector<BatchSequence> dev, host;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      (device_->Supports(opts[i]) ? dev : host).push_back(seqs[i]);
+    }
+    RETURN_IF_ERROR(ForwardBatch(dev));
+    DeviceForward* const device = device_;
+    device_ = nullptr;
+    const absl::Status st = ForwardBatch(host);
+    device_ = device;
+    return st;
+  }
+  if (on_device > 0) {
     std::vector<DeviceForward::Sequence> dev(segs.size());
     for (size_t j = 0; j < segs.size(); ++j) {
       const BatchSequence& q = seqs[order[j]];

@@ -132,7 +132,7 @@ TEST_P(CudaModelTest, PromptAndGreedyDecodeMatchTheCpu) {
   }
 }
 
-TEST_P(CudaModelTest, BatchedPrunedCachesMatchTheCpu) {
+TEST_P(CudaModelTest, BatchedPrunedAndQuantizedCachesMatchTheCpu) {
   ThreadPool pool(2);
   Runner cpu(*model_, &pool), gpu(*model_, &pool);
   gpu.set_device(gpu_.get());
@@ -153,6 +153,12 @@ TEST_P(CudaModelTest, BatchedPrunedCachesMatchTheCpu) {
         h.v.erase(h.v.begin() + first * c.head_dim, h.v.begin() + (first + drop) * c.head_dim);
       }
     }
+  }
+  // Stored contexts in their codecs (where the head size allows: a multiple of 32): the GPU
+  // gets codes and scales and expands them itself.
+  if (c.head_dim % 32 == 0) {
+    ASSERT_TRUE(a[1].Freeze(KvDtype::kInt8).ok());
+    ASSERT_TRUE(a[2].Freeze(KvDtype::kInt4).ok());
   }
   std::vector<KvCache> b = a;
   const std::vector<int32_t> question = Prompt(24, 3, 0);

@@ -409,6 +409,54 @@ TEST(CudaTest, AttentionLargeScoresStayFinite) {
                          AttentionTolerance{1e-3, 1e-4, 1e-3, 1e-3});
 }
 
+// The device's dequantization of an int8 / int4 segment against the CPU's: seg.LoadRows then
+// Fp32ToFp16, fp16 bits equal. Equality is the right bound: both sides compute the same fp32
+// code * scale (code < 256 and an fp16 scale's 11-bit significand make an exact product of at
+// most 19 bits, so it does not round at all) and the same fp32 sum, rounded once (the device
+// by __fadd_rn; the CPU's LoadRows has no FMA to fuse it into: x86-64's baseline has none and
+// the project sets no -march, and with the product exact a fused add would round the same
+// anyway), then the same round-to-nearest-even to fp16. Any other grouping, index or nibble
+// changes bits. n = 100 leaves the last key group partial (rows 96..99); [37, 90) starts mid
+// key group, so the key groups must count from the segment's first row, not the range's, and
+// output row j - begin must take row j; [97, 100) lies inside the partial group.
+TEST(CudaTest, DequantizeSegmentMatchesLoadRows) {
+  SKIP_WITHOUT_GPU();
+  const int64_t n = 100;
+  uint32_t seed = 600;
+  for (KvDtype dtype : {KvDtype::kInt8, KvDtype::kInt4}) {
+    for (int hd : {64, 128}) {
+      auto k = Random(n * hd, seed++), v = Random(n * hd, seed++);
+      // Keys with per-channel offsets and outlier channels (what per-channel scales are for),
+      // values with a per-token spread: every channel's and row's scale and minimum differ.
+      for (int64_t j = 0; j < n; ++j) {
+        for (int i = 0; i < hd; ++i) {
+          k[j * hd + i] = k[j * hd + i] * (i % 7 == 3 ? 20.f : 1.f) + 0.1f * static_cast<float>(i);
+          v[j * hd + i] *= 0.5f + static_cast<float>(j % 5);
+        }
+      }
+      absl::StatusOr<KvSegment> seg = QuantizeRows(k.data(), v.data(), n, hd, dtype);
+      ASSERT_TRUE(seg.ok()) << seg.status();
+      for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, n}, {37, 90}, {97, n}, {50, 50}}) {
+        SCOPED_TRACE(testing::Message() << KvDtypeName(dtype) << " head_dim " << hd << " rows ["
+                                        << begin << ", " << end << ")");
+        const int64_t count = (end - begin) * hd;
+        std::vector<float> kf(count), vf(count);
+        seg->LoadRows(begin, end, kf.data(), vf.data());
+        std::vector<uint16_t> got_k, got_v;
+        ASSERT_TRUE(cuda::DequantizeSegmentHost(*seg, begin, end, &got_k, &got_v).ok());
+        ASSERT_EQ(static_cast<int64_t>(got_k.size()), count);
+        ASSERT_EQ(static_cast<int64_t>(got_v.size()), count);
+        for (int64_t x = 0; x < count; ++x) {
+          ASSERT_EQ(got_k[x], Fp32ToFp16(kf[x]))
+              << "k row " << begin + x / hd << " channel " << x % hd;
+          ASSERT_EQ(got_v[x], Fp32ToFp16(vf[x]))
+              << "v row " << begin + x / hd << " channel " << x % hd;
+        }
+      }
+    }
+  }
+}
+
 TEST(CudaTest, EmptyAndInvalidLaunchesNeedNoDevice) {
   // Runs everywhere: these return before touching the driver.
   EXPECT_EQ(cuda::RmsNormRows(nullptr, nullptr, 0, 64, 1e-5f, nullptr, nullptr), cudaSuccess);
@@ -442,6 +490,35 @@ TEST(CudaTest, EmptyAndInvalidLaunchesNeedNoDevice) {
   EXPECT_EQ(cuda::AttentionWorkspaceFloats(3, 14, 64, 256), 3 * 14 * 1 * 66);
   EXPECT_EQ(cuda::AttentionWorkspaceFloats(3, 14, 64, 257), 3 * 14 * 2 * 66);
   EXPECT_EQ(cuda::AttentionWorkspaceFloats(1, 14, 64, 32768), 14 * 128 * 66);
+  // DequantizeSegment: an empty range launches nothing; impossible shapes and ranges are
+  // refused before launching (a launch here would return the driver's error, or succeed on a
+  // GPU, never cudaErrorInvalidValue).
+  cuda::QuantSegmentView seg;
+  seg.dtype = 1;
+  seg.n = 100;
+  seg.head_dim = 64;
+  EXPECT_EQ(cuda::DequantizeSegment(seg, 0, 0, nullptr, nullptr, nullptr), cudaSuccess);
+  EXPECT_EQ(cuda::DequantizeSegment(seg, 37, 37, nullptr, nullptr, nullptr), cudaSuccess);
+  EXPECT_EQ(cuda::DequantizeSegment(seg, 100, 100, nullptr, nullptr, nullptr), cudaSuccess);
+  EXPECT_EQ(cuda::DequantizeSegment(seg, 50, 40, nullptr, nullptr, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::DequantizeSegment(seg, 0, 101, nullptr, nullptr, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::DequantizeSegment(seg, -1, 10, nullptr, nullptr, nullptr), cudaErrorInvalidValue);
+  for (int dtype : {0, 3}) {
+    seg.dtype = dtype;
+    EXPECT_EQ(cuda::DequantizeSegment(seg, 0, 100, nullptr, nullptr, nullptr),
+              cudaErrorInvalidValue)
+        << "dtype " << dtype;
+  }
+  seg.dtype = 2;
+  for (int hd : {48, 0, -32}) {
+    seg.head_dim = hd;
+    EXPECT_EQ(cuda::DequantizeSegment(seg, 0, 100, nullptr, nullptr, nullptr),
+              cudaErrorInvalidValue)
+        << "head_dim " << hd;
+  }
+  seg.head_dim = 64;
+  seg.n = 0;
+  EXPECT_EQ(cuda::DequantizeSegment(seg, 0, 0, nullptr, nullptr, nullptr), cudaSuccess);
 }
 
 TEST(CudaTest, ReportsMissingDeviceAsFailedPrecondition) {

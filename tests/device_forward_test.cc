@@ -270,5 +270,42 @@ TEST_F(DeviceForwardTest, BatchesOnTheDeviceEqualTheCpu) {
   for (int i = 0; i < 3; ++i) EXPECT_EQ(b[i].TotalEntries(), a[i].TotalEntries());
 }
 
+// A batch where one sequence decodes under Recycled Attention: it runs on the CPU, the others
+// on the device, in the same ForwardBatch; every logit is the CPU's batched pass's.
+TEST_F(DeviceForwardTest, ARecycledSequenceInABatchRunsOnTheCpu) {
+  ThreadPool pool(2);
+  Runner cpu(*model_, &pool);
+  Runner dev(*model_, &pool);
+  MirrorDevice device(*model_, &pool);
+  dev.set_device(&device);
+  const ModelConfig& c = model_->config();
+  std::vector<KvCache> a(3, model_->NewKvCache());
+  std::vector<std::vector<float>> la(3), lb(3);
+  for (int i = 0; i < 3; ++i)
+    ASSERT_TRUE(cpu.Forward(Prompt(30 + 7 * i, i), a[i], {}, &la[i]).ok());
+  std::vector<KvCache> b = a;
+  lb = la;
+  DecodePolicy policy;
+  policy.kind = DecodePolicy::Kind::kRecycled;
+  policy.stride = 2;
+  policy.top_k = 8;
+  RecycledAttentionState ra(policy, c.n_layers, c.n_kv_heads, c.n_heads, c.head_dim);
+  RecycledAttentionState rb(policy, c.n_layers, c.n_kv_heads, c.n_heads, c.head_dim);
+  for (int step = 0; step < 4; ++step) {
+    std::vector<int32_t> next(3);
+    std::vector<BatchSequence> sa, sb;
+    for (int i = 0; i < 3; ++i) {
+      next[i] = testing::Argmax(la[i]);
+      sa.push_back({absl::MakeConstSpan(&next[i], 1), &a[i], i == 1 ? &ra : nullptr, &la[i]});
+      sb.push_back({absl::MakeConstSpan(&next[i], 1), &b[i], i == 1 ? &rb : nullptr, &lb[i]});
+    }
+    ASSERT_TRUE(cpu.ForwardBatch(sa).ok());
+    ASSERT_TRUE(dev.ForwardBatch(sb).ok());
+    for (int i = 0; i < 3; ++i) ASSERT_EQ(la[i], lb[i]) << "step " << step << " seq " << i;
+  }
+  EXPECT_EQ(device.passes, 4) << "one device pass a step, for the two plain sequences";
+  EXPECT_EQ(dev.device(), &device);
+}
+
 }  // namespace
 }  // namespace ctxcache

@@ -10,6 +10,7 @@
 
 namespace ctxcache {
 class KvCache;
+struct KvSegment;
 struct RopeParams;
 }  // namespace ctxcache
 
@@ -42,6 +43,12 @@ absl::Status RopeHost(float* x, const int32_t* positions, int64_t n_rows, int n_
 absl::Status AppendKvHost(const std::vector<KvCache*>& caches, int layer, const float* k,
                           const float* v, const int32_t* positions,
                           const std::vector<int64_t>& rows);
+// Rows [begin, end) of an int8 / int4 segment as fp16 bits into k and v ([end - begin,
+// head_dim] each), with DequantizeSegment: as seg.LoadRows then Fp32ToFp16 per value.
+// InvalidArgument for an fp16 segment, a range outside [0, seg.n] or buffers that do not
+// match the segment's shape.
+absl::Status DequantizeSegmentHost(const KvSegment& seg, int64_t begin, int64_t end,
+                                   std::vector<uint16_t>* k, std::vector<uint16_t>* v);
 // Attention of rows q ([n_rows, n_heads * head_dim]) at positions q_pos, row r over layer
 // `layer` of caches[row_seq[r]] (plain fp16 heads), scale 1 / sqrt(head_dim): out [n_rows,
 // n_heads * head_dim] and lse [n_rows, n_heads]. With probs, AttentionProbs of observe_rows

@@ -177,6 +177,8 @@ class CudaForward final : public DeviceForward {
   // Brings seq's mirror up to date and makes room for `rows` more entries per head.
   absl::StatusOr<Mirror*> Sync(const KvCache& cache, int64_t rows,
                                const std::vector<uint64_t>& in_pass);
+  // A head's entries [b, e) into the device rows k, v ([*, head_dim] fp16, entry i at row i).
+  absl::Status UploadRows(const KvHead& h, int64_t b, int64_t e, __half* k, __half* v);
   // Frees least recently used mirrors outside the pass until `bytes` more fit the budget;
   // false when even that is not enough.
   bool MakeRoom(int64_t bytes, const std::vector<uint64_t>& in_pass);
@@ -184,9 +186,9 @@ class CudaForward final : public DeviceForward {
                          const std::vector<Mirror*>& mirrors, const StopFn& stop);
   std::vector<const DeviceMemory*> ScratchBuffers() const {
     const Scratch& s = scratch_;
-    return {&s.x,    &s.xn,   &s.q,      &s.k,        &s.v,       &s.attn,      &s.tmp,
-            &s.gate, &s.up,   &s.xh,     &s.pos,      &s.row_seq, &s.append,    &s.heads,
-            &s.lse,  &s.work, &s.kv_out, &s.obs_rows, &s.probs,   &s.logits_in, &s.logits};
+    return {&s.x,      &s.xn,       &s.q,     &s.k,         &s.v,      &s.attn,   &s.tmp, &s.gate,
+            &s.up,     &s.xh,       &s.pos,   &s.row_seq,   &s.append, &s.heads,  &s.lse, &s.work,
+            &s.kv_out, &s.obs_rows, &s.probs, &s.logits_in, &s.logits, &s.segment};
   }
 
   const Model& model_;
@@ -211,6 +213,7 @@ class CudaForward final : public DeviceForward {
     DeviceMemory kv_out;                                   // [L, 2, n, dkv] new K/V for the host
     DeviceMemory obs_rows, probs;                          // observed attention
     DeviceMemory logits_in, logits;                        // output head rows
+    DeviceMemory segment;  // a stored int8 / int4 segment's codes and scales on their way in
   } scratch_;
   // Host staging.
   std::vector<float> host_rows_;
@@ -390,30 +393,78 @@ absl::StatusOr<Mirror*> CudaForward::Sync(const KvCache& cache, int64_t rows,
     m = std::move(grown);
   }
   // Entries the host has and the mirror not: a stored context on first use, or what a CPU
-  // pass appended. Loaded as fp32 by the cache (int8 / int4 segments dequantized), sent fp16.
+  // pass appended. They travel in the form the host keeps them: fp16 rows as they are, int8 /
+  // int4 segments as codes, scales and minima (a quarter to a half of the fp16 bytes), expanded
+  // to fp16 on the device (DequantizeSegment, bitwise the CPU's dequantization).
   for (int64_t lh = 0; lh < lh_count; ++lh) {
     const KvHead& h =
         cache.head(static_cast<int>(lh / c.n_kv_heads), static_cast<int>(lh % c.n_kv_heads));
     const int64_t b = m.n[lh], e = h.n();
     if (e <= b) continue;
-    host_rows_.resize(2 * (e - b) * hd);
-    host_half_.resize(2 * (e - b) * hd);
-    h.LoadRows(b, e, hd, host_rows_.data(), host_rows_.data() + (e - b) * hd);
-    Fp32ToFp16Row(host_rows_.data(), host_half_.data(), 2 * (e - b) * hd);
-    // Synchronous copies: the host staging is reused by the next head.
-    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_), "syncing a context");
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(m.k(lh, hd) + b * hd, host_half_.data(), (e - b) * hd * 2,
-                                    cudaMemcpyHostToDevice),
+    RETURN_IF_ERROR(UploadRows(h, b, e, m.k(lh, hd), m.v(lh, hd)));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(m.pos(lh, hd) + b, h.pos.data() + b, (e - b) * 4,
+                                         cudaMemcpyHostToDevice, stream_),
                          "uploading a context");
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(m.v(lh, hd) + b * hd, host_half_.data() + (e - b) * hd,
-                                    (e - b) * hd * 2, cudaMemcpyHostToDevice),
-                         "uploading a context");
-    CUDA_RETURN_IF_ERROR(
-        cudaMemcpy(m.pos(lh, hd) + b, h.pos.data() + b, (e - b) * 4, cudaMemcpyHostToDevice),
-        "uploading a context");
     m.n[lh] = e;
   }
   return &m;
+}
+
+absl::Status CudaForward::UploadRows(const KvHead& h, int64_t b, int64_t e, __half* k, __half* v) {
+  const int hd = model_.config().head_dim;
+  const char* what = "uploading a context";
+  // Host-to-device copies from pageable memory on stream_: ordered with the kernels on it, and
+  // the host buffer is free again when the call returns (the driver stages it).
+  auto copy = [&](void* dst, const void* src, int64_t bytes) {
+    return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), what);
+  };
+  int64_t s0 = 0;  // the segment's first entry
+  for (const std::shared_ptr<const KvSegment>& seg_ptr : h.segments) {
+    const KvSegment& seg = *seg_ptr;
+    const int64_t x0 = std::max(b, s0), x1 = std::min(e, s0 + seg.n);
+    if (x0 < x1 && seg.dtype == KvDtype::kF16) {
+      RETURN_IF_ERROR(copy(k + x0 * hd, seg.k16.data() + (x0 - s0) * hd, (x1 - x0) * hd * 2));
+      RETURN_IF_ERROR(copy(v + x0 * hd, seg.v16.data() + (x0 - s0) * hd, (x1 - x0) * hd * 2));
+    } else if (x0 < x1) {
+      // The whole segment's codes and scales (key groups count from its first row), then the
+      // rows wanted expanded in place. The staging is reused only after the kernel ran (the
+      // copies of the next segment follow it on the stream).
+      const size_t parts[] = {seg.kq.size(),        seg.vq.size(),          seg.k_scale.size() * 2,
+                              seg.k_min.size() * 2, seg.v_scale.size() * 2, seg.v_min.size() * 2};
+      int64_t total = 0;
+      for (size_t p : parts) total += static_cast<int64_t>((p + 255) / 256 * 256);
+      RETURN_IF_ERROR(scratch_.segment.Reserve(total, "allocating GPU scratch"));
+      uint8_t* at = scratch_.segment.as<uint8_t>();
+      const void* srcs[] = {seg.kq.data(),    seg.vq.data(),      seg.k_scale.data(),
+                            seg.k_min.data(), seg.v_scale.data(), seg.v_min.data()};
+      uint8_t* dsts[6];
+      for (int i = 0; i < 6; ++i) {
+        dsts[i] = at;
+        if (parts[i] > 0) RETURN_IF_ERROR(copy(at, srcs[i], static_cast<int64_t>(parts[i])));
+        at += (parts[i] + 255) / 256 * 256;
+      }
+      QuantSegmentView view;
+      view.dtype = static_cast<int>(seg.dtype);
+      view.n = seg.n;
+      view.head_dim = seg.head_dim;
+      view.kq = dsts[0];
+      view.vq = dsts[1];
+      view.k_scale = reinterpret_cast<const __half*>(dsts[2]);
+      view.k_min = reinterpret_cast<const __half*>(dsts[3]);
+      view.v_scale = reinterpret_cast<const __half*>(dsts[4]);
+      view.v_min = reinterpret_cast<const __half*>(dsts[5]);
+      CUDA_RETURN_IF_ERROR(
+          DequantizeSegment(view, x0 - s0, x1 - s0, k + x0 * hd, v + x0 * hd, stream_), what);
+    }
+    s0 += seg.n;
+  }
+  // The fp16 rows after the segments (what forward passes appended).
+  const int64_t x0 = std::max(b, s0);
+  if (x0 < e) {
+    RETURN_IF_ERROR(copy(k + x0 * hd, h.k.data() + (x0 - s0) * hd, (e - x0) * hd * 2));
+    RETURN_IF_ERROR(copy(v + x0 * hd, h.v.data() + (x0 - s0) * hd, (e - x0) * hd * 2));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CudaForward::Run(const float* x, int64_t n, absl::Span<const Sequence> seqs,

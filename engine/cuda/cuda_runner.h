@@ -8,9 +8,10 @@
 // Attention: a flash-decoding kernel over the same per-(layer, KV head) ragged fp16 layout as
 // the CPU's KvCache, each sequence of a pass over its own cache.
 //
-// Contexts: a cache's entries are mirrored on the device (uploaded as fp16; int8 / int4 stored
-// contexts are expanded to fp16 on the way, so the device holds 2 bytes a value whatever the
-// codec), least recently used mirrors dropped when the device's budget is reached.
+// Contexts: a cache's entries are mirrored on the device, uploaded in the form the host keeps
+// them (fp16 rows as they are; int8 / int4 stored segments as codes, scales and minima, expanded
+// to fp16 by a kernel, so the device holds 2 bytes a value whatever the codec); least recently
+// used mirrors are dropped when the device's budget is reached.
 //
 // Not thread-safe: one Runner (one engine worker) per CudaForward.
 #pragma once

@@ -156,6 +156,36 @@ __global__ void AppendKvKernel(const float* k, const float* v, const int32_t* ro
   }
 }
 
+// One thread per (row, channel) of the range (grid-stride; t = (j - begin) * head_dim + i):
+// K's code times its channel's scale in row j's key group (groups counted from the segment's
+// first row) plus that group's minimum, V's code times the scale of row j's channel group plus
+// its minimum, as KvSegment::LoadRows computes them (each step rounded on its own: __fmul_rn,
+// __fadd_rn, no FMA), then rounded to nearest fp16.
+__global__ void DequantizeSegmentKernel(const QuantSegmentView s, int64_t begin, int64_t total,
+                                        __half* k_out, __half* v_out) {
+  const int hd = s.head_dim;
+  const int half = hd / 2;
+  const int v_groups = hd / kValueGroup;
+  const bool int4 = s.dtype == static_cast<int>(KvDtype::kInt4);
+  const int64_t row_bytes = int4 ? half : hd;
+  for (int64_t t = GlobalThread(); t < total; t += GridThreads()) {
+    const int64_t j = begin + t / hd;
+    const int i = static_cast<int>(t % hd);
+    // int4: channel i in the low nibble of byte i, channel i + hd / 2 in the high nibble.
+    const int64_t byte = j * row_bytes + (int4 && i >= half ? i - half : i);
+    const int shift = int4 && i >= half ? 4 : 0;
+    const int mask = int4 ? 0xF : 0xFF;
+    const float kc = static_cast<float>((s.kq[byte] >> shift) & mask);
+    const float vc = static_cast<float>((s.vq[byte] >> shift) & mask);
+    const int64_t ks = (j / kKeyGroup) * hd + i;
+    const int64_t vs = j * v_groups + i / kValueGroup;
+    k_out[t] = __float2half_rn(
+        __fadd_rn(__fmul_rn(kc, __half2float(s.k_scale[ks])), __half2float(s.k_min[ks])));
+    v_out[t] = __float2half_rn(
+        __fadd_rn(__fmul_rn(vc, __half2float(s.v_scale[vs])), __half2float(s.v_min[vs])));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention.
 
@@ -391,6 +421,23 @@ cudaError_t AppendKv(const float* k, const float* v, const int32_t* row_pos, int
   const int64_t y = std::min<int64_t>((max_rows * head_dim + kThreads - 1) / kThreads, kMaxGridY);
   AppendKvKernel<<<dim3(static_cast<unsigned>(n_entries), static_cast<unsigned>(y)), kThreads, 0,
                    stream>>>(k, v, row_pos, n_kv_heads, head_dim, table);
+  return cudaGetLastError();
+}
+
+cudaError_t DequantizeSegment(const QuantSegmentView& seg, int64_t begin, int64_t end,
+                              __half* k_out, __half* v_out, cudaStream_t stream) {
+  if (seg.dtype != static_cast<int>(KvDtype::kInt8) &&
+      seg.dtype != static_cast<int>(KvDtype::kInt4)) {
+    return cudaErrorInvalidValue;
+  }
+  if (seg.head_dim <= 0 || seg.head_dim % kValueGroup != 0 || begin < 0 || begin > end ||
+      end > seg.n) {
+    return cudaErrorInvalidValue;
+  }
+  if (begin == end) return cudaSuccess;  // also every range of an empty segment
+  const int64_t total = (end - begin) * seg.head_dim;
+  DequantizeSegmentKernel<<<BlocksFor(total, kThreads), kThreads, 0, stream>>>(seg, begin, total,
+                                                                               k_out, v_out);
   return cudaGetLastError();
 }
 
@@ -645,6 +692,56 @@ absl::Status AppendKvHost(const std::vector<KvCache*>& caches, int layer, const 
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status DequantizeSegmentHost(const KvSegment& seg, int64_t begin, int64_t end,
+                                   std::vector<uint16_t>* k, std::vector<uint16_t>* v) {
+  CTX_RETURN_IF_ERROR(RequireDevice());
+  if (seg.dtype != KvDtype::kInt8 && seg.dtype != KvDtype::kInt4) {
+    return absl::InvalidArgumentError("DequantizeSegmentHost: not an int8 / int4 segment");
+  }
+  if (begin < 0 || begin > end || end > seg.n) {
+    return absl::InvalidArgumentError("DequantizeSegmentHost: rows out of range");
+  }
+  const int hd = seg.head_dim;
+  const int64_t codes = seg.n * seg.RowCodeBytes();
+  const int64_t k_params = (seg.n + kKeyGroup - 1) / kKeyGroup * hd;
+  const int64_t v_params = seg.n * (hd / kValueGroup);
+  const auto size = [](const auto& vec) { return static_cast<int64_t>(vec.size()); };
+  if (size(seg.kq) != codes || size(seg.vq) != codes || size(seg.k_scale) != k_params ||
+      size(seg.k_min) != k_params || size(seg.v_scale) != v_params || size(seg.v_min) != v_params) {
+    return absl::InvalidArgumentError("DequantizeSegmentHost: buffers do not match the shape");
+  }
+  DeviceArray<uint8_t> dkq, dvq;
+  DeviceArray<__half> dks, dkm, dvs, dvm, dk, dv;
+  CTX_RETURN_IF_ERROR(dkq.AllocFrom(seg.kq.data(), codes));
+  CTX_RETURN_IF_ERROR(dvq.AllocFrom(seg.vq.data(), codes));
+  CTX_RETURN_IF_ERROR(dks.AllocFrom(seg.k_scale.data(), k_params));
+  CTX_RETURN_IF_ERROR(dkm.AllocFrom(seg.k_min.data(), k_params));
+  CTX_RETURN_IF_ERROR(dvs.AllocFrom(seg.v_scale.data(), v_params));
+  CTX_RETURN_IF_ERROR(dvm.AllocFrom(seg.v_min.data(), v_params));
+  const int64_t out = (end - begin) * hd;
+  CTX_RETURN_IF_ERROR(dk.Alloc(out));
+  CTX_RETURN_IF_ERROR(dv.Alloc(out));
+  // All-ones bits (an fp16 NaN no rounding produces) where the kernel would leave a value unset.
+  CTX_RETURN_IF_ERROR(Check(cudaMemset(dk.get(), 0xff, out * sizeof(__half)), "cudaMemset"));
+  CTX_RETURN_IF_ERROR(Check(cudaMemset(dv.get(), 0xff, out * sizeof(__half)), "cudaMemset"));
+  QuantSegmentView view;
+  view.dtype = static_cast<int>(seg.dtype);
+  view.n = seg.n;
+  view.head_dim = hd;
+  view.kq = dkq.get();
+  view.vq = dvq.get();
+  view.k_scale = dks.get();
+  view.k_min = dkm.get();
+  view.v_scale = dvs.get();
+  view.v_min = dvm.get();
+  CTX_RETURN_IF_ERROR(Finish(DequantizeSegment(view, begin, end, dk.get(), dv.get(), nullptr),
+                             "DequantizeSegment"));
+  k->resize(out);
+  v->resize(out);
+  CTX_RETURN_IF_ERROR(dk.Download(k->data(), out));
+  return dv.Download(v->data(), out);
 }
 
 absl::Status AttentionHost(const std::vector<const KvCache*>& caches, int layer, const float* q,

@@ -88,4 +88,26 @@ cudaError_t Attention(const AttentionArgs& args, cudaStream_t stream);
 cudaError_t AttentionProbs(const AttentionArgs& args, const int32_t* rows, int n_obs, float* probs,
                            cudaStream_t stream);
 
+// A stored context's int8 / int4 segment on the device in its codec form (KvSegment,
+// engine/kv_cache.h: KIVI codes, keys scaled per channel over groups of kKeyGroup = 32 tokens
+// counted from the segment's first row, values per token over groups of kValueGroup = 32
+// channels; x = code * scale + min with fp16 scale and min; int4 packs channel i in the low
+// nibble and channel i + head_dim / 2 in the high nibble of byte i).
+struct QuantSegmentView {
+  int dtype = 0;  // KvDtype: 1 = int8, 2 = int4
+  int64_t n = 0;  // rows of the segment
+  int head_dim = 0;
+  const uint8_t* kq = nullptr;  // [n, row_code_bytes]: head_dim (int8) or head_dim / 2 (int4)
+  const uint8_t* vq = nullptr;
+  const __half* k_scale = nullptr;  // [ceil(n / 32), head_dim]
+  const __half* k_min = nullptr;
+  const __half* v_scale = nullptr;  // [n, head_dim / 32]
+  const __half* v_min = nullptr;
+};
+// Rows [begin, end) of the segment dequantized and rounded to fp16 into k_out, v_out
+// ([end - begin, head_dim] each): bitwise what the CPU gets from KvSegment::LoadRows then
+// Fp32ToFp16 (fp32 product and sum, no fused multiply-add, round to nearest).
+cudaError_t DequantizeSegment(const QuantSegmentView& seg, int64_t begin, int64_t end,
+                              __half* k_out, __half* v_out, cudaStream_t stream);
+
 }  // namespace ctxcache::cuda
