@@ -92,6 +92,10 @@ const std::vector<Setting>& Settings() {
        String(&ServerConfig::listen)},
       {"metrics_listen", "HOST:PORT for Prometheus /metrics, e.g. 127.0.0.1:9464 (default: off)",
        String(&ServerConfig::metrics_listen)},
+      {"http_listen",
+       "HOST:PORT for the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/contexts, ...; "
+       "same tokens and tenants as gRPC) (default: off)",
+       String(&ServerConfig::http_listen)},
       {"model",
        "GGUF model path (default: $CTXCACHE_MODEL, else "
        "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)",
@@ -340,6 +344,7 @@ std::map<std::string, std::string> CtxcacheEnvironment() {
 absl::Status ValidateServerConfig(const ServerConfig& c) {
   RETURN_IF_ERROR(CheckHostPort(c.listen, "listen"));
   if (!c.metrics_listen.empty()) RETURN_IF_ERROR(CheckHostPort(c.metrics_listen, "metrics_listen"));
+  if (!c.http_listen.empty()) RETURN_IF_ERROR(CheckHostPort(c.http_listen, "http_listen"));
   auto range = [](const char* name, int64_t v, int64_t lo, int64_t hi) -> absl::Status {
     if (v >= lo && v <= hi) return absl::OkStatus();
     return absl::InvalidArgumentError(

@@ -24,6 +24,7 @@ inline constexpr char kDefaultListen[] = "127.0.0.1:50051";
 struct ServerConfig {
   std::string listen = kDefaultListen;  // HOST:PORT (port 0 = any free port)
   std::string metrics_listen;           // HOST:PORT for Prometheus /metrics; empty = not served
+  std::string http_listen;              // HOST:PORT for the OpenAI-compatible HTTP API; empty = off
   std::string model;                    // GGUF path; empty = FindDefaultModel()
   std::string digest_compressor;        // IC-Former GGUF for method "digest"; empty = none
   // Cache tiers.

@@ -15,6 +15,7 @@
 #include "common/status.h"
 #include "engine/icformer.h"
 #include "server/devices.h"
+#include "server/http_api.h"
 #include "server/wire.h"
 
 namespace ctxcache::server {
@@ -70,6 +71,12 @@ absl::StatusOr<std::unique_ptr<ServerInstance>> ServerInstance::Start(const Serv
     spdlog::info("serving Prometheus metrics on http://{}:{}/metrics",
                  config.metrics_listen.substr(0, config.metrics_listen.rfind(':')),
                  s->metrics_http_->port());
+  }
+  if (!config.http_listen.empty()) {
+    ASSIGN_OR_RETURN(
+        s->http_, HttpApi::Start(config.http_listen, s->service_.get(), config.max_message_bytes));
+    spdlog::info("serving the OpenAI-compatible HTTP API on http://{}:{}/v1",
+                 config.http_listen.substr(0, config.http_listen.rfind(':')), s->http_->port());
   }
   return s;
 }
@@ -228,6 +235,8 @@ bool ServerInstance::Drain(double timeout_seconds) {
   }
   // Queued jobs end now (UNAVAILABLE) rather than wait for a worker.
   if (scheduler_) scheduler_->Shutdown();
+  // HTTP requests still open end with their jobs (finished, stopped or abandoned above).
+  if (http_) http_->Stop();
   if (!idle) {
     // A short grace for the stopped calls to finish on their own, with UNAVAILABLE (which
     // clients retry elsewhere), before Shutdown cancels what is left (CANCELLED): a stop
@@ -271,6 +280,7 @@ ServerInstance::~ServerInstance() {
   server_->Wait();
   // Scrapes read the store and the scheduler: stop them before those go.
   metrics_http_.reset();
+  http_.reset();
   if (metrics_) metrics_->ClearSources();
   // Workers finish their current job (each ends its call) before the service goes away.
   scheduler_.reset();

@@ -7,16 +7,17 @@
 // finish up to a timeout) -> destruction (remaining calls cancelled, workers joined).
 #pragma once
 
+#include <grpcpp/server.h>
+
 #include <memory>
 #include <string>
-
-#include <grpcpp/server.h>
 
 #include "absl/status/statusor.h"
 #include "cache/context_store.h"
 #include "engine/model.h"
 #include "server/config.h"
 #include "server/handlers.h"
+#include "server/http_api.h"
 #include "server/metrics_http.h"
 #include "server/scheduler.h"
 #include "server/server_metrics.h"
@@ -56,6 +57,7 @@ class ServerInstance {
   ServerMetrics& metrics() { return *metrics_; }
   // The bound /metrics port; 0 when metrics_listen is empty (not served).
   int metrics_port() const { return metrics_http_ ? metrics_http_->port() : 0; }
+  int http_port() const { return http_ ? http_->port() : 0; }
   const ServerConfig& config() const { return config_; }
 
  private:
@@ -67,6 +69,7 @@ class ServerInstance {
   std::unique_ptr<Model> owned_model_;
   std::unique_ptr<ServerMetrics> metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
+  std::unique_ptr<HttpApi> http_;  // --http-listen
   std::unique_ptr<ContextStore> store_;
   std::unique_ptr<Handlers> handlers_;
   std::vector<std::unique_ptr<DeviceForward>> gpus_;  // outlive the scheduler's workers

@@ -283,6 +283,25 @@ absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::
     grpc::CallbackServerContext* ctx, const char* rpc) {
   const std::string rid = RequestId(Metadata(ctx, "x-request-id"));
   ctx->AddInitialMetadata("x-request-id", rid);
+  return BeginCall(Metadata(ctx, "authorization"), rid, rpc);
+}
+
+absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::BeginExternalCall(
+    std::string_view authorization, std::string_view request_id, const char* rpc) {
+  return BeginCall(authorization, RequestId(std::string(request_id)), rpc);
+}
+
+void ContextCacheService::EndExternalCall(Call& call, const absl::Status& status,
+                                          std::string_view extra) {
+  call.Done(status, extra);
+}
+
+const std::string& ContextCacheService::CallTenant(const Call& call) { return call.tenant(); }
+const std::string& ContextCacheService::CallRequestId(const Call& call) { return call.rid(); }
+
+absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::BeginCall(
+    std::string_view authorization, std::string_view rid_view, const char* rpc) {
+  const std::string rid(rid_view);
   absl::Status refuse;
   if (draining_.load()) {
     refuse = absl::UnavailableError("the server is shutting down; retry on another replica");
@@ -291,7 +310,7 @@ absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::
         "the model is still loading (health: NOT_SERVING); retry in a few seconds");
   }
   absl::StatusOr<std::string> tenant =
-      refuse.ok() ? auth_.Authenticate(Metadata(ctx, "authorization")) : refuse;
+      refuse.ok() ? auth_.Authenticate(std::string(authorization)) : refuse;
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++in_flight_;

@@ -68,17 +68,37 @@ class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackSer
   // One call's bookkeeping (request id, tenant, timing, in-flight count, final log line).
   class Call;
 
+  // For another front end on the same engine, rules and accounting (the HTTP API,
+  // server/http_api.h). BeginExternalCall: a call of `rpc` (counted in flight for the drain,
+  // logged and metered like a gRPC call of that name when it ends with EndExternalCall),
+  // authenticated from an "authorization" header value; else the status to answer with
+  // (UNAVAILABLE while loading or draining, UNAUTHENTICATED).
+  absl::StatusOr<std::shared_ptr<Call>> BeginExternalCall(std::string_view authorization,
+                                                          std::string_view request_id,
+                                                          const char* rpc);
+  static void EndExternalCall(Call& call, const absl::Status& status, std::string_view extra);
+  static const std::string& CallTenant(const Call& call);
+  static const std::string& CallRequestId(const Call& call);
+  // Set once the model has loaded (Attach): null before.
+  const Handlers* handlers() const { return handlers_.load(std::memory_order_acquire); }
+  Scheduler* scheduler() const { return scheduler_; }  // valid once handlers() is set
+  const ServiceInfo& info() const { return info_; }    // valid once handlers() is set
+  bool draining() const { return draining_.load(); }
+  ServerMetrics* metrics() const { return metrics_; }
+  // The stop check of a call whose cancellation `cancelled` reports and whose deadline is
+  // `deadline`; it also fires after StopRunning.
+  StopCheck MakeStop(const std::atomic<bool>* cancelled,
+                     std::chrono::steady_clock::time_point deadline) const;
+
  private:
   friend class Call;
   friend class GenerateReactor;
-  // The stop check of a call whose cancellation `cancelled` reports (set by the reactor's
-  // OnCancel) and whose deadline is `deadline`; also fires after StopRunning.
-  StopCheck MakeStop(const std::atomic<bool>* cancelled,
-                     std::chrono::steady_clock::time_point deadline) const;
   // Request id, readiness, drain and auth checks; on success a Call (in flight until its
   // Finish), else the status to end the call with.
   absl::StatusOr<std::shared_ptr<Call>> BeginCall(grpc::CallbackServerContext* ctx,
                                                   const char* rpc);
+  absl::StatusOr<std::shared_ptr<Call>> BeginCall(std::string_view authorization,
+                                                  std::string_view request_id, const char* rpc);
   void EndCall();
   // Registers every method with a CheckedRequest (wire.h): a request that does not parse
   // (a string field that is not UTF-8, malformed bytes) reaches the Refuse* handlers below,
