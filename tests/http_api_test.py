@@ -58,7 +58,7 @@ class Server:
                 text = f.read()
             m = re.search(r"OpenAI-compatible HTTP API on http://[\d.]+:(\d+)/v1", text)
             n = re.search(r"Prometheus metrics on http://[\d.]+:(\d+)/metrics", text)
-            if m and n and "serving " in text:
+            if m and n and self.healthy(int(m.group(1))):
                 self.http_port, self.metrics_port = int(m.group(1)), int(n.group(1))
                 break
             if self.proc.poll() is not None:
@@ -68,6 +68,14 @@ class Server:
             with open(self.log_path) as f:
                 raise RuntimeError("ctxcache-server did not start:\n" + f.read())
         self.base = f"http://127.0.0.1:{self.http_port}"
+
+    @staticmethod
+    def healthy(port):
+        """GET /health answers 200 once the model has loaded (503 before)."""
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200
+        except OSError:
+            return False
 
     def client(self, token="alice-token-0001"):
         return openai.OpenAI(base_url=self.base + "/v1", api_key=token, max_retries=0,
@@ -224,6 +232,24 @@ class HttpApiTest(unittest.TestCase):
         tiers = [x.model_extra["ctxcache"]["contexts"][0]["tier"] for x in (first, second)]
         self.assertEqual(tiers, ["computed", "memory"])
         self.assertEqual(first.choices[0].message.content, second.choices[0].message.content)
+
+    def test_langchain_chat_model_over_the_api(self):
+        try:
+            from langchain_openai import ChatOpenAI
+        except ImportError:
+            self.fail("langchain-openai is missing (tools/setup.sh installs it)")
+        ctx = self.client.post("/contexts", cast_to=object, body={
+            "document": DOC, "compression": {"method": "expected_attention", "ratio": 2}})
+        contexts = {"contexts": [{"context_id": ctx["id"]}]}
+        llm = ChatOpenAI(base_url=self.server.base + "/v1", api_key="alice-token-0001",
+                         model=self.model, temperature=0, max_tokens=12, extra_body=contexts)
+        answer = llm.invoke("What is the vault code?")
+        direct = self.client.chat.completions.create(
+            **self.ask("What is the vault code?", max_tokens=12), extra_body=contexts)
+        self.assertEqual(answer.content, direct.choices[0].message.content)
+        self.assertEqual(answer.response_metadata["token_usage"]["completion_tokens"], 12)
+        self.assertEqual("".join(c.content for c in llm.stream("What is the vault code?")),
+                         answer.content)
 
     def test_tenants_and_tokens(self):
         with self.assertRaises(openai.AuthenticationError):

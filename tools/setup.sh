@@ -25,6 +25,7 @@ apt_packages=(
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
   libopenblas-dev libyaml-cpp-dev
   libcpp-httplib-dev  # the OpenAI-compatible HTTP API (server/http_api.cc)
+  chromium            # the playground page's end-to-end test (tools/playground_check.py)
   prometheus  # promtool only: the metrics test checks the /metrics exposition with it
   python3-pip
   yamllint    # deploy checks (tests/deploy_test.sh); promtool there too
@@ -55,15 +56,18 @@ fi
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 # For the python3 on PATH (the one the tests run): Kubernetes JSON schemas for validating
 # deploy/k8s offline (tests/deploy_test.sh), matplotlib for the dashboard preview drawn from a
-# live run (tools/dashboard_demo.py), and the official openai client the HTTP API is tested
-# with (tests/http_api_test.py). Debian's own python3 is "externally managed"
-# (PEP 668): there they go in with --break-system-packages.
-if ! python3 -c 'import kubernetes_validate, matplotlib, openai' 2>/dev/null; then
+# live run (tools/dashboard_demo.py), the official openai client and LangChain's OpenAI chat
+# model, which the HTTP API is tested with (tests/http_api_test.py), and websocket-client, which
+# drives Chromium's DevTools protocol (tools/playground_check.py). Debian's own python3 is
+# "externally managed" (PEP 668): there they go in with --break-system-packages.
+if ! python3 -c 'import kubernetes_validate, matplotlib, openai, langchain_openai, websocket' \
+    2>/dev/null; then
   pip_flags=(--quiet)
   python3 -c 'import os, sysconfig, sys
 sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["stdlib"], "EXTERNALLY-MANAGED")) else 1)' \
     && pip_flags+=(--break-system-packages)
-  python3 -m pip install "${pip_flags[@]}" kubernetes-validate==1.37.0 matplotlib openai
+  python3 -m pip install "${pip_flags[@]}" kubernetes-validate==1.37.0 matplotlib openai \
+    langchain-openai websocket-client
 fi
 if ((dev)); then
   python3 - <<'PY' 2>/dev/null || python3 -m pip install --quiet numpy gguf matplotlib llama-cpp-python==0.3.36
