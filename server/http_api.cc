@@ -189,6 +189,20 @@ struct HttpJob {
     if (!status) status = s;
     cv.notify_all();
   }
+  // Queues `work` for `tenant` (a job the scheduler abandons finishes with the reason) and
+  // keeps its ticket for Cancel; the refusal when the scheduler does not take it.
+  static absl::Status Submit(const std::shared_ptr<HttpJob>& job, Scheduler* scheduler,
+                             const std::string& tenant, int64_t kv_bytes,
+                             Clock::time_point deadline, Scheduler::Work work) {
+    absl::StatusOr<uint64_t> t =
+        scheduler->Submit(tenant, kv_bytes, deadline, std::move(work),
+                          [job](const absl::Status& reason) { job->Finish(reason); });
+    if (!t.ok()) return t.status();
+    std::lock_guard<std::mutex> lock(job->mu);
+    job->scheduler = scheduler;
+    job->ticket = *t;
+    return absl::OkStatus();
+  }
   // The client went away: a queued job leaves the queue, a running one's stop check fires.
   void Cancel() {
     cancelled.store(true);
@@ -422,17 +436,11 @@ void HttpApi::Routes() {
       }
       job->Finish(out.status());
     };
-    auto abandon = [job](const absl::Status& reason) { job->Finish(reason); };
-    absl::StatusOr<uint64_t> ticket = service->scheduler()->Submit(
-        tenant, handlers->EstimateKvBytes(*input), deadline, work, abandon);
-    if (!ticket.ok()) {
-      end(*call, res, ticket.status(), {});
+    if (absl::Status queued = HttpJob::Submit(job, service->scheduler(), tenant,
+                                              handlers->EstimateKvBytes(*input), deadline, work);
+        !queued.ok()) {
+      end(*call, res, queued, {});
       return;
-    }
-    {
-      std::lock_guard<std::mutex> lock(job->mu);
-      job->scheduler = service->scheduler();
-      job->ticket = *ticket;
     }
     const std::string id =
         absl::StrCat(chat ? "chatcmpl-" : "cmpl-", ContextCacheService::CallRequestId(*call));
@@ -616,16 +624,13 @@ void HttpApi::Routes() {
       }
       job->Finish(out.status());
     };
-    auto abandon = [job](const absl::Status& reason) { job->Finish(reason); };
-    absl::StatusOr<uint64_t> ticket = service->scheduler()->Submit(
-        tenant, handlers->EstimateKvBytes(*input), deadline, work, abandon);
-    if (!ticket.ok()) {
-      end(*call, res, ticket.status(), {});
+    if (absl::Status queued = HttpJob::Submit(job, service->scheduler(), tenant,
+                                              handlers->EstimateKvBytes(*input), deadline, work);
+        !queued.ok()) {
+      end(*call, res, queued, {});
       return;
     }
     std::unique_lock<std::mutex> lock(job->mu);
-    job->scheduler = service->scheduler();
-    job->ticket = *ticket;
     job->cv.wait(lock, [&] { return job->status.has_value(); });
     const absl::Status s = *job->status;
     const json out = *result;
