@@ -11,13 +11,17 @@
 #include <atomic>
 #include <chrono>
 #include <deque>
+#include <optional>
+#include <set>
 #include <thread>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "cache/invalidation.h"
 #include "cache/memory_tier.h"
 #include "cache/redis_tier.h"
 #include "cache/single_flight.h"
@@ -89,9 +93,24 @@ class TwoTierStore final : public ContextStore {
         max_queued_writes_(options.redis.write_queue_entries),
         max_queued_bytes_(options.redis.write_queue_bytes) {
     if (redis_ != nullptr) writer_ = std::thread([this] { WriterLoop(); });
+    if (redis_ != nullptr && options.redis.invalidation) {
+      InvalidationListenerOptions l;
+      l.channel = redis_->InvalidationChannel();
+      l.nodes = [this] { return redis_->router().SubscribeNodes(); };
+      l.on_message = [this](const Invalidation& v) { OnInvalidation(v); };
+      l.on_subscribed = [this](bool first) { OnSubscribed(first); };
+      l.connect_timeout_ms = options.redis.connect_timeout_ms;
+      l.backoff_initial_ms = options.redis.backoff_initial_ms;
+      l.backoff_max_ms = options.redis.backoff_max_ms;
+      listener_ = std::make_unique<InvalidationListener>(std::move(l));
+      // A replica that starts with Redis up hears every invalidation from its first request on.
+      // (Unreachable Redis: the first subscription, whenever it comes, clears the memory tier.)
+      listener_->WaitFirstAttempt(absl::Milliseconds(options.redis.connect_timeout_ms + 100));
+    }
   }
 
   ~TwoTierStore() override {
+    listener_.reset();  // no invalidation runs against a store being torn down
     {
       absl::MutexLock lock(&write_mu_);
       stopping_ = true;
@@ -116,17 +135,20 @@ class TwoTierStore final : public ContextStore {
         return StoreResult{std::move(context), CacheTier::kMemory, 0, /*in_memory=*/true};
       }
       RETURN_IF_ERROR(CheckStop(flight_stop));
+      // Invalidations (a delete on any replica) from here on keep what this flight finds or
+      // computes out of the tiers: a deleted context is not brought back.
+      FlightEpoch epoch(this, tenant, key);
       // Bounded by the leading caller's deadline and command_timeout_ms (an operation
       // deadline) and by the flight's stop (every caller gone); the waiters leave on their
       // own stops.
-      std::shared_ptr<const CompressedContext> from_redis;
+      RedisFound found;
       {
         ScopedRedisStop redis_stop(&flight_stop);
-        from_redis = RedisGet(tenant, key, deadline);
+        found = RedisGet(tenant, key, deadline);
       }
-      if (auto context = std::move(from_redis)) {
-        const bool in_memory = memory_.Put(tenant, key, context);
-        return StoreResult{std::move(context), CacheTier::kRedis, 0, in_memory, true};
+      if (found.context != nullptr) {
+        const bool in_memory = epoch.Store(found.context, found.write_id);
+        return StoreResult{std::move(found.context), CacheTier::kRedis, 0, in_memory, true};
       }
       RETURN_IF_ERROR(CheckStop(flight_stop));
       const auto start = std::chrono::steady_clock::now();
@@ -135,9 +157,11 @@ class TwoTierStore final : public ContextStore {
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (!computed.ok()) return computed.status();
       auto context = std::make_shared<const CompressedContext>(*std::move(computed));
-      const bool in_memory = memory_.Put(tenant, key, context);
+      const bool in_memory = epoch.Store(context, "");
       // Returns at once: the writer thread stores it. in_redis then means "queued for Redis".
-      const bool in_redis = EnqueueWrite(tenant, key, context);
+      // A context deleted meanwhile is neither kept nor written (the caller still gets it).
+      const bool in_redis =
+          !epoch.invalidated() && EnqueueWrite(tenant, key, context, found.deletes);
       return StoreResult{std::move(context), CacheTier::kComputed, seconds, in_memory, in_redis};
     };
     return flights_.Do(FlightKey(tenant, key), flight, stop);
@@ -149,9 +173,10 @@ class TwoTierStore final : public ContextStore {
       return StoreResult{std::move(context), CacheTier::kMemory, 0, /*in_memory=*/true};
     }
     absl::Status redis_error;
-    if (auto context = RedisGet(tenant, key, deadline, &redis_error)) {
-      const bool in_memory = memory_.Put(tenant, key, context);
-      return StoreResult{std::move(context), CacheTier::kRedis, 0, in_memory, true};
+    FlightEpoch epoch(this, tenant, key);
+    if (RedisFound found = RedisGet(tenant, key, deadline, &redis_error); found.context) {
+      const bool in_memory = epoch.Store(found.context, found.write_id);
+      return StoreResult{std::move(found.context), CacheTier::kRedis, 0, in_memory, true};
     }
     if (!redis_error.ok() && !CurrentRedisStop().ok()) return redis_error;  // the caller left
     if (!redis_error.ok()) {
@@ -165,7 +190,7 @@ class TwoTierStore final : public ContextStore {
 
   absl::Status Delete(const std::string& tenant, const std::string& key,
                       RedisDeadline deadline) override {
-    bool found = memory_.Erase(tenant, key);
+    bool found = Invalidate(tenant, key);
     if (redis_ != nullptr) {
       found = CancelWrite(tenant, key) || found;
       if (!breaker_.Allow()) {
@@ -238,6 +263,13 @@ class TwoTierStore final : public ContextStore {
     s.redis_short_circuited = b.short_circuited;
     s.redis_slow = b.slow;
     s.flights = flights_.InFlight();
+    s.invalidations_received = invalidations_received_.load(std::memory_order_relaxed);
+    s.deleted_while_computing = deleted_while_computing_.load(std::memory_order_relaxed);
+    if (listener_ != nullptr) {
+      s.invalidation_subscribed = listener_->subscribed();
+      s.invalidation_resubscriptions = listener_->resubscriptions();
+      s.invalidation_malformed = listener_->malformed();
+    }
     return s;
   }
 
@@ -260,25 +292,35 @@ class TwoTierStore final : public ContextStore {
                         " ms after repeated failed or slow operations (circuit open)");
   }
 
-  // A usable entry, or nullptr (miss, damage, wrong model, Redis trouble: all counted).
+  // What a Redis lookup found: a usable entry and its write id, or no context (miss, damage,
+  // wrong model, Redis trouble: all counted); and the context's delete counter as read, which
+  // a write of a context computed after this lookup must still find (RedisTier::Write).
+  struct RedisFound {
+    std::shared_ptr<const CompressedContext> context;
+    std::string write_id;
+    std::optional<int64_t> deletes;
+  };
   // `error` receives transport and server errors, which say nothing about the entry.
-  std::shared_ptr<const CompressedContext> RedisGet(const std::string& tenant,
-                                                    const std::string& key, RedisDeadline deadline,
-                                                    absl::Status* error = nullptr) {
-    if (redis_ == nullptr) return nullptr;
+  RedisFound RedisGet(const std::string& tenant, const std::string& key, RedisDeadline deadline,
+                      absl::Status* error = nullptr) {
+    RedisFound found;
+    if (redis_ == nullptr) return found;
     if (!breaker_.Allow()) {
       // Counted by the breaker (short_circuited), not as a Redis error: nothing was asked.
       if (error != nullptr) *error = absl::UnavailableError(CircuitOpenMessage());
-      return nullptr;
+      return found;
     }
     const auto start = std::chrono::steady_clock::now();
-    absl::StatusOr<CompressedContext> got = redis_->Get(tenant, key, deadline);
+    RedisTier::ReadResult read = redis_->Read(tenant, key, deadline);
+    absl::StatusOr<CompressedContext>& got = read.context;
+    found.deletes = read.deletes;
     if (!got.ok()) {
       if (absl::Status stop = CurrentRedisStop(); !stop.ok()) {
         // The caller gave up while Redis was asked (ScopedRedisStop): nothing is known about
         // the entry or about Redis; not counted, the breaker not told.
         if (error != nullptr) *error = got.status();
-        return nullptr;
+        found.deletes.reset();
+        return found;
       }
     }
     // A hit moved the whole entry: its transfer time at kSlowAllowanceBytesPerSecond is not
@@ -297,7 +339,9 @@ class TwoTierStore final : public ContextStore {
             start);
     if (got.ok()) {
       redis_hits_.fetch_add(1, std::memory_order_relaxed);
-      return std::make_shared<const CompressedContext>(*std::move(got));
+      found.context = std::make_shared<const CompressedContext>(*std::move(got));
+      found.write_id = std::move(read.write_id);
+      return found;
     }
     const absl::Status& status = got.status();
     switch (status.code()) {
@@ -324,13 +368,14 @@ class TwoTierStore final : public ContextStore {
         if (error != nullptr) *error = status;
         break;
     }
-    return nullptr;
+    return found;
   }
 
   // Queues a write for the writer thread (true); false when there is no Redis tier or the
   // queue is full (counted). A queued write may still fail or be dropped later (counted).
   bool EnqueueWrite(const std::string& tenant, const std::string& key,
-                    std::shared_ptr<const CompressedContext> context) {
+                    std::shared_ptr<const CompressedContext> context,
+                    std::optional<int64_t> expected_deletes) {
     if (redis_ == nullptr) return false;
     const int64_t bytes = MemoryTier::EntryBytes(tenant, key, *context);
     int64_t waiting = 0, waiting_bytes = 0;
@@ -340,7 +385,7 @@ class TwoTierStore final : public ContextStore {
       waiting_bytes = queued_bytes_;
       if (waiting < max_queued_writes_ &&
           (waiting == 0 || queued_bytes_ + bytes <= max_queued_bytes_)) {
-        queue_.push_back(PendingWrite{tenant, key, std::move(context), bytes});
+        queue_.push_back(PendingWrite{tenant, key, std::move(context), bytes, expected_deletes});
         queued_bytes_ += bytes;
         return true;
       }
@@ -376,6 +421,113 @@ class TwoTierStore final : public ContextStore {
     return dropped;
   }
 
+  // Invalidation epochs. Every invalidation (a Delete here, or one announced by another
+  // replica) bumps epoch_ and, while lookups are in progress, leaves a tombstone for its key;
+  // a resubscription (messages may have been missed) clears the memory tier and marks every
+  // lookup in progress as invalidated. A lookup (Redis read, then maybe a computation) notes
+  // the epoch it started at and stores what it got only if its key was not invalidated since,
+  // checked and stored under epoch_mu_, which Invalidate also holds while it erases: so a
+  // delete either comes after the store (and erases it) or before it (and prevents it).
+  class FlightEpoch {
+   public:
+    FlightEpoch(TwoTierStore* store, const std::string& tenant, const std::string& key)
+        : store_(store), tenant_(tenant), key_(key) {
+      absl::MutexLock lock(&store_->epoch_mu_);
+      start_ = store_->epoch_;
+      store_->flight_epochs_.insert(start_);
+    }
+    ~FlightEpoch() {
+      absl::MutexLock lock(&store_->epoch_mu_);
+      auto& epochs = store_->flight_epochs_;
+      epochs.erase(epochs.find(start_));
+      // Tombstones older than every lookup still in progress can no longer matter.
+      auto& tombstones = store_->tombstones_;
+      if (epochs.empty()) {
+        tombstones.clear();
+      } else if (!tombstones.empty()) {
+        const uint64_t oldest = *epochs.begin();
+        absl::erase_if(tombstones, [oldest](const auto& t) { return t.second <= oldest; });
+      }
+    }
+    FlightEpoch(const FlightEpoch&) = delete;
+    FlightEpoch& operator=(const FlightEpoch&) = delete;
+
+    // Puts the context in the memory tier unless its key was invalidated since the lookup
+    // began. True when it is in memory.
+    bool Store(std::shared_ptr<const CompressedContext> context, std::string write_id) {
+      absl::MutexLock lock(&store_->epoch_mu_);
+      if (InvalidatedLocked()) {
+        invalidated_ = true;
+        store_->deleted_while_computing_.fetch_add(1, std::memory_order_relaxed);
+        return false;
+      }
+      return store_->memory_.Put(tenant_, key_, std::move(context), std::move(write_id));
+    }
+    // Whether Store found the key invalidated.
+    bool invalidated() const { return invalidated_; }
+
+   private:
+    bool InvalidatedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(store_->epoch_mu_) {
+      if (store_->cleared_epoch_ > start_) return true;
+      auto it = store_->tombstones_.find(FlightKey(tenant_, key_));
+      return it != store_->tombstones_.end() && it->second > start_;
+    }
+
+    TwoTierStore* const store_;
+    const std::string& tenant_;
+    const std::string& key_;
+    uint64_t start_ = 0;
+    bool invalidated_ = false;
+  };
+
+  // Erases (tenant, key) from the memory tier and keeps lookups in progress from storing it
+  // again. True when the memory tier held it.
+  bool Invalidate(const std::string& tenant, const std::string& key) {
+    absl::MutexLock lock(&epoch_mu_);
+    ++epoch_;
+    if (!flight_epochs_.empty()) tombstones_[FlightKey(tenant, key)] = epoch_;
+    return memory_.Erase(tenant, key);
+  }
+
+  // Another replica's announcement (or our own, echoed: harmless).
+  void OnInvalidation(const Invalidation& v) {
+    invalidations_received_.fetch_add(1, std::memory_order_relaxed);
+    if (v.kind == Invalidation::Kind::kDeleted) {
+      Invalidate(v.tenant, v.key);
+      DropQueuedWrite(v.tenant, v.key);
+    } else {
+      // Redis holds write v.write_id now: a copy of any other write is older (or unknown).
+      memory_.EraseUnlessWriteId(v.tenant, v.key, v.write_id);
+    }
+  }
+
+  // Subscribed (again): whatever was announced while not subscribed is lost, so forget every
+  // context a missed announcement could have concerned (the memory tier refills from Redis).
+  void OnSubscribed(bool first) {
+    {
+      absl::MutexLock lock(&epoch_mu_);
+      ++epoch_;
+      cleared_epoch_ = epoch_;
+      memory_.Clear();
+    }
+    if (!first) {
+      spdlog::warn(
+          "redis tier: invalidation subscription re-established; the memory tier was cleared "
+          "(deletes announced meanwhile may have been missed)");
+    }
+  }
+
+  // Drops a queued write of (tenant, key) without waiting for one in progress (which the
+  // delete counter stops, RedisTier::Write).
+  void DropQueuedWrite(const std::string& tenant, const std::string& key) {
+    absl::MutexLock lock(&write_mu_);
+    std::erase_if(queue_, [&](const PendingWrite& w) {
+      const bool match = w.tenant == tenant && w.key == key;
+      if (match) queued_bytes_ -= w.bytes;
+      return match;
+    });
+  }
+
   void WriterLoop() {
     while (true) {
       PendingWrite w;
@@ -393,7 +545,7 @@ class TwoTierStore final : public ContextStore {
         in_flight_ = FlightKey(w.tenant, w.key);
       }
       if (breaker_.Allow()) {
-        const absl::Status status = RedisPut(w.tenant, w.key, *w.context);
+        const absl::Status status = RedisPut(w);
         // Errors only: a slow write delays no request (see RedisOptions::circuit_slow_ms).
         breaker_.Record(IsRedisFailure(status), std::chrono::nanoseconds(0));
       } else {
@@ -414,13 +566,25 @@ class TwoTierStore final : public ContextStore {
     }
   }
 
-  absl::Status RedisPut(const std::string& tenant, const std::string& key,
-                        const CompressedContext& context) {
+  struct PendingWrite;
+  absl::Status RedisPut(const PendingWrite& w) {
+    const std::string& tenant = w.tenant;
     const auto start = std::chrono::steady_clock::now();
-    const absl::Status status = redis_->Put(tenant, key, context);
-    Observe(RedisOp::kPut, !status.ok() && !absl::IsResourceExhausted(status), start);
+    absl::StatusOr<std::string> written =
+        redis_->Write(tenant, w.key, *w.context, w.expected_deletes);
+    const absl::Status& status = written.status();
+    Observe(RedisOp::kPut,
+            !status.ok() && !absl::IsResourceExhausted(status) && !absl::IsAborted(status), start);
     if (status.ok()) {
       redis_writes_.fetch_add(1, std::memory_order_relaxed);
+      // The memory copy, if it is still this context, is now known to be that write; then
+      // replicas holding another version drop theirs (our own echo finds ours current).
+      memory_.SetWriteId(tenant, w.key, w.context.get(), *written);
+      redis_->Announce(FormatInvalidation({Invalidation::Kind::kStored, tenant, w.key, *written}))
+          .IgnoreError();
+    } else if (absl::IsAborted(status)) {
+      // Deleted (on some replica) while it was computed: not stored again, as it should be.
+      deleted_while_computing_.fetch_add(1, std::memory_order_relaxed);
     } else if (absl::IsResourceExhausted(status)) {
       redis_quota_skips_.fetch_add(1, std::memory_order_relaxed);
       quota_warning_.Log(absl::StrCat("redis tier: write skipped for tenant \"", tenant,
@@ -448,6 +612,7 @@ class TwoTierStore final : public ContextStore {
     std::string tenant, key;
     std::shared_ptr<const CompressedContext> context;
     int64_t bytes = 0;  // MemoryTier::EntryBytes
+    std::optional<int64_t> expected_deletes;  // the delete counter its lookup read
   };
   const int64_t max_queued_writes_;
   const int64_t max_queued_bytes_;
@@ -461,6 +626,13 @@ class TwoTierStore final : public ContextStore {
   std::atomic<int64_t> redis_hits_{0}, redis_misses_{0}, redis_errors_{0}, redis_corrupt_{0};
   std::atomic<int64_t> redis_wrong_model_{0}, redis_writes_{0}, redis_quota_skips_{0};
   std::atomic<int64_t> redis_read_errors_{0};
+  std::atomic<int64_t> invalidations_received_{0}, deleted_while_computing_{0};
+  absl::Mutex epoch_mu_ ABSL_ACQUIRED_BEFORE(write_mu_);
+  uint64_t epoch_ ABSL_GUARDED_BY(epoch_mu_) = 0;
+  uint64_t cleared_epoch_ ABSL_GUARDED_BY(epoch_mu_) = 0;
+  absl::flat_hash_map<std::string, uint64_t> tombstones_ ABSL_GUARDED_BY(epoch_mu_);
+  std::multiset<uint64_t> flight_epochs_ ABSL_GUARDED_BY(epoch_mu_);
+  std::unique_ptr<InvalidationListener> listener_;  // with a Redis tier, unless disabled
   RateLimitedWarning read_warning_{absl::Seconds(10)}, write_warning_{absl::Seconds(10)};
   RateLimitedWarning corrupt_warning_{absl::Seconds(10)}, quota_warning_{absl::Seconds(10)};
 };
@@ -525,13 +697,13 @@ absl::StatusOr<std::unique_ptr<ContextStore>> ContextStore::Create(
     ASSIGN_OR_RETURN(redis, RedisTier::Create(options.redis, options.model_fingerprint));
     // Connect now, so that the log says at start whether the shared tier works; an
     // unreachable Redis is not fatal (the client retries with backoff).
-    if (absl::Status ping = redis->client().Ping(); ping.ok()) {
+    if (absl::Status ping = redis->router().Ping(kNoRedisDeadline); ping.ok()) {
       spdlog::info("redis tier at {} (ttl {} s, quota {} bytes per tenant, prefix \"{}\")",
-                   redis->client().endpoint(), options.redis.ttl_seconds,
+                   redis->router().endpoint(), options.redis.ttl_seconds,
                    options.redis.tenant_quota_bytes, options.redis.key_prefix);
     } else {
       spdlog::warn("redis tier at {} unreachable at start, serving without it until it is: {}",
-                   redis->client().endpoint(), std::string(ping.message()));
+                   redis->router().endpoint(), std::string(ping.message()));
     }
   }
   return std::unique_ptr<ContextStore>(new TwoTierStore(options, std::move(redis)));

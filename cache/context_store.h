@@ -40,7 +40,9 @@ enum class CacheTier : uint8_t { kComputed = 0, kMemory = 1, kRedis = 2 };
 const char* CacheTierName(CacheTier tier);  // "computed", "memory", "redis"
 
 struct RedisOptions {
-  std::string url;                   // redis://[user:pass@]host:port[/db]; empty = no Redis tier
+  // redis://[user:pass@]host:port[/db], or redis-cluster://[user:pass@]host:port[,host:port...]
+  // (cache/redis_cluster.h); empty = no Redis tier.
+  std::string url;
   int pool_size = 4;                 // connections
   int connect_timeout_ms = 500;
   int command_timeout_ms = 1000;     // per operation, capped by the caller's deadline
@@ -67,6 +69,10 @@ struct RedisOptions {
   // contexts the memory tier has already evicted.
   int write_queue_entries = 64;
   int64_t write_queue_bytes = int64_t{256} << 20;
+  // Subscribe to the other replicas' invalidations (cache/invalidation.h), so that a context
+  // deleted or replaced on any replica leaves every memory tier. Off only for tests and tools
+  // that run one store alone.
+  bool invalidation = true;
 };
 
 // The Redis commands the store issues, for RedisObserver.
@@ -124,6 +130,14 @@ struct ContextStoreStats {
   // Lookups in flight past the memory tier (Redis read or computation; single flight: one
   // per context however many callers wait on it).
   int64_t flights = 0;
+  // Cross-replica invalidation (cache/invalidation.h): announcements heard (deletes and
+  // stores, ours echoed included), whether the subscription is up, how often it was
+  // re-established (each time the memory tier was cleared), messages that did not parse, and
+  // lookups whose result was kept out of the tiers because the context was deleted meanwhile.
+  int64_t invalidations_received = 0;
+  bool invalidation_subscribed = false;
+  int64_t invalidation_resubscriptions = 0, invalidation_malformed = 0;
+  int64_t deleted_while_computing = 0;
   // Memory tier bytes per tenant (every tenant that stored a context; 0 when all evicted).
   std::map<std::string, int64_t> memory_tenant_bytes;
 };

@@ -33,7 +33,7 @@ std::shared_ptr<const CompressedContext> MemoryTier::Get(const std::string& tena
 }
 
 bool MemoryTier::Put(const std::string& tenant, const std::string& key,
-                     std::shared_ptr<const CompressedContext> context) {
+                     std::shared_ptr<const CompressedContext> context, std::string write_id) {
   if (context == nullptr) return false;
   const int64_t bytes = EntryBytes(tenant, key, *context);
   // Dropped contexts are freed after the lock is released (declared before it).
@@ -51,7 +51,7 @@ bool MemoryTier::Put(const std::string& tenant, const std::string& key,
     dropped.push_back(RemoveLocked(shared ? BudgetVictimLocked(tenant) : std::prev(lru_.end())));
     ++stats_.evictions;
   }
-  lru_.push_front(Entry{k, std::move(context), bytes});
+  lru_.push_front(Entry{k, std::move(context), bytes, std::move(write_id)});
   index_.emplace(std::move(k), lru_.begin());
   stats_.bytes += bytes;
   ++stats_.entries;
@@ -111,6 +111,25 @@ bool MemoryTier::Erase(const std::string& tenant, const std::string& key) {
   absl::MutexLock lock(&mu_);
   auto it = index_.find(Key(tenant, key));
   if (it == index_.end()) return false;
+  dropped = RemoveLocked(it->second);
+  return true;
+}
+
+bool MemoryTier::SetWriteId(const std::string& tenant, const std::string& key,
+                            const CompressedContext* context, const std::string& write_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(Key(tenant, key));
+  if (it == index_.end() || it->second->context.get() != context) return false;
+  it->second->write_id = write_id;
+  return true;
+}
+
+bool MemoryTier::EraseUnlessWriteId(const std::string& tenant, const std::string& key,
+                                    const std::string& write_id) {
+  std::shared_ptr<const CompressedContext> dropped;
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(Key(tenant, key));
+  if (it == index_.end() || it->second->write_id == write_id) return false;
   dropped = RemoveLocked(it->second);
   return true;
 }

@@ -61,11 +61,20 @@ class MemoryTier {
   // Inserts or replaces, then evicts least-recently-used entries until the budget holds
   // (first the tenant's own, when a share is set and the tenant would exceed it). An entry
   // larger than the whole budget or the tenant's share is not stored (it would evict
-  // everything and then itself): returns false.
+  // everything and then itself): returns false. `write_id`: the Redis entry this context
+  // is a copy of ("" when not known to be in Redis).
   bool Put(const std::string& tenant, const std::string& key,
-           std::shared_ptr<const CompressedContext> context);
+           std::shared_ptr<const CompressedContext> context, std::string write_id = "");
   // True when the entry was present.
   bool Erase(const std::string& tenant, const std::string& key);
+  // Records that the entry, if it still holds `context`, is a copy of Redis's write
+  // `write_id` (its write has landed). True when it did.
+  bool SetWriteId(const std::string& tenant, const std::string& key,
+                  const CompressedContext* context, const std::string& write_id);
+  // Erases the entry unless it is a copy of `write_id` (Redis now holds that write: any other
+  // copy is older or unknown). True when an entry was erased.
+  bool EraseUnlessWriteId(const std::string& tenant, const std::string& key,
+                          const std::string& write_id);
   void Clear();
 
   int64_t capacity_bytes() const { return capacity_bytes_; }
@@ -81,6 +90,7 @@ class MemoryTier {
     Key key;
     std::shared_ptr<const CompressedContext> context;
     int64_t bytes = 0;
+    std::string write_id;  // the Redis write it copies; "" unknown
   };
   using List = std::list<Entry>;  // front: most recently used
 

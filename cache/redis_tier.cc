@@ -12,6 +12,7 @@
 #include "absl/strings/str_split.h"
 #include "cache/codec.h"
 #include "cache/crc32c.h"
+#include "cache/invalidation.h"
 #include "common/status.h"
 
 namespace ctxcache {
@@ -40,19 +41,17 @@ end
 local used = tonumber(redis.call('GET', KEYS[2]) or '0')
 )lua";
 
-// KEYS[3]: the entry's metadata key. ARGV: quota, bytes, member, ttl_ms (0: none), escaped
-// cache key. The entry being replaced (if the ledger holds it) is credited, because the writer
-// releases it once the new one is published: replacing a damaged or foreign entry near the
-// quota must not be refused. Returns {1, used after} or {0, used}.
+// ARGV: quota, bytes, member, ttl_ms (0: none), the replaced entry's member ("" when none).
+// The entry being replaced (if the ledger holds it) is credited, because the writer releases it
+// once the new one is published: replacing a damaged or foreign entry near the quota must not
+// be refused. (The ledger lives in the tenant's hash slot and the metadata in the context's, so
+// the writer reads the metadata first and names the member here.) Returns {1, used after} or
+// {0, used}.
 constexpr char kLuaReserve[] = R"lua(
 local bytes = tonumber(ARGV[2])
 local credit = 0
-local old = redis.call('GET', KEYS[3])
-if old then
-  local wid, size = string.match(old, '^ctxm1 (%x+) %d+ (%d+) ')
-  if wid and redis.call('ZSCORE', KEYS[1], size .. ':' .. ARGV[5] .. ':' .. wid) then
-    credit = tonumber(size)
-  end
+if ARGV[5] ~= '' and redis.call('ZSCORE', KEYS[1], ARGV[5]) then
+  credit = tonumber(string.match(ARGV[5], '^(%d+):'))
 end
 if used - credit + bytes > tonumber(ARGV[1]) then return {0, used} end
 local ttl = tonumber(ARGV[4])
@@ -70,6 +69,23 @@ else
   redis.call('PERSIST', KEYS[2])
 end
 return {1, used}
+)lua";
+
+// Publishes an entry: KEYS[1] metadata, KEYS[2] the context's delete counter. ARGV: the
+// metadata text, ttl seconds (0: none), the delete counter the writer read ("": unknown, no
+// check). Returns {1, the replaced metadata or nil} or {0, the counter now}: deleted since.
+constexpr char kLuaPublish[] = R"lua(
+if ARGV[3] ~= '' then
+  local deletes = redis.call('GET', KEYS[2]) or '0'
+  if deletes ~= ARGV[3] then return {0, deletes} end
+end
+local old = redis.call('GET', KEYS[1])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return {1, old}
 )lua";
 
 // ARGV: member. Returns the bytes released (0 if the member was not there).
@@ -108,10 +124,10 @@ bool IsOkStatusReply(const redisReply& reply) {
 }  // namespace
 
 RedisTier::RedisTier(const RedisOptions& options, std::string model_fingerprint,
-                     std::unique_ptr<RedisClient> client)
+                     std::unique_ptr<RedisRouter> router)
     : options_(options),
       model_fingerprint_(std::move(model_fingerprint)),
-      client_(std::move(client)) {}
+      router_(std::move(router)) {}
 
 absl::StatusOr<std::unique_ptr<RedisTier>> RedisTier::Create(const RedisOptions& options,
                                                              std::string model_fingerprint) {
@@ -127,17 +143,21 @@ absl::StatusOr<std::unique_ptr<RedisTier>> RedisTier::Create(const RedisOptions&
     return absl::InvalidArgumentError(absl::StrCat(
         "redis max_part_bytes must be in 1..", kMaxPartBytes, ", got ", options.max_part_bytes));
   }
-  ASSIGN_OR_RETURN(RedisUrl url, ParseRedisUrl(options.url));
+  if (options.key_prefix.find_first_of("{}") != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "redis key_prefix must not hold '{' or '}' (the key layout's hash tags), got \"",
+        options.key_prefix, "\""));
+  }
   RedisClientOptions client_options;
-  client_options.url = std::move(url);
   client_options.pool_size = options.pool_size;
   client_options.connect_timeout_ms = options.connect_timeout_ms;
   client_options.command_timeout_ms = options.command_timeout_ms;
   client_options.backoff_initial_ms = options.backoff_initial_ms;
   client_options.backoff_max_ms = options.backoff_max_ms;
-  ASSIGN_OR_RETURN(std::unique_ptr<RedisClient> client, RedisClient::Create(client_options));
+  ASSIGN_OR_RETURN(std::unique_ptr<RedisRouter> router,
+                   CreateRedisRouter(options.url, client_options));
   return std::unique_ptr<RedisTier>(
-      new RedisTier(options, std::move(model_fingerprint), std::move(client)));
+      new RedisTier(options, std::move(model_fingerprint), std::move(router)));
 }
 
 std::string RedisTier::Escape(const std::string& s) {
@@ -154,17 +174,25 @@ std::string RedisTier::Escape(const std::string& s) {
   return out;
 }
 
+std::string RedisTier::ContextPrefix(const std::string& tenant, const std::string& key) const {
+  return absl::StrCat(options_.key_prefix, "{", Escape(tenant), ":", Escape(key), "}");
+}
+
 std::string RedisTier::TenantPrefix(const std::string& tenant) const {
-  return absl::StrCat(options_.key_prefix, Escape(tenant));
+  return absl::StrCat(options_.key_prefix, "{", Escape(tenant), "}");
 }
 
 std::string RedisTier::MetaKey(const std::string& tenant, const std::string& key) const {
-  return absl::StrCat(TenantPrefix(tenant), ":m:", Escape(key));
+  return absl::StrCat(ContextPrefix(tenant, key), ":m");
 }
 
 std::string RedisTier::PartKey(const std::string& tenant, const std::string& key,
                                const std::string& write_id, int64_t part) const {
-  return absl::StrCat(TenantPrefix(tenant), ":p:", Escape(key), ":", write_id, ":", part);
+  return absl::StrCat(ContextPrefix(tenant, key), ":p:", write_id, ":", part);
+}
+
+std::string RedisTier::DeleteCounterKey(const std::string& tenant, const std::string& key) const {
+  return absl::StrCat(ContextPrefix(tenant, key), ":d");
 }
 
 std::vector<std::string> RedisTier::PartKeys(const std::string& tenant, const std::string& key,
@@ -211,8 +239,8 @@ absl::StatusOr<RedisTier::Meta> RedisTier::ParseMeta(std::string_view text) {
   return meta;
 }
 
-absl::Status RedisTier::Reserve(const std::string& tenant, const std::string& key,
-                                const std::string& member, int64_t bytes,
+absl::Status RedisTier::Reserve(const std::string& tenant, const std::string& member,
+                                const std::string& replaced, int64_t bytes,
                                 RedisOperationDeadline deadline) {
   const std::string prefix = TenantPrefix(tenant);
   const std::string ledger = absl::StrCat(prefix, ":q:z"), total = absl::StrCat(prefix, ":q:n");
@@ -220,9 +248,9 @@ absl::Status RedisTier::Reserve(const std::string& tenant, const std::string& ke
   const std::string quota = std::to_string(options_.tenant_quota_bytes);
   const std::string size = std::to_string(bytes);
   const std::string ttl_ms = std::to_string(options_.ttl_seconds * 1000);
-  const std::string meta_key = MetaKey(tenant, key), escaped_key = Escape(key);
-  ASSIGN_OR_RETURN(RedisReply reply, client_->Command({"EVAL", script, "3", ledger, total, meta_key,
-                                                       quota, size, member, ttl_ms, escaped_key},
+  ASSIGN_OR_RETURN(RedisReply reply, router_->Command(ledger,
+                                                      {"EVAL", script, "2", ledger, total, quota,
+                                                       size, member, ttl_ms, replaced},
                                                       deadline));
   RETURN_IF_ERROR(ReplyError(*reply, "the quota reservation"));
   if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
@@ -240,33 +268,48 @@ absl::Status RedisTier::Reserve(const std::string& tenant, const std::string& ke
 
 absl::Status RedisTier::Discard(const std::string& tenant, const std::string& key, const Meta& meta,
                                 RedisOperationDeadline deadline) {
+  // The parts live in the context's hash slot, the ledger in the tenant's: two pipelines.
   std::vector<std::string> keys = PartKeys(tenant, key, meta);
-  std::vector<RedisArgs> commands;
   RedisArgs del = {"DEL"};
   for (const std::string& k : keys) del.push_back(k);
-  commands.push_back(std::move(del));
-  const std::string prefix = TenantPrefix(tenant);
-  const std::string ledger = absl::StrCat(prefix, ":q:z"), total = absl::StrCat(prefix, ":q:n");
-  const std::string member = LedgerMember(key, meta);
+  ASSIGN_OR_RETURN(RedisReply deleted, router_->Command(keys[0], del, deadline));
+  RETURN_IF_ERROR(ReplyError(*deleted, "a cleanup"));
   if (options_.tenant_quota_bytes > 0) {
-    commands.push_back({"EVAL", kLuaRelease, "2", ledger, total, member});
+    const std::string prefix = TenantPrefix(tenant);
+    const std::string ledger = absl::StrCat(prefix, ":q:z"), total = absl::StrCat(prefix, ":q:n");
+    const std::string member = LedgerMember(key, meta);
+    ASSIGN_OR_RETURN(
+        RedisReply released,
+        router_->Command(ledger, {"EVAL", kLuaRelease, "2", ledger, total, member}, deadline));
+    RETURN_IF_ERROR(ReplyError(*released, "a cleanup"));
   }
-  ASSIGN_OR_RETURN(std::vector<RedisReply> replies, client_->Pipeline(commands, deadline));
-  for (const RedisReply& r : replies) RETURN_IF_ERROR(ReplyError(*r, "a cleanup"));
   return absl::OkStatus();
 }
 
-absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
-                            const CompressedContext& context, RedisDeadline deadline) {
-  const RedisOperationDeadline op = client_->OperationDeadline(deadline);
+absl::StatusOr<std::string> RedisTier::Write(const std::string& tenant, const std::string& key,
+                                             const CompressedContext& context,
+                                             std::optional<int64_t> expected_deletes,
+                                             RedisDeadline deadline) {
+  const RedisOperationDeadline op = router_->OperationDeadline(deadline);
   ASSIGN_OR_RETURN(std::string blob, EncodeContext(context, BlobDtype::kF16));
   Meta meta;
   meta.write_id = RandomWriteId();
   meta.bytes = static_cast<int64_t>(blob.size());
   meta.parts = (meta.bytes + options_.max_part_bytes - 1) / options_.max_part_bytes;
   meta.crc = Crc32c(blob);
-  const bool ledger = options_.tenant_quota_bytes > 0;
-  if (ledger) RETURN_IF_ERROR(Reserve(tenant, key, LedgerMember(key, meta), meta.bytes, op));
+  const std::string meta_key = MetaKey(tenant, key);  // RedisArgs only views its arguments
+  if (options_.tenant_quota_bytes > 0) {
+    // The entry this one replaces, if any, is credited (see kLuaReserve).
+    std::string replaced;
+    ASSIGN_OR_RETURN(RedisReply old, router_->Command(meta_key, {"GET", meta_key}, op));
+    RETURN_IF_ERROR(ReplyError(*old, "GET of the metadata"));
+    if (old->type == REDIS_REPLY_STRING) {
+      if (absl::StatusOr<Meta> m = ParseMeta(ReplyText(*old)); m.ok()) {
+        replaced = LedgerMember(key, *m);
+      }
+    }
+    RETURN_IF_ERROR(Reserve(tenant, LedgerMember(key, meta), replaced, meta.bytes, op));
+  }
 
   const std::string ttl = std::to_string(options_.ttl_seconds);
   const std::vector<std::string> part_keys = PartKeys(tenant, key, meta);
@@ -280,7 +323,7 @@ absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
     commands.push_back(std::move(set));
   }
   absl::Status status;
-  if (absl::StatusOr<std::vector<RedisReply>> replies = client_->Pipeline(commands, op);
+  if (absl::StatusOr<std::vector<RedisReply>> replies = router_->Pipeline(meta_key, commands, op);
       !replies.ok()) {
     status = replies.status();
   } else {
@@ -300,99 +343,170 @@ absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
     return status;
   }
 
-  // Every part is stored: publish. SET ... GET returns the entry this one replaces.
+  // Every part is stored: publish, unless the context was deleted since the writer looked it
+  // up. The script returns the entry this one replaces.
   const std::string meta_text = FormatMeta(meta);
-  const std::string meta_key = MetaKey(tenant, key);  // RedisArgs only views its arguments
-  RedisArgs set_meta = {"SET", meta_key, meta_text};
-  if (options_.ttl_seconds > 0) set_meta.insert(set_meta.end(), {"EX", ttl});
-  set_meta.push_back("GET");
+  const std::string counter_key = DeleteCounterKey(tenant, key);
+  const std::string expected =
+      expected_deletes.has_value() ? std::to_string(*expected_deletes) : std::string();
   // A transport error here leaves it unknown whether the metadata landed, so the parts stay
   // (they expire); an error reply means it did not.
-  ASSIGN_OR_RETURN(RedisReply reply, client_->Command(set_meta, op));
+  ASSIGN_OR_RETURN(
+      RedisReply reply,
+      router_->Command(meta_key,
+                       {"EVAL", kLuaPublish, "2", meta_key, counter_key, meta_text,
+                        options_.ttl_seconds > 0 ? std::string_view(ttl) : "0", expected},
+                       op));
   if (reply->type == REDIS_REPLY_ERROR) {
     Discard(tenant, key, meta, op).IgnoreError();
     return ReplyError(*reply, "the metadata");
   }
-  if (reply->type == REDIS_REPLY_STRING) {
-    absl::StatusOr<Meta> old = ParseMeta(ReplyText(*reply));
+  if (reply->type != REDIS_REPLY_ARRAY || reply->elements < 1 ||
+      reply->element[0]->type != REDIS_REPLY_INTEGER) {
+    Discard(tenant, key, meta, op).IgnoreError();
+    return absl::InternalError("redis: unexpected reply to the metadata's publication");
+  }
+  if (reply->element[0]->integer == 0) {
+    Discard(tenant, key, meta, op).IgnoreError();
+    return absl::AbortedError(
+        "the context was deleted while it was being computed: not stored again");
+  }
+  if (reply->elements >= 2 && reply->element[1]->type == REDIS_REPLY_STRING) {
+    absl::StatusOr<Meta> old = ParseMeta(ReplyText(*reply->element[1]));
     if (old.ok() && old->write_id != meta.write_id) Discard(tenant, key, *old, op).IgnoreError();
   }
-  return absl::OkStatus();
+  return meta.write_id;
 }
 
-absl::StatusOr<CompressedContext> RedisTier::Get(const std::string& tenant, const std::string& key,
-                                                 RedisDeadline deadline) {
-  // One deadline for both round trips (metadata, then every part).
-  const RedisOperationDeadline op = client_->OperationDeadline(deadline);
-  ASSIGN_OR_RETURN(RedisReply meta_reply, client_->Command({"GET", MetaKey(tenant, key)}, op));
-  RETURN_IF_ERROR(ReplyError(*meta_reply, "GET of the metadata"));
-  if (meta_reply->type == REDIS_REPLY_NIL) return absl::NotFoundError("not in the redis tier");
-  if (meta_reply->type != REDIS_REPLY_STRING) {
-    return absl::DataLossError("cache metadata is not a string");
+RedisTier::ReadResult RedisTier::Read(const std::string& tenant, const std::string& key,
+                                      RedisDeadline deadline) {
+  ReadResult out;
+  auto fail = [&out](absl::Status status) {
+    out.context = std::move(status);
+    return std::move(out);
+  };
+  // One deadline for both round trips (metadata and delete counter, then every part), both to
+  // the node serving the context's hash slot.
+  const RedisOperationDeadline op = router_->OperationDeadline(deadline);
+  // RedisArgs only view their arguments: the keys must outlive the commands.
+  const std::string meta_key = MetaKey(tenant, key), counter_key = DeleteCounterKey(tenant, key);
+  const std::vector<RedisArgs> first = {{"GET", meta_key}, {"GET", counter_key}};
+  absl::StatusOr<std::vector<RedisReply>> replies = router_->Pipeline(meta_key, first, op);
+  if (!replies.ok()) return fail(replies.status());
+  const redisReply& meta_reply = *(*replies)[0];
+  const redisReply& counter = *(*replies)[1];
+  if (absl::Status s = ReplyError(meta_reply, "GET of the metadata"); !s.ok()) return fail(s);
+  if (counter.type == REDIS_REPLY_NIL) {
+    out.deletes = 0;
+  } else if (int64_t n = 0; counter.type == REDIS_REPLY_STRING &&
+                            absl::SimpleAtoi(ReplyText(counter), &n) && n >= 0) {
+    out.deletes = n;
+  }  // else unreadable: unknown, the writer then publishes without the check
+  if (meta_reply.type == REDIS_REPLY_NIL) return fail(absl::NotFoundError("not in the redis tier"));
+  if (meta_reply.type != REDIS_REPLY_STRING) {
+    return fail(absl::DataLossError("cache metadata is not a string"));
   }
-  ASSIGN_OR_RETURN(const Meta meta, ParseMeta(ReplyText(*meta_reply)));
+  absl::StatusOr<Meta> meta = ParseMeta(ReplyText(meta_reply));
+  if (!meta.ok()) return fail(meta.status());
 
-  const std::vector<std::string> part_keys = PartKeys(tenant, key, meta);
+  const std::vector<std::string> part_keys = PartKeys(tenant, key, *meta);
   RedisArgs mget = {"MGET"};
   for (const std::string& k : part_keys) mget.push_back(k);
-  ASSIGN_OR_RETURN(RedisReply parts, client_->Command(mget, op));
-  RETURN_IF_ERROR(ReplyError(*parts, "MGET of the parts"));
-  if (parts->type != REDIS_REPLY_ARRAY || parts->elements != static_cast<size_t>(meta.parts)) {
-    return absl::InternalError("redis: unexpected reply to MGET of the parts");
+  absl::StatusOr<RedisReply> parts = router_->Command(meta_key, mget, op);
+  if (!parts.ok()) return fail(parts.status());
+  if (absl::Status s = ReplyError(**parts, "MGET of the parts"); !s.ok()) return fail(s);
+  if ((*parts)->type != REDIS_REPLY_ARRAY ||
+      (*parts)->elements != static_cast<size_t>(meta->parts)) {
+    return fail(absl::InternalError("redis: unexpected reply to MGET of the parts"));
   }
   size_t total = 0;
-  for (size_t i = 0; i < parts->elements; ++i) {
-    const redisReply& part = *parts->element[i];
+  for (size_t i = 0; i < (*parts)->elements; ++i) {
+    const redisReply& part = *(*parts)->element[i];
     if (part.type == REDIS_REPLY_NIL) {
-      return absl::NotFoundError(absl::StrCat("redis entry incomplete: part ", i, " of ",
-                                              meta.parts, " is gone (replaced or expired)"));
+      return fail(absl::NotFoundError(absl::StrCat("redis entry incomplete: part ", i, " of ",
+                                                   meta->parts, " is gone (replaced or expired)")));
     }
-    if (part.type != REDIS_REPLY_STRING) return absl::DataLossError("a part is not a string");
+    if (part.type != REDIS_REPLY_STRING) return fail(absl::DataLossError("a part is not a string"));
     total += part.len;
   }
-  if (total != static_cast<size_t>(meta.bytes)) {
-    return absl::DataLossError(absl::StrCat("redis entry damaged: parts hold ", total,
-                                            " bytes, metadata says ", meta.bytes));
+  if (total != static_cast<size_t>(meta->bytes)) {
+    return fail(absl::DataLossError(absl::StrCat("redis entry damaged: parts hold ", total,
+                                                 " bytes, metadata says ", meta->bytes)));
   }
   std::string blob;
   blob.reserve(total);
-  for (size_t i = 0; i < parts->elements; ++i) {
-    blob.append(parts->element[i]->str, parts->element[i]->len);
+  for (size_t i = 0; i < (*parts)->elements; ++i) {
+    blob.append((*parts)->element[i]->str, (*parts)->element[i]->len);
   }
-  parts.reset();  // the parts' copy is no longer needed; a blob can be tens of MB
-  if (const uint32_t crc = Crc32c(blob); crc != meta.crc) {
-    return absl::DataLossError(
-        absl::StrFormat("redis entry damaged: checksum %08x, metadata says %08x", crc, meta.crc));
+  parts->reset();  // the parts' copy is no longer needed; a blob can be tens of MB
+  if (const uint32_t crc = Crc32c(blob); crc != meta->crc) {
+    return fail(absl::DataLossError(
+        absl::StrFormat("redis entry damaged: checksum %08x, metadata says %08x", crc, meta->crc)));
   }
   absl::StatusOr<CompressedContext> context = DecodeContext(blob, model_fingerprint_);
   if (!context.ok() && !absl::IsFailedPrecondition(context.status())) {
     // The codec's own checks (its CRC, field ranges): damage, whatever the code.
-    return absl::DataLossError(absl::StrCat("redis entry damaged: ", context.status().message()));
+    return fail(
+        absl::DataLossError(absl::StrCat("redis entry damaged: ", context.status().message())));
   }
-  return context;
+  if (context.ok()) out.write_id = meta->write_id;
+  out.context = std::move(context);
+  return out;
 }
 
 absl::StatusOr<bool> RedisTier::Delete(const std::string& tenant, const std::string& key,
                                        RedisDeadline deadline) {
-  const RedisOperationDeadline op = client_->OperationDeadline(deadline);
-  ASSIGN_OR_RETURN(RedisReply reply, client_->Command({"GETDEL", MetaKey(tenant, key)}, op));
-  RETURN_IF_ERROR(ReplyError(*reply, "GETDEL of the metadata"));
-  if (reply->type != REDIS_REPLY_STRING) return false;
+  const RedisOperationDeadline op = router_->OperationDeadline(deadline);
+  const std::string meta_key = MetaKey(tenant, key), counter_key = DeleteCounterKey(tenant, key);
+  const std::string counter_ttl = std::to_string(kDeleteCounterTtlSeconds);
+  const std::vector<RedisArgs> commands = {
+      {"GETDEL", meta_key}, {"INCR", counter_key}, {"EXPIRE", counter_key, counter_ttl}};
+  ASSIGN_OR_RETURN(std::vector<RedisReply> replies, router_->Pipeline(meta_key, commands, op));
+  for (const RedisReply& r : replies) RETURN_IF_ERROR(ReplyError(*r, "the delete"));
+  const redisReply& reply = *replies[0];
+  const bool found = reply.type == REDIS_REPLY_STRING;
   // Unreadable metadata names no parts we could find; they expire with their TTL.
-  if (absl::StatusOr<Meta> meta = ParseMeta(ReplyText(*reply)); meta.ok()) {
-    RETURN_IF_ERROR(Discard(tenant, key, *meta, op));
+  if (found) {
+    if (absl::StatusOr<Meta> meta = ParseMeta(ReplyText(reply)); meta.ok()) {
+      RETURN_IF_ERROR(Discard(tenant, key, *meta, op));
+    }
   }
-  return true;
+  RETURN_IF_ERROR(
+      Announce(FormatInvalidation({Invalidation::Kind::kDeleted, tenant, key, ""}), op.at));
+  return found;
+}
+
+absl::Status RedisTier::Put(const std::string& tenant, const std::string& key,
+                            const CompressedContext& context, RedisDeadline deadline) {
+  ASSIGN_OR_RETURN(const std::string write_id, Write(tenant, key, context, std::nullopt, deadline));
+  // Best effort: a replica that misses it holds an equal context under the same key.
+  Announce(FormatInvalidation({Invalidation::Kind::kStored, tenant, key, write_id}), deadline)
+      .IgnoreError();
+  return absl::OkStatus();
+}
+
+absl::Status RedisTier::Announce(const std::string& message, RedisDeadline deadline) {
+  const std::string channel = InvalidationChannel();
+  absl::StatusOr<int64_t> published =
+      router_->Publish(channel, message, router_->OperationDeadline(deadline));
+  if (!published.ok()) {
+    return absl::Status(published.status().code(),
+                        absl::StrCat("the invalidation could not be announced to the other "
+                                     "replicas: ",
+                                     published.status().message()));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<int64_t> RedisTier::TenantUsage(const std::string& tenant, RedisDeadline deadline) {
   if (options_.tenant_quota_bytes <= 0) return 0;
   const std::string prefix = TenantPrefix(tenant);
   const std::string script = absl::StrCat(kLuaPrune, kLuaUsage);
-  ASSIGN_OR_RETURN(RedisReply reply,
-                   client_->Command({"EVAL", script, "2", absl::StrCat(prefix, ":q:z"),
-                                     absl::StrCat(prefix, ":q:n")},
-                                    deadline));
+  const std::string ledger = absl::StrCat(prefix, ":q:z");
+  ASSIGN_OR_RETURN(
+      RedisReply reply,
+      router_->Command(ledger, {"EVAL", script, "2", ledger, absl::StrCat(prefix, ":q:n")},
+                       router_->OperationDeadline(deadline)));
   RETURN_IF_ERROR(ReplyError(*reply, "the usage query"));
   if (reply->type != REDIS_REPLY_INTEGER) {
     return absl::InternalError("redis: unexpected reply to the usage query");

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cache/redis_client.h"
+#include "cache/redis_cluster.h"
 #include "common/status.h"
 #include "server/devices.h"
 
@@ -107,7 +108,10 @@ const std::vector<Setting>& Settings() {
        String(&ServerConfig::digest_compressor)},
       {"memory_cache_bytes", "memory tier budget in resident bytes, e.g. 1GiB (default 1GiB)",
        Bytes(&ServerConfig::memory_cache_bytes)},
-      {"redis_url", "redis://[user:pass@]HOST:PORT[/db] for the shared tier (default: none)",
+      {"redis_url",
+       "the shared tier: redis://[user:pass@]HOST:PORT[/db] (one node), or "
+       "redis-cluster://[user:pass@]HOST:PORT[,HOST:PORT...] (a Redis Cluster's seed nodes) "
+       "(default: none)",
        String(&ServerConfig::redis_url)},
       {"redis_pool_size", "Redis connections (default 4)", Integer(&ServerConfig::redis_pool_size)},
       {"redis_connect_timeout_ms", "Redis connect timeout (default 500)",
@@ -380,9 +384,11 @@ absl::Status ValidateServerConfig(const ServerConfig& c) {
   if (!c.redis_url.empty()) {
     // The cache's own parser, so that what starts is what connects; its messages never
     // carry the password.
-    absl::StatusOr<RedisUrl> url = ParseRedisUrl(c.redis_url);
+    const absl::Status url = IsRedisClusterUrl(c.redis_url)
+                                 ? ParseRedisClusterUrl(c.redis_url).status()
+                                 : ParseRedisUrl(c.redis_url).status();
     if (!url.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("redis_url: ", url.status().message()));
+      return absl::InvalidArgumentError(absl::StrCat("redis_url: ", url.message()));
     }
   }
   if (c.log_format != "plain" && c.log_format != "json") {

@@ -29,7 +29,7 @@ struct ServerConfig {
   std::string digest_compressor;        // IC-Former GGUF for method "digest"; empty = none
   // Cache tiers.
   int64_t memory_cache_bytes = int64_t{1} << 30;
-  std::string redis_url;                // redis://[user:pass@]HOST:PORT[/db]; empty = none
+  std::string redis_url;  // redis://[user:pass@]HOST:PORT[/db] or redis-cluster://...; empty = none
   int redis_pool_size = 4;
   int redis_connect_timeout_ms = 500;
   int redis_command_timeout_ms = 1000;

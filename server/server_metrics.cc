@@ -161,6 +161,23 @@ ServerMetrics::ServerMetrics(const std::string& version)
           "ctxcache_redis_writes_dropped_total",
           "Computed contexts not written to Redis: write queue full, circuit open, or "
           "shutdown.")),
+      invalidation_subscribed_(registry_.AddGauge(
+          "ctxcache_redis_invalidation_subscribed",
+          "1 while this replica hears the other replicas' deletes (Redis pub/sub), else 0.")),
+      invalidations_(registry_.AddCounter(
+          "ctxcache_redis_invalidations_total",
+          "Delete and store announcements heard from the replicas (this one's included).")),
+      invalidation_resyncs_(registry_.AddCounter(
+          "ctxcache_redis_invalidation_resyncs_total",
+          "Times the invalidation subscription was re-established and the memory tier cleared, "
+          "since announcements may have been missed.")),
+      invalidations_malformed_(
+          registry_.AddCounter("ctxcache_redis_invalidations_malformed_total",
+                               "Messages on the invalidation channel that did not parse.")),
+      deleted_while_computing_(registry_.AddCounter(
+          "ctxcache_cache_deleted_while_computing_total",
+          "Contexts deleted (on any replica) while this one read or computed them: returned to "
+          "the caller but kept out of both tiers.")),
       queue_depth_(
           registry_.AddGauge("ctxcache_queue_depth", "Requests waiting for an engine worker.")
               .Get()),
@@ -372,6 +389,11 @@ void ServerMetrics::Collect() {
       SetTotal(redis_short_circuited_.Get(), static_cast<double>(s.redis_short_circuited));
       SetTotal(redis_slow_.Get(), static_cast<double>(s.redis_slow));
       SetTotal(redis_writes_dropped_.Get(), static_cast<double>(s.redis_writes_dropped));
+      invalidation_subscribed_.Get().Set(s.invalidation_subscribed ? 1 : 0);
+      SetTotal(invalidations_.Get(), static_cast<double>(s.invalidations_received));
+      SetTotal(invalidation_resyncs_.Get(), static_cast<double>(s.invalidation_resubscriptions));
+      SetTotal(invalidations_malformed_.Get(), static_cast<double>(s.invalidation_malformed));
+      SetTotal(deleted_while_computing_.Get(), static_cast<double>(s.deleted_while_computing));
     }
   }
   if (sources_.scheduler) {

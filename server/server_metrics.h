@@ -96,6 +96,10 @@ class ServerMetrics {
   metrics::GaugeFamily &redis_circuit_, &redis_write_queue_;
   metrics::CounterFamily &redis_circuit_opens_, &redis_short_circuited_, &redis_slow_,
       &redis_writes_dropped_;
+  // Cross-replica invalidation (cache/invalidation.h).
+  metrics::GaugeFamily& invalidation_subscribed_;
+  metrics::CounterFamily &invalidations_, &invalidation_resyncs_, &invalidations_malformed_,
+      &deleted_while_computing_;
   metrics::Gauge &queue_depth_, &running_, &workers_, &worker_scratch_, &rss_,
       &heap_in_use_;
   // Per tenant (tenant capacity), read from the scheduler and the memory tier.

@@ -16,6 +16,7 @@
 #include "cache/context_store.h"
 #include "cache/memory_tier.h"
 #include "cache/redis_client.h"
+#include "cache/redis_cluster.h"
 #include "cache/redis_tier.h"
 #include "cache/single_flight.h"
 #include "common/half.h"
@@ -606,14 +607,24 @@ TEST(RedisKeyTest, EscapesTenantsSoThatNoneCanForgeAnothersPrefix) {
   absl::StatusOr<std::unique_ptr<RedisTier>> tier = RedisTier::Create(options, kFingerprint);
   ASSERT_TRUE(tier.ok()) << tier.status();
   RedisTier& t = **tier;
-  EXPECT_EQ(t.TenantPrefix("acme"), "ctxcache:acme");
-  EXPECT_EQ(t.MetaKey("acme", "0123abcd"), "ctxcache:acme:m:0123abcd");
-  EXPECT_EQ(t.PartKey("acme", "0123abcd", "00ff", 2), "ctxcache:acme:p:0123abcd:00ff:2");
-  EXPECT_EQ(t.MetaKey("acme", "a:b"), "ctxcache:acme:m:a%3Ab");
-  // Tenant "acme:m:x" would collide with acme's metadata namespace if not escaped.
-  const std::string forged = t.MetaKey("acme:m:x", "k");
-  EXPECT_EQ(forged, "ctxcache:acme%3Am%3Ax:m:k");
-  EXPECT_FALSE(forged.starts_with(t.TenantPrefix("acme") + ":"));
+  EXPECT_EQ(t.TenantPrefix("acme"), "ctxcache:{acme}");
+  EXPECT_EQ(t.ContextPrefix("acme", "0123abcd"), "ctxcache:{acme:0123abcd}");
+  EXPECT_EQ(t.MetaKey("acme", "0123abcd"), "ctxcache:{acme:0123abcd}:m");
+  EXPECT_EQ(t.PartKey("acme", "0123abcd", "00ff", 2), "ctxcache:{acme:0123abcd}:p:00ff:2");
+  EXPECT_EQ(t.DeleteCounterKey("acme", "0123abcd"), "ctxcache:{acme:0123abcd}:d");
+  EXPECT_EQ(t.MetaKey("acme", "a:b"), "ctxcache:{acme:a%3Ab}:m");
+  // Tenant "acme:x" would share acme's context namespace if not escaped, and a brace in a
+  // tenant or key would move the hash tag.
+  const std::string forged = t.MetaKey("acme:x", "k");
+  EXPECT_EQ(forged, "ctxcache:{acme%3Ax:k}:m");
+  EXPECT_FALSE(forged.starts_with("ctxcache:{acme:"));
+  EXPECT_EQ(t.MetaKey("a}b{", "k"), "ctxcache:{a%7Db%7B:k}:m");
+  // Every key of one context shares one hash slot; the tenant's ledger has its own.
+  const int slot = RedisKeySlot(t.MetaKey("acme", "k"));
+  EXPECT_EQ(RedisKeySlot(t.PartKey("acme", "k", std::string(32, 'f'), 7)), slot);
+  EXPECT_EQ(RedisKeySlot(t.DeleteCounterKey("acme", "k")), slot);
+  EXPECT_EQ(RedisKeySlot(t.TenantPrefix("acme") + ":q:z"),
+            RedisKeySlot(t.TenantPrefix("acme") + ":q:n"));
   EXPECT_NE(t.MetaKey("acme", "x:m:k"), t.MetaKey("acme:m:x", "k"));
 }
 

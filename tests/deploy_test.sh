@@ -4,7 +4,8 @@
 # promtool (config, rules, rule unit tests), the dashboard's and rules' metric names against
 # deploy/metrics.txt, kustomize renders of every overlay validated against Kubernetes' JSON
 # schemas (and the ServiceMonitor against deploy/k8s/schemas/), policy checks on the rendered
-# manifests, yamllint, the compose file's references, the Dockerfiles' shape, the server
+# manifests, the prometheus-adapter rules the HPA scales on (schema, metric names, their PromQL
+# with promtool), yamllint, the compose file's references, the Dockerfiles' shape, the server
 # accepting the ConfigMap's settings, and tools/render_dashboard_preview.py on synthetic
 # scrapes. Every check runs; the script fails if any failed.
 # Without one of the tools it skips (exit 77), unless CTXCACHE_REQUIRE_DEPLOY_TOOLS=1
@@ -362,6 +363,152 @@ print(" ".join(w for w in m.group(1).replace("\\", " ").split() if not w.startsw
 else
   echo "skip ctxcache-server config check: no server binary given"
 fi
+
+echo "== Prometheus Adapter (the HPA's custom metrics)"
+mkdir -p "$tmp/adapter"
+# The adapter's rules (Helm values) against their schema; every metric their seriesQuery and
+# metricsQuery name is in deploy/metrics.txt (tools/check_dashboard.py's rules, rate() of
+# counters only); each rule's series is one its name.matches accepts; its resource labels are
+# ones the scrape configs set; every Pods metric of a rendered HPA is served by a rule, and dev
+# (no adapter) has none. Writes the metricsQuery templates, filled in as the adapter fills them
+# for a pods query, as recording rules for promtool below.
+check "prometheus-adapter rules: schema, metric names in deploy/metrics.txt, the HPA's metrics served" \
+  python3 - "$tmp" <<'PY'
+import json, re, sys, yaml, jsonschema
+sys.path.insert(0, "tools")
+from check_dashboard import check_expr, load_metrics
+tmp = sys.argv[1]
+path = "deploy/k8s/monitoring/prometheus-adapter/values.yaml"
+values = yaml.safe_load(open(path))
+jsonschema.validate(values, json.load(open("deploy/k8s/schemas/prometheus-adapter-values.schema.json")))
+families = load_metrics("deploy/metrics.txt")
+bad, served, records = [], {}, []
+prom = yaml.safe_load(open("deploy/prometheus/prometheus.yml"))
+scrape_labels = {r["target_label"] for j in prom["scrape_configs"] for r in j.get("relabel_configs", [])
+                 if "target_label" in r}
+sm = yaml.safe_load(open("deploy/k8s/monitoring/servicemonitor.yaml"))
+sm_labels = {"namespace"} | {r["targetLabel"] for e in sm["spec"]["endpoints"]
+                             for r in e.get("relabelings", []) if "targetLabel" in r}
+# What the adapter puts in for a pods query of namespace ctxcache, pods a, b and c.
+matchers = 'namespace="ctxcache",pod=~"ctxcache-a|ctxcache-b|ctxcache-c"'
+for i, r in enumerate(values["rules"]["custom"]):
+    where = f"{path}: rules.custom[{i}]"
+    m = re.fullmatch(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(\{.*\})?\s*", r["seriesQuery"])
+    if not m:
+        bad.append(f"{where}: seriesQuery must select one metric by name: {r['seriesQuery']!r}")
+        continue
+    series = m.group(1)
+    check_expr(r["seriesQuery"], families, f"{where} seriesQuery", bad)
+    if not re.search(r["name"]["matches"], series):
+        bad.append(f"{where}: name.matches {r['name']['matches']!r} rejects {series}")
+    as_ = r["name"]["as"] or series
+    if as_ in served:
+        bad.append(f"{where}: {as_} served by two rules")
+    served[as_] = series
+    for label in r["resources"].get("overrides", {}):
+        if label not in scrape_labels or label not in sm_labels:
+            bad.append(f"{where}: label {label!r} is not set by prometheus.yml and the ServiceMonitor")
+    q = r["metricsQuery"]
+    q = q.replace("<<.Series>>", series).replace("<<.LabelMatchers>>", matchers)
+    q = q.replace("<<.GroupBy>>", "pod")
+    if "<<" in q or ">>" in q:
+        bad.append(f"{where}: metricsQuery uses a template field other than Series, LabelMatchers, GroupBy")
+        continue
+    check_expr(q, families, f"{where} metricsQuery", bad)
+    records.append({"record": f"adapter:{as_}", "expr": q})
+yaml.safe_dump({"groups": [{"name": "prometheus-adapter", "rules": records}]},
+               open(f"{tmp}/adapter/rules.yml", "w"), sort_keys=False)
+for o in ("cpu", "gpu", "dev"):
+    for d in yaml.safe_load_all(open(f"{tmp}/k8s/{o}.yaml")):
+        if not d or d["kind"] != "HorizontalPodAutoscaler":
+            continue
+        pods = [m["pods"]["metric"]["name"] for m in d["spec"]["metrics"] if m["type"] == "Pods"]
+        other = [m["type"] for m in d["spec"]["metrics"] if m["type"] not in ("Pods", "Resource")]
+        if other:
+            bad.append(f"{o}: HPA uses {other} metrics, which no rule here serves")
+        if o == "dev":
+            if pods:
+                bad.append(f"dev: HPA reads {pods} but dev has no adapter (it would never scale down)")
+            continue
+        if sorted(pods) != sorted(served):
+            bad.append(f"{o}: HPA Pods metrics {pods}, adapter serves {sorted(served)}")
+print("\n".join(bad) or f"rules serve {', '.join(f'{k} (from {v})' for k, v in served.items())}")
+raise SystemExit(1 if bad else 0)
+PY
+check "HPA: queue-depth target is a quarter of max_queue_depth; utilisation target 0 to 1" \
+  python3 - "$tmp/k8s" <<'PY'
+import sys, yaml
+cfg = yaml.safe_load(open("deploy/k8s/base/ctxcache.yaml"))
+hpa = next(d for d in yaml.safe_load_all(open(f"{sys.argv[1]}/base.yaml"))
+           if d and d["kind"] == "HorizontalPodAutoscaler")
+t = {m["pods"]["metric"]["name"]: m["pods"]["target"] for m in hpa["spec"]["metrics"]
+     if m["type"] == "Pods"}
+def qty(v):
+    v = str(v)
+    return int(v[:-1]) / 1000 if v.endswith("m") else float(v)
+q, u = t["ctxcache_queue_depth"], t["ctxcache_worker_utilization"]
+ok = (q["type"] == u["type"] == "AverageValue" and qty(q["averageValue"]) == cfg["max_queue_depth"] / 4
+      and 0 < qty(u["averageValue"]) < 1)
+print(f"queue depth {q['averageValue']} per pod (max_queue_depth {cfg['max_queue_depth']}), "
+      f"utilisation {u['averageValue']}")
+raise SystemExit(0 if ok else 1)
+PY
+check "promtool check rules: the adapter's metricsQuery, filled in" \
+  promtool check rules "$tmp/adapter/rules.yml"
+# Synthetic scrapes of three pods and a same-named pod in another namespace: the utilisation is
+# busy seconds per second over the pod's workers (a: 1.5/2, b: 0.5/2; c is loading, 0 workers:
+# no value), and the other namespace does not leak in through either side of the division.
+cat >"$tmp/adapter/rules_test.yml" <<'YML'
+rule_files:
+  - rules.yml
+evaluation_interval: 15s
+tests:
+  - interval: 15s
+    input_series:
+      - series: 'ctxcache_worker_busy_seconds_total{namespace="ctxcache",pod="ctxcache-a"}'
+        values: '0+22.5x40'
+      - series: 'ctxcache_workers{namespace="ctxcache",pod="ctxcache-a"}'
+        values: '2x40'
+      - series: 'ctxcache_worker_busy_seconds_total{namespace="ctxcache",pod="ctxcache-b"}'
+        values: '0+7.5x40'
+      - series: 'ctxcache_workers{namespace="ctxcache",pod="ctxcache-b"}'
+        values: '2x40'
+      - series: 'ctxcache_worker_busy_seconds_total{namespace="ctxcache",pod="ctxcache-c"}'
+        values: '0x40'
+      - series: 'ctxcache_workers{namespace="ctxcache",pod="ctxcache-c"}'
+        values: '0x40'
+      - series: 'ctxcache_worker_busy_seconds_total{namespace="other",pod="ctxcache-a"}'
+        values: '0+60x40'
+      - series: 'ctxcache_workers{namespace="other",pod="ctxcache-a"}'
+        values: '4x40'
+      - series: 'ctxcache_queue_depth{namespace="ctxcache",pod="ctxcache-a"}'
+        values: '16x40'
+      - series: 'ctxcache_queue_depth{namespace="ctxcache",pod="ctxcache-b"}'
+        values: '0x30 8x10'
+      - series: 'ctxcache_queue_depth{namespace="ctxcache",pod="ctxcache-c"}'
+        values: '0x40'
+      - series: 'ctxcache_queue_depth{namespace="other",pod="ctxcache-a"}'
+        values: '64x40'
+    promql_expr_test:
+      - expr: adapter:ctxcache_worker_utilization
+        eval_time: 10m
+        exp_samples:
+          - labels: 'adapter:ctxcache_worker_utilization{pod="ctxcache-a"}'
+            value: 0.75
+          - labels: 'adapter:ctxcache_worker_utilization{pod="ctxcache-b"}'
+            value: 0.25
+      - expr: adapter:ctxcache_queue_depth
+        eval_time: 10m
+        exp_samples:
+          - labels: 'adapter:ctxcache_queue_depth{pod="ctxcache-a"}'
+            value: 16
+          - labels: 'adapter:ctxcache_queue_depth{pod="ctxcache-b"}'
+            value: 8
+          - labels: 'adapter:ctxcache_queue_depth{pod="ctxcache-c"}'
+            value: 0
+YML
+check "promtool test rules: utilisation and queue depth per pod from synthetic series" \
+  promtool test rules "$tmp/adapter/rules_test.yml"
 
 echo "== YAML lint"
 check "yamllint --strict -c .yamllint deploy docker .yamllint" \

@@ -24,13 +24,19 @@
 namespace ctxcache::testing {
 
 // A fake Redis on 127.0.0.1:<ephemeral>. It parses RESP command arrays and answers: PING
-// +PONG; GET, GETDEL nil (every lookup is a miss); MGET an array of nils; SET +OK; anything
-// else an error reply. Knobs (atomic, may change while it runs):
+// +PONG; GET, GETDEL nil (every lookup is a miss); MGET an array of nils; SET +OK; EVAL as the
+// tier's publication script does when it stores ({1, nil}); INCR, EXPIRE 1; PUBLISH 0; SUBSCRIBE as
+// Redis does (then PING in the subscribed form); anything else an error reply. Knobs (atomic, may
+// change while it runs):
 //  * delay_ms: wait this long before each reply;
 //  * set_delay_ms: wait this long before a SET's reply (writes only);
 //  * trickle_ms: > 0 answers GET with a 30-byte bulk string sent one byte every trickle_ms
 //    (a slow-but-alive server: every read of the client gets a byte well within any
-//    per-syscall timeout).
+//    per-syscall timeout);
+//  * cluster: answers CLUSTER SLOTS with one range 0..16383 served by itself, and every other
+//    command but PING with "MOVED <slot> 127.0.0.1:<its port>" (a redirect loop);
+//  * error_reply (set before the first command): answers every command but PING with this
+//    error reply, e.g. "CLUSTERDOWN The cluster is down" (CLUSTER SLOTS as with `cluster`).
 class FakeRedis {
  public:
   FakeRedis() : acceptor_([this](int fd) { Serve(fd); }) {}
@@ -41,7 +47,11 @@ class FakeRedis {
   }
   int commands() const { return commands_.load(); }
 
+  int port() const { return acceptor_.port(); }
+
   std::atomic<int> delay_ms{0}, set_delay_ms{0}, trickle_ms{0};
+  std::atomic<bool> cluster{false};
+  std::string error_reply;
 
  private:
   // Sleeps up to `ms` in small steps, false when the server is stopping.
@@ -93,6 +103,7 @@ class FakeRedis {
   }
 
   void Serve(int fd) {
+    bool subscribed = false;
     std::string buf;
     char chunk[65536];
     while (!acceptor_.stopping()) {
@@ -108,7 +119,15 @@ class FakeRedis {
         ++commands_;
         if (!Sleep(delay_ms.load())) break;
         if (name == "PING") {
-          ok = Send(fd, "+PONG\r\n");
+          ok = Send(fd, subscribed ? "*2\r\n$4\r\npong\r\n$0\r\n\r\n" : "+PONG\r\n");
+        } else if (name == "CLUSTER" && (cluster.load() || !error_reply.empty())) {
+          const std::string port = std::to_string(acceptor_.port());
+          ok = Send(fd, absl::StrCat("*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n:", port,
+                                     "\r\n$4\r\nfake\r\n"));
+        } else if (cluster.load()) {
+          ok = Send(fd, absl::StrCat("-MOVED 1 127.0.0.1:", acceptor_.port(), "\r\n"));
+        } else if (!error_reply.empty()) {
+          ok = Send(fd, "-" + error_reply + "\r\n");
         } else if (name == "GET" && trickle_ms.load() > 0) {
           const std::string reply = "$30\r\n" + std::string(30, 'x') + "\r\n";
           for (size_t i = 0; ok && i < reply.size(); ++i) {
@@ -122,6 +141,15 @@ class FakeRedis {
           ok = Send(fd, r);
         } else if (name == "SET") {
           ok = Sleep(set_delay_ms.load()) && Send(fd, "+OK\r\n");
+        } else if (name == "EVAL") {
+          ok = Send(fd, "*2\r\n:1\r\n$-1\r\n");
+        } else if (name == "PUBLISH") {
+          ok = Send(fd, ":0\r\n");
+        } else if (name == "INCR" || name == "EXPIRE") {
+          ok = Send(fd, ":1\r\n");
+        } else if (name == "SUBSCRIBE") {
+          subscribed = true;
+          ok = Send(fd, "*3\r\n$9\r\nsubscribe\r\n$19\r\nctxcache:invalidate\r\n:1\r\n");
         } else {
           ok = Send(fd, "-ERR fake redis does not know " + name + "\r\n");
         }

@@ -26,6 +26,7 @@
 #include "cache/crc32c.h"
 #include "common/half.h"
 #include "tests/redis_server.h"
+#include "tests/redis_test_util.h"
 
 namespace ctxcache {
 namespace {
@@ -33,56 +34,10 @@ namespace {
 using ::testing::HasSubstr;
 using testing::RedisServer;
 
-constexpr char kFingerprint[] = "81ee8e0f5c3d2a1b00112233445566778899aabbccddeeff0123456789abcdef";
-constexpr char kOtherFingerprint[] =
-    "1a2b3c4d5c3d2a1b00112233445566778899aabbccddeeff0123456789abcdef";
-
-// A KV context whose values survive fp16 (as the engine's do), so round trips are exact.
-// About 3.3 KB encoded with the defaults: several parts at max_part_bytes = 1000.
-CompressedContext MakeContext(float seed = 1.0f, const char* fingerprint = kFingerprint,
-                              int n = 20) {
-  CompressedContext c;
-  c.model_fingerprint = fingerprint;
-  c.method = "snapkv";
-  c.params = "ratio=8;window=16";
-  c.method_version = 2;
-  c.source_tokens = 8 * n;
-  c.kv = KvCache(2, 2, 8);
-  c.kv.next_position = 8 * n;
-  for (int l = 0; l < 2; ++l) {
-    for (int h = 0; h < 2; ++h) {
-      KvHead& kh = c.kv.head(l, h);
-      for (int i = 0; i < n; ++i) kh.pos.push_back(8 * i + h);
-      for (int i = 0; i < n * 8; ++i) {
-        kh.k.push_back(Fp32ToFp16(seed + 0.125f * (i + l)));
-        kh.v.push_back(Fp32ToFp16(seed - 0.0625f * (i + h)));
-      }
-    }
-  }
-  return c;
-}
-
-void ExpectSameContext(const CompressedContext& a, const CompressedContext& b) {
-  EXPECT_EQ(a.kind, b.kind);
-  EXPECT_EQ(a.model_fingerprint, b.model_fingerprint);
-  EXPECT_EQ(a.method, b.method);
-  EXPECT_EQ(a.params, b.params);
-  EXPECT_EQ(a.method_version, b.method_version);
-  EXPECT_EQ(a.source_tokens, b.source_tokens);
-  EXPECT_EQ(a.kv.next_position, b.kv.next_position);
-  ASSERT_EQ(a.kv.n_layers(), b.kv.n_layers());
-  ASSERT_EQ(a.kv.n_kv_heads(), b.kv.n_kv_heads());
-  ASSERT_EQ(a.kv.head_dim(), b.kv.head_dim());
-  for (int l = 0; l < a.kv.n_layers(); ++l) {
-    for (int h = 0; h < a.kv.n_kv_heads(); ++h) {
-      EXPECT_EQ(a.kv.head(l, h).pos, b.kv.head(l, h).pos);
-      EXPECT_EQ(a.kv.head(l, h).k, b.kv.head(l, h).k);
-      EXPECT_EQ(a.kv.head(l, h).v, b.kv.head(l, h).v);
-    }
-  }
-  EXPECT_EQ(a.digest_tokens, b.digest_tokens);
-  EXPECT_EQ(a.digest, b.digest);
-}
+using testing::ExpectSameContext;
+using testing::kFingerprint;
+using testing::kOtherFingerprint;
+using testing::MakeContext;
 
 int64_t BlobBytes(const CompressedContext& c) { return EncodeContext(c, BlobDtype::kF16)->size(); }
 
@@ -217,13 +172,13 @@ TEST_F(RedisTierTest, MultiPartRoundTrip) {
 
   Raw raw = RawConnection();
   ASSERT_TRUE(raw.ok());
-  const std::vector<std::string> parts = raw.Keys("ctxcache:acme:p:k1:*");
+  const std::vector<std::string> parts = raw.Keys("ctxcache:{acme:k1}:p:*");
   EXPECT_EQ(static_cast<int64_t>(parts.size()),
             (bytes + o.redis.max_part_bytes - 1) / o.redis.max_part_bytes);
   for (const std::string& p : parts) {
     EXPECT_LE(static_cast<int64_t>(raw.Get(p).size()), o.redis.max_part_bytes) << p;
   }
-  EXPECT_THAT(raw.Get("ctxcache:acme:m:k1"), HasSubstr("ctxm1 "));
+  EXPECT_THAT(raw.Get("ctxcache:{acme:k1}:m"), HasSubstr("ctxm1 "));
 
   absl::StatusOr<CompressedContext> back = tier->Get("acme", "k1");
   ASSERT_TRUE(back.ok()) << back.status();
@@ -234,7 +189,7 @@ TEST_F(RedisTierTest, MultiPartRoundTrip) {
   o.redis.max_part_bytes = 1 << 20;
   std::unique_ptr<RedisTier> big_parts = NewTier(o.redis);
   ASSERT_TRUE(big_parts->Put("acme", "k3", c).ok());
-  EXPECT_EQ(raw.Keys("ctxcache:acme:p:k3:*").size(), 1u);
+  EXPECT_EQ(raw.Keys("ctxcache:{acme:k3}:p:*").size(), 1u);
   back = tier->Get("acme", "k3");  // readers need not share the writer's part size
   ASSERT_TRUE(back.ok()) << back.status();
   ExpectSameContext(*back, c);
@@ -325,8 +280,8 @@ TEST_F(RedisTierTest, MetadataIsWrittenLastAndAHalfWrittenEntryIsAMiss) {
     ASSERT_EQ(redisGetReply(monitor.context(), &line), REDIS_OK) << "MONITOR stream ended";
     Reply r(static_cast<redisReply*>(line));
     const std::string text(r->str, r->len);
-    if (text.find("\"SET\" \"ctxcache:acme:p:k1:") != std::string::npos) ++part_sets;
-    if (text.find("\"SET\" \"ctxcache:acme:m:k1\"") != std::string::npos) meta_seen = true;
+    if (text.find("\"SET\" \"ctxcache:{acme:k1}:p:") != std::string::npos) ++part_sets;
+    if (text.find("\"SET\" \"ctxcache:{acme:k1}:m\"") != std::string::npos) meta_seen = true;
   }
   EXPECT_EQ(part_sets, (BlobBytes(MakeContext()) + 999) / 1000);
 
@@ -339,7 +294,7 @@ TEST_F(RedisTierTest, MetadataIsWrittenLastAndAHalfWrittenEntryIsAMiss) {
   EXPECT_EQ(tier->Get("acme", "dead").status().code(), absl::StatusCode::kNotFound);
 
   // Metadata naming a part that is gone (replaced or expired under the reader): a miss too.
-  const std::vector<std::string> parts = raw.Keys("ctxcache:acme:p:k1:*");
+  const std::vector<std::string> parts = raw.Keys("ctxcache:{acme:k1}:p:*");
   ASSERT_GE(parts.size(), 2u);
   raw.Run({"DEL", parts[1]});
   const absl::Status torn = tier->Get("acme", "k1").status();
@@ -372,13 +327,13 @@ TEST_F(RedisTierTest, EveryKeyHasTheTtl) {
     EXPECT_GT(ttl, 0) << k;
     EXPECT_LE(ttl, 120 + 60) << k;  // the ledger outlives its entries by a minute
   }
-  EXPECT_GT(raw.Integer({"TTL", "ctxcache:acme:m:k1"}), 100);
+  EXPECT_GT(raw.Integer({"TTL", "ctxcache:{acme:k1}:m"}), 100);
 
   o.redis.ttl_seconds = 0;  // no expiry
   std::unique_ptr<RedisTier> forever = NewTier(o.redis);
   ASSERT_TRUE(forever->Put("acme", "k2", MakeContext()).ok());
-  EXPECT_EQ(raw.Integer({"TTL", "ctxcache:acme:m:k2"}), -1);
-  for (const std::string& k : raw.Keys("ctxcache:acme:p:k2:*")) {
+  EXPECT_EQ(raw.Integer({"TTL", "ctxcache:{acme:k2}:m"}), -1);
+  for (const std::string& k : raw.Keys("ctxcache:{acme:k2}:p:*")) {
     EXPECT_EQ(raw.Integer({"TTL", k}), -1) << k;
   }
 }
@@ -513,8 +468,8 @@ TEST_F(RedisTierTest, TenantsAreIsolated) {
   EXPECT_EQ(Fp16ToFp32(store->Get("alice", "k")->context->kv.head(0, 0).k[0]), 1.0f);
   EXPECT_EQ(Fp16ToFp32(store->Get("alice:m", "k")->context->kv.head(0, 0).k[0]), 2.0f);
   Raw raw = RawConnection();
-  EXPECT_EQ(raw.Keys("ctxcache:alice%3Am:m:*").size(), 1u);
-  EXPECT_EQ(raw.Keys("ctxcache:alice:m:*").size(), 1u);
+  EXPECT_EQ(raw.Keys("ctxcache:{alice%3Am:*}:m").size(), 1u);
+  EXPECT_EQ(raw.Keys("ctxcache:{alice:*}:m").size(), 1u);
   // Deleting one tenant's entry leaves the other's.
   ASSERT_TRUE(store->Delete("alice:m", "k").ok());
   store->ClearMemory();
@@ -664,7 +619,7 @@ class CorruptionTest : public RedisTierTest {
     ASSERT_TRUE(Stored(store.get(), "t", "k", Counting(&computes)).ok());
     Raw raw = RawConnection();
     damage(raw);
-    const std::vector<std::string> damaged_parts = raw.Keys("ctxcache:t:p:*");
+    const std::vector<std::string> damaged_parts = raw.Keys("ctxcache:{t:*}:p:*");
     EXPECT_EQ(tier->Get("t", "k").status().code(), absl::StatusCode::kDataLoss);
 
     store->ClearMemory();
@@ -692,7 +647,7 @@ class CorruptionTest : public RedisTierTest {
 
 TEST_F(CorruptionTest, FlippedByteInAPart) {
   ExpectDetectedAndReplaced([](Raw& raw) {
-    const std::vector<std::string> parts = raw.Keys("ctxcache:t:p:k:*");
+    const std::vector<std::string> parts = raw.Keys("ctxcache:{t:k}:p:*");
     ASSERT_GE(parts.size(), 2u);
     std::string part = raw.Get(parts[1]);
     part[17] ^= 0x40;
@@ -703,7 +658,7 @@ TEST_F(CorruptionTest, FlippedByteInAPart) {
 TEST_F(CorruptionTest, DamageThatTheMetadataChecksumAgreesWith) {
   // The metadata is rewritten to match the damaged bytes: the codec's own CRC catches it.
   ExpectDetectedAndReplaced([](Raw& raw) {
-    const std::vector<std::string> parts = raw.Keys("ctxcache:t:p:k:*");
+    const std::vector<std::string> parts = raw.Keys("ctxcache:{t:k}:p:*");
     ASSERT_GE(parts.size(), 2u);
     std::string part = raw.Get(parts[0]);
     part[100] ^= 0x01;
@@ -715,16 +670,16 @@ TEST_F(CorruptionTest, DamageThatTheMetadataChecksumAgreesWith) {
       ordered[std::stoi(p.substr(p.rfind(':') + 1))] = p;
     }
     for (const std::string& p : ordered) blob += raw.Get(p);
-    std::string meta = raw.Get("ctxcache:t:m:k");
+    std::string meta = raw.Get("ctxcache:{t:k}:m");
     meta = meta.substr(0, meta.rfind(' ') + 1) + absl::StrFormat("%08x", Crc32c(blob));
-    raw.Run({"SET", "ctxcache:t:m:k", meta, "KEEPTTL"});
+    raw.Run({"SET", "ctxcache:{t:k}:m", meta, "KEEPTTL"});
   });
 }
 
 TEST_F(CorruptionTest, UnreadableMetadata) {
   ExpectDetectedAndReplaced(
       [](Raw& raw) {
-        raw.Run({"SET", "ctxcache:t:m:k", "ctxm1 not-a-write-id 99999999999 -1 zz", "KEEPTTL"});
+        raw.Run({"SET", "ctxcache:{t:k}:m", "ctxm1 not-a-write-id 99999999999 -1 zz", "KEEPTTL"});
       },
       /*old_parts_named=*/false);
 }

@@ -909,7 +909,8 @@ TEST_F(ServerE2ETest, DrainFinishesQueuedRedisWrites) {
   EXPECT_EQ(a.server->store()->Stats().redis_writes, 1) << StoreStats(*a.server);
   std::unique_ptr<redisContext, void (*)(redisContext*)> raw(redis.Connect(), redisFree);
   ASSERT_NE(raw, nullptr);
-  RawReply exists = RawCommand(raw.get(), {"EXISTS", "ctxcache:default:m:" + c.context().context_id()});
+  RawReply exists =
+      RawCommand(raw.get(), {"EXISTS", "ctxcache:{default:" + c.context().context_id() + "}:m"});
   ASSERT_NE(exists, nullptr);
   EXPECT_EQ(exists->integer, 1) << "the context's metadata is not in Redis";
 }
@@ -937,18 +938,18 @@ TEST_F(ServerE2ETest, CorruptRedisEntryIsDetectedRecomputedAndReplaced) {
   Flush(*a.server);
   ASSERT_EQ(a.server->store()->Stats().redis_writes, 1) << StoreStats(*a.server);
 
-  // The layout (cache/redis_tier.h): metadata "ctxcache:default:m:<id>" holding
-  // "ctxm1 <write id> <parts> <bytes> <crc32c>", parts "ctxcache:default:p:<id>:<write id>:<i>".
+  // The layout (cache/redis_tier.h): metadata "ctxcache:{default:<id>}:m" holding
+  // "ctxm1 <write id> <parts> <bytes> <crc32c>", parts "ctxcache:{default:<id>}:p:<write id>:<i>".
   std::unique_ptr<redisContext, void (*)(redisContext*)> raw(redis.Connect(), redisFree);
   ASSERT_NE(raw, nullptr);
-  const std::string meta_key = "ctxcache:default:m:" + id;
+  const std::string meta_key = "ctxcache:{default:" + id + "}:m";
   const std::string meta = RawString(raw.get(), {"GET", meta_key});
   ASSERT_EQ(meta.rfind("ctxm1 ", 0), 0u) << "metadata: \"" << meta << "\"";
   const std::vector<std::string> fields = absl::StrSplit(meta, ' ');
   ASSERT_EQ(fields.size(), 5u) << meta;
-  const std::string part_key = absl::StrCat("ctxcache:default:p:", id, ":", fields[1], ":0");
+  const std::string part_key = absl::StrCat("ctxcache:{default:", id, "}:p:", fields[1], ":0");
   {
-    RawReply keys = RawCommand(raw.get(), {"KEYS", "ctxcache:default:p:" + id + ":*"});
+    RawReply keys = RawCommand(raw.get(), {"KEYS", "ctxcache:{default:" + id + "}:p:*"});
     ASSERT_NE(keys, nullptr);
     ASSERT_EQ(keys->type, REDIS_REPLY_ARRAY);
     ASSERT_EQ(keys->elements, static_cast<size_t>(std::stoll(fields[2])));

@@ -32,7 +32,8 @@ while (($#)); do
     *) targets+=("$1"); shift ;;
   esac
 done
-all=(codec gguf icformer tokenizer chat_template utf8 stop redis_meta redis_url config)
+all=(codec gguf icformer tokenizer chat_template utf8 stop redis_meta redis_url redis_cluster
+  config)
 ((${#targets[@]})) || targets=("${all[@]}")
 ((runs >= 0)) || [[ -n "$seconds" ]] || seconds=20
 

@@ -23,7 +23,8 @@ echo "== sanitizer build (ASan + UBSan): untrusted-input parsers" >&2
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCTXCACHE_SANITIZE=ON \
   -DCTXCACHE_CUDA=OFF -DCTXCACHE_BUILD_BENCH=OFF >/dev/null
 asan_tests=(gguf_test tokenizer_conformance_test quant_test codec_test icformer_test)
-replay_targets=(tokenizer chat_template utf8 stop redis_meta redis_url config icformer openai_json)
+replay_targets=(tokenizer chat_template utf8 stop redis_meta redis_url redis_cluster config icformer
+  openai_json)
 cmake --build build-asan -j"$jobs" --target "${asan_tests[@]}" gguf_fuzz_replay gguf_seeds \
   codec_fuzz_replay codec_seeds "${replay_targets[@]/%/_fuzz_replay}"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
