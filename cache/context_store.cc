@@ -147,7 +147,7 @@ class TwoTierStore final : public ContextStore {
         found = RedisGet(tenant, key, deadline);
       }
       if (found.context != nullptr) {
-        const bool in_memory = epoch.Store(found.context, found.write_id);
+        const bool in_memory = epoch.Store(found.context, found.write_id, /*computed=*/false);
         return StoreResult{std::move(found.context), CacheTier::kRedis, 0, in_memory, true};
       }
       RETURN_IF_ERROR(CheckStop(flight_stop));
@@ -157,7 +157,7 @@ class TwoTierStore final : public ContextStore {
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (!computed.ok()) return computed.status();
       auto context = std::make_shared<const CompressedContext>(*std::move(computed));
-      const bool in_memory = epoch.Store(context, "");
+      const bool in_memory = epoch.Store(context, "", /*computed=*/true);
       // Returns at once: the writer thread stores it. in_redis then means "queued for Redis".
       // A context deleted meanwhile is neither kept nor written (the caller still gets it).
       const bool in_redis =
@@ -175,7 +175,7 @@ class TwoTierStore final : public ContextStore {
     absl::Status redis_error;
     FlightEpoch epoch(this, tenant, key);
     if (RedisFound found = RedisGet(tenant, key, deadline, &redis_error); found.context) {
-      const bool in_memory = epoch.Store(found.context, found.write_id);
+      const bool in_memory = epoch.Store(found.context, found.write_id, /*computed=*/false);
       return StoreResult{std::move(found.context), CacheTier::kRedis, 0, in_memory, true};
     }
     if (!redis_error.ok() && !CurrentRedisStop().ok()) return redis_error;  // the caller left
@@ -423,11 +423,14 @@ class TwoTierStore final : public ContextStore {
 
   // Invalidation epochs. Every invalidation (a Delete here, or one announced by another
   // replica) bumps epoch_ and, while lookups are in progress, leaves a tombstone for its key;
-  // a resubscription (messages may have been missed) clears the memory tier and marks every
-  // lookup in progress as invalidated. A lookup (Redis read, then maybe a computation) notes
-  // the epoch it started at and stores what it got only if its key was not invalidated since,
-  // checked and stored under epoch_mu_, which Invalidate also holds while it erases: so a
-  // delete either comes after the store (and erases it) or before it (and prevents it).
+  // a resubscription (messages may have been missed) clears the memory tier and marks the
+  // epoch. A lookup (Redis read, then maybe a computation) notes the epoch it started at and
+  // stores what it got only if its key was not invalidated since, checked and stored under
+  // epoch_mu_, which Invalidate also holds while it erases: so a delete either comes after the
+  // store (and erases it) or before it (and prevents it). After a resubscription a copy read
+  // from Redis before it is not kept (a delete may have been missed); a computed context is
+  // kept and written, since Redis refuses the write when the context was deleted meanwhile
+  // (the delete counter), and the refused write then takes it out of memory too.
   class FlightEpoch {
    public:
     FlightEpoch(TwoTierStore* store, const std::string& tenant, const std::string& key)
@@ -453,26 +456,24 @@ class TwoTierStore final : public ContextStore {
     FlightEpoch& operator=(const FlightEpoch&) = delete;
 
     // Puts the context in the memory tier unless its key was invalidated since the lookup
-    // began. True when it is in memory.
-    bool Store(std::shared_ptr<const CompressedContext> context, std::string write_id) {
+    // began (see above; `computed`: made by this lookup, not read from Redis). True when it
+    // is in memory.
+    bool Store(std::shared_ptr<const CompressedContext> context, std::string write_id,
+               bool computed) {
       absl::MutexLock lock(&store_->epoch_mu_);
-      if (InvalidatedLocked()) {
-        invalidated_ = true;
+      auto it = store_->tombstones_.find(FlightKey(tenant_, key_));
+      if (it != store_->tombstones_.end() && it->second > start_) {
+        invalidated_ = true;  // a delete heard: neither tier gets it
         store_->deleted_while_computing_.fetch_add(1, std::memory_order_relaxed);
         return false;
       }
+      if (!computed && store_->cleared_epoch_ > start_) return false;
       return store_->memory_.Put(tenant_, key_, std::move(context), std::move(write_id));
     }
-    // Whether Store found the key invalidated.
+    // Whether Store found a delete of the key since the lookup began.
     bool invalidated() const { return invalidated_; }
 
    private:
-    bool InvalidatedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(store_->epoch_mu_) {
-      if (store_->cleared_epoch_ > start_) return true;
-      auto it = store_->tombstones_.find(FlightKey(tenant_, key_));
-      return it != store_->tombstones_.end() && it->second > start_;
-    }
-
     TwoTierStore* const store_;
     const std::string& tenant_;
     const std::string& key_;
@@ -583,8 +584,10 @@ class TwoTierStore final : public ContextStore {
       redis_->Announce(FormatInvalidation({Invalidation::Kind::kStored, tenant, w.key, *written}))
           .IgnoreError();
     } else if (absl::IsAborted(status)) {
-      // Deleted (on some replica) while it was computed: not stored again, as it should be.
+      // Deleted (on some replica) while it was computed: not stored again, as it should be,
+      // and not kept in memory either (a replica that missed the announcement kept it).
       deleted_while_computing_.fetch_add(1, std::memory_order_relaxed);
+      memory_.EraseIfHolds(tenant, w.key, w.context.get());
     } else if (absl::IsResourceExhausted(status)) {
       redis_quota_skips_.fetch_add(1, std::memory_order_relaxed);
       quota_warning_.Log(absl::StrCat("redis tier: write skipped for tenant \"", tenant,

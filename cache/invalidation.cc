@@ -239,9 +239,10 @@ std::string InvalidationListener::Session(const RedisUrl& node, bool* ever_subsc
   const bool first = !*ever_subscribed;
   *ever_subscribed = true;
   *subscribed = true;
-  if (!first) resubscriptions_.fetch_add(1, std::memory_order_relaxed);
   if (options_.on_subscribed) options_.on_subscribed(first);
   subscribed_.store(true, std::memory_order_relaxed);
+  // Counted last: whoever sees the count also sees the memory tier cleared and the flag up.
+  if (!first) resubscriptions_.fetch_add(1, std::memory_order_release);
   struct Unsubscribed {
     std::atomic<bool>* flag;
     ~Unsubscribed() { flag->store(false, std::memory_order_relaxed); }

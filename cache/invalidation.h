@@ -73,7 +73,7 @@ class InvalidationListener {
   int64_t messages() const { return messages_.load(std::memory_order_relaxed); }
   int64_t malformed() const { return malformed_.load(std::memory_order_relaxed); }
   // Subscriptions after the first: each may have missed messages.
-  int64_t resubscriptions() const { return resubscriptions_.load(std::memory_order_relaxed); }
+  int64_t resubscriptions() const { return resubscriptions_.load(std::memory_order_acquire); }
   // Waits until subscribed (true), or the first attempt failed, or the timeout passed.
   bool WaitFirstAttempt(absl::Duration timeout) const;
 

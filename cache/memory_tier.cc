@@ -124,6 +124,16 @@ bool MemoryTier::SetWriteId(const std::string& tenant, const std::string& key,
   return true;
 }
 
+bool MemoryTier::EraseIfHolds(const std::string& tenant, const std::string& key,
+                              const CompressedContext* context) {
+  std::shared_ptr<const CompressedContext> dropped;
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(Key(tenant, key));
+  if (it == index_.end() || it->second->context.get() != context) return false;
+  dropped = RemoveLocked(it->second);
+  return true;
+}
+
 bool MemoryTier::EraseUnlessWriteId(const std::string& tenant, const std::string& key,
                                     const std::string& write_id) {
   std::shared_ptr<const CompressedContext> dropped;

@@ -71,6 +71,9 @@ class MemoryTier {
   // `write_id` (its write has landed). True when it did.
   bool SetWriteId(const std::string& tenant, const std::string& key,
                   const CompressedContext* context, const std::string& write_id);
+  // Erases the entry if it still holds `context`. True when it did.
+  bool EraseIfHolds(const std::string& tenant, const std::string& key,
+                    const CompressedContext* context);
   // Erases the entry unless it is a copy of `write_id` (Redis now holds that write: any other
   // copy is older or unknown). True when an entry was erased.
   bool EraseUnlessWriteId(const std::string& tenant, const std::string& key,

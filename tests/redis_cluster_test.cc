@@ -631,5 +631,47 @@ TEST_F(RedisClusterTierTest, AResubscriptionClearsTheMemoryTier) {
   EXPECT_TRUE(store->Stats().invalidation_subscribed);
 }
 
+// A context computed across a resubscription is kept and written: only what was read from
+// Redis before it is suspect (a delete may have been missed); Redis's delete counter guards
+// the write of a computed one.
+TEST_F(RedisClusterTierTest, AComputationAcrossAResubscriptionIsStillStored) {
+  testing::RedisServer server(binary_);
+  ASSERT_EQ(server.Start(), "");
+  auto store = NewStore(server.Url());
+  ASSERT_NE(store, nullptr);
+  absl::Notification started, release;
+  absl::StatusOr<StoreResult> result;
+  std::thread flight([&] {
+    result = store->GetOrCompute("t", "k", [&]() -> absl::StatusOr<CompressedContext> {
+      started.Notify();
+      release.WaitForNotification();
+      return MakeContext(6.0f);
+    });
+  });
+  started.WaitForNotification();
+  server.Kill();
+  ASSERT_EQ(server.Start(), "");
+  EXPECT_GE(MillisUntil([&] { return store->Stats().invalidation_resubscriptions >= 1; },
+                        std::chrono::milliseconds(10000)),
+            0);
+  // The store's pooled connections died with the server: wait until it reconnects (a write
+  // on a dead connection fails and is not retried; that is the tier's failure mode).
+  EXPECT_GE(MillisUntil([&] { return absl::IsNotFound(store->Get("t", "other").status()); },
+                        std::chrono::milliseconds(10000)),
+            0);
+  release.Notify();
+  flight.join();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(result->in_memory);
+  EXPECT_TRUE(result->in_redis);
+  ASSERT_TRUE(store->WaitForWrites(absl::Seconds(10)));
+  EXPECT_EQ(store->Stats().redis_writes, 1);
+  store->ClearMemory();
+  absl::StatusOr<StoreResult> back = store->Get("t", "k");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->tier, CacheTier::kRedis);
+  EXPECT_EQ(FirstValue(*back->context), 6.0f);
+}
+
 }  // namespace
 }  // namespace ctxcache
