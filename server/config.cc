@@ -173,8 +173,32 @@ const std::vector<Setting>& Settings() {
        Integer(&ServerConfig::max_contexts_per_request)},
       {"max_message_bytes", "largest gRPC request accepted (default 16MiB)",
        Bytes(&ServerConfig::max_message_bytes)},
-      {"auth_tokens", "file of 'TOKEN TENANT' lines; enables bearer-token auth (default: off)",
+      {"auth_tokens",
+       "file of 'TOKEN TENANT' lines; enables bearer-token auth; reloaded on SIGHUP and when it "
+       "changes (default: off)",
        String(&ServerConfig::auth_tokens_file)},
+      {"auth_failure_limit",
+       "failed authentications allowed per peer address per minute, then its calls are "
+       "refused (RESOURCE_EXHAUSTED) until the minute's count falls; 0 = no limit (default 20)",
+       Integer(&ServerConfig::auth_failure_limit)},
+      {"tls_cert",
+       "PEM certificate chain; with tls_key, every listener (gRPC, metrics, HTTP API) speaks "
+       "TLS only (default: off)",
+       String(&ServerConfig::tls_cert)},
+      {"tls_key", "PEM private key of tls_cert (unencrypted)", String(&ServerConfig::tls_key)},
+      {"tls_client_ca",
+       "PEM CA bundle: gRPC and HTTP API clients must present a certificate it signed (mutual "
+       "TLS; the metrics listener does not ask) (default: off)",
+       String(&ServerConfig::tls_client_ca)},
+      {"tls_client_tenants",
+       "file of 'IDENTITY TENANT' lines mapping a client certificate's CN:, DNS:, URI:, email: "
+       "or IP: identity to a tenant; needs tls_client_ca; reloaded like auth_tokens "
+       "(default: off)",
+       String(&ServerConfig::tls_client_tenants)},
+      {"tls_reload_seconds",
+       "how often the certificate, key, CA and the auth files are checked for changes "
+       "(default 10)",
+       Integer(&ServerConfig::tls_reload_seconds)},
       {"log_format", "plain | json (default plain)", String(&ServerConfig::log_format)},
       {"log_level", "trace | debug | info | warn | error (default info)",
        String(&ServerConfig::log_level)},
@@ -390,6 +414,21 @@ absl::Status ValidateServerConfig(const ServerConfig& c) {
     if (!url.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("redis_url: ", url.message()));
     }
+  }
+  RETURN_IF_ERROR(range("auth_failure_limit", c.auth_failure_limit, 0, 1000000));
+  RETURN_IF_ERROR(range("tls_reload_seconds", c.tls_reload_seconds, 1, 3600));
+  if (c.tls_cert.empty() != c.tls_key.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tls_cert and tls_key go together: ", c.tls_cert.empty() ? "tls_key" : "tls_cert",
+        " is set but ", c.tls_cert.empty() ? "tls_cert" : "tls_key", " is not"));
+  }
+  if (!c.tls_client_ca.empty() && c.tls_cert.empty()) {
+    return absl::InvalidArgumentError(
+        "tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS with client certificates");
+  }
+  if (!c.tls_client_tenants.empty() && c.tls_client_ca.empty()) {
+    return absl::InvalidArgumentError(
+        "tls_client_tenants needs tls_client_ca: without it no client certificate is verified");
   }
   if (c.log_format != "plain" && c.log_format != "json") {
     return Bad("log_format", c.log_format, "plain or json");

@@ -69,6 +69,12 @@ struct ServerConfig {
   int64_t max_message_bytes = 16 << 20;  // gRPC receive limit
   // Security and operations.
   std::string auth_tokens_file;  // "TOKEN TENANT" lines; empty = no auth, tenant "default"
+  int auth_failure_limit = 20;   // failed authentications per peer address per minute; 0 = off
+  // Transport security (server/tls.h): with tls_cert and tls_key every listener speaks TLS;
+  // tls_client_ca requires client certificates (gRPC, HTTP API); tls_client_tenants maps
+  // their identities to tenants. Files are checked for changes every tls_reload_seconds.
+  std::string tls_cert, tls_key, tls_client_ca, tls_client_tenants;
+  int tls_reload_seconds = 10;
   std::string log_format = "plain";  // plain | json
   std::string log_level = "info";    // trace | debug | info | warn | error
   double drain_timeout_seconds = 30;  // SIGTERM: finish in-flight calls for at most this long

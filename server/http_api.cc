@@ -265,10 +265,20 @@ std::string ModelIdFor(const std::string& name) {
 
 absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(const std::string& listen,
                                                         ContextCacheService* service,
-                                                        int64_t max_body_bytes) {
+                                                        int64_t max_body_bytes,
+                                                        const TlsCredentials* tls) {
   std::unique_ptr<HttpApi> api(new HttpApi());
   api->service_ = service;
-  api->server_ = std::make_unique<httplib::Server>();
+  if (tls != nullptr) {
+    auto https = std::make_unique<httplib::SSLServer>(
+        [tls](SSL_CTX& ctx) { return tls->SetUpSslCtx(&ctx, /*verify_clients=*/true); });
+    if (!https->is_valid()) {
+      return absl::InternalError("http_listen: OpenSSL refused the TLS settings");
+    }
+    api->server_ = std::move(https);
+  } else {
+    api->server_ = std::make_unique<httplib::Server>();
+  }
   httplib::Server& svr = *api->server_;
   // A streaming answer holds its thread for the whole generation: room for every worker slot
   // and the waiting queue's worth of streams.
@@ -354,8 +364,18 @@ void HttpApi::Routes() {
   // Begins a call as the gRPC method `rpc`; answers and returns null when refused.
   auto begin = [service](const httplib::Request& req, httplib::Response& res,
                          const char* rpc) -> std::shared_ptr<ContextCacheService::Call> {
+    Peer peer;
+    peer.address = req.remote_addr;
+    // With mutual TLS the handshake verified the client's certificate.
+    if (req.ssl != nullptr) {
+      if (X509* cert = SSL_get1_peer_certificate(req.ssl); cert != nullptr) {
+        peer.has_certificate = SSL_get_verify_result(req.ssl) == X509_V_OK;
+        peer.identities = CertificateIdentities(cert);
+        X509_free(cert);
+      }
+    }
     absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> call = service->BeginExternalCall(
-        req.get_header_value("Authorization"), req.get_header_value("X-Request-Id"), rpc);
+        req.get_header_value("Authorization"), peer, req.get_header_value("X-Request-Id"), rpc);
     if (!call.ok()) {
       SendError(res, call.status());
       return nullptr;

@@ -24,6 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "server/service.h"
+#include "server/tls.h"
 
 namespace httplib {
 class Server;
@@ -44,9 +45,12 @@ class HttpApi {
  public:
   // Listens on HOST:PORT (port 0: any free port) and serves from `service` (which outlives
   // this). Requests before the model has loaded get 503; /health says "loading".
+  // With `tls` (which outlives this) it speaks HTTPS only, and with mutual TLS requires a
+  // client certificate (its identities can name the tenant, as on gRPC).
   static absl::StatusOr<std::unique_ptr<HttpApi>> Start(const std::string& listen,
                                                         ContextCacheService* service,
-                                                        int64_t max_body_bytes);
+                                                        int64_t max_body_bytes,
+                                                        const TlsCredentials* tls = nullptr);
   ~HttpApi();  // Stop()
   int port() const { return port_; }
   // Stops listening and waits for the requests in progress (their jobs finish or stop: a drain

@@ -2,7 +2,9 @@
 // the default model on 127.0.0.1:50051 with the embedded memory cache; see --help for the
 // settings (flags, CTXCACHE_* environment, YAML file). SIGTERM or SIGINT drains gracefully:
 // health NOT_SERVING, new calls refused, in-flight calls finish (up to drain_timeout_seconds,
-// then they are stopped); a second signal exits at once (status 1).
+// then they are stopped); a second signal exits at once (status 1). SIGHUP re-reads the token
+// file, the client-certificate tenants file and the certificates (they are also re-read when
+// they change, every tls_reload_seconds).
 // Exit codes: 0 after a clean drain, 1 on a start-up error, 2 on a configuration error.
 #include <signal.h>
 #include <unistd.h>
@@ -41,6 +43,7 @@ int Main(int argc, char** argv) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   absl::StatusOr<std::unique_ptr<ServerInstance>> server = ServerInstance::Start(*config);
@@ -53,7 +56,12 @@ int Main(int argc, char** argv) {
     return 1;
   }
   int sig = 0;
-  sigwait(&signals, &sig);
+  for (;;) {
+    sigwait(&signals, &sig);
+    if (sig != SIGHUP) break;
+    spdlog::info("SIGHUP received: reloading the auth files and certificates");
+    (*server)->Reload();
+  }
   spdlog::info("{} received: draining (up to {} s; a second signal exits at once)",
                sig == SIGTERM ? "SIGTERM" : "SIGINT", config->drain_timeout_seconds);
   // An operator who signals again does not want to wait for the drain: exit now, without

@@ -5,6 +5,8 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -16,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/metrics.h"
+#include "server/tls.h"
 #include "spdlog/spdlog.h"
 
 namespace ctxcache::server {
@@ -44,21 +47,88 @@ bool WaitFor(int fd, short events, Clock::time_point deadline) {
   }
 }
 
-void WriteAll(int fd, const std::string& data, Clock::time_point deadline) {
-  size_t done = 0;
-  while (done < data.size()) {
-    const ssize_t n = send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
-    if (n > 0) {
-      done += static_cast<size_t>(n);
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      if (!WaitFor(fd, POLLOUT, deadline)) return;
-    } else {
-      return;
+// One accepted connection, plain or TLS, on a non-blocking socket; every operation ends by
+// the connection's deadline.
+class Conn {
+ public:
+  Conn(int fd, SSL_CTX* ctx, Clock::time_point deadline) : fd_(fd), deadline_(deadline) {
+    if (ctx != nullptr) {
+      ssl_ = SSL_new(ctx);
+      if (ssl_ != nullptr) SSL_set_fd(ssl_, fd);
     }
   }
-}
+  ~Conn() {
+    if (ssl_ != nullptr) {
+      if (handshaken_) SSL_shutdown(ssl_);  // close_notify, best effort (non-blocking)
+      SSL_free(ssl_);
+    }
+    ERR_clear_error();
+  }
+  Conn(const Conn&) = delete;
+  Conn& operator=(const Conn&) = delete;
+
+  // The TLS handshake (nothing for plain connections); false when it failed or timed out.
+  bool Open(SSL_CTX* ctx) {
+    if (ctx == nullptr) return true;
+    if (ssl_ == nullptr) return false;
+    handshaken_ = Retry([this] { return SSL_accept(ssl_); }) == 1;
+    return handshaken_;
+  }
+  // Bytes read (0 at the end or on an error or timeout).
+  ssize_t Read(char* buf, size_t size) {
+    if (ssl_ != nullptr) {
+      const int n = Retry([&] { return SSL_read(ssl_, buf, static_cast<int>(size)); });
+      return n > 0 ? n : 0;
+    }
+    for (;;) {
+      const ssize_t n = recv(fd_, buf, size, 0);
+      if (n >= 0) return n;
+      if (errno == EINTR) continue;
+      if ((errno == EAGAIN || errno == EWOULDBLOCK) && WaitFor(fd_, POLLIN, deadline_)) continue;
+      return 0;
+    }
+  }
+  void WriteAll(const std::string& data) {
+    size_t done = 0;
+    while (done < data.size()) {
+      ssize_t n = 0;
+      if (ssl_ != nullptr) {
+        n = Retry([&] {
+          return SSL_write(ssl_, data.data() + done, static_cast<int>(data.size() - done));
+        });
+        if (n <= 0) return;
+      } else {
+        n = send(fd_, data.data() + done, data.size() - done, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+          if (!WaitFor(fd_, POLLOUT, deadline_)) return;
+          continue;
+        }
+        if (n <= 0) return;
+      }
+      done += static_cast<size_t>(n);
+    }
+  }
+
+ private:
+  // Runs an OpenSSL call until it stops asking to wait for the socket.
+  template <typename F>
+  int Retry(F f) {
+    for (;;) {
+      const int r = f();
+      if (r > 0) return r;
+      const int e = SSL_get_error(ssl_, r);
+      if (e == SSL_ERROR_WANT_READ && WaitFor(fd_, POLLIN, deadline_)) continue;
+      if (e == SSL_ERROR_WANT_WRITE && WaitFor(fd_, POLLOUT, deadline_)) continue;
+      return r;
+    }
+  }
+
+  const int fd_;
+  const Clock::time_point deadline_;
+  SSL* ssl_ = nullptr;
+  bool handshaken_ = false;
+};
 
 std::string Response(int code, const char* reason, const char* content_type,
                      const std::string& body, bool head, const char* extra_headers = "") {
@@ -72,7 +142,7 @@ std::string Response(int code, const char* reason, const char* content_type,
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
-    const std::string& address, Render render) {
+    const std::string& address, Options options) {
   const size_t colon = address.rfind(':');
   if (colon == std::string::npos) {
     return absl::InvalidArgumentError(absl::StrCat("metrics_listen ", address, ": no port"));
@@ -128,13 +198,21 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
     return absl::InternalError(absl::StrCat("eventfd: ", std::strerror(errno)));
   }
   std::unique_ptr<MetricsHttpServer> s(
-      new MetricsHttpServer(fd, wake, bound_port, std::move(render)));
+      new MetricsHttpServer(fd, wake, bound_port, std::move(options)));
+  if (s->options_.tls != nullptr) {
+    s->ssl_ctx_ = SSL_CTX_new(TLS_server_method());
+    if (s->ssl_ctx_ == nullptr ||
+        !s->options_.tls->SetUpSslCtx(s->ssl_ctx_, /*verify_clients=*/false)) {
+      ERR_clear_error();
+      return absl::InternalError("metrics_listen: OpenSSL refused the TLS settings");
+    }
+  }
   s->thread_ = std::thread([p = s.get()] { p->Loop(); });
   return s;
 }
 
-MetricsHttpServer::MetricsHttpServer(int listen_fd, int wake_fd, int port, Render render)
-    : listen_fd_(listen_fd), wake_fd_(wake_fd), port_(port), render_(std::move(render)) {}
+MetricsHttpServer::MetricsHttpServer(int listen_fd, int wake_fd, int port, Options options)
+    : listen_fd_(listen_fd), wake_fd_(wake_fd), port_(port), options_(std::move(options)) {}
 
 MetricsHttpServer::~MetricsHttpServer() {
   const uint64_t one = 1;
@@ -142,6 +220,7 @@ MetricsHttpServer::~MetricsHttpServer() {
   if (thread_.joinable()) thread_.join();
   close(listen_fd_);
   close(wake_fd_);
+  SSL_CTX_free(ssl_ctx_);
 }
 
 void MetricsHttpServer::Loop() {
@@ -164,21 +243,17 @@ void MetricsHttpServer::Loop() {
 
 void MetricsHttpServer::Serve(int fd) {
   const Clock::time_point deadline = Clock::now() + kConnectionBudget;
+  Conn conn(fd, ssl_ctx_, deadline);
+  if (!conn.Open(ssl_ctx_)) return;  // a plaintext request on the TLS port, a failed handshake
   std::string head;
   char buf[2048];
   while (head.find("\r\n\r\n") == std::string::npos && head.find("\n\n") == std::string::npos) {
     if (head.size() > kMaxHead) {
-      WriteAll(fd, Response(431, "Request Header Fields Too Large", "text/plain", "", false),
-               deadline);
+      conn.WriteAll(Response(431, "Request Header Fields Too Large", "text/plain", "", false));
       return;
     }
-    if (!WaitFor(fd, POLLIN, deadline)) return;
-    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
-    if (n == 0) return;
-    if (n < 0) {
-      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
-      return;
-    }
+    const ssize_t n = conn.Read(buf, sizeof(buf));
+    if (n <= 0) return;
     head.append(buf, static_cast<size_t>(n));
   }
   // Request line: METHOD SP TARGET SP HTTP/1.x
@@ -187,7 +262,7 @@ void MetricsHttpServer::Serve(int fd) {
   const size_t sp1 = line.find(' ');
   const size_t sp2 = sp1 == std::string::npos ? sp1 : line.find(' ', sp1 + 1);
   if (sp2 == std::string::npos || line.compare(sp2 + 1, 5, "HTTP/") != 0) {
-    WriteAll(fd, Response(400, "Bad Request", "text/plain", "bad request\n", false), deadline);
+    conn.WriteAll(Response(400, "Bad Request", "text/plain", "bad request\n", false));
     return;
   }
   const std::string method = line.substr(0, sp1);
@@ -195,17 +270,23 @@ void MetricsHttpServer::Serve(int fd) {
   path = path.substr(0, path.find('?'));
   const bool head_only = method == "HEAD";
   if (method != "GET" && !head_only) {
-    WriteAll(fd, Response(405, "Method Not Allowed", "text/plain", "only GET\n", false,
-                          "Allow: GET, HEAD\r\n"),
-             deadline);
+    conn.WriteAll(Response(405, "Method Not Allowed", "text/plain", "only GET\n", false,
+                           "Allow: GET, HEAD\r\n"));
+    return;
+  }
+  if (path == "/health") {
+    const bool serving = !options_.serving || options_.serving();
+    conn.WriteAll(
+        serving ? Response(200, "OK", "text/plain", "SERVING\n", head_only)
+                : Response(503, "Service Unavailable", "text/plain", "NOT_SERVING\n", head_only));
     return;
   }
   if (path != "/metrics") {
-    WriteAll(fd, Response(404, "Not Found", "text/plain", "not found; try /metrics\n", head_only),
-             deadline);
+    conn.WriteAll(Response(404, "Not Found", "text/plain", "not found; try /metrics or /health\n",
+                           head_only));
     return;
   }
-  WriteAll(fd, Response(200, "OK", metrics::kContentType, render_(), head_only), deadline);
+  conn.WriteAll(Response(200, "OK", metrics::kContentType, options_.render(), head_only));
 }
 
 }  // namespace ctxcache::server

@@ -30,25 +30,36 @@ void ResolveWorkers(const ServerConfig& config, int cores, int* workers, int* th
 absl::StatusOr<std::unique_ptr<ServerInstance>> ServerInstance::Start(const ServerConfig& config,
                                                                       const Model* model) {
   RETURN_IF_ERROR(ValidateServerConfig(config));
-  TokenAuth auth;
-  if (!config.auth_tokens_file.empty()) {
-    ASSIGN_OR_RETURN(auth, TokenAuth::FromFile(config.auth_tokens_file));
+  AuthSettings auth_settings;
+  auth_settings.tokens_file = config.auth_tokens_file;
+  auth_settings.client_tenants_file = config.tls_client_tenants;
+  auth_settings.failure_limit = config.auth_failure_limit;
+  ASSIGN_OR_RETURN(std::shared_ptr<Authenticator> auth, Authenticator::Create(auth_settings));
+  std::unique_ptr<TlsCredentials> tls;
+  if (!config.tls_cert.empty()) {
+    // Never a silent fallback to plaintext: a certificate that cannot be served stops the
+    // start-up, naming the file and the problem.
+    ASSIGN_OR_RETURN(
+        tls, TlsCredentials::Create({config.tls_cert, config.tls_key, config.tls_client_ca}));
   }
   std::unique_ptr<ServerInstance> s(new ServerInstance());
   s->config_ = config;
   s->model_ = model;
-  const bool auth_on = auth.enabled();
-  const size_t n_tokens = auth.size();
+  s->tls_ = std::move(tls);
+  s->auth_ = auth;
   s->metrics_ = std::make_unique<ServerMetrics>(CTXCACHE_VERSION);
-  s->service_ = std::make_unique<ContextCacheService>(std::move(auth), s->metrics_.get());
+  s->service_ = std::make_unique<ContextCacheService>(auth, s->metrics_.get());
+  s->metrics_->SetThrottledPeersSource([auth] { return auth->ThrottledPeers(); });
+  if (s->tls_ != nullptr) s->metrics_->SetTlsExpiry(s->tls_->current()->not_after_unix());
 
   InstallProtobufLogHandler();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  // TLS is not offered yet: the default address is loopback, and deployments terminate TLS in
-  // front of the service.
-  builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(), &s->port_);
+  builder.AddListeningPort(
+      config.listen,
+      s->tls_ != nullptr ? s->tls_->GrpcServerCredentials() : grpc::InsecureServerCredentials(),
+      &s->port_);
   builder.RegisterService(s->service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   s->server_ = builder.BuildAndStart();
@@ -58,25 +69,45 @@ absl::StatusOr<std::unique_ptr<ServerInstance>> ServerInstance::Start(const Serv
         ": the address is in use or not local (choose another with --listen HOST:PORT)"));
   }
   s->SetServing(false);
-  spdlog::info("listening on {} (auth: {}), loading...", s->address(),
-               auth_on ? absl::StrCat(n_tokens, " tokens") : std::string("off"));
-  if (const std::string warning = AuthOffWarning(config.listen, auth_on); !warning.empty()) {
+  const std::string tls_text =
+      s->tls_ == nullptr
+          ? std::string("off")
+          : absl::StrCat(s->tls_->mutual() ? "mutual, " : "", s->tls_->current()->summary());
+  spdlog::info("listening on {} (auth: {}; TLS: {}), loading...", s->address(), auth->Describe(),
+               tls_text);
+  if (const std::string warning = AuthOffWarning(config.listen, auth->enabled());
+      !warning.empty()) {
     spdlog::warn("{}", warning);
   }
+  const char* scheme = s->tls_ != nullptr ? "https" : "http";
   if (!config.metrics_listen.empty()) {
     ServerMetrics* metrics = s->metrics_.get();
-    ASSIGN_OR_RETURN(s->metrics_http_,
-                     MetricsHttpServer::Start(config.metrics_listen,
-                                              [metrics] { return metrics->Render(); }));
-    spdlog::info("serving Prometheus metrics on http://{}:{}/metrics",
+    ContextCacheService* service = s->service_.get();
+    MetricsHttpServer::Options mo;
+    mo.render = [metrics] { return metrics->Render(); };
+    mo.serving = [service] { return service->handlers() != nullptr && !service->draining(); };
+    mo.tls = s->tls_.get();
+    ASSIGN_OR_RETURN(s->metrics_http_, MetricsHttpServer::Start(config.metrics_listen, mo));
+    spdlog::info("serving Prometheus metrics on {}://{}:{}/metrics (and /health)", scheme,
                  config.metrics_listen.substr(0, config.metrics_listen.rfind(':')),
                  s->metrics_http_->port());
   }
   if (!config.http_listen.empty()) {
-    ASSIGN_OR_RETURN(
-        s->http_, HttpApi::Start(config.http_listen, s->service_.get(), config.max_message_bytes));
-    spdlog::info("serving the OpenAI-compatible HTTP API on http://{}:{}/v1",
+    ASSIGN_OR_RETURN(s->http_, HttpApi::Start(config.http_listen, s->service_.get(),
+                                              config.max_message_bytes, s->tls_.get()));
+    spdlog::info("serving the OpenAI-compatible HTTP API on {}://{}:{}/v1", scheme,
                  config.http_listen.substr(0, config.http_listen.rfind(':')), s->http_->port());
+  }
+  if (s->tls_ != nullptr || auth->enabled()) {
+    s->watcher_ = std::thread([p = s.get()] {
+      std::unique_lock<std::mutex> lock(p->watcher_mu_);
+      const auto every = std::chrono::seconds(p->config_.tls_reload_seconds);
+      while (!p->watcher_cv_.wait_for(lock, every, [p] { return p->watcher_stop_; })) {
+        lock.unlock();
+        p->ReloadFiles(/*force=*/false);
+        lock.lock();
+      }
+    });
   }
   return s;
 }
@@ -84,6 +115,55 @@ absl::StatusOr<std::unique_ptr<ServerInstance>> ServerInstance::Start(const Serv
 std::string ServerInstance::address() const {
   const size_t colon = config_.listen.rfind(':');
   return absl::StrCat(config_.listen.substr(0, colon), ":", port_);
+}
+
+void ServerInstance::ReloadFiles(bool force) {
+  std::lock_guard<std::mutex> lock(reload_mu_);
+  // A refusal is logged and counted once per distinct problem, not at every check.
+  auto refused = [&](const std::string& file, const absl::Status& status) {
+    std::string& last = last_refusal_[file];
+    const std::string message(status.message());
+    const bool is_new = force || message != last;
+    last = message;
+    return is_new;
+  };
+  for (const Authenticator::Reloaded& r : auth_->Reload(force)) {
+    if (!r.refused.ok()) {
+      if (refused(r.file, r.refused)) {
+        spdlog::error("{} file {} not reloaded, still using the previous {} entries: {}", r.file,
+                      r.path, r.entries, std::string(r.refused.message()));
+        metrics_->RecordAuthReload(r.file, false);
+      }
+      continue;
+    }
+    last_refusal_.erase(r.file);
+    if (r.changed) {
+      spdlog::info("{} file {} reloaded: {} entries", r.file, r.path, r.entries);
+      metrics_->RecordAuthReload(r.file, true);
+    }
+  }
+  if (tls_ == nullptr) return;
+  const TlsReload r = tls_->Reload();
+  if (!r.refused.ok()) {
+    if (r.refusal_is_new || force) {
+      spdlog::error("certificate files changed but are not served, still serving {}: {}",
+                    tls_->current()->summary(), std::string(r.refused.message()));
+      metrics_->RecordTlsReload(false);
+    }
+  } else if (r.changed) {
+    spdlog::info("certificate reloaded: new connections get {}", tls_->current()->summary());
+    metrics_->RecordTlsReload(true);
+    metrics_->SetTlsExpiry(tls_->current()->not_after_unix());
+  }
+}
+
+void ServerInstance::StopWatcher() {
+  {
+    std::lock_guard<std::mutex> lock(watcher_mu_);
+    watcher_stop_ = true;
+  }
+  watcher_cv_.notify_all();
+  if (watcher_.joinable()) watcher_.join();
 }
 
 void ServerInstance::SetServing(bool serving) {
@@ -189,7 +269,7 @@ absl::Status ServerInstance::Load() {
         "{:.1f} MiB of the memory tier (tenant_memory_cache_bytes)",
         config_.tenant_max_inflight,
         static_cast<double>(config_.tenant_memory_cache_bytes) / (1 << 20));
-    if (config_.auth_tokens_file.empty()) {
+    if (!auth_->enabled()) {
       spdlog::warn(
           "per-tenant limits are set but authentication is off (auth_tokens): every call is "
           "tenant \"default\", so the limits bound all calls together");
@@ -276,18 +356,23 @@ bool ServerInstance::Drain(double timeout_seconds) {
 }
 
 ServerInstance::~ServerInstance() {
+  StopWatcher();
   if (!shut_down_) Drain(0);
   server_->Wait();
   // Scrapes read the store and the scheduler: stop them before those go.
   metrics_http_.reset();
   http_.reset();
-  if (metrics_) metrics_->ClearSources();
+  if (metrics_) {
+    metrics_->ClearSources();
+    metrics_->SetThrottledPeersSource(nullptr);
+  }
   // Workers finish their current job (each ends its call) before the service goes away.
   scheduler_.reset();
   server_.reset();
   service_.reset();
   handlers_.reset();
   store_.reset();
+  tls_.reset();
 }
 
 }  // namespace ctxcache::server

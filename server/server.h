@@ -9,8 +9,12 @@
 
 #include <grpcpp/server.h>
 
+#include <condition_variable>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "cache/context_store.h"
@@ -22,6 +26,7 @@
 #include "server/scheduler.h"
 #include "server/server_metrics.h"
 #include "server/service.h"
+#include "server/tls.h"
 
 namespace ctxcache::server {
 
@@ -60,11 +65,30 @@ class ServerInstance {
   int http_port() const { return http_ ? http_->port() : 0; }
   const ServerConfig& config() const { return config_; }
 
+  // Re-reads the token file, the client-certificate tenants file and the certificates now
+  // (SIGHUP). The same runs every tls_reload_seconds for files that changed. A file that does
+  // not validate is refused with an error log line and counted; the old set stays in use.
+  void Reload() { ReloadFiles(/*force=*/true); }
+  // Whether the listeners speak TLS.
+  bool tls() const { return tls_ != nullptr; }
+
  private:
   ServerInstance() = default;
   void SetServing(bool serving);
+  void ReloadFiles(bool force);
+  void StopWatcher();
 
   ServerConfig config_;
+  // Outlive every listener that hands out their certificates or asks them who calls.
+  std::unique_ptr<TlsCredentials> tls_;
+  std::shared_ptr<Authenticator> auth_;
+  // Checks the certificate and auth files every tls_reload_seconds (with TLS or an auth file).
+  std::thread watcher_;
+  std::mutex watcher_mu_;
+  std::condition_variable watcher_cv_;
+  bool watcher_stop_ = false;                        // guarded by watcher_mu_
+  std::mutex reload_mu_;                             // one reload at a time (watcher, SIGHUP)
+  std::map<std::string, std::string> last_refusal_;  // per file, guarded by reload_mu_
   const Model* model_ = nullptr;
   std::unique_ptr<Model> owned_model_;
   std::unique_ptr<ServerMetrics> metrics_;

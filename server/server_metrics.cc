@@ -237,7 +237,34 @@ ServerMetrics::ServerMetrics(const std::string& version)
           "ctxcache_workers_by_device",
           "Engine workers per device (--device): \"cpu\", or a GPU as \"cuda:N (name)\".",
           {"device"})),
+      auth_refused_(registry_.AddCounter(
+          "ctxcache_auth_refused_total",
+          "Calls refused by authentication, by reason (missing_credentials, malformed_header, "
+          "unknown_token, unmapped_certificate, tenant_mismatch, throttled).",
+          {"reason"})),
+      auth_reloads_(registry_.AddCounter(
+          "ctxcache_auth_reloads_total",
+          "Reloads of the token file (file=\"tokens\") and the client-certificate tenants file "
+          "(file=\"client_tenants\"): ok = in use, refused = the old set was kept.",
+          {"file", "result"})),
+      tls_reloads_(registry_.AddCounter(
+          "ctxcache_tls_reloads_total",
+          "Certificate changes seen on disk: ok = served to new connections, refused = invalid, "
+          "the old certificate is still served.",
+          {"result"})),
+      tls_expiry_(registry_.AddGauge(
+          "ctxcache_tls_certificate_expiry_timestamp_seconds",
+          "Expiry (notAfter, Unix seconds) of the certificate the server presents; absent "
+          "without TLS.")),
+      auth_throttled_(registry_
+                          .AddGauge("ctxcache_auth_throttled_peers",
+                                    "Peer addresses whose calls are refused for too many failed "
+                                    "authentications in the last minute (auth_failure_limit).")
+                          .Get()),
       version_(version) {
+  for (int r = 0; r < kAuthRefusalCount; ++r) {
+    auth_refused_.WithLabels({AuthRefusalName(static_cast<AuthRefusal>(r))});
+  }
   for (size_t i = 0; i < rpcs_.size(); ++i) {
     rpcs_[i].name = kRpcNames[i];
     rpcs_[i].duration = &request_duration_.WithLabels({kRpcNames[i]});
@@ -360,10 +387,32 @@ void SetPerTenant(Family& family, const Map& values, Get get) {
 
 }  // namespace
 
+void ServerMetrics::RecordAuthRefused(AuthRefusal reason) {
+  auth_refused_.WithLabels({AuthRefusalName(reason)}).Inc();
+}
+
+void ServerMetrics::RecordAuthReload(const char* file, bool ok) {
+  auth_reloads_.WithLabels({file, ok ? "ok" : "refused"}).Inc();
+}
+
+void ServerMetrics::RecordTlsReload(bool ok) {
+  tls_reloads_.WithLabels({ok ? "ok" : "refused"}).Inc();
+}
+
+void ServerMetrics::SetTlsExpiry(int64_t not_after_unix) {
+  tls_expiry_.Get().Set(static_cast<double>(not_after_unix));
+}
+
+void ServerMetrics::SetThrottledPeersSource(std::function<size_t()> source) {
+  std::lock_guard<std::mutex> lock(sources_mu_);
+  throttled_peers_ = std::move(source);
+}
+
 void ServerMetrics::Collect() {
   rss_.Set(ResidentBytes());
   heap_in_use_.Set(HeapInUseBytes());
   std::lock_guard<std::mutex> lock(sources_mu_);
+  auth_throttled_.Set(throttled_peers_ ? static_cast<double>(throttled_peers_()) : 0);
   if (sources_.store) {
     const ContextStoreStats s = sources_.store();
     SetTotal(lookups_.WithLabels({"memory", "hit"}), static_cast<double>(s.memory_hits));

@@ -19,6 +19,7 @@
 #include "cache/context_store.h"
 #include "common/metrics.h"
 #include "engine/compress/compressed_context.h"
+#include "server/auth.h"
 #include "server/scheduler.h"
 
 namespace ctxcache::server {
@@ -63,6 +64,14 @@ class ServerMetrics {
   };
   void SetSources(Sources sources);
   void ClearSources();
+
+  // Authentication and TLS (server/auth.h, server/tls.h).
+  void RecordAuthRefused(AuthRefusal reason);
+  void RecordAuthReload(const char* file, bool ok);
+  void RecordTlsReload(bool ok);
+  void SetTlsExpiry(int64_t not_after_unix);
+  // Read at scrape time for ctxcache_auth_throttled_peers; an empty function clears it.
+  void SetThrottledPeersSource(std::function<size_t()> source);
 
  private:
   static constexpr int kCodes = 17;
@@ -110,10 +119,14 @@ class ServerMetrics {
   metrics::Counter& batch_sequences_;
   metrics::GaugeFamily& build_info_;
   metrics::GaugeFamily& workers_by_device_;
+  metrics::CounterFamily &auth_refused_, &auth_reloads_, &tls_reloads_;
+  metrics::GaugeFamily& tls_expiry_;
+  metrics::Gauge& auth_throttled_;
   const std::string version_;
 
   std::mutex sources_mu_;
-  Sources sources_;  // guarded by sources_mu_
+  Sources sources_;                          // guarded by sources_mu_
+  std::function<size_t()> throttled_peers_;  // guarded by sources_mu_
 };
 
 }  // namespace ctxcache::server

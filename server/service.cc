@@ -1,6 +1,7 @@
 // The gRPC service: edge conversion, admission and reactors (see service.h).
 #include "server/service.h"
 
+#include <grpc/grpc_security_constants.h>
 #include <spdlog/spdlog.h>
 
 #include <deque>
@@ -16,6 +17,7 @@
 #include "server/convert.h"
 #include "server/logging.h"
 #include "server/status_map.h"
+#include "server/tls.h"
 #include "server/wire.h"
 
 namespace ctxcache::server {
@@ -173,7 +175,8 @@ class ContextCacheService::Call {
   std::atomic<bool> left_{false};
 };
 
-ContextCacheService::ContextCacheService(TokenAuth auth, ServerMetrics* metrics)
+ContextCacheService::ContextCacheService(std::shared_ptr<Authenticator> auth,
+                                         ServerMetrics* metrics)
     : auth_(std::move(auth)), metrics_(metrics), io_(std::make_unique<IoExecutor>(2)) {
   UseCheckedParsing();
 }
@@ -283,12 +286,24 @@ absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::
     grpc::CallbackServerContext* ctx, const char* rpc) {
   const std::string rid = RequestId(Metadata(ctx, "x-request-id"));
   ctx->AddInitialMetadata("x-request-id", rid);
-  return BeginCall(Metadata(ctx, "authorization"), rid, rpc);
+  Peer peer;
+  peer.address = ctx->peer();
+  // With mutual TLS the handshake verified the client's certificate; gRPC reports it as PEM.
+  if (const std::shared_ptr<const grpc::AuthContext> auth = ctx->auth_context();
+      auth != nullptr && auth->IsPeerAuthenticated()) {
+    for (const grpc::string_ref& pem : auth->FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME)) {
+      peer.has_certificate = true;
+      peer.identities = PemCertificateIdentities(std::string_view(pem.data(), pem.size()));
+      break;
+    }
+  }
+  return BeginCall(Metadata(ctx, "authorization"), peer, rid, rpc);
 }
 
 absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::BeginExternalCall(
-    std::string_view authorization, std::string_view request_id, const char* rpc) {
-  return BeginCall(authorization, RequestId(std::string(request_id)), rpc);
+    std::string_view authorization, const Peer& peer, std::string_view request_id,
+    const char* rpc) {
+  return BeginCall(authorization, peer, RequestId(std::string(request_id)), rpc);
 }
 
 void ContextCacheService::EndExternalCall(Call& call, const absl::Status& status,
@@ -300,7 +315,7 @@ const std::string& ContextCacheService::CallTenant(const Call& call) { return ca
 const std::string& ContextCacheService::CallRequestId(const Call& call) { return call.rid(); }
 
 absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::BeginCall(
-    std::string_view authorization, std::string_view rid_view, const char* rpc) {
+    std::string_view authorization, const Peer& peer, std::string_view rid_view, const char* rpc) {
   const std::string rid(rid_view);
   absl::Status refuse;
   if (draining_.load()) {
@@ -309,8 +324,14 @@ absl::StatusOr<std::shared_ptr<ContextCacheService::Call>> ContextCacheService::
     refuse = absl::UnavailableError(
         "the model is still loading (health: NOT_SERVING); retry in a few seconds");
   }
+  AuthRefusal refusal = AuthRefusal::kMissingCredentials;
   absl::StatusOr<std::string> tenant =
-      refuse.ok() ? auth_.Authenticate(std::string(authorization)) : refuse;
+      refuse.ok() ? auth_->Authenticate(authorization, peer, &refusal) : refuse;
+  if (refuse.ok() && !tenant.ok() && metrics_ != nullptr) {
+    metrics_->RecordAuthRefused(refusal);
+    spdlog::debug("auth refused for {} ({}): {}", peer.address, AuthRefusalName(refusal),
+                  std::string(tenant.status().message()));
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++in_flight_;

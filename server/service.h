@@ -36,7 +36,9 @@ struct ServiceInfo {
 class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackService {
  public:
   // `metrics` (optional) must outlive the service.
-  explicit ContextCacheService(TokenAuth auth, ServerMetrics* metrics = nullptr);
+  // `auth` is shared with the server, which reloads its files.
+  explicit ContextCacheService(std::shared_ptr<Authenticator> auth,
+                               ServerMetrics* metrics = nullptr);
   ~ContextCacheService() override;
 
   // Makes the service ready (the objects outlive the service's calls).
@@ -74,6 +76,7 @@ class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackSer
   // authenticated from an "authorization" header value; else the status to answer with
   // (UNAVAILABLE while loading or draining, UNAUTHENTICATED).
   absl::StatusOr<std::shared_ptr<Call>> BeginExternalCall(std::string_view authorization,
+                                                          const Peer& peer,
                                                           std::string_view request_id,
                                                           const char* rpc);
   static void EndExternalCall(Call& call, const absl::Status& status, std::string_view extra);
@@ -97,7 +100,7 @@ class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackSer
   // Finish), else the status to end the call with.
   absl::StatusOr<std::shared_ptr<Call>> BeginCall(grpc::CallbackServerContext* ctx,
                                                   const char* rpc);
-  absl::StatusOr<std::shared_ptr<Call>> BeginCall(std::string_view authorization,
+  absl::StatusOr<std::shared_ptr<Call>> BeginCall(std::string_view authorization, const Peer& peer,
                                                   std::string_view request_id, const char* rpc);
   void EndCall();
   // Registers every method with a CheckedRequest (wire.h): a request that does not parse
@@ -109,7 +112,7 @@ class ContextCacheService final : public ctxcache::v1::ContextCache::CallbackSer
   grpc::ServerWriteReactor<ctxcache::v1::GenerateResponse>* RefuseGenerate(
       grpc::CallbackServerContext* ctx, const absl::Status& status);
 
-  TokenAuth auth_;
+  const std::shared_ptr<Authenticator> auth_;
   ServerMetrics* const metrics_;
   std::atomic<const Handlers*> handlers_{nullptr};
   Scheduler* scheduler_ = nullptr;  // set with handlers_ (release/acquire)

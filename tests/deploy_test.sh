@@ -3,11 +3,14 @@
 #   tests/deploy_test.sh [REPO_ROOT] [CTXCACHE_SERVER_BINARY]
 # promtool (config, rules, rule unit tests), the dashboard's and rules' metric names against
 # deploy/metrics.txt, kustomize renders of every overlay validated against Kubernetes' JSON
-# schemas (and the ServiceMonitor against deploy/k8s/schemas/), policy checks on the rendered
-# manifests, the prometheus-adapter rules the HPA scales on (schema, metric names, their PromQL
-# with promtool), yamllint, the compose file's references, the Dockerfiles' shape, the server
-# accepting the ConfigMap's settings, and tools/render_dashboard_preview.py on synthetic
-# scrapes. Every check runs; the script fails if any failed.
+# schemas (and the ServiceMonitor and cert-manager's Certificate and Issuer against
+# deploy/k8s/schemas/), policy checks on the rendered manifests (the tls overlay's TLS wiring
+# among them), the prometheus-adapter rules the HPA scales on (schema, metric names, their
+# PromQL with promtool), yamllint, the compose file's references, the Dockerfiles' shape, the
+# server accepting the ConfigMap's settings (and the tls overlay's TLS settings, with
+# certificates made here by openssl, when the server has them), and
+# tools/render_dashboard_preview.py on synthetic scrapes. Every check runs; the script fails
+# if any failed.
 # Without one of the tools it skips (exit 77), unless CTXCACHE_REQUIRE_DEPLOY_TOOLS=1
 # (tools/test.sh sets it after tools/setup.sh installed them): then it fails.
 # KUBECTL=/path/to/kubectl picks the kubectl whose kustomize renders the overlays.
@@ -202,14 +205,17 @@ render() {
   grep -v -E "^# Warning: '(bases|patchesStrategicMerge)' is deprecated" "$tmp/k8s/$2.err"
   return $rc
 }
-for o in base overlays/cpu overlays/gpu overlays/dev; do
+for o in base overlays/cpu overlays/gpu overlays/dev overlays/tls; do
   check "kubectl kustomize deploy/k8s/$o" render "$o" "${o##*/}"
 done
-for o in cpu gpu dev; do
+# Custom resources (ServiceMonitor; cert-manager's Certificate and Issuer in the tls overlay)
+# have no schema there: they are checked against deploy/k8s/schemas/ below.
+for o in cpu gpu dev tls; do
   for v in 1.25.0 1.37.0; do
     check "kubernetes-validate --strict -k $v ($o overlay)" \
       bash -c "kubernetes-validate --strict --quiet -k $v '$tmp/k8s/$o.yaml' 2>&1 |
-               grep -v \"Couldn't find schema for kind ServiceMonitor\"; exit \${PIPESTATUS[0]}"
+               grep -v -E \"Couldn't find schema for kind (ServiceMonitor|Certificate|Issuer) \"
+               exit \${PIPESTATUS[0]}"
   done
 done
 check "ServiceMonitor (a CRD) against deploy/k8s/schemas/servicemonitor.schema.json" \
@@ -217,13 +223,50 @@ check "ServiceMonitor (a CRD) against deploy/k8s/schemas/servicemonitor.schema.j
 import json, sys, yaml, jsonschema
 schema = json.load(open("deploy/k8s/schemas/servicemonitor.schema.json"))
 n = 0
-for o in ("cpu", "gpu", "dev"):
+for o in ("cpu", "gpu", "dev", "tls"):
     for d in yaml.safe_load_all(open(f"{sys.argv[1]}/{o}.yaml")):
         if d and d["kind"] == "ServiceMonitor":
             jsonschema.validate(d, schema)
             n += 1
 print(f"{n} ServiceMonitor(s) valid")
-raise SystemExit(0 if n == 2 else 1)  # cpu and gpu; dev has none (no operator there)
+raise SystemExit(0 if n == 3 else 1)  # cpu, gpu and tls; dev has none (no operator there)
+PY
+check "cert-manager Certificates and Issuers (CRDs) against deploy/k8s/schemas/, issuers resolve" \
+  python3 - "$tmp/k8s" <<'PY'
+import json, sys, yaml, jsonschema
+schemas = {k: json.load(open(f"deploy/k8s/schemas/{k.lower()}.schema.json"))
+           for k in ("Certificate", "Issuer")}
+bad, n = [], {"Certificate": 0, "Issuer": 0}
+for o in ("base", "cpu", "gpu", "dev", "tls"):
+    ds = [d for d in yaml.safe_load_all(open(f"{sys.argv[1]}/{o}.yaml")) if d]
+    cm = [d for d in ds if d["apiVersion"].startswith("cert-manager.io/")]
+    if o != "tls":
+        if cm:
+            bad.append(f"{o}: cert-manager resources outside the tls overlay")
+        continue
+    for d in cm:
+        try:
+            jsonschema.validate(d, schemas[d["kind"]])
+            n[d["kind"]] += 1
+        except (KeyError, jsonschema.ValidationError) as e:
+            bad.append(f"{o}: {d['kind']} {d['metadata']['name']}: "
+                       f"{getattr(e, 'message', 'no schema for this kind')}")
+    issuers = {d["metadata"]["name"]: d for d in cm if d["kind"] == "Issuer"}
+    certs = {d["spec"]["secretName"]: d for d in cm if d["kind"] == "Certificate"}
+    for d in cm:
+        if d["kind"] != "Certificate":
+            continue
+        ref = d["spec"]["issuerRef"]
+        if ref.get("kind", "Issuer") == "Issuer" and ref["name"] not in issuers:
+            bad.append(f"{o}: Certificate {d['metadata']['name']} names no Issuer of the overlay "
+                       f"({ref['name']})")
+    for name, d in issuers.items():
+        ca = d["spec"].get("ca")
+        if ca and not certs.get(ca["secretName"], {}).get("spec", {}).get("isCA"):
+            bad.append(f"{o}: CA Issuer {name} reads {ca['secretName']}, which no isCA "
+                       "Certificate of the overlay writes")
+print("\n".join(bad) or f"{n['Certificate']} Certificate(s), {n['Issuer']} Issuer(s) valid")
+raise SystemExit(1 if bad or not all(n.values()) else 0)
 PY
 check "rendered manifests follow the deployment rules" python3 - "$tmp/k8s" <<'PY'
 import re, sys, yaml
@@ -233,7 +276,8 @@ def seconds(v):
     return int(v)
 cfg = yaml.safe_load(open("deploy/k8s/base/ctxcache.yaml"))
 bad = []
-for o in ("cpu", "gpu", "dev"):
+probe_timings = {}
+for o in ("cpu", "gpu", "dev", "tls"):
     ds = docs(o)
     kinds = {d["kind"] for d in ds}
     for k in ("Deployment", "ConfigMap", "Service", "HorizontalPodAutoscaler",
@@ -241,13 +285,21 @@ for o in ("cpu", "gpu", "dev"):
         if k not in kinds:
             bad.append(f"{o}: no {k}")
     if ("ServiceMonitor" in kinds) != (o != "dev"):
-        bad.append(f"{o}: ServiceMonitor expected in cpu and gpu only")
+        bad.append(f"{o}: ServiceMonitor expected in cpu, gpu and tls only")
     dep = next(d for d in ds if d["kind"] == "Deployment" and d["metadata"]["name"] == "ctxcache")
     pod = dep["spec"]["template"]["spec"]
     c = next(c for c in pod["containers"] if c["name"] == "ctxcache")
     for p in ("startupProbe", "readinessProbe", "livenessProbe"):
-        if c.get(p, {}).get("grpc", {}).get("port") != 50051:
+        probe = c.get(p, {})
+        if o == "tls":  # TLS on every port: GET /health on the metrics port over HTTPS
+            if probe.get("httpGet") != {"scheme": "HTTPS", "port": "metrics", "path": "/health"}:
+                bad.append(f"{o}: {p} is not an HTTPS GET of /health on the metrics port")
+        elif probe.get("grpc", {}).get("port") != 50051:
             bad.append(f"{o}: {p} is not a native gRPC probe on 50051")
+        # Same timings in every overlay: only the mechanism differs.
+        timing = {k: v for k, v in probe.items() if k not in ("grpc", "httpGet")}
+        if probe_timings.setdefault(p, timing) != timing:
+            bad.append(f"{o}: {p} timings {timing} differ from {probe_timings[p]}")
     pre = c["lifecycle"]["preStop"]["exec"]["command"]
     sleep = int(pre[-1]) if pre[0] == "sleep" else 0
     if not pod["terminationGracePeriodSeconds"] > sleep + int(cfg["drain_timeout_seconds"]):
@@ -279,7 +331,7 @@ for o in ("cpu", "gpu", "dev"):
         bad.append(f"{o}: config volume does not name the generated ConfigMap")
     env = {e["name"]: e for e in c.get("env", [])}
     secrets = [d for d in ds if d["kind"] == "Secret"]
-    if o in ("cpu", "gpu"):
+    if o in ("cpu", "gpu", "tls"):
         if secrets:
             bad.append(f"{o}: renders a Secret (values must not be in git)")
         if env["CTXCACHE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] != "ctxcache-secrets":
@@ -309,6 +361,116 @@ for o in ("cpu", "gpu", "dev"):
 print("\n".join(bad))
 raise SystemExit(1 if bad else 0)
 PY
+check "TLS: base mounts Secret ctxcache-tls optionally and serves plaintext; the tls overlay wires it up" \
+  python3 - "$tmp/k8s" <<'PY'
+import posixpath, re, sys, yaml
+def docs(o):
+    return [d for d in yaml.safe_load_all(open(f"{sys.argv[1]}/{o}.yaml")) if d]
+def server(ds):
+    dep = next(d for d in ds if d["kind"] == "Deployment" and d["metadata"]["name"] == "ctxcache")
+    pod = dep["spec"]["template"]["spec"]
+    return pod, next(c for c in pod["containers"] if c["name"] == "ctxcache")
+def volume_of(pod, c, path):
+    """The volume whose mount holds path (a directory mount, so that updates reach the file)."""
+    for m in c.get("volumeMounts", []):
+        if not m.get("subPath") and path.startswith(m["mountPath"].rstrip("/") + "/"):
+            return next(v for v in pod["volumes"] if v["name"] == m["name"]), m
+    return None, None
+TLS_DIR = "/etc/ctxcache/tls"
+WANT_ENV = {"CTXCACHE_TLS_CERT": f"{TLS_DIR}/tls.crt", "CTXCACHE_TLS_KEY": f"{TLS_DIR}/tls.key",
+            "CTXCACHE_TLS_CLIENT_CA": f"{TLS_DIR}/ca.crt"}
+bad = []
+# The ConfigMap names no TLS file: the paths come from the tls overlay's environment, so the
+# base (and the config check below) run without TLS files.
+cfg = yaml.safe_load(open("deploy/k8s/base/ctxcache.yaml"))
+if [k for k in cfg if k.startswith("tls_")]:
+    bad.append("base/ctxcache.yaml sets tls_* keys: keep TLS in the tls overlay's environment")
+for o in ("base", "cpu", "gpu", "dev", "tls"):
+    ds = docs(o)
+    pod, c = server(ds)
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    vol = next((v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "ctxcache-tls"), None)
+    mount = vol and next((m for m in c["volumeMounts"] if m["name"] == vol["name"]), None)
+    if not vol or not mount or mount["mountPath"] != TLS_DIR or mount.get("subPath"):
+        bad.append(f"{o}: Secret ctxcache-tls is not mounted (whole, no subPath) at {TLS_DIR}")
+    if o != "tls":
+        if vol and vol["secret"].get("optional") is not True:
+            bad.append(f"{o}: the ctxcache-tls volume is not optional (pods would wait for it)")
+        tls_env = sorted(k for k in env if k.startswith("CTXCACHE_TLS_"))
+        if tls_env:
+            bad.append(f"{o}: sets {tls_env}: TLS belongs to the tls overlay")
+        continue
+    # --- the tls overlay ---
+    for k, v in WANT_ENV.items():
+        if env.get(k) != v:
+            bad.append(f"tls: {k} is {env.get(k)!r}, not {v}")
+    for k, v in env.items():
+        if k.startswith("CTXCACHE_TLS_") and k != "CTXCACHE_TLS_RELOAD_SECONDS":
+            if not v or not volume_of(pod, c, v)[0]:
+                bad.append(f"tls: {k}={v!r} is not a file of a mounted volume")
+    for cc in pod["containers"]:
+        for p in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if "grpc" in cc.get(p, {}):
+                bad.append(f"tls: {cc['name']} {p} is still a gRPC probe (it cannot speak TLS)")
+    # The server Certificate writes the Secret that is mounted.
+    certs = [d for d in ds if d["kind"] == "Certificate"]
+    server_certs = [d for d in certs if "server auth" in d["spec"].get("usages", [])]
+    if len(server_certs) != 1:
+        bad.append(f"tls: {len(server_certs)} Certificate(s) with usage 'server auth', want 1")
+    mounted = vol["secret"]["secretName"] if vol else None
+    for d in server_certs:
+        if d["spec"]["secretName"] != mounted:
+            bad.append(f"tls: Certificate {d['metadata']['name']} writes Secret "
+                       f"{d['spec']['secretName']}, the pod mounts {mounted}")
+        services = {s["metadata"]["name"] for s in ds if s["kind"] == "Service"
+                    and any(p["name"] == "grpc" for p in s["spec"]["ports"])}
+        missing = services - set(d["spec"].get("dnsNames", []))
+        if missing:
+            bad.append(f"tls: server certificate lacks dnsNames {sorted(missing)}")
+    # The ServiceMonitor scrapes over HTTPS and verifies the server with the mounted CA.
+    for sm in (d for d in ds if d["kind"] == "ServiceMonitor"):
+        for e in sm["spec"]["endpoints"]:
+            tc = e.get("tlsConfig", {})
+            if e.get("scheme") != "https" or tc.get("ca", {}).get("secret", {}).get("name") != mounted:
+                bad.append(f"tls: ServiceMonitor endpoint {e.get('port')} is not https with the CA of {mounted}")
+            names = {n for d in server_certs for n in d["spec"].get("dnsNames", [])}
+            if tc.get("serverName") not in names or tc.get("insecureSkipVerify"):
+                bad.append(f"tls: ServiceMonitor serverName {tc.get('serverName')!r} is not a dnsName "
+                           "of the server certificate")
+    svc = next(d for d in ds if d["kind"] == "Service" and d["metadata"]["name"] == "ctxcache")
+    if any(p["name"] == "metrics" and p.get("appProtocol") != "https" for p in svc["spec"]["ports"]):
+        bad.append("tls: Service port metrics is not appProtocol https")
+    # The tenants file: a mounted ConfigMap key of "IDENTITY TENANT" lines, naming the client
+    # certificates' identities.
+    path = env.get("CTXCACHE_TLS_CLIENT_TENANTS")
+    v, m = volume_of(pod, c, path or "")
+    cm = v and next((d for d in ds if d["kind"] == "ConfigMap"
+                     and d["metadata"]["name"] == v.get("configMap", {}).get("name")), None)
+    key = path and posixpath.relpath(path, m["mountPath"]) if m else None
+    if not cm or key not in cm.get("data", {}):
+        bad.append(f"tls: CTXCACHE_TLS_CLIENT_TENANTS={path!r} is not a key of a mounted ConfigMap")
+    else:
+        ids = {}
+        for n, line in enumerate(cm["data"][key].splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            f = line.split()
+            if len(f) != 2 or not re.match(r"^(CN|DNS|URI|email|IP):.+", f[0]):
+                bad.append(f"tls: {key}:{n}: not 'CN:|DNS:|URI:|email:|IP:IDENTITY TENANT': {line!r}")
+            else:
+                ids[f[0]] = f[1]
+        for d in certs:
+            if "client auth" not in d["spec"].get("usages", []):
+                continue
+            own = ([f"URI:{u}" for u in d["spec"].get("uris", [])] +
+                   [f"DNS:{u}" for u in d["spec"].get("dnsNames", [])] +
+                   [f"email:{u}" for u in d["spec"].get("emailAddresses", [])] +
+                   ([f"CN:{d['spec']['commonName']}"] if d["spec"].get("commonName") else []))
+            if not any(i in ids for i in own):
+                bad.append(f"tls: client Certificate {d['metadata']['name']} has no identity in {key}")
+print("\n".join(bad))
+raise SystemExit(1 if bad else 0)
+PY
 check "deploy/k8s/secret.example.yaml holds placeholders only" python3 - <<'PY'
 import yaml
 d = yaml.safe_load(open("deploy/k8s/secret.example.yaml"))
@@ -328,6 +490,72 @@ if [[ -n "$server_bin" ]]; then
     grep -q "listening on" <<<"$out"
   }
   check "ctxcache-server accepts deploy/k8s/base/ctxcache.yaml" config_check
+  # The tls overlay's environment (TLS files, tenants file, token file) accepted too, with a
+  # CA, server certificate and key made here by openssl as docs/operations.md shows, the
+  # ConfigMap's files written out, and the other mounted paths moved under $tmp. Only for a
+  # server built with TLS.
+  tls_env_check() {
+    local d="$tmp/tls-env" out
+    mkdir -p "$d" && cd "$d" || return 1
+    {
+      openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout ca.key -out ca.crt -days 2 -subj "/CN=deploy-test CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" &&
+        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+          -keyout tls.key -out tls.csr -subj "/CN=ctxcache" &&
+        printf '%s\n' "subjectAltName=DNS:ctxcache,DNS:localhost" "extendedKeyUsage=serverAuth" >tls.ext &&
+        openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 \
+          -extfile tls.ext -out tls.crt
+    } >openssl.log 2>&1 || { cat openssl.log; cd "$root"; return 1; }
+    cd "$root" || return 1
+    local envs
+    envs="$(python3 - "$tmp/k8s/tls.yaml" "$d" <<'PY'
+import os, sys, yaml
+ds = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+out = sys.argv[2]
+dep = next(d for d in ds if d["kind"] == "Deployment" and d["metadata"]["name"] == "ctxcache")
+pod = dep["spec"]["template"]["spec"]
+c = next(c for c in pod["containers"] if c["name"] == "ctxcache")
+vols = {v["name"]: v for v in pod["volumes"]}
+for e in c.get("env", []):
+    v = e.get("value")
+    if v is None or not v.startswith("/etc/ctxcache/"):
+        if v is not None:
+            print(f"{e['name']}={v}")
+        continue
+    m = next((m for m in c["volumeMounts"] if v.startswith(m["mountPath"].rstrip("/") + "/")), None)
+    assert m, f"{e['name']}={v} is on no mounted volume"
+    vol, rel = vols[m["name"]], os.path.relpath(v, m["mountPath"])
+    if "configMap" in vol:
+        cm = next(d for d in ds if d["kind"] == "ConfigMap" and d["metadata"]["name"] == vol["configMap"]["name"])
+        path = os.path.join(out, m["name"], rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").write(cm["data"][rel])
+    elif vol.get("secret", {}).get("secretName") == "ctxcache-tls":
+        path = os.path.join(out, rel)  # made by openssl above
+    else:  # ctxcache-secrets: the token file
+        path = os.path.join(out, m["name"], rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").write("deploy-test-token tenant-a\n")
+    assert os.path.isfile(path), path
+    print(f"{e['name']}={path}")
+PY
+)" || { echo "$envs"; return 1; }
+    echo "$envs" | sed 's/^/env: /'
+    mapfile -t envs <<<"$envs"
+    out="$(env "${envs[@]}" "$server_bin" --config deploy/k8s/base/ctxcache.yaml \
+      --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --model "$tmp/no-such-model.gguf" 2>&1)"
+    echo "$out" | tail -n 4
+    grep -q "listening on.*TLS: mutual" <<<"$out" && grep -q "serving Prometheus metrics on https://" <<<"$out"
+  }
+  if ! grep -q -- "--tls-cert" <<<"$("$server_bin" --help 2>&1)"; then
+    echo "skip tls overlay server check: $server_bin has no --tls-cert"
+  elif ! command -v openssl >/dev/null; then
+    echo "skip tls overlay server check: no openssl"
+  else
+    check "ctxcache-server accepts the tls overlay's TLS settings (certificates made by openssl)" \
+      tls_env_check
+  fi
   # Dockerfile.cpu's runtime stage installs named library packages: every shared library the
   # built binaries link must come from one of them or their dependencies.
   runtime_libs_check() {

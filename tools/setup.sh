@@ -20,6 +20,7 @@ done
 apt_packages=(
   cmake ninja-build pkg-config g++ git ca-certificates python3
   libabsl-dev libspdlog-dev libfmt-dev libssl-dev
+  openssl     # test certificates for the TLS tests (tests/tls_test.cc, tests/deploy_test.sh)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libhiredis-dev redis-server redis-tools
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev

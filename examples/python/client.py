@@ -7,6 +7,9 @@
     python3 examples/python/client.py compress --doc report.txt --method none --ratio 0
     python3 examples/python/client.py ask --context ID --select-ratio 8 --question "Who?"
     python3 examples/python/client.py demo --doc report.txt "Who signed it?" "When?"
+    # over TLS, verifying the server with ca.pem; with a client certificate (mutual TLS)
+    python3 examples/python/client.py --server ctxcache:50051 --tls-ca ca.pem info
+    python3 examples/python/client.py --tls-ca ca.pem --tls-cert client.pem --tls-key client.key info
 
 The Python stubs are generated at start-up from proto/ctxcache/v1/ctxcache.proto with
 grpcio-tools (into a temporary directory), so there is nothing to build or check in. Needs
@@ -60,13 +63,47 @@ TIERS = {0: "unspecified", 1: "computed", 2: "memory", 3: "redis"}
 FINISH = {0: "unspecified", 1: "length", 2: "stop", 3: "end_of_generation", 4: "context_full"}
 
 
+def read_pem(path, what):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} {path}: {e.strerror}") from None
+
+
+def make_channel(server, tls_ca=None, tls_cert=None, tls_key=None, tls_server_name=None):
+    """A gRPC channel to server: plaintext, or TLS when tls_ca or a client certificate is given.
+
+    tls_ca: PEM file of the CA(s) that signed the server's certificate (None: gRPC's default
+    roots). tls_cert + tls_key: PEM client certificate chain and key, for a server that asks
+    for one (mutual TLS); both or neither. tls_server_name: the name checked against the
+    server's certificate instead of server's host (e.g. when dialing an IP address)."""
+    import grpc
+
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("a client certificate needs both tls_cert and tls_key "
+                         f"(got only {'tls_cert' if tls_cert else 'tls_key'})")
+    if not (tls_ca or tls_cert):
+        if tls_server_name:
+            raise ValueError("tls_server_name needs TLS: give tls_ca (or a client certificate)")
+        return grpc.insecure_channel(server)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read_pem(tls_ca, "CA file") if tls_ca else None,
+        private_key=read_pem(tls_key, "client key") if tls_key else None,
+        certificate_chain=read_pem(tls_cert, "client certificate") if tls_cert else None,
+    )
+    options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+    return grpc.secure_channel(server, creds, options=options)
+
+
 class Client:
-    def __init__(self, server, token=None, timeout=None):
+    def __init__(self, server, token=None, timeout=None, tls_ca=None, tls_cert=None,
+                 tls_key=None, tls_server_name=None):
         import grpc
 
         self.grpc = grpc
+        self.channel = make_channel(server, tls_ca, tls_cert, tls_key, tls_server_name)
         self.pb2, pb2_grpc = load_stubs()
-        self.channel = grpc.insecure_channel(server)
         self.stub = pb2_grpc.ContextCacheStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout = timeout
@@ -138,6 +175,18 @@ def main():
     ap.add_argument("--server", default=os.environ.get("CTXCACHE_SERVER", "127.0.0.1:50051"))
     ap.add_argument("--token", default=os.environ.get("CTXCACHE_TOKEN"), help="bearer token")
     ap.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+    t = ap.add_argument_group("TLS (plaintext unless --tls-ca or --tls-cert is given)")
+    t.add_argument("--tls-ca", metavar="FILE", default=os.environ.get("CTXCACHE_TLS_CA"),
+                   help="connect over TLS, verifying the server with this PEM CA bundle "
+                        "(default $CTXCACHE_TLS_CA)")
+    t.add_argument("--tls-cert", metavar="FILE", default=os.environ.get("CTXCACHE_TLS_CERT"),
+                   help="PEM client certificate chain for mutual TLS, with --tls-key "
+                        "(default $CTXCACHE_TLS_CERT)")
+    t.add_argument("--tls-key", metavar="FILE", default=os.environ.get("CTXCACHE_TLS_KEY"),
+                   help="PEM private key of --tls-cert (default $CTXCACHE_TLS_KEY)")
+    t.add_argument("--tls-server-name", metavar="NAME",
+                   help="name to check in the server's certificate instead of the host of "
+                        "--server")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="the served model and limits")
     c = sub.add_parser("compress", help="compress a document; prints its context id")
@@ -158,8 +207,19 @@ def main():
     d.add_argument("--max-tokens", type=int, default=64)
     d.add_argument("questions", nargs="+")
     args = ap.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        ap.error("--tls-cert and --tls-key go together (or $CTXCACHE_TLS_CERT and "
+                 f"$CTXCACHE_TLS_KEY): only {'--tls-cert' if args.tls_cert else '--tls-key'} "
+                 "is set")
+    if args.tls_server_name and not (args.tls_ca or args.tls_cert):
+        ap.error("--tls-server-name needs TLS: add --tls-ca FILE")
 
-    client = Client(args.server, args.token, args.timeout)
+    try:
+        client = Client(args.server, args.token, args.timeout, tls_ca=args.tls_ca,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key,
+                        tls_server_name=args.tls_server_name)
+    except ValueError as e:
+        sys.exit(f"{ap.prog}: {e}")
     read = lambda path: sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
     stream = lambda t: (sys.stdout.write(t), sys.stdout.flush())
     try:

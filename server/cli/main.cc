@@ -91,6 +91,10 @@ remote (against a running ctxcache-server; compress, generate, info):
   --server HOST:PORT  run the command on the server: compress prints a context id, which
                       generate takes as --context ID (repeatable); --model/--threads/--out unused
   --token TOKEN       bearer token (default $CTXCACHE_TOKEN)   --timeout SECONDS (deadline)
+  --tls-ca FILE       connect over TLS, trusting this CA (default $CTXCACHE_TLS_CA); --tls
+                      alone trusts the system's roots
+  --tls-cert FILE --tls-key FILE   client certificate for mutual TLS ($CTXCACHE_TLS_CERT/_KEY)
+  --tls-server-name NAME           the name to check in the server's certificate
 
 tokenize flags:
   --ids-only   --no-bos   --parse-special
@@ -658,10 +662,10 @@ int Main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   Flags flags;
-  absl::Status s = flags.Parse(argc, argv, 2,
-                               {"chat", "raw-template", "ignore-eos", "no-bos", "quiet",
-                                "ids-only", "parse-special", "json", "dynamic", "per-layer",
-                                "compare-decode"});
+  absl::Status s =
+      flags.Parse(argc, argv, 2,
+                  {"chat", "raw-template", "ignore-eos", "no-bos", "quiet", "ids-only",
+                   "parse-special", "json", "dynamic", "per-layer", "compare-decode", "tls"});
   if (s.ok()) {
     if (flags.Has("server")) {
       s = cli::RunRemote(cmd, cli::FlagSource{

@@ -79,7 +79,7 @@ class Remote {
     }
     RETURN_IF_ERROR(Number("timeout", &timeout_seconds_));
     quiet_ = Bool("quiet");
-    channel_ = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+    ASSIGN_OR_RETURN(channel_, MakeChannel(address));
     stub_ = pb::ContextCache::NewStub(channel_);
     if (command == "compress") return Compress();
     if (command == "generate") return Generate();
@@ -89,6 +89,47 @@ class Remote {
   }
 
  private:
+  // Plaintext unless a TLS flag is given: --tls (system roots), --tls-ca FILE (this CA),
+  // --tls-cert/--tls-key (a client certificate for mutual TLS), --tls-server-name NAME (the
+  // name checked in the server's certificate when the address is not it). The files can
+  // also come from $CTXCACHE_TLS_CA, $CTXCACHE_TLS_CERT and $CTXCACHE_TLS_KEY.
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address) const {
+    auto setting = [&](const char* flag, const char* env) {
+      std::string v = flags_.get(flag).value_or("");
+      if (v.empty()) {
+        if (const char* e = std::getenv(env)) v = e;
+      }
+      return v;
+    };
+    const std::string ca = setting("tls-ca", "CTXCACHE_TLS_CA");
+    const std::string cert = setting("tls-cert", "CTXCACHE_TLS_CERT");
+    const std::string key = setting("tls-key", "CTXCACHE_TLS_KEY");
+    const std::string server_name = flags_.get("tls-server-name").value_or("");
+    const bool tls = Bool("tls") || !ca.empty() || !cert.empty() || !server_name.empty();
+    if (!tls) return grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+    if (cert.empty() != key.empty()) {
+      return absl::InvalidArgumentError(
+          "--tls-cert and --tls-key go together (a client certificate and its key)");
+    }
+    grpc::SslCredentialsOptions options;
+    auto read = [](const char* flag, const std::string& path, std::string* out) -> absl::Status {
+      if (path.empty()) return absl::OkStatus();
+      absl::StatusOr<std::string> text = ReadFileOrStdin(path);
+      if (!text.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", flag, " ", path, ": ", text.status().message()));
+      }
+      *out = std::move(*text);
+      return absl::OkStatus();
+    };
+    RETURN_IF_ERROR(read("tls-ca", ca, &options.pem_root_certs));
+    RETURN_IF_ERROR(read("tls-cert", cert, &options.pem_cert_chain));
+    RETURN_IF_ERROR(read("tls-key", key, &options.pem_private_key));
+    grpc::ChannelArguments args;
+    if (!server_name.empty()) args.SetSslTargetNameOverride(server_name);
+    return grpc::CreateCustomChannel(address, grpc::SslCredentials(options), args);
+  }
+
   bool Bool(const std::string& name) const {
     auto v = flags_.get(name);
     return v.has_value() && *v != "false" && *v != "0";
