@@ -793,11 +793,18 @@ PY
 check "Dockerfiles: tools/setup.sh, multi-stage, non-root, ports, entrypoint" python3 - <<'PY'
 import re
 bad = []
-for f, extra in (("docker/Dockerfile.cpu", [r"FROM debian:12-slim AS runtime"]),
+# The base images are build arguments defaulting to the public Debian ones (tools/build_images.sh
+# passes locally made ones), the same in both files.
+for f, extra in (("docker/Dockerfile.cpu", [r"ARG BASE_IMAGE=debian:12\n",
+                                            r"ARG RUNTIME_IMAGE=debian:12-slim\n",
+                                            r"FROM \$\{BASE_IMAGE\} AS builder",
+                                            r"FROM \$\{RUNTIME_IMAGE\} AS runtime"]),
                  ("docker/Dockerfile.cuda", [r"-DCTXCACHE_CUDA=ON", r"FROM nvidia/cuda:\S+-devel",
+                                             r"ARG BASE_IMAGE=debian:12\n",
+                                             r"FROM \$\{BASE_IMAGE\} AS builder",
                                              r"FROM nvidia/cuda:\S+-runtime"])):
     s = open(f).read()
-    for pat in [r"RUN tools/setup\.sh", r"USER 10001", r"EXPOSE 50051 9464",
+    for pat in [r"RUN tools/setup\.sh --image\n", r"USER 10001", r"EXPOSE 50051 9464",
                 r'ENTRYPOINT \["ctxcache-server", "--listen", "0\.0\.0\.0:50051", '
                 r'"--metrics-listen", "0\.0\.0\.0:9464"\]'] + extra:
         if not re.search(pat, s):
@@ -812,6 +819,24 @@ for f, extra in (("docker/Dockerfile.cpu", [r"FROM debian:12-slim AS runtime"]),
     # -march is never set: the build must stay portable (runtime dispatch in common/).
     if "-march" in "\n".join(l for l in s.splitlines() if not l.lstrip().startswith("#")):
         bad.append(f"{f}: sets -march")
+print("\n".join(bad))
+raise SystemExit(1 if bad else 0)
+PY
+
+check "docker/last_build.json: the last image build and smoke test, passed" python3 - <<'PY'
+import json, re
+bad = []
+try:
+    r = json.load(open("docker/last_build.json"))
+except (OSError, ValueError) as e:
+    raise SystemExit(f"docker/last_build.json: {e} (tools/build_images.sh --smoke --record)")
+for k in ("date", "commit", "image", "image_size", "build_seconds", "smoke_test"):
+    if k not in r:
+        bad.append(f"no {k}")
+if r.get("smoke_test") != "pass":
+    bad.append(f"smoke_test is {r.get('smoke_test')!r}, not 'pass'")
+if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", str(r.get("date", ""))):
+    bad.append(f"date {r.get('date')!r} is not UTC ISO 8601")
 print("\n".join(bad))
 raise SystemExit(1 if bad else 0)
 PY

@@ -683,6 +683,14 @@ TEST_F(TlsTest, BinaryRefusesBadCertificatesReloadsTokensOnSighupAndServesTheCli
   EXPECT_EQ(rc, 0) << ok;
   EXPECT_NE(ok.find(model().fingerprint()), std::string::npos) << ok;
   // (A client that cannot connect waits out its deadline: short ones.)
+  // `ctxcache health` (the images' HEALTHCHECK) over the same mutual TLS.
+  const std::string health =
+      run(absl::StrCat(CTXCACHE_CLI_BIN, " health --server ", address, " --timeout 20 --tls-ca ",
+                       pki_->Path("ca.pem"), " --tls-cert ", pki_->Path("alice.pem"), " --tls-key ",
+                       pki_->Path("alice.key")),
+          &rc);
+  EXPECT_EQ(rc, 0) << health;
+  EXPECT_EQ(health, "SERVING\n");
   const std::string plain = run(cli + " --timeout 1", &rc);
   EXPECT_NE(rc, 0) << plain;
   const std::string no_cert =

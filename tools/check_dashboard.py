@@ -188,8 +188,17 @@ def main():
                     help="Grafana dashboard JSON (default deploy/grafana/*.json)")
     ap.add_argument("--rules", action="append",
                     help="Prometheus rule file (default deploy/prometheus/rules.yml)")
+    ap.add_argument("--absent-ok", action="append", default=[], metavar="NAME",
+                    help="a family deploy/metrics.txt lists that the scraped server does not "
+                         "export in its configuration (e.g. the TLS certificate's expiry on a "
+                         "plaintext server): taken from the list instead")
     args = ap.parse_args()
     families = load_metrics(args.metrics)
+    listed = load_metrics(ROOT / "deploy/metrics.txt")
+    for name in args.absent_ok:
+        if name not in listed:
+            sys.exit(f"--absent-ok {name}: not in deploy/metrics.txt")
+        families.setdefault(name, listed[name])
     dashboards = args.dashboard or sorted(str(p) for p in (ROOT / "deploy/grafana").glob("*.json"))
     rules = args.rules if args.rules is not None else [str(ROOT / "deploy/prometheus/rules.yml")]
     problems = []

@@ -7,13 +7,16 @@
 #                           quality harness's prose haystack
 #   tools/setup.sh --dev    also the dev-side Python tools: llama-cpp-python (peer and oracle),
 #                           gguf, numpy, matplotlib (fixtures, benchmarks, plots)
+#   tools/setup.sh --image  only what building ctxcache-server and the CLI needs, and the
+#                           default model (the container images' builder stage)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-dev=0
+dev=0 image=0
 for arg in "$@"; do
   case "$arg" in
     --dev) dev=1 ;;
-    *) echo "usage: tools/setup.sh [--dev]" >&2; exit 2 ;;
+    --image) image=1 ;;
+    *) echo "usage: tools/setup.sh [--dev | --image]" >&2; exit 2 ;;
   esac
 done
 
@@ -37,10 +40,18 @@ apt_packages=(
   # (tools/tsan_absl.sh builds it with -fsanitize=thread).
   dpkg-dev patch xz-utils
 )
+if ((image)); then
+  apt_packages=(
+    cmake ninja-build pkg-config g++ ca-certificates python3 python3-pip
+    libabsl-dev libspdlog-dev libfmt-dev libssl-dev
+    libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
+    libhiredis-dev nlohmann-json3-dev libopenblas-dev libyaml-cpp-dev libcpp-httplib-dev
+  )
+fi
 # `kubectl kustomize` for the deploy checks: Debian's kubernetes-client (1.20, kustomize
 # v2.0.3, which deploy/k8s is written for) unless a kubectl is installed already (another
 # kubectl package would conflict with it over /usr/bin/kubectl).
-command -v kubectl >/dev/null 2>&1 || apt_packages+=(kubernetes-client)
+((image)) || command -v kubectl >/dev/null 2>&1 || apt_packages+=(kubernetes-client)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -55,6 +66,11 @@ if ((${#missing[@]})); then
 fi
 
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+if ((image)); then
+  "$root/tools/fetch_model.sh" qwen2.5-0.5b >/dev/null
+  echo "setup: ok (image build)" >&2
+  exit 0
+fi
 # For the python3 on PATH (the one the tests run): Kubernetes JSON schemas for validating
 # deploy/k8s offline (tests/deploy_test.sh), matplotlib for the dashboard preview drawn from a
 # live run (tools/dashboard_demo.py), the official openai client and LangChain's OpenAI chat

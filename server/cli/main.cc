@@ -47,6 +47,7 @@ commands:
   tokenize   print the token ids (and pieces) of TEXT, or of stdin with '-'
   compress   compress a document's KV cache into a context file
   bench      time prefill and decode (for bench/bench_engine.py)
+  health     with --server: the server's grpc.health.v1 status (exit 0 only when SERVING)
 
 common flags:
   --model PATH        GGUF model (default: $CTXCACHE_MODEL, else models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)
@@ -87,7 +88,7 @@ compress flags:
            form: --ratio R gives each chunk ceil(chunk / R) digest vectors, --budget N gives it
            N; needs --digest-compressor)
 
-remote (against a running ctxcache-server; compress, generate, info):
+remote (against a running ctxcache-server; compress, generate, info, health):
   --server HOST:PORT  run the command on the server: compress prints a context id, which
                       generate takes as --context ID (repeatable); --model/--threads/--out unused
   --token TOKEN       bearer token (default $CTXCACHE_TOKEN)   --timeout SECONDS (deadline)
@@ -95,6 +96,7 @@ remote (against a running ctxcache-server; compress, generate, info):
                       alone trusts the system's roots
   --tls-cert FILE --tls-key FILE   client certificate for mutual TLS ($CTXCACHE_TLS_CERT/_KEY)
   --tls-server-name NAME           the name to check in the server's certificate
+  health: --service NAME (default: the server as a whole; ctxcache.v1.ContextCache)
 
 tokenize flags:
   --ids-only   --no-bos   --parse-special

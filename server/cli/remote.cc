@@ -1,15 +1,18 @@
 // Remote CLI commands over gRPC (see remote.h).
 #include "server/cli/remote.h"
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <sstream>
 
 #include "absl/status/statusor.h"
@@ -84,8 +87,10 @@ class Remote {
     if (command == "compress") return Compress();
     if (command == "generate") return Generate();
     if (command == "info") return Info();
-    return absl::InvalidArgumentError(absl::StrCat(
-        "command '", command, "' does not run against a server (compress, generate, info do)"));
+    if (command == "health") return Health();
+    return absl::InvalidArgumentError(
+        absl::StrCat("command '", command,
+                     "' does not run against a server (compress, generate, info, health do)"));
   }
 
  private:
@@ -309,6 +314,56 @@ class Remote {
                    static_cast<long long>(usage.completion_tokens()), usage.ttft_ms(),
                    usage.decode_tokens_per_second(), FinishName(usage.finish_reason()));
     }
+    return absl::OkStatus();
+  }
+
+  // grpc.health.v1 Check (--service NAME, default the server as a whole): prints the status;
+  // an error unless SERVING, so it serves as a readiness check in scripts and exec probes.
+  absl::Status Health() {
+    const std::string service = flags_.get("service").value_or("");
+    RETURN_IF_ERROR(flags_.check_all_used());
+    if (service.size() > 127) return absl::InvalidArgumentError("--service: name too long");
+    // HealthCheckRequest{service = 1} and HealthCheckResponse{status = 1} by hand: one
+    // field each, so no generated code for grpc.health.v1 is needed.
+    std::string request;
+    if (!service.empty()) {
+      request.push_back(0x0a);
+      request.push_back(static_cast<char>(service.size()));
+      request += service;
+    }
+    grpc::Slice slice(request);
+    grpc::ByteBuffer req(&slice, 1), resp;
+    grpc::ClientContext ctx;
+    Prepare(ctx);
+    grpc::GenericStub generic(channel_);
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    grpc::Status status;
+    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req, &resp,
+                      [&](grpc::Status s) {
+                        std::lock_guard<std::mutex> lock(mu);
+                        status = std::move(s);
+                        done = true;
+                        cv.notify_one();
+                      });
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return done; });
+    }
+    RETURN_IF_ERROR(FromGrpc(status));
+    std::vector<grpc::Slice> slices;
+    if (!resp.Dump(&slices).ok()) return absl::InternalError("unreadable health response");
+    std::string bytes;
+    for (const grpc::Slice& s : slices)
+      bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    // Field 1, varint: 0 UNKNOWN, 1 SERVING, 2 NOT_SERVING, 3 SERVICE_UNKNOWN. An empty
+    // message is UNKNOWN (proto3 default).
+    const int code = bytes.size() >= 2 && bytes[0] == 0x08 ? bytes[1] : 0;
+    static const char* const kNames[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
+    const char* name = code >= 0 && code < 4 ? kNames[code] : "UNKNOWN";
+    std::printf("%s\n", name);
+    if (code != 1) return absl::UnavailableError(absl::StrCat("health: ", name));
     return absl::OkStatus();
   }
 
