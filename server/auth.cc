@@ -266,22 +266,9 @@ size_t AuthThrottle::ThrottledPeers(Clock::time_point now) {
 
 absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Create(const AuthSettings& settings) {
   std::unique_ptr<Authenticator> a(new Authenticator(settings));
-  if (!settings.tokens_file.empty()) {
-    absl::StatusOr<std::string> text = ReadWhole(settings.tokens_file, "auth token file");
-    if (!text.ok()) return text.status();
-    absl::StatusOr<TokenAuth> tokens = TokenAuth::Parse(*text, settings.tokens_file);
-    if (!tokens.ok()) return tokens.status();
-    a->tokens_ = std::make_shared<const TokenAuth>(std::move(*tokens));
-    a->tokens_text_ = std::move(*text);
-  }
-  if (!settings.client_tenants_file.empty()) {
-    absl::StatusOr<std::string> text =
-        ReadWhole(settings.client_tenants_file, "tls_client_tenants file");
-    if (!text.ok()) return text.status();
-    absl::StatusOr<CertTenants> tenants = CertTenants::Parse(*text, settings.client_tenants_file);
-    if (!tenants.ok()) return tenants.status();
-    a->cert_tenants_ = std::make_shared<const CertTenants>(std::move(*tenants));
-    a->tenants_text_ = std::move(*text);
+  // The first load is a forced reload that must not be refused.
+  for (const Reloaded& r : a->Reload(/*force=*/true)) {
+    if (!r.refused.ok()) return r.refused;
   }
   return a;
 }
@@ -360,47 +347,44 @@ absl::StatusOr<std::string> Authenticator::Authenticate(std::string_view authori
   return tenant;
 }
 
+namespace {
+
+// Re-reads one file's set (TokenAuth or CertTenants) and swaps it in when its text changed
+// (every time with `force`) and it parses; otherwise the set in use stays.
+template <typename Set>
+Authenticator::Reloaded ReloadSet(const char* file, const std::string& path, const char* what,
+                                  bool force, std::mutex& mu, std::shared_ptr<const Set>& set,
+                                  std::string& text_in_use) {
+  Authenticator::Reloaded r{file, path};
+  absl::StatusOr<std::string> text = ReadWhole(path, what);
+  std::lock_guard<std::mutex> lock(mu);
+  if (!text.ok()) {
+    r.refused = text.status();
+  } else if (force || set == nullptr || *text != text_in_use) {
+    absl::StatusOr<Set> parsed = Set::Parse(*text, path);
+    if (!parsed.ok()) {
+      r.refused = parsed.status();
+    } else {
+      set = std::make_shared<const Set>(std::move(*parsed));
+      text_in_use = std::move(*text);
+      r.changed = true;
+    }
+  }
+  r.entries = set != nullptr ? set->size() : 0;
+  return r;
+}
+
+}  // namespace
+
 std::vector<Authenticator::Reloaded> Authenticator::Reload(bool force) {
   std::vector<Reloaded> out;
   if (!settings_.tokens_file.empty()) {
-    Reloaded r{"tokens", settings_.tokens_file};
-    absl::StatusOr<std::string> text = ReadWhole(settings_.tokens_file, "auth token file");
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!text.ok()) {
-      r.refused = text.status();
-    } else if (force || *text != tokens_text_) {
-      absl::StatusOr<TokenAuth> tokens = TokenAuth::Parse(*text, settings_.tokens_file);
-      if (!tokens.ok()) {
-        r.refused = tokens.status();
-      } else {
-        tokens_ = std::make_shared<const TokenAuth>(std::move(*tokens));
-        tokens_text_ = std::move(*text);
-        r.changed = true;
-      }
-    }
-    r.entries = tokens_->size();
-    out.push_back(std::move(r));
+    out.push_back(ReloadSet("tokens", settings_.tokens_file, "auth token file", force, mu_, tokens_,
+                            tokens_text_));
   }
   if (!settings_.client_tenants_file.empty()) {
-    Reloaded r{"client_tenants", settings_.client_tenants_file};
-    absl::StatusOr<std::string> text =
-        ReadWhole(settings_.client_tenants_file, "tls_client_tenants file");
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!text.ok()) {
-      r.refused = text.status();
-    } else if (force || *text != tenants_text_) {
-      absl::StatusOr<CertTenants> tenants =
-          CertTenants::Parse(*text, settings_.client_tenants_file);
-      if (!tenants.ok()) {
-        r.refused = tenants.status();
-      } else {
-        cert_tenants_ = std::make_shared<const CertTenants>(std::move(*tenants));
-        tenants_text_ = std::move(*text);
-        r.changed = true;
-      }
-    }
-    r.entries = cert_tenants_->size();
-    out.push_back(std::move(r));
+    out.push_back(ReloadSet("client_tenants", settings_.client_tenants_file,
+                            "tls_client_tenants file", force, mu_, cert_tenants_, tenants_text_));
   }
   return out;
 }

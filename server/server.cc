@@ -145,12 +145,15 @@ void ServerInstance::ReloadFiles(bool force) {
   if (tls_ == nullptr) return;
   const TlsReload r = tls_->Reload();
   if (!r.refused.ok()) {
-    if (r.refusal_is_new || force) {
+    if (refused("tls", r.refused)) {
       spdlog::error("certificate files changed but are not served, still serving {}: {}",
                     tls_->current()->summary(), std::string(r.refused.message()));
       metrics_->RecordTlsReload(false);
     }
-  } else if (r.changed) {
+    return;
+  }
+  last_refusal_.erase("tls");
+  if (r.changed) {
     spdlog::info("certificate reloaded: new connections get {}", tls_->current()->summary());
     metrics_->RecordTlsReload(true);
     metrics_->SetTlsExpiry(tls_->current()->not_after_unix());

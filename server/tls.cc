@@ -24,7 +24,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
-#include "common/sha256.h"
+#include "common/status.h"
 
 namespace ctxcache::server {
 
@@ -130,24 +130,30 @@ int ServeCurrent(SSL* ssl, void* arg) {
 
 }  // namespace
 
+absl::StatusOr<TlsTexts> ReadTlsTexts(const TlsFiles& files) {
+  TlsTexts t;
+  ASSIGN_OR_RETURN(t.cert, ReadText("tls_cert", files.cert));
+  ASSIGN_OR_RETURN(t.key, ReadText("tls_key", files.key));
+  if (!files.client_ca.empty()) {
+    ASSIGN_OR_RETURN(t.client_ca, ReadText("tls_client_ca", files.client_ca));
+  }
+  return t;
+}
+
 absl::StatusOr<std::shared_ptr<const TlsMaterial>> TlsMaterial::Load(
     const TlsFiles& files, std::chrono::system_clock::time_point now) {
+  ASSIGN_OR_RETURN(TlsTexts texts, ReadTlsTexts(files));
+  return FromTexts(files, std::move(texts), now);
+}
+
+absl::StatusOr<std::shared_ptr<const TlsMaterial>> TlsMaterial::FromTexts(
+    const TlsFiles& files, TlsTexts texts, std::chrono::system_clock::time_point now) {
   std::shared_ptr<TlsMaterial> m(new TlsMaterial());
   m->parsed_ = std::make_unique<Parsed>();
   Parsed& p = *m->parsed_;
-  auto read = [](const char* setting, const std::string& path, std::string* out) {
-    absl::StatusOr<std::string> text = ReadText(setting, path);
-    if (!text.ok()) return text.status();
-    *out = std::move(*text);
-    return absl::OkStatus();
-  };
-  if (absl::Status s = read("tls_cert", files.cert, &m->cert_pem_); !s.ok()) return s;
-  if (absl::Status s = read("tls_key", files.key, &m->key_pem_); !s.ok()) return s;
-  if (!files.client_ca.empty()) {
-    if (absl::Status s = read("tls_client_ca", files.client_ca, &m->client_ca_pem_); !s.ok()) {
-      return s;
-    }
-  }
+  m->cert_pem_ = std::move(texts.cert);
+  m->key_pem_ = std::move(texts.key);
+  m->client_ca_pem_ = std::move(texts.client_ca);
   std::vector<X509*> certs = ReadCertificates(m->cert_pem_);
   if (certs.empty()) {
     return absl::FailedPreconditionError(
@@ -309,33 +315,26 @@ bool TlsCredentials::SetUpSslCtx(SSL_CTX* ctx, bool verify_clients) const {
 TlsReload TlsCredentials::Reload() {
   TlsReload out;
   std::shared_ptr<const TlsMaterial> old = current();
-  // Compare the texts first: an unchanged set is not parsed again.
-  std::string cert, key, ca;
-  auto text = [](const char* setting, const std::string& path) {
-    absl::StatusOr<std::string> t = ReadText(setting, path);
-    return t.ok() ? *t : std::string();
-  };
-  cert = text("tls_cert", files_.cert);
-  key = text("tls_key", files_.key);
-  if (mutual()) ca = text("tls_client_ca", files_.client_ca);
-  if (cert == old->cert_pem() && key == old->key_pem() && ca == old->client_ca_pem()) return out;
-  const std::string digest =
-      Sha256().Update(cert).Update("\n--\n").Update(key).Update("\n--\n").Update(ca).FinalHex();
+  absl::StatusOr<TlsTexts> texts = ReadTlsTexts(files_);
+  if (!texts.ok()) {
+    out.refused = texts.status();
+    return out;
+  }
+  // An unchanged set is not parsed again.
+  if (texts->cert == old->cert_pem() && texts->key == old->key_pem() &&
+      texts->client_ca == old->client_ca_pem()) {
+    return out;
+  }
   absl::StatusOr<std::shared_ptr<const TlsMaterial>> m =
-      TlsMaterial::Load(files_, std::chrono::system_clock::now());
+      TlsMaterial::FromTexts(files_, *std::move(texts), std::chrono::system_clock::now());
   if (!m.ok()) {
     out.refused = m.status();
-    out.refusal_is_new = digest != last_refused_;
-    last_refused_ = digest;
     return out;
   }
   if (absl::Status s = WritePrivateCopy(**m); !s.ok()) {
     out.refused = s;
-    out.refusal_is_new = digest != last_refused_;
-    last_refused_ = digest;
     return out;
   }
-  last_refused_.clear();
   {
     std::lock_guard<std::mutex> lock(mu_);
     current_ = *m;

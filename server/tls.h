@@ -43,6 +43,13 @@ struct TlsFiles {
   std::string client_ca;  // PEM CA bundle for client certificates; empty = no mutual TLS
 };
 
+// The files' text.
+struct TlsTexts {
+  std::string cert, key, client_ca;
+};
+// Reads the files (client_ca only when set); errors name the setting, the file and why.
+absl::StatusOr<TlsTexts> ReadTlsTexts(const TlsFiles& files);
+
 // One validated set: the files' text and the parsed objects the OpenSSL listeners hand out.
 class TlsMaterial {
  public:
@@ -51,6 +58,9 @@ class TlsMaterial {
   // and the problem ("tls_key /x/tls.key does not match the certificate in tls_cert ...").
   static absl::StatusOr<std::shared_ptr<const TlsMaterial>> Load(
       const TlsFiles& files, std::chrono::system_clock::time_point now);
+  // The same checks on texts already read (`files` names them in errors).
+  static absl::StatusOr<std::shared_ptr<const TlsMaterial>> FromTexts(
+      const TlsFiles& files, TlsTexts texts, std::chrono::system_clock::time_point now);
   ~TlsMaterial();
   TlsMaterial(const TlsMaterial&) = delete;
   TlsMaterial& operator=(const TlsMaterial&) = delete;
@@ -74,9 +84,8 @@ class TlsMaterial {
 
 // The outcome of a Reload.
 struct TlsReload {
-  bool changed = false;         // a new set is being served
-  absl::Status refused;         // the files changed but the new set was refused (the old one stays)
-  bool refusal_is_new = false;  // first time this content was refused (log it once)
+  bool changed = false;  // a new set is being served
+  absl::Status refused;  // the files changed but the new set was refused (the old one stays)
 };
 
 class TlsCredentials {
@@ -112,7 +121,6 @@ class TlsCredentials {
   int generation_ = 0;
   mutable std::mutex mu_;
   std::shared_ptr<const TlsMaterial> current_;  // guarded by mu_
-  std::string last_refused_;                    // digest of the last refused texts
 };
 
 // The identities of a certificate as the tenants file names them: "CN:<subject CN>",
