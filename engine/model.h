@@ -190,6 +190,18 @@ class Runner {
   void set_device(DeviceForward* device) { device_ = device; }
   DeviceForward* device() const { return device_; }
 
+  // Interleaving: long work that has the Runner to itself (a compression's prefill and
+  // scoring passes) lets other sequences' steps through while it runs, as a long prompt is
+  // prefilled in chunks between decode steps. While set, every CPU pass calls
+  // `interleave(rows)` after each of its layers (rows: the pass's row count, so that the
+  // callee can meter the work done); the callee may run other passes on this Runner
+  // (ForwardBatch of other caches). Those run on working buffers of their own and cannot
+  // interleave again, so the pass in progress resumes unchanged: its results, observations
+  // and cache are bitwise those of the pass without interleaving. The callee must not touch
+  // the interrupted pass's cache. Passes a device runs whole are not interrupted.
+  using Interleave = std::function<void(int64_t rows)>;
+  void set_interleave(Interleave interleave) { interleave_ = std::move(interleave); }
+
   // Working buffers keep the size of the largest pass so far (an 8K-token prefill's attention
   // scores alone are hundreds of MiB): the bytes they hold now, and a way to give them back
   // (the scheduler does after a job that grew them past its limit; the next pass allocates
@@ -233,6 +245,9 @@ class Runner {
     int64_t row0, n;
     const ForwardOptions* options;
   };
+  std::unique_ptr<Scratch> NewScratch() const;
+  // Calls interleave_ on the second set of working buffers (see set_interleave).
+  void RunInterleaved(int64_t rows);
   absl::Status CheckTokens(absl::Span<const int32_t> tokens) const;
   // A pass of n tokens on `cache` fits: shape, at least one token, positions in the window.
   absl::Status CheckCache(const KvCache& cache, int64_t n) const;
@@ -252,6 +267,10 @@ class Runner {
   const Model& model_;
   ThreadPool* pool_;
   std::unique_ptr<Scratch> scratch_;
+  // The interleaved passes' buffers while the interrupted pass's wait (made on first use).
+  std::unique_ptr<Scratch> interleaved_scratch_;
+  Interleave interleave_;
+  bool interleaving_ = false;
   StopFn stop_;
   DeviceForward* device_ = nullptr;
 };

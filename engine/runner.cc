@@ -79,32 +79,54 @@ Runner::Runner(const Model& model, ThreadPool* pool) : model_(model), pool_(pool
   ReleaseScratch();
 }
 
+std::unique_ptr<Runner::Scratch> Runner::NewScratch() const {
+  auto s = std::make_unique<Scratch>();
+  s->scores.resize(pool_->n_threads());
+  s->rows.resize(pool_->n_threads());
+  s->kf.resize(model_.config().n_kv_heads);
+  s->vf.resize(model_.config().n_kv_heads);
+  return s;
+}
+
 void Runner::ReleaseScratch() {
-  scratch_ = std::make_unique<Scratch>();
-  scratch_->scores.resize(pool_->n_threads());
-  scratch_->rows.resize(pool_->n_threads());
-  scratch_->kf.resize(model_.config().n_kv_heads);
-  scratch_->vf.resize(model_.config().n_kv_heads);
+  scratch_ = NewScratch();
+  interleaved_scratch_.reset();
 }
 
 int64_t Runner::ScratchBytes() const {
-  const Scratch& s = *scratch_;
   int64_t bytes = 0;
   auto add = [&](const auto& v) {
     bytes += static_cast<int64_t>(v.capacity() * sizeof(v[0]));
   };
-  for (const std::vector<float>* v : {&s.x, &s.xn, &s.q, &s.k, &s.v, &s.attn, &s.tmp, &s.gate,
-                                      &s.up, &s.obs, &s.full_probs, &s.batch_logits}) {
-    add(*v);
-  }
-  add(s.pos);
-  add(s.obs_index);
-  for (const auto* vv : {&s.scores, &s.kf, &s.vf, &s.rows}) {
-    for (const std::vector<float>& v : *vv) add(v);
+  for (const Scratch* p : {scratch_.get(), interleaved_scratch_.get()}) {
+    if (p == nullptr) continue;
+    const Scratch& s = *p;
+    for (const std::vector<float>* v : {&s.x, &s.xn, &s.q, &s.k, &s.v, &s.attn, &s.tmp, &s.gate,
+                                        &s.up, &s.obs, &s.full_probs, &s.batch_logits}) {
+      add(*v);
+    }
+    add(s.pos);
+    add(s.obs_index);
+    for (const auto* vv : {&s.scores, &s.kf, &s.vf, &s.rows}) {
+      for (const std::vector<float>& v : *vv) add(v);
+    }
   }
   // The recycled view's rows and the decode kernel's tiles are small next to these (one
   // decode step's keys, per-thread tiles): not counted.
   return bytes;
+}
+
+void Runner::RunInterleaved(int64_t rows) {
+  if (!interleave_ || interleaving_) return;
+  if (interleaved_scratch_ == nullptr) interleaved_scratch_ = NewScratch();
+  // The interrupted pass holds references to its buffers' object (Layers' `s`), not to
+  // scratch_: swapping the owners hands the nested passes the other object and leaves the
+  // interrupted one's untouched. stop_ and device_ are restored by whoever changes them.
+  interleaving_ = true;
+  std::swap(scratch_, interleaved_scratch_);
+  interleave_(rows);
+  std::swap(scratch_, interleaved_scratch_);
+  interleaving_ = false;
 }
 
 Runner::~Runner() = default;
@@ -363,6 +385,7 @@ absl::Status Runner::Layers(int64_t n, absl::Span<const Segment> segs, int64_t n
     SwiGlu(s.gate.data(), s.up.data(), n * c.d_ff);
     linear(L.w_down, s.gate.data(), s.tmp.data());
     for (int64_t i = 0; i < n * d; ++i) s.x[i] += s.tmp[i];
+    RunInterleaved(n);  // others' steps, between this pass's layers (set_interleave)
   }
   for (const Segment& g : segs) g.cache->next_position += static_cast<int32_t>(g.n);
   return absl::OkStatus();

@@ -153,7 +153,7 @@ const std::vector<Setting>& Settings() {
        Integer(&ServerConfig::max_batch)},
       {"step_prompt_tokens",
        "prompt tokens per batched step; longer prompts prefill in chunks between the others' "
-       "decode steps (default 512)",
+       "decode steps, and a compression lets their steps through as often (default 512)",
        Integer(&ServerConfig::step_prompt_tokens)},
       {"max_queue_depth", "requests waiting for a worker before RESOURCE_EXHAUSTED (default 64)",
        Integer(&ServerConfig::max_queue_depth)},

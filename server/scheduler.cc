@@ -163,6 +163,7 @@ SchedulerStats Scheduler::Stats() const {
     stats.scratch_bytes += w->scratch_bytes();
     stats.steps += w->steps();
     stats.step_sequences += w->step_sequences();
+    stats.interleaved_steps += w->interleaved_steps();
   }
   return stats;
 }
@@ -335,6 +336,55 @@ int64_t EngineWorker::step_sequences() const {
   return step_sequences_;
 }
 
+int64_t EngineWorker::interleaved_steps() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return interleaved_steps_;
+}
+
+std::vector<EngineWorker::Request*> EngineWorker::TakeBatch() {
+  std::vector<Request*> batch;
+  int64_t prompt_tokens = 0;
+  for (auto it = steps_.begin(); it != steps_.end();) {
+    const int64_t n = static_cast<int64_t>((*it)->seq.tokens.size());
+    if (n > 1 && prompt_tokens > 0 && prompt_tokens + n > step_prompt_tokens_) {
+      ++it;
+      continue;
+    }
+    if (n > 1) prompt_tokens += n;
+    batch.push_back(*it);
+    it = steps_.erase(it);
+  }
+  return batch;
+}
+
+void EngineWorker::FinishStep(const std::vector<Request*>& batch) {
+  ++steps_run_;
+  step_sequences_ += static_cast<int64_t>(batch.size());
+  for (Request* r : batch) r->done = true;
+}
+
+void EngineWorker::InterleaveStep(Runner& runner, int64_t rows) {
+  exclusive_credit_ += rows;
+  // A step's worth: what a step's prompt chunk costs at most. Until then the waiting
+  // sequences wait (each interleaved step reads every weight once more); past it, a step
+  // that arrives runs at the next layer.
+  if (exclusive_credit_ < step_prompt_tokens_ * model_.config().n_layers) return;
+  std::vector<Request*> batch;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    batch = TakeBatch();
+  }
+  if (batch.empty()) return;
+  exclusive_credit_ = 0;
+  RunStep(runner, batch);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    FinishStep(batch);
+    ++interleaved_steps_;
+  }
+  done_cv_.notify_all();
+}
+
 void EngineWorker::RunStep(Runner& runner, std::vector<Request*>& batch) {
   std::vector<BatchSequence> seqs;
   for (const Request* r : batch) seqs.push_back(r->seq);
@@ -391,19 +441,7 @@ void EngineWorker::Loop() {
       work_cv_.wait_until(lock, Clock::now() + kGatherWait, [&] {
         return stopping_ || static_cast<int>(steps_.size()) >= sequences_;
       });
-      // Every decode pass, and prompt chunks up to step_prompt_tokens (the first always).
-      std::vector<Request*> batch;
-      int64_t prompt_tokens = 0;
-      for (auto it = steps_.begin(); it != steps_.end();) {
-        const int64_t n = static_cast<int64_t>((*it)->seq.tokens.size());
-        if (n > 1 && prompt_tokens > 0 && prompt_tokens + n > step_prompt_tokens_) {
-          ++it;
-          continue;
-        }
-        if (n > 1) prompt_tokens += n;
-        batch.push_back(*it);
-        it = steps_.erase(it);
-      }
+      std::vector<Request*> batch = TakeBatch();
       if (batch.empty()) {  // every waiting sequence stopped during the gathering
         busy_since_ = Clock::time_point{};
         continue;
@@ -411,14 +449,17 @@ void EngineWorker::Loop() {
       lock.unlock();
       RunStep(runner, batch);
       lock.lock();
-      ++steps_run_;
-      step_sequences_ += static_cast<int64_t>(batch.size());
-      for (Request* r : batch) r->done = true;
+      FinishStep(batch);
     } else {
       Task* task = tasks_.front();
       tasks_.pop_front();
       lock.unlock();
+      // The task's passes let waiting steps through (a compression of a long document would
+      // otherwise stall the worker's generations for its whole duration).
+      exclusive_credit_ = 0;
+      runner.set_interleave([this, &runner](int64_t rows) { InterleaveStep(runner, rows); });
       task->status = (*task->fn)(runner);
+      runner.set_interleave(nullptr);
       // A worker's scratch keeps the size of its largest pass; kept, every worker's would
       // ratchet up to the largest document it ever saw (memory soak, SmolLM2: idle RSS ranged
       // 877-1210 MiB over 40 minutes without the release, 612-961 MiB with it). Past

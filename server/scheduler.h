@@ -20,7 +20,9 @@
 // the Runner to itself (compression, selection, composition) runs between steps (Exclusive),
 // and every forward pass of a generation joins the worker's next step (Step), which runs the
 // decode tokens of all its sequences, and at most step_prompt_tokens of their prompts, as one
-// Runner::ForwardBatch. Sequences join and leave between steps.
+// Runner::ForwardBatch. Sequences join and leave between steps. Exclusive work does not stall
+// them: its passes let a step through (Runner::set_interleave) after every step_prompt_tokens
+// rows' worth of layers, as a long prompt's chunks do.
 #pragma once
 
 #include <chrono>
@@ -102,6 +104,8 @@ class EngineWorker {
   int64_t scratch_bytes() const;
   int64_t steps() const;
   int64_t step_sequences() const;
+  // Of those steps, the ones run between the layers of exclusive work.
+  int64_t interleaved_steps() const;
 
  private:
   struct Request {
@@ -121,8 +125,17 @@ class EngineWorker {
   template <typename T>
   absl::Status WaitDone(std::unique_lock<std::mutex>& lock, std::list<T*>& queue, T& item,
                         const StopFn& stop) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes the next step's requests out of steps_: every decode pass, and prompt chunks up to
+  // step_prompt_tokens (the first always).
+  std::vector<Request*> TakeBatch() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Runs the requests as one batch on the worker's runner, setting each one's status.
   void RunStep(Runner& runner, std::vector<Request*>& batch);
+  // Marks a step's requests done and counts the step.
+  void FinishStep(const std::vector<Request*>& batch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Called by the runner between the layers of exclusive work's passes (rows: the pass's
+  // rows): runs a waiting step once the work done since the last one reaches a step's
+  // worth (step_prompt_tokens rows through every layer). Worker thread only.
+  void InterleaveStep(Runner& runner, int64_t rows);
 
   const Model& model_;
   const int threads_;
@@ -140,6 +153,9 @@ class EngineWorker {
   int64_t scratch_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t steps_run_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t step_sequences_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t interleaved_steps_ ABSL_GUARDED_BY(mu_) = 0;
+  // Rows x layers of exclusive work since the last step (worker thread only).
+  int64_t exclusive_credit_ = 0;
   std::thread thread_;
 };
 
@@ -179,6 +195,7 @@ struct SchedulerStats {
   double busy_seconds = 0;  // total time workers spent running jobs (monotonic)
   int64_t steps = 0;        // batched steps run (monotonic)
   int64_t step_sequences = 0;  // sequences those steps carried (monotonic)
+  int64_t interleaved_steps = 0;  // of the steps, those run inside exclusive work (monotonic)
   // Scratch buffers the workers' Runners hold, as of each worker's last finished job (each
   // keeps up to 128 MiB between jobs, scheduler.cc; what a running job grows is not seen here).
   int64_t scratch_bytes = 0;

@@ -230,6 +230,13 @@ ServerMetrics::ServerMetrics(const std::string& version)
                                        "Sequences those steps carried: divided by "
                                        "ctxcache_batch_steps_total, the mean batch size.")
                            .Get()),
+      batch_interleaved_steps_(
+          registry_
+              .AddCounter("ctxcache_batch_interleaved_steps_total",
+                          "Of the batched steps, those run between the layers of a worker's "
+                          "exclusive work (a compression's passes), so that the worker's "
+                          "generations kept going while it ran.")
+              .Get()),
       build_info_(registry_.AddGauge("ctxcache_build_info",
                                      "Always 1: the server's version and served model.",
                                      {"version", "model"})),
@@ -454,6 +461,7 @@ void ServerMetrics::Collect() {
     SetTotal(busy_seconds_, s.busy_seconds);
     SetTotal(batch_steps_, static_cast<double>(s.steps));
     SetTotal(batch_sequences_, static_cast<double>(s.step_sequences));
+    SetTotal(batch_interleaved_steps_, static_cast<double>(s.interleaved_steps));
     SetPerTenant(tenant_in_flight_, s.tenants,
                  [](const TenantSchedulerStats& t) { return static_cast<double>(t.in_flight); });
     SetPerTenant(tenant_refused_, s.tenants,

@@ -117,6 +117,7 @@ class ServerMetrics {
   metrics::Counter& busy_seconds_;
   metrics::Counter& batch_steps_;
   metrics::Counter& batch_sequences_;
+  metrics::Counter& batch_interleaved_steps_;
   metrics::GaugeFamily& build_info_;
   metrics::GaugeFamily& workers_by_device_;
   metrics::CounterFamily &auth_refused_, &auth_reloads_, &tls_reloads_;

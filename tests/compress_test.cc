@@ -20,6 +20,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "common/cpu_features.h"
 #include "common/half.h"
 #include "common/thread_pool.h"
 #include "engine/compress/scorer.h"
@@ -1514,11 +1515,27 @@ TEST_P(CompressModelTest, QuantizedContextsStayCloseAndComposeInPlace) {
     const std::vector<float> got = last_logits(c->kv);
     ExpectFinite(got, dtype);
     const double kl = KlOfLogits(want.data(), got.data(), n_vocab);
-    std::printf("%s %s: %.3f of the fp16 bytes, KL(fp16 || %s) of the next token %.5f\n",
-                GetParam(), dtype, bytes, dtype, kl);
-    // Measured: int8 1.2e-3 / 1.2e-4, int4 1.3e-2 / 2.3e-3 (SmolLM2 / Qwen). The bounds leave
-    // room for other machines' fp32 summation orders, not for a wrong dequantization (KL > 1).
-    EXPECT_LT(kl, std::string(dtype) == "int8" ? 0.01 : 0.2);
+    // The same on the plain reference kernels (CpuLevel scalar: fp32 activations throughout):
+    // what the quantization alone costs.
+    const CpuLevel saved = SetCpuLevelForTesting(CpuLevel::kScalar);
+    const std::vector<float> want_ref = last_logits(fp16->kv), got_ref = last_logits(c->kv);
+    SetCpuLevelForTesting(saved);
+    const double kl_ref = KlOfLogits(want_ref.data(), got_ref.data(), n_vocab);
+    std::printf(
+        "%s %s: %.3f of the fp16 bytes, KL(fp16 || %s) of the next token %.5f "
+        "(reference kernels %.5f)\n",
+        GetParam(), dtype, bytes, dtype, kl, kl_ref);
+    // Reference kernels, measured (SmolLM2 / Qwen): int8 6e-5 / 2e-5, int4 1.3e-2 / 2.7e-3: a
+    // wrong dequantization gives KL > 1.
+    EXPECT_LT(kl_ref, std::string(dtype) == "int8" ? 1e-3 : 0.05);
+    // The fast kernels add their own noise on both sides (the quantized weights' dot products
+    // read the activations as 8-bit blocks, as llama.cpp's do; prompt rows go through bf16
+    // GEMMs), uncorrelated between the two contexts. On SmolLM2 that noise alone is ~0.01:
+    // the fp16 context's logits on the fast kernels vs the reference, KL 0.017 on an Intel
+    // Xeon with AMX + AVX512-FP16 (2026-12-07), where fast int8 measured 0.0101 and fast int4
+    // 0.0056 (an earlier machine: int8 1.2e-3, int4 1.3e-2). So the int8 bound was raised
+    // from 0.01 (that noise floor) to 0.03; the reference bound above is the tight one.
+    EXPECT_LT(kl, std::string(dtype) == "int8" ? 0.03 : 0.2);
   }
   // Prefill once at int4, select per query: the selection reads the quantized entries.
   CompressionSpec whole;

@@ -333,6 +333,70 @@ TEST_P(ModelTest, BatchedDecodeEqualsDecodeAlone) {
   }
 }
 
+// Interleaving (Runner::set_interleave): a long pass (here observed, all logits, as a
+// compression's scoring pass) lets other sequences' decode steps run between its layers. The
+// interrupted pass must come out bitwise as it would alone (logits, observations, cache), and
+// each interleaved step bitwise as that step alone; steps inside the callee never interleave
+// again. Checked to fail with the working buffers not swapped around the callee.
+TEST_P(ModelTest, InterleavedStepsLeaveTheInterruptedPassUnchanged) {
+  ThreadPool pool(2);
+  Runner plain(model(), &pool), runner(model(), &pool);
+  const ModelConfig& c = model().config();
+  const std::vector<int32_t> doc = Prompt(150);
+  std::vector<std::vector<float>> seen_plain, seen;
+  auto options_into = [&](std::vector<std::vector<float>>* out) {
+    ForwardOptions o;
+    o.all_logits = true;
+    o.observe_rows = {0, 71, 149};
+    o.observer = [out, &c](int, const float* probs, int n_rows, int64_t n_keys) {
+      out->emplace_back(probs, probs + int64_t{c.n_heads} * n_rows * n_keys);
+    };
+    return o;
+  };
+  // The decoding sequence: a short prompt on its own cache, then one greedy step per call.
+  std::vector<int32_t> side = Prompt(23);
+  std::rotate(side.begin(), side.begin() + 5, side.end());
+  KvCache side_alone = model().NewKvCache(), side_inter = model().NewKvCache();
+  std::vector<float> l_alone, l_inter;
+  ASSERT_TRUE(plain.Forward(side, side_alone, {}, &l_alone).ok());
+  ASSERT_TRUE(runner.Forward(side, side_inter, {}, &l_inter).ok());
+  int calls = 0;
+  int32_t next = 0;
+  runner.set_interleave([&](int64_t rows) {
+    ++calls;
+    EXPECT_EQ(rows, 150);
+    next = testing::Argmax(l_inter);
+    const BatchSequence seq{absl::MakeConstSpan(&next, 1), &side_inter, nullptr, &l_inter};
+    ASSERT_TRUE(runner.ForwardBatch(absl::MakeConstSpan(&seq, 1)).ok());
+    ASSERT_TRUE(plain.Decode(next, side_alone, &l_alone).ok());
+    ASSERT_EQ(l_inter, l_alone) << "interleaved step " << calls << " differs from the step alone";
+  });
+  KvCache alone = model().NewKvCache(), inter = model().NewKvCache();
+  std::vector<float> logits_alone, logits_inter;
+  ASSERT_TRUE(plain.Forward(doc, alone, options_into(&seen_plain), &logits_alone).ok());
+  ASSERT_TRUE(runner.Forward(doc, inter, options_into(&seen), &logits_inter).ok());
+  runner.set_interleave(nullptr);
+  EXPECT_EQ(calls, c.n_layers) << "once after every layer, never from the nested steps";
+  EXPECT_EQ(side_inter.next_position, 23 + c.n_layers);
+  EXPECT_EQ(logits_inter, logits_alone) << "the interrupted pass's logits changed";
+  ASSERT_EQ(seen.size(), seen_plain.size());
+  for (size_t l = 0; l < seen.size(); ++l) {
+    EXPECT_EQ(seen[l], seen_plain[l]) << "layer " << l << "'s observed attention changed";
+  }
+  // The caches: same entries, and the same next step from them.
+  EXPECT_EQ(inter.next_position, alone.next_position);
+  EXPECT_EQ(inter.TotalEntries(), alone.TotalEntries());
+  const int32_t probe =
+      testing::Argmax(absl::MakeConstSpan(logits_alone).subspan(logits_alone.size() - c.n_vocab));
+  ASSERT_TRUE(plain.Decode(probe, alone, &logits_alone).ok());
+  ASSERT_TRUE(plain.Decode(probe, inter, &logits_inter).ok());
+  EXPECT_EQ(logits_inter, logits_alone);
+  // Both sets of working buffers are counted, and released together.
+  EXPECT_GT(runner.ScratchBytes(), plain.ScratchBytes());
+  runner.ReleaseScratch();
+  EXPECT_EQ(runner.ScratchBytes(), Runner(model(), &pool).ScratchBytes());
+}
+
 TEST_P(ModelTest, ForwardBatchRefusesBadSequencesWithoutWriting) {
   ThreadPool pool(1);
   Runner runner(model(), &pool);

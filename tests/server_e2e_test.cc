@@ -12,29 +12,29 @@
 // tenant isolation with bearer tokens; malformed requests and their codes; admission;
 // health while loading and draining; prefill once, select per query (ContextRef.select: the
 // answer over the selected entries, bytes attended, several contexts, the errors, a deadline).
+#include <fcntl.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
-
 #include <signal.h>
-#include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <future>
-#include <sstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "cache/codec.h"
 #include "ctxcache/v1/ctxcache.grpc.pb.h"
 #include "engine/chat_template.h"
 #include "engine/compress/compress.h"
@@ -1147,6 +1147,73 @@ TEST_F(ServerE2ETest, ConcurrentGenerationsShareStepsAndMatchTheirLoneRuns) {
   EXPECT_GT(static_cast<double>(carried) / steps, 2.0)
       << carried << " sequences in " << steps << " steps: the generations did not batch";
   EXPECT_EQ(after.reserved_kv_bytes, 0);
+}
+
+// A compression does not stall the generations of its worker: its passes let their steps
+// through (Runner::set_interleave, one step per step_prompt_tokens rows of its work), so the
+// generation keeps streaming while the document is compressed; the generation streams exactly
+// its lone text and the context is bitwise the one compressed with nothing else running.
+// Without the interleaving nothing streams during the compression (checked: the test fails).
+TEST_F(ServerE2ETest, GenerationsKeepStreamingWhileTheirWorkerCompresses) {
+  ServerConfig config = BaseConfig();
+  config.workers = 1;
+  config.step_prompt_tokens = 64;
+  Running r = Start(config);
+  ASSERT_NE(r.stub, nullptr);
+  pb::GenerateRequest gen = Ask("Count from 1 to 500, one number per line.", 300);
+  gen.set_ignore_eos(true);
+  const StreamResult alone = RunGenerate(*r.stub, gen);
+  ASSERT_TRUE(alone.status.ok()) << alone.status.error_message();
+  // About 1,300 tokens, new to the cache: one prefill pass of every row, then scoring.
+  std::string doc;
+  for (int i = 1; i <= 4; ++i) absl::StrAppend(&doc, "Part ", i, ". ", kDocument, " ");
+  const server::SchedulerStats before = r.server->scheduler()->Stats();
+  std::atomic<bool> compressing{false};
+  std::atomic<int> during{0};
+  std::promise<void> first;
+  StreamResult together;
+  std::thread client([&] {
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader = r.stub->Generate(&ctx, gen);
+    pb::GenerateResponse msg;
+    while (reader->Read(&msg)) {
+      if (together.messages++ == 0) first.set_value();
+      if (compressing.load()) ++during;
+      together.text += msg.text();
+    }
+    together.status = reader->Finish();
+    if (together.messages == 0) first.set_value();
+  });
+  first.get_future().wait();
+  compressing = true;
+  const pb::CompressResponse c = MustCompress(*r.stub, doc);
+  compressing = false;
+  client.join();
+  ASSERT_TRUE(together.status.ok()) << together.status.error_message();
+  EXPECT_EQ(together.text, alone.text) << "a generation interleaved with a compression changed";
+  const server::SchedulerStats after = r.server->scheduler()->Stats();
+  EXPECT_GT(after.interleaved_steps, before.interleaved_steps);
+  // ~1,300 prefill rows at 64 per step give ~20 steps (each a token); a few may still be in
+  // flight when the compression starts, so what counts is that many arrive during it.
+  EXPECT_GE(during.load(), 8) << "the generation stalled while its worker compressed";
+  const std::shared_ptr<const CompressedContext> interleaved =
+      Cached(*r.server, c.context().context_id());
+  ASSERT_NE(interleaved, nullptr);
+  {
+    grpc::ClientContext ctx;
+    pb::DeleteContextRequest req;
+    req.set_context_id(c.context().context_id());
+    pb::DeleteContextResponse resp;
+    ASSERT_TRUE(r.stub->DeleteContext(&ctx, req, &resp).ok());
+  }
+  const pb::CompressResponse lone = MustCompress(*r.stub, doc);
+  EXPECT_EQ(lone.context().tier(), pb::CACHE_TIER_COMPUTED);
+  const std::shared_ptr<const CompressedContext> reference =
+      Cached(*r.server, lone.context().context_id());
+  ASSERT_NE(reference, nullptr);
+  absl::StatusOr<std::string> a = EncodeContext(*interleaved), b = EncodeContext(*reference);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_TRUE(*a == *b) << "the compression interleaved with a generation changed its context";
 }
 
 TEST_F(ServerE2ETest, DeadlineExceededEndsTheCallAndTheWork) {
